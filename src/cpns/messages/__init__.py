@@ -1,0 +1,35 @@
+"""CPNS messages: the model (frozen dataclasses) and the deterministic CBOR codec."""
+
+from cpns.messages.codec import decode, decode_record, encode, encode_record, to_json
+from cpns.messages.constants import MessageType
+from cpns.messages.model import (
+    EUKeyAssignmentAck,
+    EUKeyAssignmentNotification,
+    EUKeyAssignmentRequest,
+    EUKeyAssignmentResponse,
+    ErrorMessage,
+    KeyBundle,
+    Message,
+    PNEHello,
+    UserKeyAssignmentRequest,
+    UserKeyAssignmentResponse,
+)
+
+__all__ = [
+    "EUKeyAssignmentAck",
+    "EUKeyAssignmentNotification",
+    "EUKeyAssignmentRequest",
+    "EUKeyAssignmentResponse",
+    "ErrorMessage",
+    "KeyBundle",
+    "Message",
+    "MessageType",
+    "PNEHello",
+    "UserKeyAssignmentRequest",
+    "UserKeyAssignmentResponse",
+    "decode",
+    "decode_record",
+    "encode",
+    "encode_record",
+    "to_json",
+]

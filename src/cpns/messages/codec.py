@@ -1,0 +1,223 @@
+"""Deterministic CBOR in and out (RFC 8949 §4.2), with strict decoding (DESIGN §3).
+
+A message is a CBOR map ``{0: version, 1: type, 2: txid, 3: src, 4: dst, [5: pn_id,]
+6: body}`` where ``body`` maps each field's small integer key to its value; absent optional
+fields are omitted. Encoding uses core deterministic encoding (shortest forms, definite
+lengths, sorted keys); cbor2's canonical mode produces it.
+
+Decoding is strict: every input is either decoded into a valid message that re-encodes
+to exactly the same bytes, or rejected with one :class:`~cpns.errors.DecodeError`.
+Unknown types, unknown or missing fields, mistyped or oversize values, tags, floats,
+indefinite lengths, duplicate keys, non-shortest encodings and trailing bytes are all
+rejected: a message we cannot fully read is a message we must not act on (STYLE §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import IntEnum
+from typing import Any
+
+import cbor2
+
+from cpns.errors import DecodeError, ErrorCode
+from cpns.messages.constants import (
+    MAX_MESSAGE_SIZE,
+    PROTOCOL_VERSION,
+    HeaderKey,
+    MessageType,
+)
+from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, Message, Record, specs
+
+__all__ = ["decode", "decode_record", "encode", "encode_record", "to_json"]
+
+_MAX_DEPTH = 4
+
+
+def _wire_value(spec: FieldSpec, value: object) -> object:
+    if spec.kind == "enum":
+        assert isinstance(value, IntEnum)
+        return int(value)
+    if spec.kind == "bytes_list":
+        assert isinstance(value, tuple)
+        return list(value)
+    return value
+
+
+def _body_map(record: Record) -> dict[int, object]:
+    return {
+        spec.key: _wire_value(spec, getattr(record, name))
+        for name, spec in specs(type(record))
+        if getattr(record, name) is not None
+    }
+
+
+def _dumps(obj: object) -> bytes:
+    return cbor2.dumps(obj, canonical=True)
+
+
+def encode_record(record: Record) -> bytes:
+    """Encode a header-less record (such as a sealed :class:`KeyBundle` plaintext)."""
+    return _dumps(_body_map(record))
+
+
+def encode(message: Message) -> bytes:
+    """Encode ``message`` to deterministic CBOR bytes."""
+    top: dict[int, object] = {
+        HeaderKey.VERSION: PROTOCOL_VERSION,
+        HeaderKey.TYPE: int(message.TYPE),
+        HeaderKey.TXID: message.txid,
+        HeaderKey.SOURCE: message.src,
+        HeaderKey.DESTINATION: message.dst,
+        HeaderKey.BODY: _body_map(message),
+    }
+    if message.pn_id is not None:
+        top[HeaderKey.PN_ID] = message.pn_id
+    return _dumps({int(k): v for k, v in top.items()})
+
+
+def _reject_tag(decoder: object, tag: object) -> object:
+    raise DecodeError("CBOR tags are not allowed")
+
+
+def _load(data: bytes) -> object:
+    if type(data) is not bytes:
+        raise DecodeError("input is not bytes")
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise DecodeError(f"message larger than {MAX_MESSAGE_SIZE} bytes")
+    if not data:
+        raise DecodeError("empty message")
+    try:
+        # Unknown tags reach _reject_tag. Builtin semantic tags (dates, bignums) decode to
+        # Python objects that then fail the field type checks or the canonical re-encode.
+        return cbor2.loads(
+            data,
+            tag_hook=_reject_tag,
+            max_depth=_MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        )
+    except DecodeError:
+        raise
+    except Exception as exc:  # the CBOR library's failures, whatever their class
+        raise DecodeError(f"not well-formed CBOR ({type(exc).__name__})") from None
+
+
+def _field_value(spec: FieldSpec, name: str, raw: object) -> object:
+    """Convert a decoded CBOR value to the field's Python value, checking its type."""
+    match spec.kind:
+        case "enum":
+            assert spec.enum is not None
+            if type(raw) is not int:
+                raise DecodeError(f"{name}: expected an integer")
+            try:
+                return spec.enum(raw)
+            except ValueError:
+                raise DecodeError(f"{name}: unknown value {raw}") from None
+        case "bytes_list":
+            if type(raw) is not list:
+                raise DecodeError(f"{name}: expected an array")
+            return tuple(raw)
+        case _:
+            return raw
+
+
+def _fields_from(cls: type[Record], body: object) -> dict[str, Any]:
+    if type(body) is not dict:
+        raise DecodeError("body is not a map")
+    known = specs(cls)
+    keys = {spec.key for _, spec in known}
+    extra = [k for k in body if k not in keys]
+    if extra:
+        raise DecodeError(f"unknown field key(s) {sorted(map(repr, extra))}")
+    return {
+        name: _field_value(spec, name, body[spec.key])
+        for name, spec in known
+        if spec.key in body
+    }
+
+
+def _build[R: Record](cls: type[R], kwargs: Mapping[str, Any]) -> R:
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(str(exc)) from None
+
+
+def _check_canonical(data: bytes, value: Record | Message, *, is_message: bool) -> None:
+    again = encode(value) if is_message else encode_record(value)  # type: ignore[arg-type]
+    if again != data:
+        raise DecodeError("not deterministic CBOR, or trailing bytes")
+
+
+def decode(data: bytes) -> Message:
+    """Decode one CBOR message; raise :class:`DecodeError` for anything else."""
+    top = _load(data)
+    if type(top) is not dict:
+        raise DecodeError("message is not a map")
+    if any(type(k) is not int for k in top):
+        raise DecodeError("header keys are integers")
+    allowed = {int(k) for k in HeaderKey}
+    if not set(top) <= allowed:
+        raise DecodeError("unknown header key")
+    version = top.get(HeaderKey.VERSION)
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise DecodeError(f"unsupported version {version!r}", code=ErrorCode.UNSUPPORTED_VERSION)
+    raw_type = top.get(HeaderKey.TYPE)
+    if type(raw_type) is not int:
+        raise DecodeError("message type missing")
+    try:
+        cls = MESSAGE_CLASSES[MessageType(raw_type)]
+    except (ValueError, KeyError):
+        raise DecodeError(f"unknown message type {raw_type}") from None
+    if HeaderKey.BODY not in top:
+        raise DecodeError("body missing")
+    kwargs = _fields_from(cls, top[HeaderKey.BODY])
+    kwargs["txid"] = top.get(HeaderKey.TXID)
+    kwargs["src"] = top.get(HeaderKey.SOURCE)
+    kwargs["dst"] = top.get(HeaderKey.DESTINATION)
+    if HeaderKey.PN_ID in top:
+        kwargs["pn_id"] = top[HeaderKey.PN_ID]
+        if kwargs["pn_id"] is None:
+            raise DecodeError("pn_id: null is not allowed")
+    message = _build(cls, kwargs)
+    _check_canonical(data, message, is_message=True)
+    return message
+
+
+def decode_record[R: Record](cls: type[R], data: bytes) -> R:
+    """Decode a header-less record of class ``cls``; strict as :func:`decode`."""
+    record = _build(cls, _fields_from(cls, _load(data)))
+    _check_canonical(data, record, is_message=False)
+    return record
+
+
+def _json_value(spec: FieldSpec, value: object, reveal: bool) -> object:
+    if value is None:
+        return None
+    if spec.secret and not reveal:
+        return "<redacted>"
+    if isinstance(value, IntEnum):
+        return value.name
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple):
+        return [v.hex() if isinstance(v, bytes) else v for v in value]
+    return value
+
+
+def to_json(message: Message, *, reveal_secrets: bool = False) -> dict[str, object]:
+    """The human view of a message (CLI, logs, traces); secrets redacted by default."""
+    out: dict[str, object] = {
+        "type": message.TYPE.name,
+        "txid": message.txid.hex(),
+        "src": message.src,
+        "dst": message.dst,
+    }
+    if message.pn_id is not None:
+        out["pn_id"] = message.pn_id
+    for name, spec in specs(type(message)):
+        value = getattr(message, name)
+        if value is not None:
+            out[name] = _json_value(spec, value, reveal_secrets)
+    return out
