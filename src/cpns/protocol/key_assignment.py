@@ -1,0 +1,543 @@
+"""EUKey assignment for a PNE without UI (003 §6.3.2.2 and §7.4.2.2).
+
+Theory of operation
+-------------------
+Parties: the PNE (holds a manufacturer Temporary Key, TK), the PN GW (owned by the same
+CPNS User, already holding its own EUKey, see :mod:`cpns.protocol.user_key_assignment`)
+and the CPNS Server (holds the user's password key and the imported TK records).
+
+0. The PN GW and the server authenticate each other before any assignment: TLS 1.3 with
+   the server's certificate plus HTTP Digest keyed by the PN GW's EUKey, with rspauth
+   (004 §5.x.2). That is the I/O layer's job (:mod:`cpns.protocol.digest`); the server
+   machine is told which gateway was authenticated.
+1. PN GW: RANDPNGW, Time, AuthData = HMAC(Hash(Password), RANDPNGW, Time, ...) and the
+   EUKey Assignment Request (PNE Entity ID, CPNS User ID, Time, AuthData).
+2. Server: checks Time, the user, AuthData, replay of RANDPNGW, the TK record and the
+   ownership; RANDSVR, SeedPNE = Hash(RANDSVR, RANDPNGW), the chain EUKey_n..EUKey_1;
+   stores it with the Entity ID and User ID; the Response carries the status and, sealed
+   under the PN GW's EUKey, the TK and the EUKey set.
+3. PN GW: stores TK and the set, selects EUKey_1 and sends the Notification with the
+   EUKey sealed under the TK.
+4. PNE: opens it with its TK, stores the EUKey and acknowledges with a MAC under it (the
+   acknowledgement is ours, docs/deviations.md, so the PN GW knows when to stop).
+
+Invariants: every secret travels sealed (AES-GCM) with the message context as associated
+data; every check that involves a secret fails opaquely; each role emits the facts to
+persist as events, and the I/O layer stores them before sending what depends on them.
+
+Not done here: sockets, HTTP, Digest, storage, clocks, randomness (all injected).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import ClassVar, Final
+
+from cpns.crypto.hashchain import build_chain
+from cpns.crypto.hashing import hash_values, mac, verify_mac
+from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
+from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError, RemoteProtocolError
+from cpns.messages.codec import decode_record, encode, encode_record
+from cpns.messages.constants import TXID_LEN
+from cpns.messages.model import (
+    EUKeyAssignmentAck,
+    EUKeyAssignmentNotification,
+    EUKeyAssignmentRequest,
+    EUKeyAssignmentResponse,
+    KeyBundle,
+    Message,
+)
+from cpns.protocol._checks import check_addressed, check_fresh, check_reply_to
+from cpns.protocol._machine import Event, Machine, NonceConsumed
+from cpns.records import EntityRecord, TKRecord, UserRecord
+from cpns.types import EntityKind, Random
+
+__all__ = [
+    "AssignmentPolicy",
+    "DeviceState",
+    "EUKeyAssignmentDevice",
+    "EUKeyAssignmentGateway",
+    "EUKeyAssignmentServer",
+    "EUKeyChainAssigned",
+    "EUKeyDelivered",
+    "EUKeyInstalled",
+    "EUKeySetReceived",
+    "GatewayState",
+    "ServerLookups",
+    "ServerState",
+    "auth_data",
+    "request_digest",
+    "seed_pne",
+]
+
+#: Labels of every derivation in this procedure (docs/crypto.md lists them all).
+AUTH_DATA_LABEL: Final = "cpns/v1/003/auth-data"
+SEED_LABEL: Final = "cpns/v1/003/seed-pne"
+ACK_LABEL: Final = "cpns/v1/003/ack"
+RESPONSE_PURPOSE: Final = "003/response-bundle"
+NOTIFICATION_PURPOSE: Final = "003/notification"
+
+
+# -- derivations, shared by the roles -------------------------------------------------------
+
+
+def auth_data(
+    password_key: bytes, *, rand_pngw: bytes, time: int, user_id: str, pne_id: str, gateway_id: str
+) -> bytes:
+    """Hash(AuthData), AuthData = Hash(Password) | RANDPNGW | Time (003 §7.4.2.1.1.1 step 3).
+
+    Instantiated as an HMAC keyed by Hash(Password) (DESIGN §4), over RANDPNGW and Time
+    as the seed says, plus the User ID, PNE Entity ID and PN GW Entity ID so the proof
+    cannot be moved to another request (docs/deviations.md D-003-1).
+    """
+    return mac(password_key, AUTH_DATA_LABEL, rand_pngw, time, user_id, pne_id, gateway_id)
+
+
+def seed_pne(rand_svr: bytes, rand_pngw: bytes) -> bytes:
+    """SeedPNE = Hash(RANDSVR, RANDPNGW) (003 §7.4.2.1.1.2 step 4)."""
+    return hash_values(SEED_LABEL, rand_svr, rand_pngw)
+
+
+def request_digest(request: Message) -> bytes:
+    """SHA-256 of a request's encoding: tells an idempotent retry from a reused txid."""
+    return hashlib.sha256(encode(request)).digest()
+
+
+def _bundle_context(server_id: str, gateway_id: str, pne_id: str, txid: bytes) -> tuple[str, ...]:
+    return (server_id, gateway_id, pne_id, txid.hex())
+
+
+def _notification_context(gateway_id: str, pne_id: str, txid: bytes, index: int) -> tuple[object, ...]:
+    return (gateway_id, pne_id, txid.hex(), index)
+
+
+def _ack_proof(eukey: bytes, *, gateway_id: str, pne_id: str, txid: bytes, index: int) -> bytes:
+    return mac(eukey, ACK_LABEL, gateway_id, pne_id, txid, index)
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EUKeyChainAssigned(Event):
+    """Server: store this chain with the PNE's Entity ID and User ID (003 §7.4.2.1.1.2 step 5)."""
+
+    #: PNE Entity ID.
+    pne_id: str
+    #: Owner.
+    user_id: str
+    #: The PN GW that asked (and will hold the set).
+    gateway_id: str
+    #: [EUKey_1..EUKey_n].
+    eukeys: tuple[bytes, ...] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EUKeySetReceived(Event):
+    """PN GW: store TK and [EUKeyPNE] (003 §7.4.2.1.1.3 step 1) before notifying the PNE."""
+
+    #: PNE Entity ID.
+    pne_id: str
+    #: Owner.
+    user_id: str
+    #: The PNE's Temporary Key.
+    tk: bytes = field(repr=False)
+    #: [EUKey_1..EUKey_n].
+    eukeys: tuple[bytes, ...] = field(repr=False)
+    #: The selected EUKey's position (003 §7.4.2.1.1.3 step 2).
+    key_index: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EUKeyDelivered(Event):
+    """PN GW: the PNE proved it stored EUKey_{key_index}."""
+
+    #: PNE Entity ID.
+    pne_id: str
+    #: Position of the delivered key.
+    key_index: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EUKeyInstalled(Event):
+    """PNE: store this EUKey (003 §7.4.2.1.1.3, PNE step 1) before acknowledging."""
+
+    #: The PN GW that delivered it.
+    gateway_id: str
+    #: Position in the chain.
+    key_index: int
+    #: The EUKey.
+    eukey: bytes = field(repr=False)
+    #: The transaction that delivered it (remembered to refuse replays).
+    txid: bytes
+
+
+# -- server -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AssignmentPolicy:
+    """Server-side rules of EUKey assignment."""
+
+    #: Entity ID of this CPNS Server (source of its messages).
+    server_id: str = "cpns-server"
+    #: Accepted |server time - request Time|, seconds.
+    time_window: int = 300
+    #: n, the number of EUKeys in a PNE chain (003 §7.4.2.1.1.2 step 4).
+    chain_length: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chain_length <= 1024:
+            raise ValueError("chain_length must be 1..1024")
+        if not 1 <= self.time_window <= 86400:
+            raise ValueError("time_window must be 1..86400 seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLookups:
+    """Synchronous reads the server roles need (injected; the store provides them)."""
+
+    #: User by User ID.
+    get_user: Callable[[str], UserRecord | None]
+    #: Entity by Entity ID.
+    get_entity: Callable[[str], EntityRecord | None]
+    #: TK record by PNE Entity ID.
+    get_tk: Callable[[str], TKRecord | None]
+    #: Whether a random value was already used.
+    nonce_used: Callable[[bytes], bool]
+
+
+class ServerState(Enum):
+    """States of :class:`EUKeyAssignmentServer`."""
+
+    EXPECT_REQUEST = auto()
+    DONE = auto()
+    FAILED = auto()
+
+
+class EUKeyAssignmentServer(Machine[ServerState]):
+    """CPNS Server role of 003 §7.4.2.1.1.2: one request in, one response out.
+
+    ``requester`` is the PN GW Entity ID that Digest authenticated (step 0); the request
+    must come from it.
+    """
+
+    HOP: ClassVar[str] = "server"
+
+    def __init__(
+        self,
+        *,
+        policy: AssignmentPolicy,
+        lookups: ServerLookups,
+        requester: str,
+        rng: Random,
+        now: int,
+    ) -> None:
+        super().__init__(ServerState.EXPECT_REQUEST, done=ServerState.DONE,
+                         failed=ServerState.FAILED)
+        self._policy = policy
+        self._lookups = lookups
+        self._requester = requester
+        self._rng = rng
+        self._now = now
+
+    def _failure_reply(self, incoming: Message | None, code: ErrorCode) -> Message | None:
+        if not isinstance(incoming, EUKeyAssignmentRequest):
+            return None
+        # 003 §7.4.2.1.1.2 step 2: "send the EUKey Assignment Response ... with fail status".
+        return EUKeyAssignmentResponse(
+            txid=incoming.txid, src=self._policy.server_id, dst=incoming.src,
+            status=code, pne_id=incoming.pne_id,
+        )
+
+    def _on_request(self, message: Message) -> list[Event]:
+        assert isinstance(message, EUKeyAssignmentRequest)
+        policy, look = self._policy, self._lookups
+        check_addressed(message, to=policy.server_id, sender=self._requester)
+        gateway = look.get_entity(self._requester)
+        if gateway is None or gateway.kind is not EntityKind.PN_GW or gateway.eukey is None:
+            raise RemoteProtocolError("requester is not a PN GW with an EUKey",
+                                      code=ErrorCode.NOT_AUTHORIZED)
+        if gateway.revoked:
+            raise RemoteProtocolError("requesting PN GW is revoked",
+                                      code=ErrorCode.ENTITY_REVOKED)
+        check_fresh(message.time, now=self._now, window=policy.time_window)
+        user = look.get_user(message.user_id)
+        if user is None:
+            raise RemoteProtocolError(f"no user {message.user_id!r}", code=ErrorCode.UNKNOWN_USER)
+        # Steps 1-2: recompute Hash(AuthData) and compare in constant time.
+        try:
+            verify_mac(user.password_key, message.auth_data, AUTH_DATA_LABEL, message.rand_pngw,
+                       message.time, message.user_id, message.pne_id, message.src)
+        except AuthenticationFailed:
+            raise RemoteProtocolError("AuthData does not verify",
+                                      code=ErrorCode.WRONG_PASSWORD) from None
+        if user.disabled:
+            raise RemoteProtocolError("user is disabled", code=ErrorCode.NOT_AUTHORIZED)
+        # 003 §6.3.2.2: "PNGW and PNE are owned by the same CPNS User" (004 §5.x.3).
+        if gateway.owner != user.user_id:
+            raise RemoteProtocolError("PN GW belongs to another user",
+                                      code=ErrorCode.NOT_AUTHORIZED)
+        if look.nonce_used(message.rand_pngw):
+            raise RemoteProtocolError("RANDPNGW already used", code=ErrorCode.REPLAY)
+        # Step 6: find TKPNE for the Entity ID.
+        tk = look.get_tk(message.pne_id)
+        if tk is None:
+            raise RemoteProtocolError(f"no TK record for {message.pne_id!r}",
+                                      code=ErrorCode.UNKNOWN_ENTITY)
+        existing = look.get_entity(message.pne_id)
+        if existing is not None:
+            if existing.kind is not EntityKind.PNE:
+                raise RemoteProtocolError("entity is not a PNE", code=ErrorCode.WRONG_ENTITY_KIND)
+            if existing.owner != user.user_id:
+                raise RemoteProtocolError(f"entity owned by {existing.owner!r}",
+                                          code=ErrorCode.OWNED_BY_OTHER_USER)
+            if existing.revoked:
+                raise RemoteProtocolError("entity is revoked", code=ErrorCode.ENTITY_REVOKED)
+        # Steps 3-4: RANDSVR, SeedPNE and the chain.
+        rand_svr = self._rng.token_bytes(32)
+        eukeys = tuple(build_chain(seed_pne(rand_svr, message.rand_pngw), policy.chain_length))
+        bundle = encode_record(KeyBundle(tk=tk.tk, eukeys=eukeys))
+        sealed = seal(
+            gateway.eukey, bundle, purpose=RESPONSE_PURPOSE,
+            context=_bundle_context(policy.server_id, message.src, message.pne_id, message.txid),
+            nonce=self._rng.token_bytes(NONCE_LEN),
+        )
+        # Step 7: the Response with Status, [EUKeyPNE] and the TK.
+        self._send(EUKeyAssignmentResponse(
+            txid=message.txid, src=policy.server_id, dst=message.src, status=ErrorCode.OK,
+            pne_id=message.pne_id, sealed_bundle=sealed,
+        ))
+        return [
+            NonceConsumed(nonce=message.rand_pngw, expires_at=message.time + policy.time_window),
+            EUKeyChainAssigned(pne_id=message.pne_id, user_id=user.user_id,
+                               gateway_id=message.src, eukeys=eukeys),
+        ]
+
+    def receive(self, message: Message) -> list[Event]:
+        """Handle the EUKey Assignment Request; the Response is then in the outbox."""
+        return super().receive(message)
+
+    TRANSITIONS = {
+        (ServerState.EXPECT_REQUEST, EUKeyAssignmentRequest): (_on_request, ServerState.DONE),
+    }
+
+
+# -- PN GW ------------------------------------------------------------------------------------
+
+
+class GatewayState(Enum):
+    """States of :class:`EUKeyAssignmentGateway`."""
+
+    START = auto()
+    EXPECT_RESPONSE = auto()
+    EXPECT_ACK = auto()
+    DONE = auto()
+    FAILED = auto()
+
+
+class EUKeyAssignmentGateway(Machine[GatewayState]):
+    """PN GW role of 003 §7.4.2.1.1.1 and §7.4.2.1.1.3.
+
+    Build it with :meth:`start` (a new assignment) or :meth:`resume` (the set is stored
+    and the PNE has not acknowledged yet, e.g. after a restart).
+    """
+
+    HOP: ClassVar[str] = "gateway"
+
+    def __init__(self, *, gateway_id: str, gateway_eukey: bytes, server_id: str,
+                 rng: Random) -> None:
+        super().__init__(GatewayState.START, done=GatewayState.DONE, failed=GatewayState.FAILED)
+        self._gateway_id = gateway_id
+        self._gateway_eukey = gateway_eukey
+        self._server_id = server_id
+        self._rng = rng
+        self._request: EUKeyAssignmentRequest | None = None
+        self._pending: EUKeySetReceived | None = None
+        self._txid = b""
+
+    @property
+    def request(self) -> EUKeyAssignmentRequest | None:
+        """The request sent (kept so the I/O layer can persist and resend it unchanged)."""
+        return self._request
+
+    def start(self, *, pne_id: str, user_id: str, password_key: bytes, now: int) -> None:
+        """Steps 1-4 of 003 §7.4.2.1.1.1: queue the EUKey Assignment Request."""
+        if self.state is not GatewayState.START:
+            raise LocalProtocolError("start() only once, on a new machine")
+        rand_pngw = self._rng.token_bytes(32)  # step 2 (stored by the I/O layer with the request)
+        request = EUKeyAssignmentRequest(
+            txid=self._rng.token_bytes(TXID_LEN), src=self._gateway_id, dst=self._server_id,
+            pne_id=pne_id, user_id=user_id, time=now, rand_pngw=rand_pngw,
+            auth_data=auth_data(password_key, rand_pngw=rand_pngw, time=now, user_id=user_id,
+                                pne_id=pne_id, gateway_id=self._gateway_id),
+        )
+        self.resend(request)
+
+    def resend(self, request: EUKeyAssignmentRequest) -> None:
+        """Queue a stored request again, unchanged (idempotent retry, DESIGN §5)."""
+        if self.state not in (GatewayState.START, GatewayState.EXPECT_RESPONSE):
+            raise LocalProtocolError("no request is outstanding")
+        self._request, self._txid = request, request.txid
+        self._state = GatewayState.EXPECT_RESPONSE
+        self._send(request)
+
+    def resume(self, stored: EUKeySetReceived, *, txid: bytes) -> None:
+        """Rebuild the machine from a stored set: queue the Notification again."""
+        if self.state is not GatewayState.START:
+            raise LocalProtocolError("resume() only on a new machine")
+        self._pending, self._txid = stored, txid
+        self._state = GatewayState.EXPECT_ACK
+        self._notify()
+
+    def _notify(self) -> None:
+        """Steps 2-3 of 003 §7.4.2.1.1.3: the selected EUKey sealed under the TK."""
+        pending = self._pending
+        assert pending is not None
+        eukey = pending.eukeys[pending.key_index - 1]
+        self._send(EUKeyAssignmentNotification(
+            txid=self._txid, src=self._gateway_id, dst=pending.pne_id, status=ErrorCode.OK,
+            key_index=pending.key_index,
+            sealed_eukey=seal(
+                pending.tk, eukey, purpose=NOTIFICATION_PURPOSE,
+                context=_notification_context(self._gateway_id, pending.pne_id, self._txid,
+                                              pending.key_index),
+                nonce=self._rng.token_bytes(NONCE_LEN),
+            ),
+        ))
+
+    def renotify(self) -> None:
+        """Queue the Notification again (the PNE reconnected without acknowledging)."""
+        if self.state is not GatewayState.EXPECT_ACK:
+            raise LocalProtocolError("no notification is outstanding")
+        self._notify()
+
+    def _on_response(self, message: Message) -> list[Event]:
+        assert isinstance(message, EUKeyAssignmentResponse) and self._request is not None
+        check_reply_to(message, self._request)
+        if message.pne_id != self._request.pne_id:
+            raise RemoteProtocolError("response names another PNE",
+                                      code=ErrorCode.UNEXPECTED_MESSAGE)
+        if message.status is not ErrorCode.OK:
+            # DESIGN §5: the PN GW relays the server's verdict unchanged.
+            raise RemoteProtocolError(f"server refused: {message.status.name}",
+                                      code=message.status)
+        if message.sealed_bundle is None:
+            raise RemoteProtocolError("OK response without the key set")
+        plain = open_sealed(
+            self._gateway_eukey, message.sealed_bundle, purpose=RESPONSE_PURPOSE,
+            context=_bundle_context(self._server_id, self._gateway_id, message.pne_id,
+                                    message.txid),
+        )
+        bundle = decode_record(KeyBundle, plain)
+        # Step 2: select the EUKey: keys are used in order 1..n, so EUKey_1 (DESIGN §4).
+        self._pending = EUKeySetReceived(
+            pne_id=message.pne_id, user_id=self._request.user_id, tk=bundle.tk,
+            eukeys=bundle.eukeys, key_index=1,
+        )
+        self._notify()
+        return [self._pending]
+
+    def _on_ack(self, message: Message) -> list[Event]:
+        assert isinstance(message, EUKeyAssignmentAck) and self._pending is not None
+        pending = self._pending
+        check_addressed(message, to=self._gateway_id, sender=pending.pne_id)
+        if message.txid != self._txid or message.key_index != pending.key_index:
+            raise RemoteProtocolError("acknowledgement of another delivery",
+                                      code=ErrorCode.UNEXPECTED_MESSAGE)
+        if message.status is not ErrorCode.OK or message.proof is None:
+            raise RemoteProtocolError(f"PNE refused the key: {message.status.name}",
+                                      code=message.status if message.status is not ErrorCode.OK
+                                      else ErrorCode.MALFORMED_MESSAGE)
+        verify_mac(pending.eukeys[pending.key_index - 1], message.proof, ACK_LABEL,
+                   self._gateway_id, pending.pne_id, self._txid, pending.key_index)
+        return [EUKeyDelivered(pne_id=pending.pne_id, key_index=pending.key_index)]
+
+    TRANSITIONS = {
+        (GatewayState.EXPECT_RESPONSE, EUKeyAssignmentResponse):
+            (_on_response, GatewayState.EXPECT_ACK),
+        (GatewayState.EXPECT_ACK, EUKeyAssignmentAck): (_on_ack, GatewayState.DONE),
+    }
+
+
+# -- PNE --------------------------------------------------------------------------------------
+
+
+class DeviceState(Enum):
+    """States of :class:`EUKeyAssignmentDevice`."""
+
+    EXPECT_NOTIFICATION = auto()
+    DONE = auto()
+    FAILED = auto()
+
+
+class EUKeyAssignmentDevice(Machine[DeviceState]):
+    """PNE role of 003 §7.4.2.1.1.3: open the Notification with the TK, store, acknowledge.
+
+    ``seen_txids`` are transactions that already delivered a key to this PNE: a
+    Notification from one of them is answered again (lost acknowledgement) only if it
+    carries the key the PNE holds, so a recorded old Notification cannot roll the PNE
+    back to an old key.
+    """
+
+    HOP: ClassVar[str] = "device"
+
+    def __init__(
+        self,
+        *,
+        entity_id: str,
+        tk: bytes,
+        rng: Random,
+        current: tuple[bytes, int, bytes] | None = None,
+        seen_txids: frozenset[bytes] = frozenset(),
+    ) -> None:
+        super().__init__(DeviceState.EXPECT_NOTIFICATION, done=DeviceState.DONE,
+                         failed=DeviceState.FAILED)
+        self._entity_id = entity_id
+        self._tk = tk
+        self._rng = rng
+        self._current = current  # (txid, key_index, eukey) of the key held, if any
+        self._seen = seen_txids
+
+    def _failure_reply(self, incoming: Message | None, code: ErrorCode) -> Message | None:
+        if not isinstance(incoming, EUKeyAssignmentNotification):
+            return None
+        # Tell the PN GW why (opaquely), so it stops re-sending.
+        return EUKeyAssignmentAck(txid=incoming.txid, src=self._entity_id, dst=incoming.src,
+                                  status=code, key_index=incoming.key_index)
+
+    def _on_notification(self, message: Message) -> list[Event]:
+        assert isinstance(message, EUKeyAssignmentNotification)
+        check_addressed(message, to=self._entity_id)
+        if message.status is not ErrorCode.OK:
+            raise RemoteProtocolError(f"notification status {message.status.name}",
+                                      code=message.status)
+        if message.sealed_eukey is None:
+            raise RemoteProtocolError("OK notification without a key")
+        eukey = open_sealed(
+            self._tk, message.sealed_eukey, purpose=NOTIFICATION_PURPOSE,
+            context=_notification_context(message.src, self._entity_id, message.txid,
+                                          message.key_index),
+        )
+        events: list[Event] = []
+        if message.txid in self._seen or (self._current and self._current[0] == message.txid):
+            if self._current is None or self._current[1:] != (message.key_index, eukey):
+                raise AuthenticationFailed("replayed notification of an older key")
+        else:
+            events.append(EUKeyInstalled(gateway_id=message.src, key_index=message.key_index,
+                                         eukey=eukey, txid=message.txid))
+        self._send(EUKeyAssignmentAck(
+            txid=message.txid, src=self._entity_id, dst=message.src, status=ErrorCode.OK,
+            key_index=message.key_index,
+            proof=_ack_proof(eukey, gateway_id=message.src, pne_id=self._entity_id,
+                             txid=message.txid, index=message.key_index),
+        ))
+        return events
+
+    TRANSITIONS = {
+        (DeviceState.EXPECT_NOTIFICATION, EUKeyAssignmentNotification):
+            (_on_notification, DeviceState.DONE),
+    }

@@ -1,0 +1,229 @@
+"""EUKey assignment for an entity with UI, after User ID / password authentication.
+
+004 §5.x.1: "CPNS Server assigns EUKey to PNE and PN GW after authenticating PNE and PN GW
+based on User ID and password of CPNS User who owns PNE and PN GW. Assigned EUKey is
+stored in CPNS Server together with Entity ID and User ID."
+
+Theory of operation
+-------------------
+The entity (a PN GW, or a PNE with UI) asks its user for the User ID and password and
+turns the password into the password key (scrypt, :func:`cpns.crypto.password_key`),
+the same value the server stored when the user was registered. It sends a request with
+a fresh ``rand``, its wall-clock ``time`` and ``auth_data``, an HMAC under the password
+key over the whole request context. The server checks time, user and proof, refuses a
+reused ``rand``, refuses an Entity ID registered to another user, assigns a fresh random
+EUKey and answers with it sealed under a key derived from the password key and both
+rands. Opening that seal authenticates the server to the entity: only a holder of the
+password key could have made it.
+
+The link is HTTPS with the server's certificate (004 §5.x.4); the seal keeps the EUKey
+confidential even where TLS ends before the service (a proxy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import ClassVar, Final
+
+from cpns.crypto.kdf import derive_key
+from cpns.crypto.hashing import KEY_LEN, mac, verify_mac
+from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
+from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError, RemoteProtocolError
+from cpns.messages.constants import TXID_LEN
+from cpns.messages.model import Message, UserKeyAssignmentRequest, UserKeyAssignmentResponse
+from cpns.protocol._checks import check_addressed, check_fresh, check_reply_to
+from cpns.protocol._machine import Event, Machine, NonceConsumed
+from cpns.protocol.key_assignment import AssignmentPolicy, ServerLookups
+from cpns.types import EntityKind, Random
+
+__all__ = [
+    "ClientState",
+    "EUKeyAssigned",
+    "EUKeyReceived",
+    "ServerState",
+    "UserKeyAssignmentClient",
+    "UserKeyAssignmentServer",
+]
+
+AUTH_DATA_LABEL: Final = "cpns/v1/004/auth-data"
+REPLY_KEY_LABEL: Final = "cpns/v1/004/reply-key"
+EUKEY_PURPOSE: Final = "004/eukey"
+
+
+def _auth_data(password_key: bytes, request: UserKeyAssignmentRequest) -> bytes:
+    return mac(password_key, AUTH_DATA_LABEL, request.rand, request.time, request.user_id,
+               request.src, int(request.entity_kind), request.dst)
+
+
+def _reply_key(password_key: bytes, request: UserKeyAssignmentRequest, rand_server: bytes) -> bytes:
+    return derive_key(password_key, salt=request.rand + rand_server, label=REPLY_KEY_LABEL,
+                      context=(request.src, request.user_id, request.txid))
+
+
+def _context(request: UserKeyAssignmentRequest) -> tuple[str, ...]:
+    return (request.dst, request.src, request.txid.hex())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EUKeyAssigned(Event):
+    """Server: store this EUKey with the Entity ID and User ID (004 §5.x.1)."""
+
+    #: Entity ID.
+    entity_id: str
+    #: Entity kind.
+    kind: EntityKind
+    #: Owner.
+    user_id: str
+    #: The new EUKey.
+    eukey: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EUKeyReceived(Event):
+    """Entity: store this EUKey (it authenticated the server by opening it)."""
+
+    #: The EUKey.
+    eukey: bytes = field(repr=False)
+
+
+class ServerState(Enum):
+    """States of :class:`UserKeyAssignmentServer`."""
+
+    EXPECT_REQUEST = auto()
+    DONE = auto()
+    FAILED = auto()
+
+
+class UserKeyAssignmentServer(Machine[ServerState]):
+    """CPNS Server role: authenticate the user, assign and store an EUKey."""
+
+    HOP: ClassVar[str] = "server"
+
+    def __init__(self, *, policy: AssignmentPolicy, lookups: ServerLookups, rng: Random,
+                 now: int) -> None:
+        super().__init__(ServerState.EXPECT_REQUEST, done=ServerState.DONE,
+                         failed=ServerState.FAILED)
+        self._policy = policy
+        self._lookups = lookups
+        self._rng = rng
+        self._now = now
+
+    def _failure_reply(self, incoming: Message | None, code: ErrorCode) -> Message | None:
+        if not isinstance(incoming, UserKeyAssignmentRequest):
+            return None
+        return UserKeyAssignmentResponse(txid=incoming.txid, src=self._policy.server_id,
+                                         dst=incoming.src, status=code)
+
+    def _on_request(self, message: Message) -> list[Event]:
+        assert isinstance(message, UserKeyAssignmentRequest)
+        look = self._lookups
+        check_addressed(message, to=self._policy.server_id)
+        if message.entity_kind is EntityKind.SERVER:
+            raise RemoteProtocolError("a server cannot enrol", code=ErrorCode.WRONG_ENTITY_KIND)
+        check_fresh(message.time, now=self._now, window=self._policy.time_window)
+        user = look.get_user(message.user_id)
+        if user is None:
+            raise RemoteProtocolError(f"no user {message.user_id!r}", code=ErrorCode.UNKNOWN_USER)
+        try:
+            verify_mac(user.password_key, message.auth_data, AUTH_DATA_LABEL, message.rand,
+                       message.time, message.user_id, message.src, int(message.entity_kind),
+                       message.dst)
+        except AuthenticationFailed:
+            raise RemoteProtocolError("auth_data does not verify",
+                                      code=ErrorCode.WRONG_PASSWORD) from None
+        if user.disabled:
+            raise RemoteProtocolError("user is disabled", code=ErrorCode.NOT_AUTHORIZED)
+        if look.nonce_used(message.rand):
+            raise RemoteProtocolError("rand already used", code=ErrorCode.REPLAY)
+        existing = look.get_entity(message.src)
+        if existing is not None:
+            if existing.owner != user.user_id:
+                raise RemoteProtocolError(f"entity owned by {existing.owner!r}",
+                                          code=ErrorCode.OWNED_BY_OTHER_USER)
+            if existing.kind is not message.entity_kind:
+                raise RemoteProtocolError("entity registered with another kind",
+                                          code=ErrorCode.WRONG_ENTITY_KIND)
+            if existing.revoked:
+                raise RemoteProtocolError("entity is revoked", code=ErrorCode.ENTITY_REVOKED)
+        eukey = self._rng.token_bytes(KEY_LEN)
+        rand_server = self._rng.token_bytes(32)
+        sealed = seal(_reply_key(user.password_key, message, rand_server), eukey,
+                      purpose=EUKEY_PURPOSE, context=_context(message),
+                      nonce=self._rng.token_bytes(NONCE_LEN))
+        self._send(UserKeyAssignmentResponse(
+            txid=message.txid, src=self._policy.server_id, dst=message.src,
+            status=ErrorCode.OK, rand_server=rand_server, sealed_eukey=sealed,
+        ))
+        return [
+            NonceConsumed(nonce=message.rand, expires_at=message.time + self._policy.time_window),
+            EUKeyAssigned(entity_id=message.src, kind=message.entity_kind,
+                          user_id=user.user_id, eukey=eukey),
+        ]
+
+    TRANSITIONS = {
+        (ServerState.EXPECT_REQUEST, UserKeyAssignmentRequest): (_on_request, ServerState.DONE),
+    }
+
+
+class ClientState(Enum):
+    """States of :class:`UserKeyAssignmentClient`."""
+
+    START = auto()
+    EXPECT_RESPONSE = auto()
+    DONE = auto()
+    FAILED = auto()
+
+
+class UserKeyAssignmentClient(Machine[ClientState]):
+    """Entity role: prove the user's password, receive and check the EUKey."""
+
+    HOP: ClassVar[str] = "entity"
+
+    def __init__(self, *, entity_id: str, entity_kind: EntityKind, server_id: str,
+                 rng: Random) -> None:
+        super().__init__(ClientState.START, done=ClientState.DONE, failed=ClientState.FAILED)
+        self._entity_id = entity_id
+        self._kind = entity_kind
+        self._server_id = server_id
+        self._rng = rng
+        self._password_key = b""
+        self._request: UserKeyAssignmentRequest | None = None
+
+    def start(self, *, user_id: str, password_key: bytes, now: int) -> None:
+        """Queue the request. ``password_key`` is :func:`cpns.crypto.password_key`'s output."""
+        if self.state is not ClientState.START:
+            raise LocalProtocolError("start() only once")
+        self._password_key = password_key
+        draft = UserKeyAssignmentRequest(
+            txid=self._rng.token_bytes(TXID_LEN), src=self._entity_id, dst=self._server_id,
+            user_id=user_id, entity_kind=self._kind, time=now, rand=self._rng.token_bytes(32),
+            auth_data=bytes(32),
+        )
+        self._request = UserKeyAssignmentRequest(
+            txid=draft.txid, src=draft.src, dst=draft.dst, user_id=user_id,
+            entity_kind=self._kind, time=now, rand=draft.rand,
+            auth_data=_auth_data(password_key, draft),
+        )
+        self._state = ClientState.EXPECT_RESPONSE
+        self._send(self._request)
+
+    def _on_response(self, message: Message) -> list[Event]:
+        assert isinstance(message, UserKeyAssignmentResponse) and self._request is not None
+        check_reply_to(message, self._request)
+        if message.status is not ErrorCode.OK:
+            raise RemoteProtocolError(f"server refused: {message.status.name}",
+                                      code=message.status)
+        if message.rand_server is None or message.sealed_eukey is None:
+            raise RemoteProtocolError("OK response without the key")
+        eukey = open_sealed(
+            _reply_key(self._password_key, self._request, message.rand_server),
+            message.sealed_eukey, purpose=EUKEY_PURPOSE, context=_context(self._request),
+        )
+        if len(eukey) != KEY_LEN:
+            raise AuthenticationFailed("EUKey of the wrong length")
+        return [EUKeyReceived(eukey=eukey)]
+
+    TRANSITIONS = {
+        (ClientState.EXPECT_RESPONSE, UserKeyAssignmentResponse): (_on_response, ClientState.DONE),
+    }

@@ -1,0 +1,128 @@
+"""The server's persistence contract: record types and the store protocol.
+
+The service layer (``cpns.server.service``) talks to a :class:`ServerStore`; the SQL
+implementation lives in :mod:`cpns.store.sql`. Secrets in records are plain bytes in
+memory and sealed under the master key at rest (002 §3.2 "Secure Storage"); sealing and
+unsealing happen inside the store, never in callers.
+
+Reads may run on any thread. Writes go through :meth:`ServerStore.write`, which runs a
+function inside one transaction on the writer thread; several concurrent writes share one
+commit (group commit, DESIGN §8), and a write returns only after its commit is durable,
+so a reply built from it can be sent (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from cpns.errors import StoreError
+from cpns.records import AuditEvent, EntityRecord, StoredReply, TKRecord, UserRecord
+
+__all__ = [
+    "AuditEvent",
+    "ConflictError",
+    "EntityRecord",
+    "NonceReused",
+    "ServerStore",
+    "StoredReply",
+    "TKRecord",
+    "UserRecord",
+    "WriteTx",
+]
+
+
+class ConflictError(StoreError):
+    """A unique row already exists (user, entity, TK record)."""
+
+
+class NonceReused(StoreError):
+    """A random value (RANDPNGW, rand) was already used: the request is a replay."""
+
+
+class WriteTx(Protocol):
+    """Operations available inside one write transaction."""
+
+    def add_user(self, user: UserRecord) -> None:
+        """Insert a user; :class:`ConflictError` if the User ID exists."""
+        ...
+
+    def set_password_key(self, user_id: str, password_key: bytes) -> None:
+        """Replace a user's password key; StoreError if the user does not exist."""
+        ...
+
+    def put_entity(self, entity: EntityRecord) -> None:
+        """Insert or replace an entity (by Entity ID)."""
+        ...
+
+    def put_tks(self, records: Sequence[TKRecord]) -> None:
+        """Insert TK records; :class:`ConflictError` (and nothing written) on a duplicate."""
+        ...
+
+    def use_nonce(self, nonce: bytes, *, expires_at: int) -> None:
+        """Record a random value as used; :class:`NonceReused` if it already was."""
+        ...
+
+    def put_reply(self, reply: StoredReply) -> None:
+        """Remember the reply to a transaction."""
+        ...
+
+    def audit(self, event: AuditEvent) -> None:
+        """Append an audit event."""
+        ...
+
+    def set_revoked(self, entity_id: str, revoked: bool) -> None:
+        """Revoke or restore an entity; StoreError if it does not exist."""
+        ...
+
+
+class ServerStore(Protocol):
+    """What the server's service layer and the admin CLI need from persistence."""
+
+    def get_user(self, user_id: str) -> UserRecord | None:
+        """The user, or None."""
+        ...
+
+    def get_entity(self, entity_id: str) -> EntityRecord | None:
+        """The entity, or None."""
+        ...
+
+    def get_tk(self, entity_id: str) -> TKRecord | None:
+        """The TK record of a PNE, or None."""
+        ...
+
+    def get_reply(self, requester: str, txid: bytes) -> StoredReply | None:
+        """The stored reply of a transaction, or None."""
+        ...
+
+    def nonce_used(self, nonce: bytes) -> bool:
+        """Whether a random value was already used (and has not expired)."""
+        ...
+
+    def list_entities(self, *, owner: str | None = None) -> list[EntityRecord]:
+        """All entities (optionally of one owner), ordered by Entity ID."""
+        ...
+
+    def list_users(self) -> list[UserRecord]:
+        """All users, ordered by User ID."""
+        ...
+
+    def audit_events(self, *, limit: int = 100) -> list[AuditEvent]:
+        """The newest audit events, newest first."""
+        ...
+
+    def write[T](self, fn: Callable[[WriteTx], T]) -> T:
+        """Run ``fn`` in one durable transaction (group-committed); return its result."""
+        ...
+
+    def write_async[T](self, fn: Callable[[WriteTx], T]) -> Awaitable[T]:
+        """:meth:`write` for asyncio callers: does not block the event loop."""
+        ...
+
+    def purge_expired(self, *, now: int) -> int:
+        """Delete expired nonces and replies; return how many rows went."""
+        ...
+
+    def close(self) -> None:
+        """Stop the writer thread and close connections."""
+        ...
