@@ -1,0 +1,198 @@
+"""``cpns admin``: users, manufacturer TK records, entities and the audit trail.
+
+Works directly on the server's database (``--data-dir`` of the server), safely while the
+server runs. Secrets are never printed unless ``--show-secrets`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from cpns.cli._common import add_data_dir, read_password
+from cpns.errors import ConfigurationError
+from cpns.records import EntityRecord
+
+__all__ = ["register"]
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, Any]:
+    from cpns.server.config import load_server_config
+    from cpns.server.main import open_store
+
+    if not (args.data_dir / "server.toml").exists():
+        raise ConfigurationError(f"{args.data_dir} is not a server data directory "
+                                 "(run 'cpns server init' first)")
+    config = load_server_config(args.data_dir)
+    return config, open_store(config)
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    from cpns.server.admin import add_user
+
+    password = read_password(args.password_stdin, confirm=True)
+    config, store = _open(args)
+    try:
+        add_user(store, args.user_id, password, realm=config.realm)
+    finally:
+        store.close()
+    print(f"user {args.user_id} added")
+    return 0
+
+
+def _user_list(args: argparse.Namespace) -> int:
+    _, store = _open(args)
+    try:
+        for user in store.list_users():
+            print(f"{user.user_id}{'  (disabled)' if user.disabled else ''}")
+    finally:
+        store.close()
+    return 0
+
+
+def _tk_import(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from cpns.server.admin import import_tk_csv
+
+    _, store = _open(args)
+    try:
+        with Progress(transient=True, disable=args.quiet) as progress:
+            task = progress.add_task(f"importing {args.file.name}", total=None)
+            count = import_tk_csv(store, args.file,
+                                  progress=lambda n: progress.advance(task, n))
+    finally:
+        store.close()
+    print(f"imported {count} TK record(s) from {args.file}")
+    return 0
+
+
+def _entity_view(entity: EntityRecord, show_secrets: bool) -> dict[str, object]:
+    view: dict[str, object] = {
+        "entity_id": entity.entity_id, "kind": entity.kind.name, "owner": entity.owner,
+        "key_index": entity.key_index, "keys": len(entity.eukeys),
+        "assigned_via": entity.assigned_via, "assigned_at": entity.assigned_at,
+        "revoked": entity.revoked,
+    }
+    if show_secrets:
+        view["eukeys"] = [k.hex() for k in entity.eukeys]
+    return view
+
+
+def _entity_list(args: argparse.Namespace) -> int:
+    _, store = _open(args)
+    try:
+        entities = store.list_entities(owner=args.owner)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([_entity_view(e, False) for e in entities], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("Entity ID", "kind", "owner", "key index", "via", "revoked")
+    for e in entities:
+        table.add_row(e.entity_id, e.kind.name, e.owner, f"{e.key_index}/{len(e.eukeys)}",
+                      e.assigned_via or "-", "yes" if e.revoked else "no")
+    Console().print(table)
+    return 0
+
+
+def _entity_show(args: argparse.Namespace) -> int:
+    _, store = _open(args)
+    try:
+        entity = store.get_entity(args.entity_id)
+        tk = store.get_tk(args.entity_id)
+    finally:
+        store.close()
+    if entity is None and tk is None:
+        raise ConfigurationError(f"no entity {args.entity_id!r}")
+    view: dict[str, object] = (_entity_view(entity, args.show_secrets) if entity
+                               else {"entity_id": args.entity_id, "assigned": False})
+    view["tk_record"] = tk is not None
+    if tk is not None and args.show_secrets:
+        view["tk"] = tk.tk.hex()
+    print(json.dumps(view, indent=2))
+    return 0
+
+
+def _entity_revoke(args: argparse.Namespace) -> int:
+    from cpns.server.admin import set_revoked
+
+    _, store = _open(args)
+    try:
+        set_revoked(store, args.entity_id, not args.restore)
+    finally:
+        store.close()
+    print(f"{args.entity_id} {'restored' if args.restore else 'revoked'}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    _, store = _open(args)
+    try:
+        events = store.audit_events(limit=args.limit)
+    finally:
+        store.close()
+    for e in events:
+        print(json.dumps({"at": e.at, "actor": e.actor, "procedure": e.procedure,
+                          "outcome": e.outcome, "entity": e.entity_id, "user": e.user_id,
+                          "hop": e.hop, "correlation_id": e.correlation_id,
+                          "detail": e.detail}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``admin`` command group."""
+    admin = sub.add_parser("admin", help="administer users, TK records and entities",
+                           description="Administration of the CPNS Server's database.")
+    groups = admin.add_subparsers(dest="admin_group", metavar="GROUP")
+
+    user = groups.add_parser("user", help="CPNS Users").add_subparsers(metavar="SUBCOMMAND")
+    add = user.add_parser("add", help="register a CPNS User (asks for the password)")
+    add_data_dir(add, "cpns-server")
+    add.add_argument("user_id", help="the CPNS User ID")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from one line of standard input")
+    add.set_defaults(func=_user_add)
+    lst = user.add_parser("list", help="list users")
+    add_data_dir(lst, "cpns-server")
+    lst.set_defaults(func=_user_list)
+
+    tk = groups.add_parser("tk", help="manufacturer Temporary Key records")
+    tkc = tk.add_subparsers(metavar="SUBCOMMAND")
+    imp = tkc.add_parser(
+        "import", help="import TK records from CSV (all or nothing)",
+        description="Import manufacturer TK records. The CSV has a header 'entity_id,tk' and "
+                    "one record per line, the TK in hex (16 to 64 bytes). A bad line is "
+                    "reported with its number and nothing is imported.")
+    add_data_dir(imp, "cpns-server")
+    imp.add_argument("file", type=Path, help="CSV file")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.set_defaults(func=_tk_import)
+
+    ent = groups.add_parser("entity", help="PNEs and PN GWs").add_subparsers(metavar="SUBCOMMAND")
+    el = ent.add_parser("list", help="list entities (no secrets)")
+    add_data_dir(el, "cpns-server")
+    el.add_argument("--owner", help="only this user's entities")
+    el.add_argument("--json", action="store_true", help="JSON output")
+    el.set_defaults(func=_entity_list)
+    es = ent.add_parser("show", help="show one entity")
+    add_data_dir(es, "cpns-server")
+    es.add_argument("entity_id")
+    es.add_argument("--show-secrets", action="store_true",
+                    help="also print EUKeys and the TK (handle the output with care)")
+    es.set_defaults(func=_entity_show)
+    er = ent.add_parser("revoke", help="revoke an entity (it can no longer authenticate)")
+    add_data_dir(er, "cpns-server")
+    er.add_argument("entity_id")
+    er.add_argument("--restore", action="store_true", help="undo a revocation")
+    er.set_defaults(func=_entity_revoke)
+
+    au = groups.add_parser("audit", help="show the newest audit events (JSON lines)")
+    add_data_dir(au, "cpns-server")
+    au.add_argument("--limit", type=int, default=50)
+    au.set_defaults(func=_audit)

@@ -1,0 +1,176 @@
+"""The protocol endpoint: a bare ASGI application (DESIGN §8: the endpoint stays thin).
+
+Routes:
+
+``POST /cpns/v1/messages``
+    One CPNS message (deterministic CBOR) in, one out. Messages other than the
+    with-UI assignment request need HTTP Digest authentication keyed by the sender's
+    EUKey (004 §5.x.2); the server proves itself back with ``rspauth`` in
+    ``Authentication-Info``. 200 carries the protocol answer (its status inside), 400 an
+    ErrorMessage for undecodable bytes, 401 a Digest challenge, 413 an oversize body.
+``GET /cpns/v1/whoami``
+    Digest-protected; answers the authenticated Entity ID as JSON. Lets an operator
+    check a key with curl, and is what the interop tests use.
+``GET /healthz``
+    Liveness, no authentication.
+
+Only bytes and headers are handled here; the procedures run in
+:class:`~cpns.server.service.CPNSService`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from cpns.errors import AuthenticationFailed
+from cpns.messages.constants import MAX_MESSAGE_SIZE
+from cpns.protocol.digest import DigestServer, DigestStale
+from cpns.server.service import CPNSService, Reply
+from cpns.store.base import ServerStore
+from cpns.types import Random
+
+__all__ = ["CPNSApp"]
+
+log = logging.getLogger("cpns.server.http")
+
+type Scope = MutableMapping[str, Any]
+type ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+type ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_CBOR = b"application/cbor"
+
+
+class CPNSApp:
+    """ASGI callable serving the CPNS protocol endpoint."""
+
+    def __init__(self, *, service: CPNSService, store: ServerStore, digest: DigestServer,
+                 rng: Random, clock: Callable[[], int]) -> None:
+        self._service = service
+        self._store = store
+        self._digest = digest
+        self._rng = rng
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # pragma: no cover - websockets are not routed here
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            await _respond(send, 200, b"ok\n", b"text/plain")
+        elif path == "/cpns/v1/messages":
+            if method != "POST":
+                await _respond(send, 405, b"use POST\n", b"text/plain", [(b"allow", b"POST")])
+            else:
+                await self._messages(scope, receive, send)
+        elif path == "/cpns/v1/whoami":
+            await self._whoami(scope, send)
+        else:
+            await _respond(send, 404, b"not found\n", b"text/plain")
+
+    async def _lifespan(self, receive: ASGIReceive, send: ASGISend) -> None:
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif event["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _authenticate(self, scope: Scope) -> tuple[str | None, list[tuple[bytes, bytes]], bool]:
+        """Verify Digest: (entity, extra response headers, stale) - entity None on failure."""
+        header = _header(scope, b"authorization")
+        if header is None:
+            return None, [], False
+        uri = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        if scope.get("query_string"):
+            uri += "?" + scope["query_string"].decode("latin-1")
+        try:
+            ok = self._digest.verify(method=scope["method"], uri=uri, authorization=header,
+                                     lookup=self._lookup_secret, now=self._clock())
+        except DigestStale:
+            return None, [], True
+        except AuthenticationFailed as exc:
+            log.info("Digest authentication failed: %s", exc.reason)
+            return None, [], False
+        return ok.username, [(b"authentication-info", ok.authentication_info.encode())], False
+
+    def _lookup_secret(self, username: str) -> str | None:
+        """Digest password of an entity: its EUKey in hex (004 §5.x.2), if it may log in."""
+        entity = self._store.get_entity(username)
+        if entity is None or entity.revoked or entity.eukey is None:
+            return None
+        return entity.eukey.hex()
+
+    async def _challenge(self, send: ASGISend, stale: bool) -> None:
+        values = self._digest.challenge(now=self._clock(), rng=self._rng, stale=stale)
+        headers = [(b"www-authenticate", v.encode()) for v in values]
+        await _respond(send, 401, b"Digest authentication required\n", b"text/plain", headers)
+
+    async def _whoami(self, scope: Scope, send: ASGISend) -> None:
+        entity, headers, stale = self._authenticate(scope)
+        if entity is None:
+            await self._challenge(send, stale)
+            return
+        body = json.dumps({"entity_id": entity}).encode() + b"\n"
+        await _respond(send, 200, body, b"application/json", headers)
+
+    async def _messages(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        body = await _read_body(receive, MAX_MESSAGE_SIZE)
+        if body is None:
+            await _respond(send, 413, b"message too large\n", b"text/plain")
+            return
+        parsed = self._service.parse(body)
+        if isinstance(parsed, Reply):
+            await _respond(send, parsed.http_status, parsed.body, _CBOR)
+            return
+        entity: str | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        if self._service.requires_authentication(parsed):
+            entity, headers, stale = self._authenticate(scope)
+            if entity is None:
+                await self._challenge(send, stale)
+                return
+        reply = await self._service.handle(parsed, authenticated=entity)
+        await _respond(send, reply.http_status, reply.body, _CBOR, headers)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _read_body(receive: ASGIReceive, limit: int) -> bytes | None:
+    """The whole request body, or None once it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            return b"".join(chunks)
+        chunk = event.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not event.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _respond(send: ASGISend, status: int, body: bytes, content_type: bytes,
+                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type),
+                    (b"content-length", str(len(body)).encode()),
+                    *(headers or [])],
+    })
+    await send({"type": "http.response.body", "body": body})

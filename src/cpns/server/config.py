@@ -1,0 +1,66 @@
+"""CPNS Server settings (``<data_dir>/server.toml``, ``CPNS_SERVER_*`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpns.config import load_settings
+from cpns.messages.constants import ID_PATTERN
+
+__all__ = ["ServerConfig", "load_server_config"]
+
+_ALGORITHMS = ("SHA-256", "MD5")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """Everything ``cpns server run`` needs. Paths are relative to ``data_dir``."""
+
+    #: Directory holding the configuration, database, master key and TLS files.
+    data_dir: Path = Path(".")
+    #: Address to listen on (loopback by default).
+    host: str = "127.0.0.1"
+    #: TCP port; 0 picks a free one and writes it to ``server.port``.
+    port: int = 8443
+    #: Entity ID of this CPNS Server (the source of its messages).
+    server_id: str = "cpns-server"
+    #: Digest realm; also salts every user's password key, so it is fixed at init.
+    realm: str = "cpns"
+    #: Digest algorithms offered, most preferred first. "MD5" only for legacy clients.
+    digest_algorithms: tuple[str, ...] = ("SHA-256",)
+    #: Accepted clock difference for request Time values, seconds.
+    time_window: int = 300
+    #: n, the length of a PNE's EUKey chain (003 §7.4.2.1.1.2 step 4).
+    chain_length: int = 16
+    #: SQLite database file.
+    database: str = "cpns.db"
+    #: Master key file (0600) sealing secrets at rest; CPNS_MASTER_KEY overrides it.
+    master_key_file: str = "master.key"
+    #: TLS certificate (PEM) presented to gateways.
+    cert_file: str = "tls/server-cert.pem"
+    #: TLS private key (PEM).
+    key_file: str = "tls/server-key.pem"
+    #: Emit JSON log lines.
+    log_json: bool = False
+
+    def __post_init__(self) -> None:
+        if ID_PATTERN.fullmatch(self.server_id) is None:
+            raise ValueError(f"server_id {self.server_id!r} is not a valid Entity ID")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be 0..65535")
+        bad = [a for a in self.digest_algorithms if a not in _ALGORITHMS]
+        if bad or not self.digest_algorithms:
+            raise ValueError(f"digest_algorithms must be a non-empty list of {_ALGORITHMS}")
+        if not self.realm or '"' in self.realm:
+            raise ValueError("realm must be non-empty and contain no double quote")
+
+    def path(self, name: str) -> Path:
+        """A configured file name resolved against ``data_dir``."""
+        return self.data_dir / name
+
+
+def load_server_config(data_dir: Path) -> ServerConfig:
+    """Read ``<data_dir>/server.toml`` with ``CPNS_SERVER_*`` environment overrides."""
+    return load_settings(ServerConfig, data_dir / "server.toml", env_prefix="CPNS_SERVER_",
+                         base={"data_dir": str(data_dir)})

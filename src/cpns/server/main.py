@@ -1,0 +1,158 @@
+"""``cpns server``: initialise a data directory and run the HTTPS server.
+
+The data directory holds ``server.toml``, the master key (0600), the SQLite database and
+the TLS files. ``init`` creates them; ``run`` opens the store (applying schema
+migrations), wraps it in the service and the ASGI app, and serves it with uvicorn over
+TLS 1.3 only. When the port is 0 the bound port is written to ``server.port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+
+from cpns.config import dump_toml
+from cpns.crypto.kdf import derive_key
+from cpns.errors import ConfigurationError
+from cpns.protocol.digest import DigestAlgorithm, DigestServer
+from cpns.protocol.key_assignment import AssignmentPolicy
+from cpns.runtime import SystemRandom, wall_time
+from cpns.server.app import CPNSApp
+from cpns.server.config import ServerConfig, load_server_config
+from cpns.server.service import CPNSService
+from cpns.server.tls import generate_self_signed
+from cpns.store.masterkey import MasterKey
+from cpns.store.sql import SQLStore
+
+__all__ = ["build_app", "init_server", "open_store", "run_server"]
+
+log = logging.getLogger("cpns.server")
+
+
+def init_server(data_dir: Path, *, host: str = "127.0.0.1", port: int = 8443,
+                cert: Path | None = None, key: Path | None = None,
+                server_id: str = "cpns-server", realm: str = "cpns",
+                digest_algorithms: tuple[str, ...] = ("SHA-256",)) -> ServerConfig:
+    """Create a data directory: configuration, master key, TLS files and database."""
+    if (data_dir / "server.toml").exists():
+        raise ConfigurationError(f"{data_dir} is already initialised (server.toml exists)")
+    if (cert is None) != (key is None):
+        raise ConfigurationError("give both --cert and --key, or neither")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    settings: dict[str, object] = {
+        "host": host, "port": port, "server_id": server_id, "realm": realm,
+        "digest_algorithms": digest_algorithms,
+    }
+    if cert is not None and key is not None:
+        settings["cert_file"] = str(cert.resolve())
+        settings["key_file"] = str(key.resolve())
+    config = ServerConfig(data_dir=data_dir, **settings)  # type: ignore[arg-type]
+    if cert is None:
+        generate_self_signed(config.path(config.cert_file), config.path(config.key_file),
+                             common_name=server_id)
+    MasterKey.generate(config.path(config.master_key_file))
+    (data_dir / "server.toml").write_text(dump_toml(settings), encoding="utf-8")
+    open_store(config).close()
+    return config
+
+
+def master_key(config: ServerConfig) -> MasterKey:
+    """The master key from CPNS_MASTER_KEY, else from the configured 0600 file."""
+    if os.environ.get("CPNS_MASTER_KEY"):
+        return MasterKey.from_env()
+    return MasterKey.load(config.path(config.master_key_file))
+
+
+def open_store(config: ServerConfig) -> SQLStore:
+    """Open (and migrate) the server database."""
+    return SQLStore.open(config.path(config.database), master_key=master_key(config))
+
+
+def build_app(config: ServerConfig, store: SQLStore, *,
+              clock: Callable[[], int] = wall_time) -> CPNSApp:
+    """Wire the service, the Digest verifier and the ASGI app over ``store``."""
+    rng = SystemRandom()
+    policy = AssignmentPolicy(server_id=config.server_id, time_window=config.time_window,
+                              chain_length=config.chain_length)
+    # Every server process sharing the master key accepts the others' Digest nonces.
+    nonce_key = derive_key(master_key(config).key, salt=b"", label="cpns/v1/digest-nonce-key")
+    digest = DigestServer(
+        realm=config.realm, nonce_key=nonce_key,
+        algorithms=tuple(DigestAlgorithm(a) for a in config.digest_algorithms),
+    )
+    service = CPNSService(store=store, policy=policy, rng=rng, clock=clock)
+    return CPNSApp(service=service, store=store, digest=digest, rng=rng, clock=clock)
+
+
+def _tls_context(config: ServerConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3  # 004 §5.x.4 + DESIGN §2
+    context.load_cert_chain(config.path(config.cert_file), config.path(config.key_file))
+    return context
+
+
+async def _purge_loop(store: SQLStore, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        removed = await asyncio.to_thread(store.purge_expired, now=wall_time())
+        if removed:
+            log.info("purged %d expired nonces and replies", removed)
+
+
+async def run_server(config: ServerConfig, *, on_ready: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM. ``on_ready`` gets the bound port."""
+    store = open_store(config)
+    try:
+        app = build_app(config, store)
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.port))
+        port = sock.getsockname()[1]
+        uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                   http="httptools", loop="none", timeout_keep_alive=30,
+                                   ssl_certfile=str(config.path(config.cert_file)),
+                                   ssl_keyfile=str(config.path(config.key_file)))
+        uv_config.load()
+        uv_config.ssl = _tls_context(config)
+        server = uvicorn.Server(uv_config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        purge = asyncio.create_task(_purge_loop(store, 60.0))
+        (config.data_dir / "server.port").write_text(f"{port}\n")
+        log.info("CPNS Server %s listening on https://%s:%d", config.server_id, config.host, port)
+        if on_ready is not None:
+            loop.call_later(0.05, on_ready, port)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            purge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purge
+            sock.close()
+    finally:
+        store.close()
+        log.info("CPNS Server stopped")
+
+
+def serve_forever(data_dir: Path) -> None:
+    """Entry point of ``cpns server run``."""
+    config = load_server_config(data_dir)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        asyncio.run(run_server(config))
+    else:
+        uvloop.run(run_server(config))

@@ -1,0 +1,207 @@
+"""The server's service layer: load records, run the core, persist, reply (STYLE §7).
+
+For each CPNS message the HTTP layer hands over, :class:`CPNSService`:
+
+1. answers a retried transaction with the reply it already sent (idempotent retries,
+   DESIGN §5), and refuses a reused transaction ID with other content as a replay;
+2. builds the procedure's server machine with synchronous store lookups, feeds it the
+   message and collects its events and reply;
+3. persists every fact the events carry (nonce used, EUKey or chain assigned, the reply
+   itself, the audit record) in ONE durable, group-committed transaction, and only then
+   returns the reply (DESIGN §6: facts are persisted before the reply that depends on them).
+
+It knows nothing of HTTP or Digest: the caller says which entity authenticated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cpns.errors import DecodeError, ErrorCode
+from cpns.messages.codec import decode, encode
+from cpns.messages.constants import TXID_LEN
+from cpns.messages.model import (
+    ErrorMessage,
+    EUKeyAssignmentRequest,
+    Message,
+    UserKeyAssignmentRequest,
+)
+from cpns.protocol._machine import Event, Machine, NonceConsumed, ProcedureFailed
+from cpns.protocol.key_assignment import (
+    AssignmentPolicy,
+    EUKeyAssignmentServer,
+    EUKeyChainAssigned,
+    ServerLookups,
+)
+from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
+from cpns.records import AuditEvent, EntityRecord, StoredReply
+from cpns.store.base import NonceReused, ServerStore, WriteTx
+from cpns.types import EntityKind, Random
+
+__all__ = ["CPNSService", "Reply"]
+
+log = logging.getLogger("cpns.server")
+
+#: Message types a client may send without Digest authentication (the proof is inside).
+_OPEN_TYPES: frozenset[type[Message]] = frozenset({UserKeyAssignmentRequest})
+#: Procedure names used in the audit trail.
+_PROCEDURE = {
+    UserKeyAssignmentRequest: "eukey-assignment-ui-004",
+    EUKeyAssignmentRequest: "eukey-assignment-tk-003",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What to answer: an HTTP status and an encoded CPNS message."""
+
+    #: 200 for a protocol answer (whatever its status), 400 for undecodable input.
+    http_status: int
+    #: The encoded reply message.
+    body: bytes
+    #: The reply's protocol status, for logs and metrics.
+    status: ErrorCode | int
+
+
+class CPNSService:
+    """Runs the server side of every procedure over a :class:`ServerStore`."""
+
+    def __init__(self, *, store: ServerStore, policy: AssignmentPolicy, rng: Random,
+                 clock: Callable[[], int]) -> None:
+        self._store = store
+        self._policy = policy
+        self._rng = rng
+        self._clock = clock
+        self._lookups = ServerLookups(get_user=store.get_user, get_entity=store.get_entity,
+                                      get_tk=store.get_tk, nonce_used=store.nonce_used)
+
+    @property
+    def server_id(self) -> str:
+        """This server's Entity ID."""
+        return self._policy.server_id
+
+    def parse(self, body: bytes) -> Message | Reply:
+        """Decode a request; a :class:`Reply` (HTTP 400) if it is not a CPNS message."""
+        try:
+            return decode(body)
+        except DecodeError as exc:
+            log.info("undecodable request: %s", exc.reason, extra={"status": exc.code.name})
+            error = ErrorMessage(txid=bytes(TXID_LEN), src=self.server_id, dst="unknown",
+                                 status=exc.code)
+            return Reply(400, encode(error), exc.code)
+
+    @staticmethod
+    def requires_authentication(message: Message) -> bool:
+        """Whether the sender must be Digest-authenticated (004 §5.x.2) to send this."""
+        return type(message) not in _OPEN_TYPES
+
+    def _machine(self, message: Message, authenticated: str | None, now: int) -> Machine[Any]:
+        """The server machine of the procedure ``message`` starts; LookupError if none."""
+        if isinstance(message, UserKeyAssignmentRequest):
+            return UserKeyAssignmentServer(policy=self._policy, lookups=self._lookups,
+                                           rng=self._rng, now=now)
+        if isinstance(message, EUKeyAssignmentRequest):
+            assert authenticated is not None
+            return EUKeyAssignmentServer(policy=self._policy, lookups=self._lookups,
+                                         requester=authenticated, rng=self._rng, now=now)
+        raise LookupError(type(message).__name__)
+
+    async def handle(self, message: Message, *, authenticated: str | None) -> Reply:
+        """Run one request through its procedure and return the reply to send."""
+        now = self._clock()
+        requester = authenticated or message.src
+        digest = hashlib.sha256(encode(message)).digest()
+        stored = self._store.get_reply(requester, message.txid)
+        if stored is not None:
+            return self._replay_or_retry(stored, message, digest, requester)
+        try:
+            machine = self._machine(message, authenticated, now)
+        except LookupError:
+            # A well-formed message no server procedure starts with (a response, a PAN message).
+            error = ErrorMessage(txid=message.txid, src=self.server_id, dst=message.src,
+                                 status=ErrorCode.UNEXPECTED_MESSAGE)
+            await self._audit(message, requester, ErrorCode.UNEXPECTED_MESSAGE, now,
+                              "no server procedure starts with this message")
+            return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE)
+        events = machine.receive(message)
+        [reply] = machine.messages_to_send()
+        failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
+        if failed is not None:
+            await self._audit(message, requester, failed.code, now, failed.reason)
+            return self._reply(reply, failed.code)
+        reply_bytes = encode(reply)
+        try:
+            await self._store.write_async(
+                lambda tx: self._persist(tx, message, requester, digest, reply_bytes, events, now))
+        except NonceReused:
+            # A concurrent copy of this very request may have won the race: answer as it did.
+            stored = self._store.get_reply(requester, message.txid)
+            if stored is not None:
+                return self._replay_or_retry(stored, message, digest, requester)
+            fresh = self._machine(message, authenticated, now)
+            fresh.fail(ErrorCode.REPLAY, "random value used concurrently", message)
+            await self._audit(message, requester, ErrorCode.REPLAY, now, "nonce race")
+            return self._reply(fresh.messages_to_send()[0], ErrorCode.REPLAY)
+        log.info("%s OK for %s", _PROCEDURE[type(message)], requester,
+                 extra={"txid": message.txid.hex(), "entity": requester, "status": "OK"})
+        return Reply(200, reply_bytes, ErrorCode.OK)
+
+    def _replay_or_retry(self, stored: StoredReply, message: Message, digest: bytes,
+                         requester: str) -> Reply:
+        if stored.request_digest == digest:
+            log.info("retry of %s answered from the stored reply", message.txid.hex(),
+                     extra={"txid": message.txid.hex(), "entity": requester})
+            return Reply(200, stored.reply, ErrorCode.OK)
+        fresh = self._machine(message, None if isinstance(message, UserKeyAssignmentRequest)
+                              else requester, self._clock())
+        fresh.fail(ErrorCode.REPLAY, "transaction ID reused with other content", message)
+        return self._reply(fresh.messages_to_send()[0], ErrorCode.REPLAY)
+
+    @staticmethod
+    def _reply(message: Message, code: ErrorCode | int) -> Reply:
+        return Reply(200, encode(message), code)
+
+    def _persist(self, tx: WriteTx, message: Message, requester: str, digest: bytes,
+                 reply: bytes, events: list[Event], now: int) -> None:
+        """Write every fact of a successful step in the caller's transaction."""
+        for event in events:
+            match event:
+                case NonceConsumed(nonce=nonce, expires_at=expires_at):
+                    tx.use_nonce(nonce, expires_at=expires_at)
+                case EUKeyChainAssigned():
+                    tx.put_entity(EntityRecord(
+                        entity_id=event.pne_id, kind=EntityKind.PNE, owner=event.user_id,
+                        eukeys=event.eukeys, key_index=1, assigned_via=event.gateway_id,
+                        assigned_at=now,
+                    ))
+                case EUKeyAssigned():
+                    tx.put_entity(EntityRecord(
+                        entity_id=event.entity_id, kind=event.kind, owner=event.user_id,
+                        eukeys=(event.eukey,), key_index=1, assigned_at=now,
+                    ))
+        tx.put_reply(StoredReply(requester=requester, txid=message.txid, request_digest=digest,
+                                 reply=reply, created_at=now))
+        tx.audit(_audit_event(message, requester, ErrorCode.OK, now, ""))
+
+    async def _audit(self, message: Message, requester: str, code: ErrorCode | int, now: int,
+                     reason: str) -> None:
+        name = code.name if isinstance(code, ErrorCode) else str(code)
+        log.info("%s refused for %s: %s (%s)", type(message).__name__, requester, name, reason,
+                 extra={"txid": message.txid.hex(), "entity": requester, "status": name})
+        event = _audit_event(message, requester, code, now, reason)
+        await self._store.write_async(lambda tx: tx.audit(event))
+
+
+def _audit_event(message: Message, requester: str, code: ErrorCode | int, now: int,
+                 detail: str) -> AuditEvent:
+    subject = getattr(message, "pne_id", None) or message.src
+    return AuditEvent(
+        at=now, actor=requester, procedure=_PROCEDURE.get(type(message), type(message).__name__),
+        outcome=code.name if isinstance(code, ErrorCode) else str(code), entity_id=subject,
+        user_id=getattr(message, "user_id", None), hop="server",
+        correlation_id=message.txid.hex(), detail=detail,
+    )
