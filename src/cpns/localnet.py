@@ -1,0 +1,231 @@
+"""A CPNS deployment on loopback: real server, gateway and device processes.
+
+``cpns demo``, the integration tests and the benchmark all need the same thing: each
+party as its own ``cpns`` process with its own data directory, talking over real
+sockets (HTTPS to the server, TCP frames on the PAN side). :class:`LocalDeployment`
+drives exactly the commands an operator would type, so whatever it does, a person can do
+by hand from the README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cpns.errors import TransportError
+
+__all__ = ["CommandResult", "LocalDeployment"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What one ``cpns`` command did."""
+
+    #: The arguments after ``cpns``.
+    args: tuple[str, ...]
+    #: Exit code.
+    returncode: int
+    #: Standard output.
+    stdout: str
+    #: Standard error.
+    stderr: str
+
+
+@dataclass
+class _Daemon:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class LocalDeployment:
+    """Data directories under ``base`` and the processes started from them."""
+
+    #: Where every party's data directory and log files go.
+    base: Path
+    #: Extra environment for every process.
+    env: dict[str, str] = field(default_factory=dict)
+    _daemons: dict[str, _Daemon] = field(default_factory=dict)
+
+    @property
+    def server_dir(self) -> Path:
+        """The server's data directory."""
+        return self.base / "server"
+
+    def gateway_dir(self, name: str = "gw") -> Path:
+        """A gateway's data directory."""
+        return self.base / name
+
+    def device_dir(self, name: str) -> Path:
+        """A device's data directory."""
+        return self.base / name
+
+    @property
+    def ca_file(self) -> Path:
+        """The server certificate the gateways pin."""
+        return self.server_dir / "tls" / "server-cert.pem"
+
+    def _environ(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def cpns(self, *args: str, stdin: str | None = None, timeout: float = 60.0,
+             check: bool = True) -> CommandResult:
+        """Run one ``cpns`` command to completion."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "cpns.cli.main", *args], input=stdin, capture_output=True,
+            text=True, timeout=timeout, env=self._environ(), check=False,
+        )
+        result = CommandResult(tuple(args), proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"cpns {' '.join(args)} exited {proc.returncode}:\n"
+                               f"{proc.stdout}{proc.stderr}")
+        return result
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start a long-running ``cpns`` command, logging to ``<base>/<name>.log``."""
+        if name in self._daemons and self._daemons[name].process.poll() is None:
+            raise RuntimeError(f"{name} is already running")
+        log_path = self.base / f"{name}.log"
+        log = log_path.open("ab")
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cpns.cli.main", *args], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, env=self._environ(),
+            )
+        finally:
+            log.close()
+        self._daemons[name] = _Daemon(name, process, log_path)
+        return process
+
+    def wait_for_file(self, path: Path, *, name: str, timeout: float = 30.0) -> str:
+        """Wait until a daemon writes ``path`` (its port file); return the content."""
+        deadline = time.monotonic() + timeout
+        daemon = self._daemons.get(name)
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_text().strip():
+                return path.read_text().strip()
+            if daemon is not None and daemon.process.poll() is not None:
+                raise TransportError(f"{name} exited with {daemon.process.returncode}:\n"
+                                     + self.log(name))
+            time.sleep(0.05)
+        raise TransportError(f"{name} did not write {path.name} within {timeout:.0f}s:\n"
+                             + self.log(name))
+
+    def log(self, name: str) -> str:
+        """The log of a daemon (empty if it never started)."""
+        path = self.base / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, name: str, *, timeout: float = 15.0, kill: bool = False) -> int | None:
+        """Stop a daemon with SIGTERM (SIGKILL if ``kill`` or if it does not stop)."""
+        daemon = self._daemons.pop(name, None)
+        if daemon is None:
+            return None
+        proc = daemon.process
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        """Stop every daemon still running."""
+        for name in list(self._daemons):
+            self.stop(name)
+
+    # -- the parties -----------------------------------------------------------------------
+
+    def init_server(self, *, users: Sequence[tuple[str, str]] = (),
+                    tk_records: Sequence[tuple[str, bytes]] = (),
+                    digest: Sequence[str] = ("SHA-256",)) -> None:
+        """``cpns server init`` on port 0, then add users and import a TK CSV."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        args = ["server", "init", "--data-dir", str(self.server_dir), "--port", "0"]
+        for algorithm in digest:
+            args += ["--digest", algorithm]
+        self.cpns(*args)
+        for user_id, password in users:
+            self.cpns("admin", "user", "add", user_id, "--data-dir", str(self.server_dir),
+                      "--password-stdin", stdin=password + "\n")
+        if tk_records:
+            csv_path = self.base / "manufacturer-tk.csv"
+            lines = ["entity_id,tk", *(f"{e},{tk.hex()}" for e, tk in tk_records)]
+            csv_path.write_text("\n".join(lines) + "\n")
+            self.cpns("admin", "tk", "import", str(csv_path), "--data-dir",
+                      str(self.server_dir), "--quiet")
+
+    def start_server(self) -> str:
+        """Start ``cpns server run``; return its base URL."""
+        port_file = self.server_dir / "server.port"
+        port_file.unlink(missing_ok=True)
+        self.start("server", "server", "run", "--data-dir", str(self.server_dir))
+        port = self.wait_for_file(port_file, name="server")
+        return f"https://localhost:{port}"
+
+    def enroll_gateway(self, *, entity_id: str, user_id: str, password: str, server_url: str,
+                       name: str = "gw", check: bool = True) -> CommandResult:
+        """``cpns gateway enroll``: the PN GW gets its own EUKey (004 §5.x.1)."""
+        return self.cpns("gateway", "enroll", "--data-dir", str(self.gateway_dir(name)),
+                         "--entity-id", entity_id, "--server", server_url,
+                         "--ca", str(self.ca_file), "--user", user_id, "--password-stdin",
+                         stdin=password + "\n", check=check)
+
+    def start_gateway(self, name: str = "gw") -> int:
+        """Start ``cpns gateway run``; return its PAN port."""
+        port_file = self.gateway_dir(name) / "gateway.port"
+        port_file.unlink(missing_ok=True)
+        self.start(name, "gateway", "run", "--data-dir", str(self.gateway_dir(name)))
+        return int(self.wait_for_file(port_file, name=name))
+
+    def assign(self, *, pne_id: str, user_id: str, password: str, name: str = "gw",
+               wait: float = 0.0, check: bool = False) -> CommandResult:
+        """``cpns gateway assign``: EUKey assignment for a PNE without UI (003)."""
+        return self.cpns("gateway", "assign", "--data-dir", str(self.gateway_dir(name)),
+                         "--pne", pne_id, "--user", user_id, "--password-stdin",
+                         "--wait", str(wait), stdin=password + "\n", check=check,
+                         timeout=60.0 + wait)
+
+    def init_device(self, name: str, *, entity_id: str, tk: bytes) -> None:
+        """``cpns device init`` with the factory TK."""
+        self.cpns("device", "init", "--data-dir", str(self.device_dir(name)),
+                  "--entity-id", entity_id, "--tk-hex", tk.hex())
+
+    def start_device(self, name: str, *, pan_port: int, once: bool = True,
+                     timeout: float = 60.0) -> subprocess.Popen[bytes]:
+        """Start ``cpns device run`` against a gateway's PAN port."""
+        args = ["device", "run", "--data-dir", str(self.device_dir(name)),
+                "--gateway", f"127.0.0.1:{pan_port}", "--timeout", str(timeout)]
+        if once:
+            args.append("--once")
+        return self.start(name, *args)
+
+    def wait(self, name: str, timeout: float = 60.0) -> int:
+        """Wait for a daemon started with :meth:`start` to exit; return its code."""
+        daemon = self._daemons[name]
+        try:
+            return daemon.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TransportError(f"{name} still running after {timeout:.0f}s:\n"
+                                 + self.log(name)) from None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[LocalDeployment]:
+        """Stop every daemon when the block ends, whatever happens."""
+        try:
+            yield self
+        finally:
+            self.stop_all()
