@@ -49,6 +49,8 @@ __all__ = [
 AUTH_DATA_LABEL: Final = "cpns/v1/004/auth-data"
 REPLY_KEY_LABEL: Final = "cpns/v1/004/reply-key"
 EUKEY_PURPOSE: Final = "004/eukey"
+#: Key used to compute a MAC for an unknown user, so both refusals cost the same.
+_NO_USER_KEY: Final = bytes(32)
 
 
 def _auth_data(password_key: bytes, request: UserKeyAssignmentRequest) -> bytes:
@@ -122,16 +124,19 @@ class UserKeyAssignmentServer(Machine[ServerState]):
         if message.entity_kind is EntityKind.SERVER:
             raise RemoteProtocolError("a server cannot enrol", code=ErrorCode.WRONG_ENTITY_KIND)
         check_fresh(message.time, now=self._now, window=self._policy.time_window)
+        # The sender is not authenticated yet, so an unknown user and a wrong password get
+        # the same opaque AUTHENTICATION_FAILED (no user enumeration); the precise reason
+        # goes to the audit trail only (docs/deviations.md D-004-2).
         user = look.get_user(message.user_id)
-        if user is None:
-            raise RemoteProtocolError(f"no user {message.user_id!r}", code=ErrorCode.UNKNOWN_USER)
         try:
-            verify_mac(user.password_key, message.auth_data, AUTH_DATA_LABEL, message.rand,
-                       message.time, message.user_id, message.src, int(message.entity_kind),
-                       message.dst)
+            verify_mac(user.password_key if user else _NO_USER_KEY, message.auth_data,
+                       AUTH_DATA_LABEL, message.rand, message.time, message.user_id,
+                       message.src, int(message.entity_kind), message.dst)
+            if user is None:
+                raise AuthenticationFailed
         except AuthenticationFailed:
-            raise RemoteProtocolError("auth_data does not verify",
-                                      code=ErrorCode.WRONG_PASSWORD) from None
+            reason = "auth_data does not verify" if user else f"no user {message.user_id!r}"
+            raise AuthenticationFailed(reason) from None
         if user.disabled:
             raise RemoteProtocolError("user is disabled", code=ErrorCode.NOT_AUTHORIZED)
         if look.nonce_used(message.rand):

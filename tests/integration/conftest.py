@@ -1,0 +1,53 @@
+"""Fixtures for loopback end-to-end tests: real ``cpns`` processes, real sockets, SQLite."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cpns.localnet import LocalDeployment
+
+PASSWORD = "correct horse battery"
+OTHER_PASSWORD = "bob's own password"
+
+
+@dataclass
+class Net:
+    """A running server and enrolled, running gateway, for one test."""
+
+    net: LocalDeployment
+    url: str
+    pan_port: int
+    tk: dict[str, bytes]
+
+
+def _make(base: Path, *, extra_tks: int = 0) -> tuple[LocalDeployment, dict[str, bytes]]:
+    tks = {f"pne-{i}": secrets.token_bytes(32) for i in range(1, 3 + extra_tks)}
+    net = LocalDeployment(base)
+    net.init_server(users=[("alice", PASSWORD), ("bob", OTHER_PASSWORD)],
+                    tk_records=sorted(tks.items()))
+    return net, tks
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
+    """An initialised (not started) deployment; every process is stopped afterwards."""
+    net = LocalDeployment(tmp_path / "net")
+    with net.running():
+        yield net
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Net]:
+    """Server running; alice's PN GW 'gw-alice' enrolled and its daemon running."""
+    net, tks = _make(tmp_path / "net")
+    with net.running():
+        url = net.start_server()
+        net.enroll_gateway(entity_id="gw-alice", user_id="alice", password=PASSWORD,
+                           server_url=url)
+        pan_port = net.start_gateway()
+        yield Net(net, url, pan_port, tks)
