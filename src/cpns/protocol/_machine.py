@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from cpns.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, UnexpectedMessage
 from cpns.messages.model import Message
 
-__all__ = ["Event", "Machine", "NonceConsumed", "ProcedureFailed", "Transitions"]
+__all__ = ["Event", "Machine", "NonceConsumed", "ProcedureFailed", "Transitions", "render_transitions"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,3 +129,13 @@ class Machine[S: Enum]:
             return self._enter_failed(exc.code, exc.reason, message)
         self._state = next_state  # type: ignore[assignment]  # table values are states of S
         return events
+
+
+def render_transitions(cls: type[Machine[Any]]) -> str:
+    """The transition table of a role class as Markdown (docs/procedures/ embed it)."""
+    rows = ["| state | message | handler | next state |", "|---|---|---|---|"]
+    for (state, message_cls), (handler, next_state) in cls.TRANSITIONS.items():
+        rows.append(f"| {state.name} | {message_cls.__name__} | `{handler.__name__}` "
+                    f"| {next_state.name} |")
+    rows.append("| any other pair | | | FAILED (`UNEXPECTED_MESSAGE`) |")
+    return "\n".join(rows)

@@ -1,0 +1,49 @@
+"""The documentation stays true: state tables in docs/procedures/ are the code's tables."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+from cpns.protocol._machine import render_transitions
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+_BLOCK = re.compile(r"<!-- transitions: ([\w.]+) -->\n(.*?)<!-- end -->", re.S)
+
+
+def _blocks(text: str) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in _BLOCK.finditer(text)]
+
+
+def render_docs(text: str) -> str:
+    """Replace each transitions block with the table rendered from the code."""
+
+    def fill(match: re.Match[str]) -> str:
+        module, _, name = match.group(1).rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return f"<!-- transitions: {match.group(1)} -->\n{render_transitions(cls)}\n<!-- end -->"
+
+    return _BLOCK.sub(fill, text)
+
+
+def test_procedure_state_tables_match_the_code() -> None:
+    """STYLE §9: the state tables of docs/procedures/ are generated from TRANSITIONS; run
+    `python tests/unit/test_docs.py` to regenerate them after changing a machine."""
+    pages = sorted((DOCS / "procedures").glob("*.md"))
+    assert pages
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert render_docs(text) == text, f"{page.name}: regenerate the state tables"
+
+
+def test_drift_is_detected() -> None:
+    """The check above can fail: a stale table is not equal to its regeneration."""
+    stale = ("<!-- transitions: cpns.protocol.key_assignment.EUKeyAssignmentDevice -->\n"
+             "| old |\n<!-- end -->")
+    assert render_docs(stale) != stale
+
+
+if __name__ == "__main__":
+    for page in sorted((DOCS / "procedures").glob("*.md")):
+        page.write_text(render_docs(page.read_text(encoding="utf-8")), encoding="utf-8")
