@@ -1,0 +1,312 @@
+"""An in-memory :class:`~cpns.store.base.ServerStore` for fast tests of the service layer.
+
+It keeps the contract of :class:`cpns.store.sql.SQLStore` where a caller can observe it:
+:class:`ConflictError` on a duplicate user, TK record or stored reply, :class:`NonceReused`
+on a replayed random value, :class:`StoreError` for an unknown user or entity, an entity
+whose owner is not a user, or a malformed EUKey; and *all or nothing per write function*.
+
+All-or-nothing works like SQL savepoints: every change made through the write
+transaction pushes an undo step; if the function raises, the steps are replayed backwards
+and the store is exactly as before. ``put_tks`` takes its own mark, so a rejected batch
+leaves nothing behind even if the function catches the error and goes on.
+
+What it deliberately does not do: seal anything (nothing reaches a disk), survive a
+restart, or share state between processes. Writes are serialised by a lock and "commit"
+immediately, so there is no group commit to observe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final
+
+from cpns.crypto.hashing import KEY_LEN
+from cpns.errors import LocalProtocolError, StoreError
+from cpns.store.base import (
+    AuditEvent,
+    ConflictError,
+    EntityRecord,
+    NonceReused,
+    ServerStore,
+    StoredReply,
+    TKRecord,
+    UserRecord,
+    WriteTx,
+)
+from cpns.store.sql import nonce_digest
+
+__all__ = ["MemoryStore"]
+
+_MISSING: Final = object()
+
+
+class _Tables:
+    """The rows of the store."""
+
+    __slots__ = ("audit", "entities", "nonces", "replies", "tks", "users")
+
+    def __init__(self) -> None:
+        self.users: dict[str, UserRecord] = {}
+        self.entities: dict[str, EntityRecord] = {}
+        self.tks: dict[str, TKRecord] = {}
+        #: Nonce digest -> expires_at.
+        self.nonces: dict[bytes, int] = {}
+        self.replies: dict[tuple[str, bytes], StoredReply] = {}
+        self.audit: list[AuditEvent] = []
+
+
+class _MemoryWriteTx:
+    """:class:`WriteTx` over the tables, with an undo log; valid only inside its function."""
+
+    __slots__ = ("_live", "_t", "_undo")
+
+    def __init__(self, tables: _Tables) -> None:
+        self._t = tables
+        self._undo: list[Callable[[], None]] = []
+        self._live = True
+
+    def _tables(self) -> _Tables:
+        if not self._live:
+            raise LocalProtocolError("a WriteTx is only valid inside its write function")
+        return self._t
+
+    def _put[K, V](self, table: dict[K, V], key: K, value: V) -> None:
+        """Set ``table[key]`` and log how to undo it."""
+        if key in table:
+            old = table[key]
+            self._undo.append(lambda: table.__setitem__(key, old))
+        else:
+            self._undo.append(lambda: table.__delitem__(key))
+        table[key] = value
+
+    def _rollback_to(self, mark: int) -> None:
+        while len(self._undo) > mark:
+            self._undo.pop()()
+
+    def _end(self, *, commit: bool) -> None:
+        if not commit:
+            self._rollback_to(0)
+        self._undo.clear()
+        self._live = False
+
+    def add_user(self, user: UserRecord) -> None:
+        """Insert a user; :class:`ConflictError` if the User ID exists."""
+        t = self._tables()
+        if user.user_id in t.users:
+            raise ConflictError(f"user {user.user_id!r} already exists")
+        self._put(t.users, user.user_id, user)
+
+    def set_password_key(self, user_id: str, password_key: bytes) -> None:
+        """Replace a user's password key; StoreError if the user does not exist."""
+        t = self._tables()
+        user = t.users.get(user_id)
+        if user is None:
+            raise StoreError(f"no user {user_id!r}")
+        self._put(
+            t.users,
+            user_id,
+            UserRecord(
+                user_id=user.user_id,
+                password_key=bytes(password_key),
+                created_at=user.created_at,
+                disabled=user.disabled,
+            ),
+        )
+
+    def put_entity(self, entity: EntityRecord) -> None:
+        """Insert or replace an entity; StoreError if its owner is unknown."""
+        t = self._tables()
+        if any(len(k) != KEY_LEN for k in entity.eukeys):
+            raise StoreError(f"EUKeys are {KEY_LEN} bytes (entity {entity.entity_id!r})")
+        if entity.key_index < 0:
+            raise StoreError(f"entity {entity.entity_id!r}: key_index must be >= 0")
+        if entity.owner not in t.users:
+            raise StoreError(f"entity {entity.entity_id!r}: owner {entity.owner!r} is not a user")
+        self._put(t.entities, entity.entity_id, entity)
+
+    def put_tks(self, records: Sequence[TKRecord]) -> None:
+        """Insert TK records; :class:`ConflictError` (and nothing written) on a duplicate."""
+        t = self._tables()
+        seen: set[str] = set()
+        for record in records:
+            if record.entity_id in seen:
+                raise ConflictError(
+                    f"the batch holds two TK records for entity {record.entity_id!r}"
+                )
+            seen.add(record.entity_id)
+        for record in records:
+            if record.entity_id in t.tks:
+                raise ConflictError(
+                    f"a TK record for entity {record.entity_id!r} already exists; "
+                    "nothing of the batch was written"
+                )
+        # Checked before the first insert, so a rejected batch never half-applies.
+        for record in records:
+            self._put(t.tks, record.entity_id, record)
+
+    def use_nonce(self, nonce: bytes, *, expires_at: int) -> None:
+        """Record a random value as used; :class:`NonceReused` if it already was."""
+        t = self._tables()
+        digest = nonce_digest(nonce)
+        if digest in t.nonces:
+            raise NonceReused("the random value was already used (replay)")
+        self._put(t.nonces, digest, expires_at)
+
+    def put_reply(self, reply: StoredReply) -> None:
+        """Remember the reply to a transaction; :class:`ConflictError` if one is stored."""
+        t = self._tables()
+        key = (reply.requester, reply.txid)
+        if key in t.replies:
+            raise ConflictError(
+                f"a reply to transaction {reply.txid.hex()} of {reply.requester!r} "
+                "is already stored"
+            )
+        self._put(t.replies, key, reply)
+
+    def audit(self, event: AuditEvent) -> None:
+        """Append an audit event."""
+        t = self._tables()
+        t.audit.append(event)
+        self._undo.append(lambda: t.audit.__delitem__(-1))
+
+    def set_revoked(self, entity_id: str, revoked: bool) -> None:
+        """Revoke or restore an entity; StoreError if it does not exist."""
+        t = self._tables()
+        entity = t.entities.get(entity_id)
+        if entity is None:
+            raise StoreError(f"no entity {entity_id!r}")
+        self._put(
+            t.entities,
+            entity_id,
+            EntityRecord(
+                entity_id=entity.entity_id,
+                kind=entity.kind,
+                owner=entity.owner,
+                eukeys=entity.eukeys,
+                key_index=entity.key_index,
+                assigned_via=entity.assigned_via,
+                assigned_at=entity.assigned_at,
+                revoked=revoked,
+            ),
+        )
+
+
+class MemoryStore:
+    """:class:`~cpns.store.base.ServerStore` in dicts; for tests, never for production."""
+
+    def __init__(self, *, reply_retention: int = 86400) -> None:
+        """An empty store; replies older than ``reply_retention`` seconds are purgeable."""
+        if reply_retention < 0:
+            raise LocalProtocolError("reply_retention must be >= 0 seconds")
+        self._t = _Tables()
+        self._reply_retention = reply_retention
+        # Reentrant so that a write function may read through the store without deadlock.
+        self._lock = threading.RLock()
+        self._writing = threading.local()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore users={len(self._t.users)} entities={len(self._t.entities)}>"
+
+    def _open_tables(self) -> _Tables:
+        if self._closed:
+            raise StoreError("store is closed")
+        return self._t
+
+    def get_user(self, user_id: str) -> UserRecord | None:
+        """The user, or None."""
+        with self._lock:
+            return self._open_tables().users.get(user_id)
+
+    def get_entity(self, entity_id: str) -> EntityRecord | None:
+        """The entity, or None."""
+        with self._lock:
+            return self._open_tables().entities.get(entity_id)
+
+    def get_tk(self, entity_id: str) -> TKRecord | None:
+        """The TK record of a PNE, or None."""
+        with self._lock:
+            return self._open_tables().tks.get(entity_id)
+
+    def get_reply(self, requester: str, txid: bytes) -> StoredReply | None:
+        """The stored reply of a transaction, or None."""
+        with self._lock:
+            return self._open_tables().replies.get((requester, bytes(txid)))
+
+    def nonce_used(self, nonce: bytes) -> bool:
+        """Whether a random value was recorded as used and not purged yet."""
+        with self._lock:
+            return nonce_digest(nonce) in self._open_tables().nonces
+
+    def list_entities(self, *, owner: str | None = None) -> list[EntityRecord]:
+        """All entities (optionally of one owner), ordered by Entity ID."""
+        with self._lock:
+            entities = self._open_tables().entities
+            return [
+                entities[k] for k in sorted(entities) if owner is None or entities[k].owner == owner
+            ]
+
+    def list_users(self) -> list[UserRecord]:
+        """All users, ordered by User ID."""
+        with self._lock:
+            users = self._open_tables().users
+            return [users[k] for k in sorted(users)]
+
+    def audit_events(self, *, limit: int = 100) -> list[AuditEvent]:
+        """The newest audit events, newest first."""
+        if limit <= 0:
+            return []
+        with self._lock:
+            return self._open_tables().audit[::-1][:limit]
+
+    def write[T](self, fn: Callable[[WriteTx], T]) -> T:
+        """Run ``fn`` all or nothing; return its result or re-raise its exception."""
+        if getattr(self._writing, "active", False):
+            raise LocalProtocolError("write() called from inside a write function")
+        with self._lock:
+            tx = _MemoryWriteTx(self._open_tables())
+            self._writing.active = True
+            try:
+                result = fn(tx)
+            except BaseException:
+                tx._end(commit=False)
+                raise
+            finally:
+                self._writing.active = False
+            tx._end(commit=True)
+            return result
+
+    def write_async[T](self, fn: Callable[[WriteTx], T]) -> asyncio.Future[T]:
+        """:meth:`write` for asyncio callers; runs at once and returns a done future."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self.write(fn))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def purge_expired(self, *, now: int) -> int:
+        """Delete nonces with ``expires_at`` < ``now`` and replies older than the retention."""
+        with self._lock:
+            t = self._open_tables()
+            nonces = [k for k, exp in t.nonces.items() if exp < now]
+            cutoff = now - self._reply_retention
+            replies = [k for k, r in t.replies.items() if r.created_at < cutoff]
+            for n in nonces:
+                del t.nonces[n]
+            for r in replies:
+                del t.replies[r]
+            return len(nonces) + len(replies)
+
+    def close(self) -> None:
+        """Mark the store closed; later calls raise :class:`StoreError`."""
+        self._closed = True
+
+
+if TYPE_CHECKING:
+
+    def _satisfies_protocols(store: MemoryStore, tx: _MemoryWriteTx) -> tuple[ServerStore, WriteTx]:
+        """Let mypy check MemoryStore and its write transaction against the contract."""
+        return store, tx

@@ -1,0 +1,1032 @@
+"""The server store on SQL: SQLite (WAL) today, shaped so PostgreSQL can join later.
+
+Theory of operation
+===================
+
+**Durable, and fast anyway (DESIGN §8).** Every commit is fsynced (``synchronous=FULL`` in
+WAL mode), because a reply that depends on a fact (key assigned, chain advanced, nonce
+used) may only be sent once that fact is on disk (DESIGN §6). An fsync costs about a
+millisecond, which caps one-commit-per-request at roughly 0.8k writes/s. The store
+therefore uses *group commit*: one writer thread owns the only write connection;
+:meth:`SQLStore.write` and :meth:`SQLStore.write_async` enqueue a job and wait; the writer
+takes every queued job (up to ``max_batch``), opens ONE transaction, runs each job in its
+own ``SAVEPOINT``, commits once, and only then resolves every caller. Under load many
+procedures share one fsync; with a single caller nothing waits for a batch to fill, so
+latency is one commit, as before. A job that raises is rolled back to its savepoint and
+its exception goes to its caller alone; the other jobs of the batch still commit.
+
+**Several processes, one file (DESIGN §6).** Server processes may open the same database.
+Each has its own writer, whose transactions start with ``BEGIN IMMEDIATE`` so the write
+lock is taken up front (no deadlock-prone lock upgrade), waiting up to ``busy_timeout``.
+Readers use one read-only connection per thread (``threading.local``) and, thanks to WAL,
+never block and are never blocked by writers. Every connection is tracked and closed by
+:meth:`SQLStore.close`.
+
+**Secure Storage (002 §3.2).** Secret columns (``users.password_key``, ``entities.eukeys``,
+``tk_records.tk``, ``replies.reply``) hold :func:`cpns.crypto.keywrap.seal` blobs under the
+master key, which lives outside the database (:class:`cpns.store.masterkey.MasterKey`).
+The purpose names ``table.column`` and the associated data is the row's primary key, so a
+sealed value copied into another row or column does not open. A ``meta`` row sealed under
+the master key is checked at open: a wrong master key fails at start-up with a clear
+:class:`StoreError`, not later on the first secret read. Used nonces are stored as their
+SHA-256, never in clear. Random GCM nonces (96 bits) are safe far beyond the number of
+rows one server holds; each column has its own HKDF-derived key.
+
+**Portability.** All SQL of the store is in this module. Statements use ``?`` placeholders
+and only portable syntax (``INSERT ... ON CONFLICT ... DO UPDATE``); :class:`_Dialect`
+holds what differs (placeholder style, how to begin a write transaction, how to tell a
+unique from a foreign-key violation). A PostgreSQL back end adds a dialect, a driver
+connect function and its own ``migrations`` DDL (``BYTEA``, identity columns); it is not
+implemented yet.
+
+**Migrations.** ``migrations/NNNN_name.sql`` files are applied in order inside one
+``BEGIN IMMEDIATE`` transaction, each followed by ``PRAGMA user_version = NNNN``, so two
+processes starting together apply them once, and reopening applies nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self
+
+from cpns.crypto.hashing import KEY_LEN, Part, hash_values
+from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
+from cpns.errors import AuthenticationFailed, LocalProtocolError, StoreError
+from cpns.store.base import (
+    AuditEvent,
+    ConflictError,
+    EntityRecord,
+    NonceReused,
+    ServerStore,
+    StoredReply,
+    TKRecord,
+    UserRecord,
+    WriteTx,
+)
+from cpns.store.masterkey import MasterKey
+from cpns.types import EntityKind
+
+__all__ = ["SQLStore", "WriteStats", "nonce_digest"]
+
+_log = logging.getLogger(__name__)
+
+#: Default number of jobs the writer puts in one transaction.
+DEFAULT_MAX_BATCH: Final = 512
+#: Label of the nonce digest stored in ``nonces.nonce_hash`` (DESIGN §4 labelled hashes).
+NONCE_HASH_LABEL: Final = "cpns/v1/store/nonce"
+_KEY_CHECK_PLAINTEXT: Final = b"cpns store master key check v1"
+_MIGRATION_NAME: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def nonce_digest(nonce: bytes) -> bytes:
+    """What the store keeps of a used random value: its labelled SHA-256."""
+    return hash_values(NONCE_HASH_LABEL, nonce)
+
+
+# ---------------------------------------------------------------------------------------
+# Dialect: the few things that differ between SQL engines.
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialect:
+    """What differs between SQL back ends; every statement below is written for it."""
+
+    #: Name for messages.
+    name: str
+    #: Statement that starts a write transaction and takes the write lock up front.
+    begin_write: str
+    #: Placeholder of the DB-API driver; statements are written with ``?``.
+    placeholder: str
+
+    def sql(self, statement: str) -> str:
+        """``statement`` with its ``?`` placeholders in the driver's style."""
+        if self.placeholder == "?":
+            return statement
+        return statement.replace("?", self.placeholder)
+
+    def is_unique_violation(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a primary-key or unique-constraint violation."""
+        name = getattr(exc, "sqlite_errorname", "")
+        return name in ("SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE")
+
+    def is_foreign_key_violation(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a foreign-key violation."""
+        return getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_FOREIGNKEY"
+
+
+_SQLITE: Final = _Dialect(name="sqlite", begin_write="BEGIN IMMEDIATE", placeholder="?")
+
+
+# ---------------------------------------------------------------------------------------
+# Every statement of the store.
+
+
+class _Q:
+    """The statements, in one place (portable SQL, ``?`` placeholders)."""
+
+    USER_INSERT: Final = (
+        "INSERT INTO users (user_id, password_key_sealed, created_at, disabled) VALUES (?, ?, ?, ?)"
+    )
+    USER_SET_KEY: Final = "UPDATE users SET password_key_sealed = ? WHERE user_id = ?"
+    USER_GET: Final = (
+        "SELECT user_id, password_key_sealed, created_at, disabled FROM users WHERE user_id = ?"
+    )
+    USER_LIST: Final = (
+        "SELECT user_id, password_key_sealed, created_at, disabled FROM users ORDER BY user_id"
+    )
+    ENTITY_UPSERT: Final = (
+        "INSERT INTO entities (entity_id, kind, owner, eukeys_sealed, key_index, "
+        "assigned_via, assigned_at, revoked) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (entity_id) DO UPDATE SET kind = excluded.kind, owner = excluded.owner, "
+        "eukeys_sealed = excluded.eukeys_sealed, key_index = excluded.key_index, "
+        "assigned_via = excluded.assigned_via, assigned_at = excluded.assigned_at, "
+        "revoked = excluded.revoked"
+    )
+    _ENTITY_COLUMNS: Final = (
+        "SELECT entity_id, kind, owner, eukeys_sealed, key_index, assigned_via, "
+        "assigned_at, revoked FROM entities"
+    )
+    ENTITY_GET: Final = _ENTITY_COLUMNS + " WHERE entity_id = ?"
+    ENTITY_LIST: Final = _ENTITY_COLUMNS + " ORDER BY entity_id"
+    ENTITY_LIST_OWNER: Final = _ENTITY_COLUMNS + " WHERE owner = ? ORDER BY entity_id"
+    ENTITY_SET_REVOKED: Final = "UPDATE entities SET revoked = ? WHERE entity_id = ?"
+    TK_INSERT: Final = (
+        "INSERT INTO tk_records (entity_id, tk_sealed, source, imported_at) VALUES (?, ?, ?, ?)"
+    )
+    TK_GET: Final = (
+        "SELECT entity_id, tk_sealed, source, imported_at FROM tk_records WHERE entity_id = ?"
+    )
+    TK_EXISTS: Final = "SELECT 1 FROM tk_records WHERE entity_id = ?"
+    NONCE_INSERT: Final = "INSERT INTO nonces (nonce_hash, expires_at) VALUES (?, ?)"
+    NONCE_EXISTS: Final = "SELECT 1 FROM nonces WHERE nonce_hash = ?"
+    NONCE_PURGE: Final = "DELETE FROM nonces WHERE expires_at < ?"
+    REPLY_INSERT: Final = (
+        "INSERT INTO replies (requester, txid, request_digest, reply_sealed, created_at) "
+        "VALUES (?, ?, ?, ?, ?)"
+    )
+    REPLY_GET: Final = (
+        "SELECT requester, txid, request_digest, reply_sealed, created_at FROM replies "
+        "WHERE requester = ? AND txid = ?"
+    )
+    REPLY_PURGE: Final = "DELETE FROM replies WHERE created_at < ?"
+    AUDIT_INSERT: Final = (
+        "INSERT INTO audit (at, actor, procedure, outcome, entity_id, user_id, hop, "
+        "correlation_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    AUDIT_LIST: Final = (
+        "SELECT at, actor, procedure, outcome, entity_id, user_id, hop, correlation_id, "
+        "detail FROM audit ORDER BY id DESC LIMIT ?"
+    )
+    META_GET: Final = "SELECT value FROM meta WHERE name = ?"
+    META_INSERT: Final = "INSERT INTO meta (name, value) VALUES (?, ?)"
+
+
+# ---------------------------------------------------------------------------------------
+# Sealing of secret columns.
+
+
+class _Sealer:
+    """Seals and opens secret columns under the master key, bound to table.column and row."""
+
+    __slots__ = ("_key", "key_id")
+
+    def __init__(self, master_key: MasterKey) -> None:
+        self._key = master_key.key
+        self.key_id = master_key.key_id
+
+    def seal(self, column: str, value: bytes, row: tuple[Part, ...]) -> bytes:
+        """Seal ``value`` of ``column`` ("table.column") for the row with primary key ``row``."""
+        return seal(
+            self._key,
+            value,
+            purpose="store/" + column,
+            context=row,
+            nonce=secrets.token_bytes(NONCE_LEN),
+        )
+
+    def open(self, column: str, blob: bytes, row: tuple[Part, ...]) -> bytes:
+        """Open a sealed ``column`` value; :class:`StoreError` if it does not open."""
+        try:
+            return open_sealed(self._key, blob, purpose="store/" + column, context=row)
+        except AuthenticationFailed:
+            raise StoreError(
+                f"the sealed {column} of row {_describe(row)} does not open: the row was "
+                f"altered or copied from another row, or the store is opened with the wrong "
+                f"master key (this one is {self.key_id})"
+            ) from None
+
+
+def _describe(row: tuple[Part, ...]) -> str:
+    return ", ".join(p.hex() if isinstance(p, bytes) else repr(p) for p in row)
+
+
+def _audit_event(row: Any) -> AuditEvent:
+    at, actor, procedure, outcome, entity_id, user_id, hop, correlation_id, detail = row
+    return AuditEvent(
+        at=at,
+        actor=actor,
+        procedure=procedure,
+        outcome=outcome,
+        entity_id=entity_id,
+        user_id=user_id,
+        hop=hop,
+        correlation_id=correlation_id,
+        detail=detail,
+    )
+
+
+def _split_eukeys(blob: bytes) -> tuple[bytes, ...]:
+    if len(blob) % KEY_LEN:
+        raise StoreError(f"entities.eukeys holds {len(blob)} bytes, not a multiple of {KEY_LEN}")
+    return tuple(blob[i : i + KEY_LEN] for i in range(0, len(blob), KEY_LEN))
+
+
+# ---------------------------------------------------------------------------------------
+# Connections and migrations.
+
+
+def _connect(path: Path, *, busy_timeout: float, read_only: bool) -> sqlite3.Connection:
+    """A SQLite connection with the store's settings.
+
+    ``autocommit=True`` hands transaction control to us: the writer issues BEGIN
+    IMMEDIATE / SAVEPOINT / COMMIT itself, and ``sqlite3`` never begins or commits behind
+    our back (not even in ``executescript``). ``check_same_thread=False`` only allows
+    :meth:`SQLStore.close` to close a reader from another thread; each connection is
+    otherwise used by one thread.
+    """
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout, autocommit=True, check_same_thread=False, cached_statements=64
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if read_only:
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{path}: cannot switch to WAL journal mode (got {mode})")
+            # FULL: in WAL mode the WAL is fsynced at every commit, so a commit is durable.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    """The packaged migrations as (version, file name, SQL), in order."""
+    found: list[tuple[int, str, str]] = []
+    for entry in (resources.files("cpns.store") / "migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise StoreError(f"packaged migrations are not numbered 1..n: {versions}")
+    return found
+
+
+def _migrate(conn: sqlite3.Connection, dialect: _Dialect, path: Path) -> int:
+    """Bring the schema up to date in one transaction; return the resulting version."""
+    migrations = _migrations()
+    latest = len(migrations)
+    conn.execute(dialect.begin_write)
+    try:
+        # Read the version inside the write transaction: a process that started at the
+        # same time and migrated first is seen here, so nothing is applied twice.
+        current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if current > latest:
+            raise StoreError(
+                f"{path} has schema version {current}, newer than this cpns ({latest}); "
+                "upgrade cpns before opening it"
+            )
+        for version, name, script in migrations[current:]:
+            _log.info("store %s: applying migration %s", path, name)
+            conn.executescript(script)
+            conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return latest
+
+
+# ---------------------------------------------------------------------------------------
+# The write transaction handed to write functions.
+
+
+class _SQLWriteTx:
+    """:class:`WriteTx` over the writer's connection; valid only while its job runs.
+
+    The writer builds one per job and invalidates it when the job's function returns, so a
+    function that keeps a reference cannot write outside its transaction.
+    """
+
+    __slots__ = ("_conn", "_dialect", "_sealer")
+
+    def __init__(self, conn: sqlite3.Connection, dialect: _Dialect, sealer: _Sealer) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._dialect = dialect
+        self._sealer = sealer
+
+    def _invalidate(self) -> None:
+        self._conn = None
+
+    def _live(self) -> sqlite3.Connection:
+        conn = self._conn
+        if conn is None:
+            raise LocalProtocolError("a WriteTx is only valid inside its write function")
+        if not conn.in_transaction:
+            # SQLite rolls a whole transaction back on some errors (disk full, I/O). Never
+            # let a function go on writing in autocommit mode after that.
+            raise StoreError("the write transaction was aborted by the database")
+        return conn
+
+    def _exec(self, statement: str, params: Sequence[Any]) -> sqlite3.Cursor:
+        return self._live().execute(self._dialect.sql(statement), params)
+
+    @contextlib.contextmanager
+    def _savepoint(self, name: str) -> Iterator[None]:
+        """All or nothing for a multi-statement operation, even if the caller catches."""
+        conn = self._live()
+        conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+            raise
+        conn.execute(f"RELEASE {name}")
+
+    def add_user(self, user: UserRecord) -> None:
+        """Insert a user; :class:`ConflictError` if the User ID exists."""
+        sealed = self._sealer.seal("users.password_key", user.password_key, (user.user_id,))
+        try:
+            self._exec(_Q.USER_INSERT, (user.user_id, sealed, user.created_at, int(user.disabled)))
+        except sqlite3.Error as exc:
+            if self._dialect.is_unique_violation(exc):
+                raise ConflictError(f"user {user.user_id!r} already exists") from None
+            raise StoreError(f"cannot add user {user.user_id!r}: {exc}") from None
+
+    def set_password_key(self, user_id: str, password_key: bytes) -> None:
+        """Replace a user's password key; StoreError if the user does not exist."""
+        sealed = self._sealer.seal("users.password_key", password_key, (user_id,))
+        try:
+            cur = self._exec(_Q.USER_SET_KEY, (sealed, user_id))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot set the password key of {user_id!r}: {exc}") from None
+        if cur.rowcount != 1:
+            raise StoreError(f"no user {user_id!r}")
+
+    def put_entity(self, entity: EntityRecord) -> None:
+        """Insert or replace an entity (by Entity ID); StoreError if its owner is unknown."""
+        if any(len(k) != KEY_LEN for k in entity.eukeys):
+            raise StoreError(f"EUKeys are {KEY_LEN} bytes (entity {entity.entity_id!r})")
+        sealed = self._sealer.seal("entities.eukeys", b"".join(entity.eukeys), (entity.entity_id,))
+        params = (
+            entity.entity_id,
+            int(entity.kind),
+            entity.owner,
+            sealed,
+            entity.key_index,
+            entity.assigned_via,
+            entity.assigned_at,
+            int(entity.revoked),
+        )
+        try:
+            self._exec(_Q.ENTITY_UPSERT, params)
+        except sqlite3.Error as exc:
+            if self._dialect.is_foreign_key_violation(exc):
+                raise StoreError(
+                    f"entity {entity.entity_id!r}: owner {entity.owner!r} is not a user"
+                ) from None
+            raise StoreError(f"cannot store entity {entity.entity_id!r}: {exc}") from None
+
+    def put_tks(self, records: Sequence[TKRecord]) -> None:
+        """Insert TK records; :class:`ConflictError` (and nothing written) on a duplicate."""
+        seen: set[str] = set()
+        for record in records:
+            if record.entity_id in seen:
+                raise ConflictError(
+                    f"the batch holds two TK records for entity {record.entity_id!r}"
+                )
+            seen.add(record.entity_id)
+        rows = [
+            (
+                r.entity_id,
+                self._sealer.seal("tk_records.tk", r.tk, (r.entity_id,)),
+                r.source,
+                r.imported_at,
+            )
+            for r in records
+        ]
+        conn = self._live()
+        try:
+            with self._savepoint("put_tks"):
+                conn.executemany(self._dialect.sql(_Q.TK_INSERT), rows)
+        except sqlite3.Error as exc:
+            if self._dialect.is_unique_violation(exc):
+                # The savepoint undid the rows inserted before the duplicate; name it.
+                for record in records:
+                    if self._exec(_Q.TK_EXISTS, (record.entity_id,)).fetchone():
+                        raise ConflictError(
+                            f"a TK record for entity {record.entity_id!r} already exists; "
+                            "nothing of the batch was written"
+                        ) from None
+            raise StoreError(f"cannot import TK records: {exc}") from None
+
+    def use_nonce(self, nonce: bytes, *, expires_at: int) -> None:
+        """Record a random value as used; :class:`NonceReused` if it already was."""
+        try:
+            self._exec(_Q.NONCE_INSERT, (nonce_digest(nonce), expires_at))
+        except sqlite3.Error as exc:
+            if self._dialect.is_unique_violation(exc):
+                raise NonceReused("the random value was already used (replay)") from None
+            raise StoreError(f"cannot record a used nonce: {exc}") from None
+
+    def put_reply(self, reply: StoredReply) -> None:
+        """Remember the reply to a transaction.
+
+        The first reply stored for (requester, txid) wins: a second one raises
+        :class:`ConflictError`, so two processes racing on one retried transaction cannot
+        leave a reply in the store other than the one that was sent.
+        """
+        row: tuple[Part, ...] = (reply.requester, reply.txid)
+        sealed = self._sealer.seal("replies.reply", reply.reply, row)
+        params = (reply.requester, reply.txid, reply.request_digest, sealed, reply.created_at)
+        try:
+            self._exec(_Q.REPLY_INSERT, params)
+        except sqlite3.Error as exc:
+            if self._dialect.is_unique_violation(exc):
+                raise ConflictError(
+                    f"a reply to transaction {reply.txid.hex()} of {reply.requester!r} "
+                    "is already stored"
+                ) from None
+            raise StoreError(f"cannot store a reply: {exc}") from None
+
+    def audit(self, event: AuditEvent) -> None:
+        """Append an audit event."""
+        params = (
+            event.at,
+            event.actor,
+            event.procedure,
+            event.outcome,
+            event.entity_id,
+            event.user_id,
+            event.hop,
+            event.correlation_id,
+            event.detail,
+        )
+        try:
+            self._exec(_Q.AUDIT_INSERT, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot append an audit event: {exc}") from None
+
+    def set_revoked(self, entity_id: str, revoked: bool) -> None:
+        """Revoke or restore an entity; StoreError if it does not exist."""
+        try:
+            cur = self._exec(_Q.ENTITY_SET_REVOKED, (int(revoked), entity_id))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot revoke {entity_id!r}: {exc}") from None
+        if cur.rowcount != 1:
+            raise StoreError(f"no entity {entity_id!r}")
+
+    def _purge(self, *, nonces_before: int, replies_before: int) -> int:
+        try:
+            gone = self._exec(_Q.NONCE_PURGE, (nonces_before,)).rowcount
+            gone += self._exec(_Q.REPLY_PURGE, (replies_before,)).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot purge expired rows: {exc}") from None
+        return gone
+
+
+# ---------------------------------------------------------------------------------------
+# The group-commit writer.
+
+
+@dataclass(frozen=True, slots=True)
+class WriteStats:
+    """Counters of the group-commit writer (for metrics and benchmarks)."""
+
+    #: Transactions committed.
+    commits: int
+    #: Write functions committed (including ones rolled back to their savepoint).
+    jobs: int
+
+    @property
+    def mean_batch(self) -> float:
+        """Write functions per commit: the group-commit gain."""
+        return self.jobs / self.commits if self.commits else 0.0
+
+
+class _Job:
+    """One write function and the future its caller waits on.
+
+    A thread caller waits on a ``concurrent.futures.Future``; an asyncio caller awaits an
+    ``asyncio.Future`` of its own loop, which only that loop may resolve (see
+    :meth:`SQLStore._deliver`).
+    """
+
+    __slots__ = ("afuture", "fn", "future", "loop")
+
+    def __init__(
+        self, fn: Callable[[WriteTx], Any], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.future: concurrent.futures.Future[Any] | None = None
+        self.afuture: asyncio.Future[Any] | None = None
+        if loop is None:
+            self.future = concurrent.futures.Future()
+        else:
+            self.afuture = loop.create_future()
+
+    def start(self) -> bool:
+        """Whether to run the job: False if its caller cancelled it while it was queued."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        assert self.afuture is not None
+        # Read without the loop's help: at worst a job cancelled at this very instant
+        # still runs and commits, and its outcome is dropped (as after a late cancel).
+        return not self.afuture.cancelled()
+
+
+def _resolve_async(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """Runs on the caller's event loop: resolve that loop's futures of one commit."""
+    for future, ok, value in outcomes:
+        if future.cancelled():
+            continue
+        if ok:
+            future.set_result(value)
+        elif isinstance(value, StopIteration):  # a Future refuses it; asyncio does the same
+            future.set_exception(RuntimeError(f"write function raised {value!r}"))
+        else:
+            future.set_exception(value)
+
+
+_STOP: Final = object()
+
+
+class _BatchAbortedError(Exception):
+    """The database lost the transaction of a batch; no job of it was committed."""
+
+
+class SQLStore:
+    """:class:`~cpns.store.base.ServerStore` on a SQLite file, with group commit.
+
+    Build it with :meth:`open`; call :meth:`close` (or use it as a context manager) to
+    drain pending writes and release every connection. ``schema_version`` is the schema
+    version after migrations; :attr:`write_stats` counts commits and write functions.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        master_key: MasterKey,
+        reply_retention: int = 86400,
+        busy_timeout: float = 10.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        """Open (creating and migrating if needed) the store; see :meth:`open`."""
+        if reply_retention < 0:
+            raise LocalProtocolError("reply_retention must be >= 0 seconds")
+        if max_batch < 1:
+            raise LocalProtocolError("max_batch must be >= 1")
+        self._path = Path(path)
+        self._dialect = _SQLITE
+        self._sealer = _Sealer(master_key)
+        self._reply_retention = reply_retention
+        self._busy_timeout = busy_timeout
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._closed = False
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._stats = WriteStats(commits=0, jobs=0)
+        try:
+            conn = _connect(self._path, busy_timeout=busy_timeout, read_only=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self._path}: {exc}") from None
+        try:
+            self.schema_version = _migrate(conn, self._dialect, self._path)
+            self._check_master_key(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot initialise store {self._path}: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        self._writer_conn = conn
+        self._writer = threading.Thread(
+            target=self._writer_loop, name=f"cpns-store-writer:{self._path.name}", daemon=True
+        )
+        self._writer.start()
+        _log.info(
+            "store %s open (schema %d, master key %s)",
+            self._path,
+            self.schema_version,
+            self._sealer.key_id,
+        )
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        *,
+        master_key: MasterKey,
+        reply_retention: int = 86400,
+        busy_timeout: float = 10.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> SQLStore:
+        """Open the store at ``path``, creating the file and applying migrations.
+
+        Args:
+            path: the SQLite database file (its directory must exist).
+            master_key: seals and opens every secret column.
+            reply_retention: seconds a stored reply is kept by :meth:`purge_expired`.
+            busy_timeout: seconds to wait for another process's write lock.
+            max_batch: most jobs committed in one transaction.
+
+        Raises:
+            StoreError: the file cannot be opened or migrated, its schema is newer than
+                this software, or it was sealed under another master key.
+        """
+        return cls(
+            path,
+            master_key=master_key,
+            reply_retention=reply_retention,
+            busy_timeout=busy_timeout,
+            max_batch=max_batch,
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<SQLStore {str(self._path)!r} {state} key={self._sealer.key_id}>"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def write_stats(self) -> WriteStats:
+        """Commits and write functions so far (updated by the writer after each commit)."""
+        return self._stats
+
+    def _check_master_key(self, conn: sqlite3.Connection) -> None:
+        """Fail now if the database was sealed under another master key."""
+        q = self._dialect.sql
+        row = conn.execute(q(_Q.META_GET), ("master_key_check",)).fetchone()
+        if row is None:
+            conn.execute(self._dialect.begin_write)
+            try:
+                if conn.execute(q(_Q.META_GET), ("master_key_check",)).fetchone() is None:
+                    sealed = self._sealer.seal(
+                        "meta.master_key_check", _KEY_CHECK_PLAINTEXT, ("master_key_check",)
+                    )
+                    conn.execute(q(_Q.META_INSERT), ("master_key_check", sealed))
+                    conn.execute(q(_Q.META_INSERT), ("master_key_id", self._sealer.key_id.encode()))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            row = conn.execute(q(_Q.META_GET), ("master_key_check",)).fetchone()
+        try:
+            self._sealer.open("meta.master_key_check", bytes(row[0]), ("master_key_check",))
+        except StoreError:
+            id_row = conn.execute(q(_Q.META_GET), ("master_key_id",)).fetchone()
+            expected = bytes(id_row[0]).decode("ascii", "replace") if id_row else "unknown"
+            raise StoreError(
+                f"{self._path} was sealed under master key {expected}, but the key given has "
+                f"id {self._sealer.key_id}: wrong master key?"
+            ) from None
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection, opened on first use and tracked for close."""
+        if self._closed:
+            raise StoreError(f"store {self._path} is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = _connect(self._path, busy_timeout=self._busy_timeout, read_only=True)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open store {self._path} for reading: {exc}") from None
+            with self._lock:
+                closed = self._closed_under_lock()
+                if not closed:
+                    self._readers.append(conn)
+            if closed:
+                conn.close()
+                raise StoreError(f"store {self._path} is closed")
+            self._local.conn = conn
+        return conn
+
+    def _closed_under_lock(self) -> bool:
+        # A method, not an inline check: close() may flip the flag between two reads.
+        return self._closed
+
+    def _query(self, statement: str, params: Sequence[Any]) -> list[Any]:
+        try:
+            return self._reader().execute(self._dialect.sql(statement), params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self._path}: {exc}") from None
+
+    def _user(self, row: Any) -> UserRecord:
+        user_id, sealed, created_at, disabled = row
+        return UserRecord(
+            user_id=user_id,
+            password_key=self._sealer.open("users.password_key", bytes(sealed), (user_id,)),
+            created_at=created_at,
+            disabled=bool(disabled),
+        )
+
+    def _entity(self, row: Any) -> EntityRecord:
+        entity_id, kind, owner, sealed, key_index, assigned_via, assigned_at, revoked = row
+        try:
+            entity_kind = EntityKind(kind)
+        except ValueError:
+            raise StoreError(f"entity {entity_id!r} has unknown kind {kind}") from None
+        plain = self._sealer.open("entities.eukeys", bytes(sealed), (entity_id,))
+        return EntityRecord(
+            entity_id=entity_id,
+            kind=entity_kind,
+            owner=owner,
+            eukeys=_split_eukeys(plain),
+            key_index=key_index,
+            assigned_via=assigned_via,
+            assigned_at=assigned_at,
+            revoked=bool(revoked),
+        )
+
+    def get_user(self, user_id: str) -> UserRecord | None:
+        """The user, or None; :class:`StoreError` if its sealed key does not open."""
+        rows = self._query(_Q.USER_GET, (user_id,))
+        return self._user(rows[0]) if rows else None
+
+    def get_entity(self, entity_id: str) -> EntityRecord | None:
+        """The entity, or None; :class:`StoreError` if its sealed EUKeys do not open."""
+        rows = self._query(_Q.ENTITY_GET, (entity_id,))
+        return self._entity(rows[0]) if rows else None
+
+    def get_tk(self, entity_id: str) -> TKRecord | None:
+        """The TK record of a PNE, or None; :class:`StoreError` if the TK does not open."""
+        rows = self._query(_Q.TK_GET, (entity_id,))
+        if not rows:
+            return None
+        eid, sealed, source, imported_at = rows[0]
+        return TKRecord(
+            entity_id=eid,
+            tk=self._sealer.open("tk_records.tk", bytes(sealed), (eid,)),
+            source=source,
+            imported_at=imported_at,
+        )
+
+    def get_reply(self, requester: str, txid: bytes) -> StoredReply | None:
+        """The stored reply of a transaction, or None."""
+        rows = self._query(_Q.REPLY_GET, (requester, txid))
+        if not rows:
+            return None
+        req, tx, digest, sealed, created_at = rows[0]
+        tx = bytes(tx)
+        return StoredReply(
+            requester=req,
+            txid=tx,
+            request_digest=bytes(digest),
+            reply=self._sealer.open("replies.reply", bytes(sealed), (req, tx)),
+            created_at=created_at,
+        )
+
+    def nonce_used(self, nonce: bytes) -> bool:
+        """Whether a random value was recorded as used and not purged yet.
+
+        A used nonce stays "used" until :meth:`purge_expired` removes it after its
+        ``expires_at``, which errs on the side of refusing a replay.
+        """
+        return bool(self._query(_Q.NONCE_EXISTS, (nonce_digest(nonce),)))
+
+    def list_entities(self, *, owner: str | None = None) -> list[EntityRecord]:
+        """All entities (optionally of one owner), ordered by Entity ID."""
+        if owner is None:
+            rows = self._query(_Q.ENTITY_LIST, ())
+        else:
+            rows = self._query(_Q.ENTITY_LIST_OWNER, (owner,))
+        return [self._entity(r) for r in rows]
+
+    def list_users(self) -> list[UserRecord]:
+        """All users, ordered by User ID."""
+        return [self._user(r) for r in self._query(_Q.USER_LIST, ())]
+
+    def audit_events(self, *, limit: int = 100) -> list[AuditEvent]:
+        """The newest audit events, newest first (at most ``limit``)."""
+        if limit <= 0:
+            return []
+        return [_audit_event(row) for row in self._query(_Q.AUDIT_LIST, (limit,))]
+
+    # -- writes -----------------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        if threading.current_thread() is self._writer:
+            raise LocalProtocolError("write() called from inside a write function")
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"store {self._path} is closed")
+            self._queue.put(job)
+
+    def write[T](self, fn: Callable[[WriteTx], T]) -> T:
+        """Run ``fn`` in one durable transaction (group-committed); return its result.
+
+        Blocks the calling thread until the commit that includes ``fn`` is on disk.
+        ``fn`` runs on the writer thread, inside its own savepoint: if it raises, its
+        changes are undone, the exception is re-raised here, and other writes of the same
+        commit are unaffected. ``fn`` must not block or call :meth:`write` itself.
+
+        Raises:
+            Whatever ``fn`` raises; :class:`StoreError` if the store is closed or the
+            commit fails (then nothing of ``fn`` was written).
+        """
+        job = _Job(fn)
+        self._submit(job)
+        assert job.future is not None
+        result: T = job.future.result()
+        return result
+
+    def write_async[T](self, fn: Callable[[WriteTx], T]) -> asyncio.Future[T]:
+        """:meth:`write` for asyncio callers: the returned future resolves after the commit.
+
+        Call it from a coroutine (it needs the running loop). The event loop is never
+        blocked: after each commit the writer hands the outcomes of that loop's jobs back
+        with ONE ``call_soon_threadsafe``, however many jobs the commit held. Cancelling
+        the future before the writer picks the job up drops the job; once it has run, it
+        commits regardless.
+        """
+        job = _Job(fn, asyncio.get_running_loop())
+        self._submit(job)
+        assert job.afuture is not None
+        return job.afuture
+
+    def purge_expired(self, *, now: int) -> int:
+        """Delete nonces whose ``expires_at`` < ``now`` and replies older than the retention.
+
+        Returns:
+            How many rows were deleted.
+        """
+
+        def purge(tx: WriteTx) -> int:
+            assert isinstance(tx, _SQLWriteTx)
+            return tx._purge(nonces_before=now, replies_before=now - self._reply_retention)
+
+        return self.write(purge)
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _writer_loop(self) -> None:
+        conn = self._writer_conn
+        try:
+            stop = False
+            while not stop:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                assert isinstance(item, _Job)
+                batch = [item]
+                while len(batch) < self._max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    assert isinstance(item, _Job)
+                    batch.append(item)
+                self._run_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """One transaction for the whole batch; each caller resolved after the COMMIT."""
+        jobs = [job for job in batch if job.start()]
+        if not jobs:
+            return
+        outcomes: list[tuple[_Job, bool, Any]] = []
+        try:
+            try:
+                conn.execute(self._dialect.begin_write)
+                for job in jobs:
+                    outcomes.append((job, *self._run_job(conn, job)))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise _BatchAbortedError(str(exc)) from exc
+        except BaseException as exc:  # never let the writer die with callers waiting
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, _BatchAbortedError):
+                _log.error("store %s: write transaction failed: %s", self._path, exc)
+                reason = f"write transaction on {self._path} failed: {exc}"
+            else:
+                _log.exception("store %s: writer failed", self._path)
+                reason = f"store writer failed: {exc!r}"
+            # Nothing was committed: jobs that raised keep their own error, the rest fail.
+            own = {id(job): value for job, ok, value in outcomes if not ok}
+            outcomes = [(job, False, own.get(id(job)) or StoreError(reason)) for job in jobs]
+        else:
+            self._stats = WriteStats(
+                commits=self._stats.commits + 1, jobs=self._stats.jobs + len(jobs)
+            )
+        self._deliver(outcomes)
+
+    def _deliver(self, outcomes: list[tuple[_Job, bool, Any]]) -> None:
+        """Resolve every caller of a batch: threads directly, each event loop in one call."""
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]]
+        per_loop = {}
+        for job, ok, value in outcomes:
+            if job.future is not None:
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)
+            elif job.loop is not None and job.afuture is not None:
+                per_loop.setdefault(job.loop, []).append((job.afuture, ok, value))
+        for loop, items in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_async, items)
+            except RuntimeError:  # the loop is closed: no one is waiting any more
+                _log.debug("store %s: outcome for a closed event loop dropped", self._path)
+
+    def _run_job(self, conn: sqlite3.Connection, job: _Job) -> tuple[bool, Any]:
+        """Run one job in its own savepoint; (True, result) or (False, exception)."""
+        conn.execute("SAVEPOINT job")
+        tx = _SQLWriteTx(conn, self._dialect, self._sealer)
+        try:
+            result = job.fn(tx)
+        except BaseException as exc:  # delivered to the job's caller, never swallowed
+            tx._invalidate()
+            if not conn.in_transaction:
+                raise _BatchAbortedError(f"transaction lost in a write function: {exc!r}") from exc
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            return False, exc
+        tx._invalidate()
+        if not conn.in_transaction:
+            raise _BatchAbortedError("transaction lost in a write function")
+        conn.execute("RELEASE job")
+        return True, result
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commit pending writes, stop the writer thread and close every connection.
+
+        Idempotent. Reads and writes after close raise :class:`StoreError`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._writer.join()
+        with self._lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+
+
+if TYPE_CHECKING:
+
+    def _satisfies_protocols(store: SQLStore, tx: _SQLWriteTx) -> tuple[ServerStore, WriteTx]:
+        """Let mypy check SQLStore and its write transaction against the contract."""
+        return store, tx

@@ -1,0 +1,233 @@
+"""The local sealed key store of the PN GW and the PNE (DESIGN §6 "written atomically")."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cpns.errors import ConfigurationError, LocalProtocolError, StoreError
+from cpns.store import LocalKeyStore
+
+DATA = {
+    "entity_id": "gw-1",
+    "eukey": bytes(range(32)),
+    "chain": [b"\x01" * 32, b"\x02" * 32],
+    "key_index": 2,
+    "secure_pan": False,
+    "assigned_via": None,
+    "pnes": {"pne-1": {"tk": b"\x07" * 16, "local": [1, "two", True]}},
+}
+
+
+@pytest.fixture
+def ks(tmp_path: Path) -> LocalKeyStore:
+    return LocalKeyStore.open_or_create(tmp_path, "gateway")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_round_trip(ks: LocalKeyStore) -> None:
+    """save() then load() gives the same map; a store never saved loads as {}."""
+    assert ks.load() == {}
+    ks.save(DATA)
+    assert ks.load() == DATA
+    ks.save({"entity_id": "gw-1"})
+    assert ks.load() == {"entity_id": "gw-1"}
+
+
+def test_reopen_uses_the_same_key(tmp_path: Path) -> None:
+    """open_or_create() generates <name>.key once and reuses it, so data survives restarts."""
+    LocalKeyStore.open_or_create(tmp_path, "dev").save(DATA)
+    assert LocalKeyStore.open_or_create(tmp_path, "dev").load() == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.key", "dev.store"]
+
+
+def test_files_are_private(ks: LocalKeyStore, tmp_path: Path) -> None:
+    """The store, its key file and its lock file are 0600."""
+    ks.save(DATA)
+    with ks.lock():
+        assert mode(ks.lock_path) == 0o600
+    assert mode(ks.path) == 0o600
+    assert mode(tmp_path / "gateway.key") == 0o600
+
+
+def test_secrets_are_not_in_the_file_in_clear(ks: LocalKeyStore) -> None:
+    """The file is sealed: no key or identifier appears in its bytes."""
+    ks.save(DATA)
+    blob = ks.path.read_bytes()
+    assert bytes(range(32)) not in blob
+    assert b"\x07" * 16 not in blob
+    assert b"gw-1" not in blob
+
+
+def test_failed_replace_keeps_the_old_content(
+    ks: LocalKeyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash before the rename leaves the previous store loadable and no temp file."""
+    ks.save(DATA)
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(5, "simulated crash before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StoreError, match="simulated crash"):
+        ks.save({"entity_id": "new"})
+    monkeypatch.undo()
+    assert ks.load() == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.key", "gateway.store"]
+
+
+def test_failed_write_keeps_the_old_content(
+    ks: LocalKeyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while writing or syncing the temp file never touches the store file."""
+    ks.save(DATA)
+
+    def crash(fd: int) -> None:
+        raise OSError(28, "simulated disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(StoreError, match="disk full"):
+        ks.save({"entity_id": "new"})
+    monkeypatch.undo()
+    assert ks.load() == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.key", "gateway.store"]
+
+
+def test_stale_temp_file_from_a_crash_is_harmless(ks: LocalKeyStore, tmp_path: Path) -> None:
+    """A temp file left by a crash mid-write does not disturb load() or the next save()."""
+    ks.save(DATA)
+    (tmp_path / ".gateway.store.deadbeef.tmp").write_bytes(b"half a ke")
+    assert ks.load() == DATA
+    ks.save({"x": 1})
+    assert ks.load() == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda b: b[:-1], id="truncated"),
+        pytest.param(lambda b: b[: len(b) // 2], id="half"),
+        pytest.param(lambda b: b[:10], id="header-only"),
+        pytest.param(lambda b: b"", id="empty"),
+        pytest.param(lambda b: b[:-5] + bytes([b[-5] ^ 1]) + b[-4:], id="flipped-tag"),
+        pytest.param(lambda b: b[:30] + bytes([b[30] ^ 0x80]) + b[31:], id="flipped-body"),
+        pytest.param(lambda b: b"X" + b[1:], id="bad-magic"),
+        pytest.param(lambda b: b + b"\x00", id="trailing"),
+    ],
+)
+def test_tampered_or_truncated_file_is_a_store_error(ks: LocalKeyStore, damage: object) -> None:
+    """Any alteration of the sealed file -> StoreError with a clear message, never raw."""
+    ks.save(DATA)
+    assert callable(damage)
+    ks.path.write_bytes(damage(ks.path.read_bytes()))
+    with pytest.raises(StoreError, match=r"gateway\.store"):
+        ks.load()
+
+
+def test_other_key_or_renamed_file_does_not_open(ks: LocalKeyStore, tmp_path: Path) -> None:
+    """The seal binds key and file name: another key, or the file under another name, fails."""
+    ks.save(DATA)
+    with pytest.raises(StoreError, match="another key"):
+        LocalKeyStore(ks.path, b"\x00" * 32).load()
+    moved = tmp_path / "device.store"
+    moved.write_bytes(ks.path.read_bytes())
+    key = bytes.fromhex((tmp_path / "gateway.key").read_text())
+    with pytest.raises(StoreError):
+        LocalKeyStore(moved, key).load()
+    assert LocalKeyStore(ks.path, key).load() == DATA
+
+
+def test_lock_held_by_a_second_instance(tmp_path: Path) -> None:
+    """Two daemons cannot use one store: the second lock() raises StoreError."""
+    first = LocalKeyStore.open_or_create(tmp_path, "gw")
+    second = LocalKeyStore.open_or_create(tmp_path, "gw")
+    first.lock()
+    try:
+        with pytest.raises(StoreError, match="in use by another process"):
+            second.lock()
+        assert not second.locked
+    finally:
+        first.unlock()
+    with second:
+        assert second.locked
+    assert not second.locked
+    second.unlock()  # unlocking twice is harmless
+
+
+def test_lock_held_by_another_process(tmp_path: Path) -> None:
+    """The lock is a real flock: a lock held in another process blocks us, and dies with it."""
+    LocalKeyStore.open_or_create(tmp_path, "gw")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys
+                from pathlib import Path
+                from cpns.store import LocalKeyStore
+                ks = LocalKeyStore.open_or_create(Path({str(tmp_path)!r}), "gw").lock()
+                print("locked", flush=True)
+                sys.stdin.read()
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"locked\n"
+        with pytest.raises(StoreError, match="in use"):
+            LocalKeyStore.open_or_create(tmp_path, "gw").lock()
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)
+        child.stdout.close()
+    with LocalKeyStore.open_or_create(tmp_path, "gw") as ks:
+        assert ks.locked
+
+
+def test_locking_twice_in_one_instance_is_a_usage_error(ks: LocalKeyStore) -> None:
+    """lock() on an instance that holds the lock is a programming error."""
+    with ks.lock(), pytest.raises(LocalProtocolError):
+        ks.lock()
+
+
+def test_key_file_mode_is_checked(tmp_path: Path) -> None:
+    """A <name>.key readable by group or others is refused (ConfigurationError)."""
+    LocalKeyStore.open_or_create(tmp_path, "gw")
+    (tmp_path / "gw.key").chmod(0o644)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        LocalKeyStore.open_or_create(tmp_path, "gw")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"f": 1.5}, {"s": {1, 2}}, {1: "int key"}, {"t": (1, 2)}, {"nested": {"x": [object()]}}],
+)
+def test_only_cbor_plain_values_are_accepted(ks: LocalKeyStore, bad: dict[object, object]) -> None:
+    """save() accepts str, bytes, int, bool, None, lists, str-keyed dicts; nothing else."""
+    with pytest.raises(LocalProtocolError):
+        ks.save(bad)
+    assert not ks.path.exists()
+
+
+def test_short_key_and_bad_name_are_refused(tmp_path: Path) -> None:
+    """A key store key is at least 16 bytes; a store name is a plain file name."""
+    with pytest.raises(LocalProtocolError):
+        LocalKeyStore(tmp_path / "x.store", b"short")
+    for name in ("", "../x", ".hidden"):
+        with pytest.raises(LocalProtocolError):
+            LocalKeyStore.open_or_create(tmp_path, name)
