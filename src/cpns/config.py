@@ -51,8 +51,9 @@ def _coerce(name: str, raw: object, default: object) -> object:
     raise ConfigurationError(f"setting {name!r}: invalid value {raw!r}")
 
 
-def load_settings[T](cls: type[T], path: Path | None, *, env_prefix: str,
-                     base: Mapping[str, Any] | None = None) -> T:
+def load_settings[T](
+    cls: type[T], path: Path | None, *, env_prefix: str, base: Mapping[str, Any] | None = None
+) -> T:
     """Build ``cls`` from defaults, then ``base``, then the TOML file, then the environment."""
     assert dataclasses.is_dataclass(cls)
     values: dict[str, Any] = dict(base or {})
@@ -73,8 +74,11 @@ def load_settings[T](cls: type[T], path: Path | None, *, env_prefix: str,
     for name, f in fields.items():
         if name not in values:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         kwargs[name] = _coerce(name, values[name], default)
     try:
         return cls(**kwargs)

@@ -79,17 +79,24 @@ class LocalDeployment:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def cpns(self, *args: str, stdin: str | None = None, timeout: float = 60.0,
-             check: bool = True) -> CommandResult:
+    def cpns(
+        self, *args: str, stdin: str | None = None, timeout: float = 60.0, check: bool = True
+    ) -> CommandResult:
         """Run one ``cpns`` command to completion."""
         proc = subprocess.run(
-            [sys.executable, "-m", "cpns.cli.main", *args], input=stdin, capture_output=True,
-            text=True, timeout=timeout, env=self._environ(), check=False,
+            [sys.executable, "-m", "cpns.cli.main", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self._environ(),
+            check=False,
         )
         result = CommandResult(tuple(args), proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
-            raise RuntimeError(f"cpns {' '.join(args)} exited {proc.returncode}:\n"
-                               f"{proc.stdout}{proc.stderr}")
+            raise RuntimeError(
+                f"cpns {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+            )
         return result
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -100,8 +107,11 @@ class LocalDeployment:
         log = log_path.open("ab")
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "cpns.cli.main", *args], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, env=self._environ(),
+                [sys.executable, "-m", "cpns.cli.main", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environ(),
             )
         finally:
             log.close()
@@ -116,11 +126,13 @@ class LocalDeployment:
             if path.exists() and path.read_text().strip():
                 return path.read_text().strip()
             if daemon is not None and daemon.process.poll() is not None:
-                raise TransportError(f"{name} exited with {daemon.process.returncode}:\n"
-                                     + self.log(name))
+                raise TransportError(
+                    f"{name} exited with {daemon.process.returncode}:\n" + self.log(name)
+                )
             time.sleep(0.05)
-        raise TransportError(f"{name} did not write {path.name} within {timeout:.0f}s:\n"
-                             + self.log(name))
+        raise TransportError(
+            f"{name} did not write {path.name} within {timeout:.0f}s:\n" + self.log(name)
+        )
 
     def log(self, name: str) -> str:
         """The log of a daemon (empty if it never started)."""
@@ -149,9 +161,13 @@ class LocalDeployment:
 
     # -- the parties -----------------------------------------------------------------------
 
-    def init_server(self, *, users: Sequence[tuple[str, str]] = (),
-                    tk_records: Sequence[tuple[str, bytes]] = (),
-                    digest: Sequence[str] = ("SHA-256",)) -> None:
+    def init_server(
+        self,
+        *,
+        users: Sequence[tuple[str, str]] = (),
+        tk_records: Sequence[tuple[str, bytes]] = (),
+        digest: Sequence[str] = ("SHA-256",),
+    ) -> None:
         """``cpns server init`` on port 0, then add users and import a TK CSV."""
         self.base.mkdir(parents=True, exist_ok=True)
         args = ["server", "init", "--data-dir", str(self.server_dir), "--port", "0"]
@@ -159,14 +175,29 @@ class LocalDeployment:
             args += ["--digest", algorithm]
         self.cpns(*args)
         for user_id, password in users:
-            self.cpns("admin", "user", "add", user_id, "--data-dir", str(self.server_dir),
-                      "--password-stdin", stdin=password + "\n")
+            self.cpns(
+                "admin",
+                "user",
+                "add",
+                user_id,
+                "--data-dir",
+                str(self.server_dir),
+                "--password-stdin",
+                stdin=password + "\n",
+            )
         if tk_records:
             csv_path = self.base / "manufacturer-tk.csv"
             lines = ["entity_id,tk", *(f"{e},{tk.hex()}" for e, tk in tk_records)]
             csv_path.write_text("\n".join(lines) + "\n")
-            self.cpns("admin", "tk", "import", str(csv_path), "--data-dir",
-                      str(self.server_dir), "--quiet")
+            self.cpns(
+                "admin",
+                "tk",
+                "import",
+                str(csv_path),
+                "--data-dir",
+                str(self.server_dir),
+                "--quiet",
+            )
 
     def start_server(self) -> str:
         """Start ``cpns server run``; return its base URL."""
@@ -176,13 +207,34 @@ class LocalDeployment:
         port = self.wait_for_file(port_file, name="server")
         return f"https://localhost:{port}"
 
-    def enroll_gateway(self, *, entity_id: str, user_id: str, password: str, server_url: str,
-                       name: str = "gw", check: bool = True) -> CommandResult:
+    def enroll_gateway(
+        self,
+        *,
+        entity_id: str,
+        user_id: str,
+        password: str,
+        server_url: str,
+        name: str = "gw",
+        check: bool = True,
+    ) -> CommandResult:
         """``cpns gateway enroll``: the PN GW gets its own EUKey (004 §5.x.1)."""
-        return self.cpns("gateway", "enroll", "--data-dir", str(self.gateway_dir(name)),
-                         "--entity-id", entity_id, "--server", server_url,
-                         "--ca", str(self.ca_file), "--user", user_id, "--password-stdin",
-                         stdin=password + "\n", check=check)
+        return self.cpns(
+            "gateway",
+            "enroll",
+            "--data-dir",
+            str(self.gateway_dir(name)),
+            "--entity-id",
+            entity_id,
+            "--server",
+            server_url,
+            "--ca",
+            str(self.ca_file),
+            "--user",
+            user_id,
+            "--password-stdin",
+            stdin=password + "\n",
+            check=check,
+        )
 
     def start_gateway(self, name: str = "gw") -> int:
         """Start ``cpns gateway run``; return its PAN port."""
@@ -191,24 +243,61 @@ class LocalDeployment:
         self.start(name, "gateway", "run", "--data-dir", str(self.gateway_dir(name)))
         return int(self.wait_for_file(port_file, name=name))
 
-    def assign(self, *, pne_id: str, user_id: str, password: str, name: str = "gw",
-               wait: float = 0.0, check: bool = False) -> CommandResult:
+    def assign(
+        self,
+        *,
+        pne_id: str,
+        user_id: str,
+        password: str,
+        name: str = "gw",
+        wait: float = 0.0,
+        check: bool = False,
+    ) -> CommandResult:
         """``cpns gateway assign``: EUKey assignment for a PNE without UI (003)."""
-        return self.cpns("gateway", "assign", "--data-dir", str(self.gateway_dir(name)),
-                         "--pne", pne_id, "--user", user_id, "--password-stdin",
-                         "--wait", str(wait), stdin=password + "\n", check=check,
-                         timeout=60.0 + wait)
+        return self.cpns(
+            "gateway",
+            "assign",
+            "--data-dir",
+            str(self.gateway_dir(name)),
+            "--pne",
+            pne_id,
+            "--user",
+            user_id,
+            "--password-stdin",
+            "--wait",
+            str(wait),
+            stdin=password + "\n",
+            check=check,
+            timeout=60.0 + wait,
+        )
 
     def init_device(self, name: str, *, entity_id: str, tk: bytes) -> None:
         """``cpns device init`` with the factory TK."""
-        self.cpns("device", "init", "--data-dir", str(self.device_dir(name)),
-                  "--entity-id", entity_id, "--tk-hex", tk.hex())
+        self.cpns(
+            "device",
+            "init",
+            "--data-dir",
+            str(self.device_dir(name)),
+            "--entity-id",
+            entity_id,
+            "--tk-hex",
+            tk.hex(),
+        )
 
-    def start_device(self, name: str, *, pan_port: int, once: bool = True,
-                     timeout: float = 60.0) -> subprocess.Popen[bytes]:
+    def start_device(
+        self, name: str, *, pan_port: int, once: bool = True, timeout: float = 60.0
+    ) -> subprocess.Popen[bytes]:
         """Start ``cpns device run`` against a gateway's PAN port."""
-        args = ["device", "run", "--data-dir", str(self.device_dir(name)),
-                "--gateway", f"127.0.0.1:{pan_port}", "--timeout", str(timeout)]
+        args = [
+            "device",
+            "run",
+            "--data-dir",
+            str(self.device_dir(name)),
+            "--gateway",
+            f"127.0.0.1:{pan_port}",
+            "--timeout",
+            str(timeout),
+        ]
         if once:
             args.append("--once")
         return self.start(name, *args)
@@ -219,8 +308,9 @@ class LocalDeployment:
         try:
             return daemon.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise TransportError(f"{name} still running after {timeout:.0f}s:\n"
-                                 + self.log(name)) from None
+            raise TransportError(
+                f"{name} still running after {timeout:.0f}s:\n" + self.log(name)
+            ) from None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[LocalDeployment]:

@@ -28,8 +28,9 @@ class Net:
 def _make(base: Path, *, extra_tks: int = 0) -> tuple[LocalDeployment, dict[str, bytes]]:
     tks = {f"pne-{i}": secrets.token_bytes(32) for i in range(1, 3 + extra_tks)}
     net = LocalDeployment(base)
-    net.init_server(users=[("alice", PASSWORD), ("bob", OTHER_PASSWORD)],
-                    tk_records=sorted(tks.items()))
+    net.init_server(
+        users=[("alice", PASSWORD), ("bob", OTHER_PASSWORD)], tk_records=sorted(tks.items())
+    )
     return net, tks
 
 
@@ -47,7 +48,6 @@ def running(tmp_path: Path) -> Iterator[Net]:
     net, tks = _make(tmp_path / "net")
     with net.running():
         url = net.start_server()
-        net.enroll_gateway(entity_id="gw-alice", user_id="alice", password=PASSWORD,
-                           server_url=url)
+        net.enroll_gateway(entity_id="gw-alice", user_id="alice", password=PASSWORD, server_url=url)
         pan_port = net.start_gateway()
         yield Net(net, url, pan_port, tks)

@@ -16,14 +16,14 @@ import struct
 
 import httpx
 import pytest
+from tests.integration.conftest import OTHER_PASSWORD, PASSWORD, Net
 
 from cpns.crypto.kdf import password_key
 from cpns.errors import ErrorCode
 from cpns.gateway.upstream import ServerClient
-from cpns.messages import EUKeyAssignmentRequest, EUKeyAssignmentResponse, decode, encode
-from cpns.protocol.key_assignment import EUKeyAssignmentGateway, auth_data
+from cpns.messages import EUKeyAssignmentRequest, EUKeyAssignmentResponse, decode
+from cpns.protocol.key_assignment import auth_data
 from cpns.runtime import SystemRandom, wall_time
-from tests.integration.conftest import OTHER_PASSWORD, PASSWORD, Net
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +33,9 @@ def _status(result_stdout: str, result_stderr: str) -> str:
 
 
 def _server_entities(run: Net) -> dict[str, dict[str, object]]:
-    out = run.net.cpns("admin", "entity", "list", "--json", "--data-dir",
-                       str(run.net.server_dir)).stdout
+    out = run.net.cpns(
+        "admin", "entity", "list", "--json", "--data-dir", str(run.net.server_dir)
+    ).stdout
     return {e["entity_id"]: e for e in json.loads(out)}
 
 
@@ -55,12 +56,16 @@ def test_pn_gw_and_pne_without_ui_get_their_eukeys(running: Net) -> None:
     assert entities["pne-1"]["owner"] == "alice"
     assert entities["pne-1"]["keys"] == 16
     assert entities["pne-1"]["assigned_via"] == "gw-alice"
-    device = json.loads(net.cpns("device", "status", "--data-dir",
-                                 str(net.device_dir("pne-1"))).stdout)
+    device = json.loads(
+        net.cpns("device", "status", "--data-dir", str(net.device_dir("pne-1"))).stdout
+    )
     assert device["key_index"] == 1
     # The server, the gateway and the device hold the same EUKey_1.
-    shown = json.loads(net.cpns("admin", "entity", "show", "pne-1", "--show-secrets",
-                                "--data-dir", str(net.server_dir)).stdout)
+    shown = json.loads(
+        net.cpns(
+            "admin", "entity", "show", "pne-1", "--show-secrets", "--data-dir", str(net.server_dir)
+        ).stdout
+    )
     eukey_1 = bytes.fromhex(shown["eukeys"][0])
     from cpns.store.keystore import LocalKeyStore
 
@@ -87,8 +92,9 @@ def _walk_bytes(value: object) -> list[bytes]:
         ("pne-1", "bob", OTHER_PASSWORD, "NOT_AUTHORIZED"),
     ],
 )
-def test_refusals_are_seen_end_to_end(running: Net, pne: str, user: str, password: str,
-                                      status: str) -> None:
+def test_refusals_are_seen_end_to_end(
+    running: Net, pne: str, user: str, password: str, status: str
+) -> None:
     """003 §7.4.2.1.1.2 step 2: a failed check gives a Response with a fail status, which
     the PN GW relays unchanged to the user (exit code 3 and the status name)."""
     result = running.net.assign(pne_id=pne, user_id=user, password=password, wait=0)
@@ -102,8 +108,13 @@ def test_entity_owned_by_another_user(running: Net) -> None:
     net = running.net
     first = net.assign(pne_id="pne-1", user_id="alice", password=PASSWORD, wait=0)
     assert first.returncode == 0, first.stdout + first.stderr
-    net.enroll_gateway(entity_id="gw-bob", user_id="bob", password=OTHER_PASSWORD,
-                       server_url=running.url, name="gwb")
+    net.enroll_gateway(
+        entity_id="gw-bob",
+        user_id="bob",
+        password=OTHER_PASSWORD,
+        server_url=running.url,
+        name="gwb",
+    )
     net.start_gateway("gwb")
     result = net.assign(pne_id="pne-1", user_id="bob", password=OTHER_PASSWORD, name="gwb")
     assert result.returncode == 3
@@ -114,36 +125,73 @@ def test_gateway_enrolment_refusals(running: Net) -> None:
     """004 §5.x.1: enrolment needs the right password; an Entity ID registered to another
     user cannot be enrolled by a second user."""
     net = running.net
-    wrong = net.enroll_gateway(entity_id="gw-x", user_id="alice", password="nope nope",
-                               server_url=running.url, name="gwx", check=False)
+    wrong = net.enroll_gateway(
+        entity_id="gw-x",
+        user_id="alice",
+        password="nope nope",
+        server_url=running.url,
+        name="gwx",
+        check=False,
+    )
     # The enrolling entity is not authenticated yet: one opaque code (deviations D-004-2).
-    assert wrong.returncode == 3 and "AUTHENTICATION_FAILED" in wrong.stdout + wrong.stderr
-    unknown = net.enroll_gateway(entity_id="gw-z", user_id="nobody", password="whatever1",
-                                 server_url=running.url, name="gwz", check=False)
-    assert unknown.returncode == 3 and "AUTHENTICATION_FAILED" in unknown.stdout + unknown.stderr
-    taken = net.enroll_gateway(entity_id="gw-alice", user_id="bob", password=OTHER_PASSWORD,
-                               server_url=running.url, name="gwy", check=False)
-    assert taken.returncode == 3 and "OWNED_BY_OTHER_USER" in taken.stdout + taken.stderr
+    assert wrong.returncode == 3
+    assert "AUTHENTICATION_FAILED" in wrong.stdout + wrong.stderr
+    unknown = net.enroll_gateway(
+        entity_id="gw-z",
+        user_id="nobody",
+        password="whatever1",
+        server_url=running.url,
+        name="gwz",
+        check=False,
+    )
+    assert unknown.returncode == 3
+    assert "AUTHENTICATION_FAILED" in unknown.stdout + unknown.stderr
+    taken = net.enroll_gateway(
+        entity_id="gw-alice",
+        user_id="bob",
+        password=OTHER_PASSWORD,
+        server_url=running.url,
+        name="gwy",
+        check=False,
+    )
+    assert taken.returncode == 3
+    assert "OWNED_BY_OTHER_USER" in taken.stdout + taken.stderr
 
 
 def _gateway_key(run: Net) -> bytes:
-    shown = json.loads(run.net.cpns("admin", "entity", "show", "gw-alice", "--show-secrets",
-                                    "--data-dir", str(run.net.server_dir)).stdout)
+    shown = json.loads(
+        run.net.cpns(
+            "admin",
+            "entity",
+            "show",
+            "gw-alice",
+            "--show-secrets",
+            "--data-dir",
+            str(run.net.server_dir),
+        ).stdout
+    )
     return bytes.fromhex(shown["eukeys"][0])
 
 
 def _client(run: Net, eukey: bytes) -> ServerClient:
-    return ServerClient(server_url=run.url, ca_file=run.net.ca_file, entity_id="gw-alice",
-                        eukey=eukey)
+    return ServerClient(
+        server_url=run.url, ca_file=run.net.ca_file, entity_id="gw-alice", eukey=eukey
+    )
 
 
 def _request(*, rand: bytes, time: int, txid: bytes, pne: str = "pne-2") -> EUKeyAssignmentRequest:
     key = password_key(PASSWORD, realm="cpns", user_id="alice")
     return EUKeyAssignmentRequest(
-        txid=txid, src="gw-alice", dst="cpns-server", pne_id=pne, user_id="alice", time=time,
+        txid=txid,
+        src="gw-alice",
+        dst="cpns-server",
+        pne_id=pne,
+        user_id="alice",
+        time=time,
         rand_pngw=rand,
-        auth_data=auth_data(key, rand_pngw=rand, time=time, user_id="alice", pne_id=pne,
-                            gateway_id="gw-alice"),
+        auth_data=auth_data(
+            key, rand_pngw=rand, time=time, user_id="alice", pne_id=pne, gateway_id="gw-alice"
+        ),
     )
 
 
@@ -246,8 +294,11 @@ def test_no_secret_in_any_log(running: Net) -> None:
     net.start_device("pne-1", pan_port=running.pan_port, once=True, timeout=60)
     assert net.assign(pne_id="pne-1", user_id="alice", password=PASSWORD, wait=30).returncode == 0
     assert net.wait("pne-1", timeout=60) == 0
-    shown = json.loads(net.cpns("admin", "entity", "show", "pne-1", "--show-secrets",
-                                "--data-dir", str(net.server_dir)).stdout)
+    shown = json.loads(
+        net.cpns(
+            "admin", "entity", "show", "pne-1", "--show-secrets", "--data-dir", str(net.server_dir)
+        ).stdout
+    )
     secrets_hex = [running.tk["pne-1"].hex(), *shown["eukeys"], _gateway_key(running).hex()]
     net.stop_all()
     logs = "".join(net.log(name) for name in ("server", "gw", "pne-1"))

@@ -32,8 +32,17 @@ def _deploy(base: Path, digest: tuple[str, ...]) -> Iterator[tuple[LocalDeployme
         net.init_server(users=[("alice", PASSWORD)], digest=digest)
         url = net.start_server()
         net.enroll_gateway(entity_id="gw-1", user_id="alice", password=PASSWORD, server_url=url)
-        shown = json.loads(net.cpns("admin", "entity", "show", "gw-1", "--show-secrets",
-                                    "--data-dir", str(net.server_dir)).stdout)
+        shown = json.loads(
+            net.cpns(
+                "admin",
+                "entity",
+                "show",
+                "gw-1",
+                "--show-secrets",
+                "--data-dir",
+                str(net.server_dir),
+            ).stdout
+        )
         yield net, url, shown["eukeys"][0]
 
 
@@ -51,10 +60,24 @@ def legacy_server(tmp_path: Path) -> Iterator[tuple[LocalDeployment, str, str]]:
 
 def _curl(net: LocalDeployment, url: str, user: str, key: str) -> tuple[int, str]:
     out = subprocess.run(
-        ["curl", "--silent", "--show-error", "--digest", "--user", f"{user}:{key}",
-         "--cacert", str(net.ca_file), "--tlsv1.3", "--write-out", "\n%{http_code}",
-         f"{url}/cpns/v1/whoami"],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--digest",
+            "--user",
+            f"{user}:{key}",
+            "--cacert",
+            str(net.ca_file),
+            "--tlsv1.3",
+            "--write-out",
+            "\n%{http_code}",
+            f"{url}/cpns/v1/whoami",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     body, _, code = out.rpartition("\n")
     return int(code), body
@@ -77,8 +100,9 @@ def _urllib(net: LocalDeployment, url: str, user: str, key: str) -> int:
     manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
     manager.add_password(None, url, user, key)
     context = ssl.create_default_context(cafile=str(net.ca_file))
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
-                                         urllib.request.HTTPDigestAuthHandler(manager))
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=context), urllib.request.HTTPDigestAuthHandler(manager)
+    )
     try:
         with opener.open(f"{url}/cpns/v1/whoami", timeout=30) as response:
             assert json.loads(response.read()) == {"entity_id": user}

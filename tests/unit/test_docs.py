@@ -39,8 +39,10 @@ def test_procedure_state_tables_match_the_code() -> None:
 
 def test_drift_is_detected() -> None:
     """The check above can fail: a stale table is not equal to its regeneration."""
-    stale = ("<!-- transitions: cpns.protocol.key_assignment.EUKeyAssignmentDevice -->\n"
-             "| old |\n<!-- end -->")
+    stale = (
+        "<!-- transitions: cpns.protocol.key_assignment.EUKeyAssignmentDevice -->\n"
+        "| old |\n<!-- end -->"
+    )
     assert render_docs(stale) != stale
 
 

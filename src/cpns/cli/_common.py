@@ -14,8 +14,12 @@ __all__ = ["add_data_dir", "read_password"]
 
 def add_data_dir(parser: argparse.ArgumentParser, default: str) -> None:
     """Add the ``--data-dir`` option every party's subcommands share."""
-    parser.add_argument("--data-dir", type=Path, default=Path(default),
-                        help=f"directory holding this party's files (default: {default})")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(default),
+        help=f"directory holding this party's files (default: {default})",
+    )
 
 
 def read_password(from_stdin: bool, *, confirm: bool = False) -> str:

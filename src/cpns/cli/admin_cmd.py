@@ -23,8 +23,9 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
     from cpns.server.main import open_store
 
     if not (args.data_dir / "server.toml").exists():
-        raise ConfigurationError(f"{args.data_dir} is not a server data directory "
-                                 "(run 'cpns server init' first)")
+        raise ConfigurationError(
+            f"{args.data_dir} is not a server data directory (run 'cpns server init' first)"
+        )
     config = load_server_config(args.data_dir)
     return config, open_store(config)
 
@@ -61,8 +62,7 @@ def _tk_import(args: argparse.Namespace) -> int:
     try:
         with Progress(transient=True, disable=args.quiet) as progress:
             task = progress.add_task(f"importing {args.file.name}", total=None)
-            count = import_tk_csv(store, args.file,
-                                  progress=lambda n: progress.advance(task, n))
+            count = import_tk_csv(store, args.file, progress=lambda n: progress.advance(task, n))
     finally:
         store.close()
     print(f"imported {count} TK record(s) from {args.file}")
@@ -71,9 +71,13 @@ def _tk_import(args: argparse.Namespace) -> int:
 
 def _entity_view(entity: EntityRecord, show_secrets: bool) -> dict[str, object]:
     view: dict[str, object] = {
-        "entity_id": entity.entity_id, "kind": entity.kind.name, "owner": entity.owner,
-        "key_index": entity.key_index, "keys": len(entity.eukeys),
-        "assigned_via": entity.assigned_via, "assigned_at": entity.assigned_at,
+        "entity_id": entity.entity_id,
+        "kind": entity.kind.name,
+        "owner": entity.owner,
+        "key_index": entity.key_index,
+        "keys": len(entity.eukeys),
+        "assigned_via": entity.assigned_via,
+        "assigned_at": entity.assigned_at,
         "revoked": entity.revoked,
     }
     if show_secrets:
@@ -95,8 +99,14 @@ def _entity_list(args: argparse.Namespace) -> int:
 
     table = Table("Entity ID", "kind", "owner", "key index", "via", "revoked")
     for e in entities:
-        table.add_row(e.entity_id, e.kind.name, e.owner, f"{e.key_index}/{len(e.eukeys)}",
-                      e.assigned_via or "-", "yes" if e.revoked else "no")
+        table.add_row(
+            e.entity_id,
+            e.kind.name,
+            e.owner,
+            f"{e.key_index}/{len(e.eukeys)}",
+            e.assigned_via or "-",
+            "yes" if e.revoked else "no",
+        )
     Console().print(table)
     return 0
 
@@ -110,8 +120,11 @@ def _entity_show(args: argparse.Namespace) -> int:
         store.close()
     if entity is None and tk is None:
         raise ConfigurationError(f"no entity {args.entity_id!r}")
-    view: dict[str, object] = (_entity_view(entity, args.show_secrets) if entity
-                               else {"entity_id": args.entity_id, "assigned": False})
+    view: dict[str, object] = (
+        _entity_view(entity, args.show_secrets)
+        if entity
+        else {"entity_id": args.entity_id, "assigned": False}
+    )
     view["tk_record"] = tk is not None
     if tk is not None and args.show_secrets:
         view["tk"] = tk.tk.hex()
@@ -138,25 +151,42 @@ def _audit(args: argparse.Namespace) -> int:
     finally:
         store.close()
     for e in events:
-        print(json.dumps({"at": e.at, "actor": e.actor, "procedure": e.procedure,
-                          "outcome": e.outcome, "entity": e.entity_id, "user": e.user_id,
-                          "hop": e.hop, "correlation_id": e.correlation_id,
-                          "detail": e.detail}))
+        print(
+            json.dumps(
+                {
+                    "at": e.at,
+                    "actor": e.actor,
+                    "procedure": e.procedure,
+                    "outcome": e.outcome,
+                    "entity": e.entity_id,
+                    "user": e.user_id,
+                    "hop": e.hop,
+                    "correlation_id": e.correlation_id,
+                    "detail": e.detail,
+                }
+            )
+        )
     return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``admin`` command group."""
-    admin = sub.add_parser("admin", help="administer users, TK records and entities",
-                           description="Administration of the CPNS Server's database.")
+    admin = sub.add_parser(
+        "admin",
+        help="administer users, TK records and entities",
+        description="Administration of the CPNS Server's database.",
+    )
     groups = admin.add_subparsers(dest="admin_group", metavar="GROUP")
 
     user = groups.add_parser("user", help="CPNS Users").add_subparsers(metavar="SUBCOMMAND")
     add = user.add_parser("add", help="register a CPNS User (asks for the password)")
     add_data_dir(add, "cpns-server")
     add.add_argument("user_id", help="the CPNS User ID")
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read the password from one line of standard input")
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from one line of standard input",
+    )
     add.set_defaults(func=_user_add)
     lst = user.add_parser("list", help="list users")
     add_data_dir(lst, "cpns-server")
@@ -165,10 +195,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tk = groups.add_parser("tk", help="manufacturer Temporary Key records")
     tkc = tk.add_subparsers(metavar="SUBCOMMAND")
     imp = tkc.add_parser(
-        "import", help="import TK records from CSV (all or nothing)",
+        "import",
+        help="import TK records from CSV (all or nothing)",
         description="Import manufacturer TK records. The CSV has a header 'entity_id,tk' and "
-                    "one record per line, the TK in hex (16 to 64 bytes). A bad line is "
-                    "reported with its number and nothing is imported.")
+        "one record per line, the TK in hex (16 to 64 bytes). A bad line is "
+        "reported with its number and nothing is imported.",
+    )
     add_data_dir(imp, "cpns-server")
     imp.add_argument("file", type=Path, help="CSV file")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -183,8 +215,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     es = ent.add_parser("show", help="show one entity")
     add_data_dir(es, "cpns-server")
     es.add_argument("entity_id")
-    es.add_argument("--show-secrets", action="store_true",
-                    help="also print EUKeys and the TK (handle the output with care)")
+    es.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="also print EUKeys and the TK (handle the output with care)",
+    )
     es.set_defaults(func=_entity_show)
     er = ent.add_parser("revoke", help="revoke an entity (it can no longer authenticate)")
     add_data_dir(er, "cpns-server")

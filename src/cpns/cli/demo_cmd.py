@@ -53,8 +53,10 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"[bold cyan]>[/bold cyan] {text}")
 
     with net.running():
-        step(f"CPNS Server: init in {net.server_dir}, user [b]{user}[/b], "
-             f"manufacturer TK record for [b]{pne_id}[/b]")
+        step(
+            f"CPNS Server: init in {net.server_dir}, user [b]{user}[/b], "
+            f"manufacturer TK record for [b]{pne_id}[/b]"
+        )
         net.init_server(users=[(user, password)], tk_records=[(pne_id, tk)])
         url = net.start_server()
         step(f"CPNS Server running at {url} (TLS 1.3, SQLite)")
@@ -76,31 +78,47 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         step("[green]done[/green]: the PNE holds EUKey_1, the PN GW the set, the server the chain")
 
-        server_view = json.loads(net.cpns("admin", "entity", "list", "--json", "--data-dir",
-                                          str(net.server_dir)).stdout)
-        gw_view = json.loads(net.cpns("gateway", "status", "--data-dir",
-                                      str(net.gateway_dir())).stdout)
-        dev_view = json.loads(net.cpns("device", "status", "--data-dir",
-                                       str(net.device_dir(pne_id))).stdout)
-        audit = [json.loads(line) for line in net.cpns(
-            "admin", "audit", "--data-dir", str(net.server_dir)).stdout.splitlines()]
+        server_view = json.loads(
+            net.cpns("admin", "entity", "list", "--json", "--data-dir", str(net.server_dir)).stdout
+        )
+        gw_view = json.loads(
+            net.cpns("gateway", "status", "--data-dir", str(net.gateway_dir())).stdout
+        )
+        dev_view = json.loads(
+            net.cpns("device", "status", "--data-dir", str(net.device_dir(pne_id))).stdout
+        )
+        audit = [
+            json.loads(line)
+            for line in net.cpns(
+                "admin", "audit", "--data-dir", str(net.server_dir)
+            ).stdout.splitlines()
+        ]
 
-    tx = next((a["correlation_id"] for a in audit
-               if a["procedure"] == "eukey-assignment-tk-003"), "?")
+    tx = next(
+        (a["correlation_id"] for a in audit if a["procedure"] == "eukey-assignment-tk-003"), "?"
+    )
     n = next((e["keys"] for e in server_view if e["entity_id"] == pne_id), "?")
     console.print()
     console.print(_SEQUENCE.format(pne=pne_id, gw=gw_id, tx=str(tx)[:12], status="OK", n=n))
     table = Table("party", "what it holds now (no secrets shown)", title="Each party's view")
     for e in server_view:
-        table.add_row("CPNS Server", f"{e['entity_id']} ({e['kind']}, owner {e['owner']}): "
-                      f"EUKey {e['key_index']} of {e['keys']}")
+        table.add_row(
+            "CPNS Server",
+            f"{e['entity_id']} ({e['kind']}, owner {e['owner']}): "
+            f"EUKey {e['key_index']} of {e['keys']}",
+        )
     table.add_row("PN GW", json.dumps(gw_view, sort_keys=True))
     table.add_row("PNE", json.dumps(dev_view, sort_keys=True))
     console.print(table)
     trail = Table("outcome", "procedure", "actor", "entity", "txid", title="Server audit trail")
     for a in reversed(audit):
-        trail.add_row(a["outcome"], a["procedure"], a["actor"], a["entity"] or "-",
-                      (a["correlation_id"] or "-")[:12])
+        trail.add_row(
+            a["outcome"],
+            a["procedure"],
+            a["actor"],
+            a["entity"] or "-",
+            (a["correlation_id"] or "-")[:12],
+        )
     console.print(trail)
     if args.dir:
         console.print(f"data directories and logs kept in {base}")
@@ -112,10 +130,15 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` command."""
     demo = sub.add_parser(
-        "demo", help="run server, PN GW and PNE locally through EUKey assignment",
+        "demo",
+        help="run server, PN GW and PNE locally through EUKey assignment",
         description="Start a CPNS Server, a PN GW daemon and a PNE agent as separate "
-                    "processes on loopback, take the PN GW and a PNE without UI through "
-                    "EUKey assignment, and show each party's view and the audit trail.")
-    demo.add_argument("--dir", help="keep data directories and logs here (default: a "
-                      "temporary directory, removed afterwards)")
+        "processes on loopback, take the PN GW and a PNE without UI through "
+        "EUKey assignment, and show each party's view and the audit trail.",
+    )
+    demo.add_argument(
+        "--dir",
+        help="keep data directories and logs here (default: a "
+        "temporary directory, removed afterwards)",
+    )
     demo.set_defaults(func=_run)

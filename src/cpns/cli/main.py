@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from cpns import __version__
-from cpns.errors import CPNSError, ConfigurationError, ProcedureRejected, StoreError, TransportError
+from cpns.errors import ConfigurationError, CPNSError, ProcedureRejected, StoreError, TransportError
 
 __all__ = ["main"]
 
@@ -71,8 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger("cpns").handlers:
         from cpns.logs import setup_logging
 
-        setup_logging(json_lines=bool(getattr(args, "log_json", False)),
-                      level="DEBUG" if args.verbose else "INFO")
+        setup_logging(
+            json_lines=bool(getattr(args, "log_json", False)),
+            level="DEBUG" if args.verbose else "INFO",
+        )
     try:
         return int(args.func(args))
     except ProcedureRejected as exc:

@@ -13,13 +13,22 @@ __all__ = ["register"]
 def _init(args: argparse.Namespace) -> int:
     from cpns.server.main import init_server
 
-    config = init_server(args.data_dir, host=args.host, port=args.port, cert=args.cert,
-                         key=args.key, server_id=args.server_id, realm=args.realm,
-                         digest_algorithms=tuple(args.digest))
+    config = init_server(
+        args.data_dir,
+        host=args.host,
+        port=args.port,
+        cert=args.cert,
+        key=args.key,
+        server_id=args.server_id,
+        realm=args.realm,
+        digest_algorithms=tuple(args.digest),
+    )
     print(f"initialised {config.data_dir}")
     print(f"  certificate for gateways (--ca): {config.path(config.cert_file)}")
-    print(f"  master key (keep it safe, outside backups of the database): "
-          f"{config.path(config.master_key_file)}")
+    print(
+        f"  master key (keep it safe, outside backups of the database): "
+        f"{config.path(config.master_key_file)}"
+    )
     return 0
 
 
@@ -32,13 +41,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``server`` command group."""
-    server = sub.add_parser("server", help="run the CPNS Server",
-                            description="The CPNS Server: HTTPS endpoint, SQLite store.")
+    server = sub.add_parser(
+        "server",
+        help="run the CPNS Server",
+        description="The CPNS Server: HTTPS endpoint, SQLite store.",
+    )
     cmds = server.add_subparsers(dest="server_command", metavar="SUBCOMMAND")
     init = cmds.add_parser(
-        "init", help="create a data directory (config, master key, certificate, database)",
+        "init",
+        help="create a data directory (config, master key, certificate, database)",
         description="Create the server's data directory. A self-signed certificate is "
-                    "generated unless --cert/--key are given.")
+        "generated unless --cert/--key are given.",
+    )
     add_data_dir(init, "cpns-server")
     init.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     init.add_argument("--port", type=int, default=8443, help="TCP port, 0 = any (default 8443)")
@@ -46,12 +60,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     init.add_argument("--key", type=Path, help="PEM private key for --cert")
     init.add_argument("--server-id", default="cpns-server", help="this server's Entity ID")
     init.add_argument("--realm", default="cpns", help="Digest realm and password salt")
-    init.add_argument("--digest", action="append", choices=["SHA-256", "MD5"],
-                      default=None, help="Digest algorithm to offer, most preferred first; "
-                      "repeat for several (default SHA-256; MD5 only for legacy clients)")
+    init.add_argument(
+        "--digest",
+        action="append",
+        choices=["SHA-256", "MD5"],
+        default=None,
+        help="Digest algorithm to offer, most preferred first; "
+        "repeat for several (default SHA-256; MD5 only for legacy clients)",
+    )
     init.set_defaults(func=lambda a: _init(_with_default_digest(a)))
-    run = cmds.add_parser("run", help="serve until SIGINT/SIGTERM",
-                          description="Serve the CPNS protocol over HTTPS (TLS 1.3).")
+    run = cmds.add_parser(
+        "run",
+        help="serve until SIGINT/SIGTERM",
+        description="Serve the CPNS protocol over HTTPS (TLS 1.3).",
+    )
     add_data_dir(run, "cpns-server")
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
     run.set_defaults(func=_run)

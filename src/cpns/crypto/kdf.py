@@ -58,6 +58,7 @@ def password_key(password: str, *, realm: str, user_id: str) -> bytes:
     if not password:
         raise LocalProtocolError("empty password")
     normalised = unicodedata.normalize("NFKC", password).encode("utf-8")
-    kdf = Scrypt(salt=password_salt(realm, user_id), length=KEY_LEN, n=SCRYPT_N, r=SCRYPT_R,
-                 p=SCRYPT_P)
+    kdf = Scrypt(
+        salt=password_salt(realm, user_id), length=KEY_LEN, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P
+    )
     return kdf.derive(normalised)

@@ -3,11 +3,11 @@
 from cpns.messages.codec import decode, decode_record, encode, encode_record, to_json
 from cpns.messages.constants import MessageType
 from cpns.messages.model import (
+    ErrorMessage,
     EUKeyAssignmentAck,
     EUKeyAssignmentNotification,
     EUKeyAssignmentRequest,
     EUKeyAssignmentResponse,
-    ErrorMessage,
     KeyBundle,
     Message,
     PNEHello,

@@ -131,9 +131,7 @@ def _fields_from(cls: type[Record], body: object) -> dict[str, Any]:
     if extra:
         raise DecodeError(f"unknown field key(s) {sorted(map(repr, extra))}")
     return {
-        name: _field_value(spec, name, body[spec.key])
-        for name, spec in known
-        if spec.key in body
+        name: _field_value(spec, name, body[spec.key]) for name, spec in known if spec.key in body
     }
 
 

@@ -63,8 +63,15 @@ def _f(spec: FieldSpec) -> Any:
     return field(repr=not spec.secret, metadata={"spec": spec})
 
 
-def f_bytes(key: int, *, size: int | None = None, lo: int = 1, hi: int = _MAX_BYTES,
-            optional: bool = False, secret: bool = False) -> Any:
+def f_bytes(
+    key: int,
+    *,
+    size: int | None = None,
+    lo: int = 1,
+    hi: int = _MAX_BYTES,
+    optional: bool = False,
+    secret: bool = False,
+) -> Any:
     """A byte string field, of exactly ``size`` bytes or ``lo..hi`` bytes."""
     if size is not None:
         lo = hi = size
@@ -134,8 +141,11 @@ def specs(cls: type[Record]) -> tuple[tuple[str, FieldSpec], ...]:
     if cached is None:
         cached = tuple(
             sorted(
-                ((f.name, f.metadata["spec"]) for f in dataclasses.fields(cls)
-                 if "spec" in f.metadata),
+                (
+                    (f.name, f.metadata["spec"])
+                    for f in dataclasses.fields(cls)
+                    if "spec" in f.metadata
+                ),
                 key=lambda item: item[1].key,
             )
         )

@@ -22,7 +22,14 @@ from typing import Any, ClassVar
 from cpns.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, UnexpectedMessage
 from cpns.messages.model import Message
 
-__all__ = ["Event", "Machine", "NonceConsumed", "ProcedureFailed", "Transitions", "render_transitions"]
+__all__ = [
+    "Event",
+    "Machine",
+    "NonceConsumed",
+    "ProcedureFailed",
+    "Transitions",
+    "render_transitions",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,8 +70,9 @@ type Transitions[S, M] = Mapping[tuple[S, type[Message]], tuple[Handler[M], S]]
 class Machine[S: Enum]:
     """Base of every role class. Subclasses set ``TRANSITIONS``, ``HOP`` and the states."""
 
-    TRANSITIONS: ClassVar[Mapping[tuple[Enum, type[Message]], tuple[Callable[..., list[Event]],
-                                                                   Enum]]]
+    TRANSITIONS: ClassVar[
+        Mapping[tuple[Enum, type[Message]], tuple[Callable[..., list[Event]], Enum]]
+    ]
     #: The hop name used in :class:`ProcedureFailed`.
     HOP: ClassVar[str]
 
@@ -135,7 +143,8 @@ def render_transitions(cls: type[Machine[Any]]) -> str:
     """The transition table of a role class as Markdown (docs/procedures/ embed it)."""
     rows = ["| state | message | handler | next state |", "|---|---|---|---|"]
     for (state, message_cls), (handler, next_state) in cls.TRANSITIONS.items():
-        rows.append(f"| {state.name} | {message_cls.__name__} | `{handler.__name__}` "
-                    f"| {next_state.name} |")
+        rows.append(
+            f"| {state.name} | {message_cls.__name__} | `{handler.__name__}` | {next_state.name} |"
+        )
     rows.append("| any other pair | | | FAILED (`UNEXPECTED_MESSAGE`) |")
     return "\n".join(rows)

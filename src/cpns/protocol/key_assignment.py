@@ -34,10 +34,11 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from types import MappingProxyType
 from typing import ClassVar, Final
 
 from cpns.crypto.hashchain import build_chain
-from cpns.crypto.hashing import hash_values, mac, verify_mac
+from cpns.crypto.hashing import Part, hash_values, mac, verify_mac
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError, RemoteProtocolError
 from cpns.messages.codec import decode_record, encode, encode_record
@@ -110,7 +111,9 @@ def _bundle_context(server_id: str, gateway_id: str, pne_id: str, txid: bytes) -
     return (server_id, gateway_id, pne_id, txid.hex())
 
 
-def _notification_context(gateway_id: str, pne_id: str, txid: bytes, index: int) -> tuple[object, ...]:
+def _notification_context(
+    gateway_id: str, pne_id: str, txid: bytes, index: int
+) -> tuple[Part, ...]:
     return (gateway_id, pne_id, txid.hex(), index)
 
 
@@ -236,8 +239,9 @@ class EUKeyAssignmentServer(Machine[ServerState]):
         rng: Random,
         now: int,
     ) -> None:
-        super().__init__(ServerState.EXPECT_REQUEST, done=ServerState.DONE,
-                         failed=ServerState.FAILED)
+        super().__init__(
+            ServerState.EXPECT_REQUEST, done=ServerState.DONE, failed=ServerState.FAILED
+        )
         self._policy = policy
         self._lookups = lookups
         self._requester = requester
@@ -249,8 +253,11 @@ class EUKeyAssignmentServer(Machine[ServerState]):
             return None
         # 003 §7.4.2.1.1.2 step 2: "send the EUKey Assignment Response ... with fail status".
         return EUKeyAssignmentResponse(
-            txid=incoming.txid, src=self._policy.server_id, dst=incoming.src,
-            status=code, pne_id=incoming.pne_id,
+            txid=incoming.txid,
+            src=self._policy.server_id,
+            dst=incoming.src,
+            status=code,
+            pne_id=incoming.pne_id,
         )
 
     def _on_request(self, message: Message) -> list[Event]:
@@ -259,42 +266,54 @@ class EUKeyAssignmentServer(Machine[ServerState]):
         check_addressed(message, to=policy.server_id, sender=self._requester)
         gateway = look.get_entity(self._requester)
         if gateway is None or gateway.kind is not EntityKind.PN_GW or gateway.eukey is None:
-            raise RemoteProtocolError("requester is not a PN GW with an EUKey",
-                                      code=ErrorCode.NOT_AUTHORIZED)
+            raise RemoteProtocolError(
+                "requester is not a PN GW with an EUKey", code=ErrorCode.NOT_AUTHORIZED
+            )
         if gateway.revoked:
-            raise RemoteProtocolError("requesting PN GW is revoked",
-                                      code=ErrorCode.ENTITY_REVOKED)
+            raise RemoteProtocolError("requesting PN GW is revoked", code=ErrorCode.ENTITY_REVOKED)
         check_fresh(message.time, now=self._now, window=policy.time_window)
         user = look.get_user(message.user_id)
         if user is None:
             raise RemoteProtocolError(f"no user {message.user_id!r}", code=ErrorCode.UNKNOWN_USER)
         # Steps 1-2: recompute Hash(AuthData) and compare in constant time.
         try:
-            verify_mac(user.password_key, message.auth_data, AUTH_DATA_LABEL, message.rand_pngw,
-                       message.time, message.user_id, message.pne_id, message.src)
+            verify_mac(
+                user.password_key,
+                message.auth_data,
+                AUTH_DATA_LABEL,
+                message.rand_pngw,
+                message.time,
+                message.user_id,
+                message.pne_id,
+                message.src,
+            )
         except AuthenticationFailed:
-            raise RemoteProtocolError("AuthData does not verify",
-                                      code=ErrorCode.WRONG_PASSWORD) from None
+            raise RemoteProtocolError(
+                "AuthData does not verify", code=ErrorCode.WRONG_PASSWORD
+            ) from None
         if user.disabled:
             raise RemoteProtocolError("user is disabled", code=ErrorCode.NOT_AUTHORIZED)
         # 003 §6.3.2.2: "PNGW and PNE are owned by the same CPNS User" (004 §5.x.3).
         if gateway.owner != user.user_id:
-            raise RemoteProtocolError("PN GW belongs to another user",
-                                      code=ErrorCode.NOT_AUTHORIZED)
+            raise RemoteProtocolError(
+                "PN GW belongs to another user", code=ErrorCode.NOT_AUTHORIZED
+            )
         if look.nonce_used(message.rand_pngw):
             raise RemoteProtocolError("RANDPNGW already used", code=ErrorCode.REPLAY)
         # Step 6: find TKPNE for the Entity ID.
         tk = look.get_tk(message.pne_id)
         if tk is None:
-            raise RemoteProtocolError(f"no TK record for {message.pne_id!r}",
-                                      code=ErrorCode.UNKNOWN_ENTITY)
+            raise RemoteProtocolError(
+                f"no TK record for {message.pne_id!r}", code=ErrorCode.UNKNOWN_ENTITY
+            )
         existing = look.get_entity(message.pne_id)
         if existing is not None:
             if existing.kind is not EntityKind.PNE:
                 raise RemoteProtocolError("entity is not a PNE", code=ErrorCode.WRONG_ENTITY_KIND)
             if existing.owner != user.user_id:
-                raise RemoteProtocolError(f"entity owned by {existing.owner!r}",
-                                          code=ErrorCode.OWNED_BY_OTHER_USER)
+                raise RemoteProtocolError(
+                    f"entity owned by {existing.owner!r}", code=ErrorCode.OWNED_BY_OTHER_USER
+                )
             if existing.revoked:
                 raise RemoteProtocolError("entity is revoked", code=ErrorCode.ENTITY_REVOKED)
         # Steps 3-4: RANDSVR, SeedPNE and the chain.
@@ -302,28 +321,39 @@ class EUKeyAssignmentServer(Machine[ServerState]):
         eukeys = tuple(build_chain(seed_pne(rand_svr, message.rand_pngw), policy.chain_length))
         bundle = encode_record(KeyBundle(tk=tk.tk, eukeys=eukeys))
         sealed = seal(
-            gateway.eukey, bundle, purpose=RESPONSE_PURPOSE,
+            gateway.eukey,
+            bundle,
+            purpose=RESPONSE_PURPOSE,
             context=_bundle_context(policy.server_id, message.src, message.pne_id, message.txid),
             nonce=self._rng.token_bytes(NONCE_LEN),
         )
         # Step 7: the Response with Status, [EUKeyPNE] and the TK.
-        self._send(EUKeyAssignmentResponse(
-            txid=message.txid, src=policy.server_id, dst=message.src, status=ErrorCode.OK,
-            pne_id=message.pne_id, sealed_bundle=sealed,
-        ))
+        self._send(
+            EUKeyAssignmentResponse(
+                txid=message.txid,
+                src=policy.server_id,
+                dst=message.src,
+                status=ErrorCode.OK,
+                pne_id=message.pne_id,
+                sealed_bundle=sealed,
+            )
+        )
         return [
             NonceConsumed(nonce=message.rand_pngw, expires_at=message.time + policy.time_window),
-            EUKeyChainAssigned(pne_id=message.pne_id, user_id=user.user_id,
-                               gateway_id=message.src, eukeys=eukeys),
+            EUKeyChainAssigned(
+                pne_id=message.pne_id, user_id=user.user_id, gateway_id=message.src, eukeys=eukeys
+            ),
         ]
 
     def receive(self, message: Message) -> list[Event]:
         """Handle the EUKey Assignment Request; the Response is then in the outbox."""
         return super().receive(message)
 
-    TRANSITIONS = {
-        (ServerState.EXPECT_REQUEST, EUKeyAssignmentRequest): (_on_request, ServerState.DONE),
-    }
+    TRANSITIONS = MappingProxyType(
+        {
+            (ServerState.EXPECT_REQUEST, EUKeyAssignmentRequest): (_on_request, ServerState.DONE),
+        }
+    )
 
 
 # -- PN GW ------------------------------------------------------------------------------------
@@ -348,8 +378,9 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
 
     HOP: ClassVar[str] = "gateway"
 
-    def __init__(self, *, gateway_id: str, gateway_eukey: bytes, server_id: str,
-                 rng: Random) -> None:
+    def __init__(
+        self, *, gateway_id: str, gateway_eukey: bytes, server_id: str, rng: Random
+    ) -> None:
         super().__init__(GatewayState.START, done=GatewayState.DONE, failed=GatewayState.FAILED)
         self._gateway_id = gateway_id
         self._gateway_eukey = gateway_eukey
@@ -370,10 +401,21 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
             raise LocalProtocolError("start() only once, on a new machine")
         rand_pngw = self._rng.token_bytes(32)  # step 2 (stored by the I/O layer with the request)
         request = EUKeyAssignmentRequest(
-            txid=self._rng.token_bytes(TXID_LEN), src=self._gateway_id, dst=self._server_id,
-            pne_id=pne_id, user_id=user_id, time=now, rand_pngw=rand_pngw,
-            auth_data=auth_data(password_key, rand_pngw=rand_pngw, time=now, user_id=user_id,
-                                pne_id=pne_id, gateway_id=self._gateway_id),
+            txid=self._rng.token_bytes(TXID_LEN),
+            src=self._gateway_id,
+            dst=self._server_id,
+            pne_id=pne_id,
+            user_id=user_id,
+            time=now,
+            rand_pngw=rand_pngw,
+            auth_data=auth_data(
+                password_key,
+                rand_pngw=rand_pngw,
+                time=now,
+                user_id=user_id,
+                pne_id=pne_id,
+                gateway_id=self._gateway_id,
+            ),
         )
         self.resend(request)
 
@@ -398,16 +440,24 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
         pending = self._pending
         assert pending is not None
         eukey = pending.eukeys[pending.key_index - 1]
-        self._send(EUKeyAssignmentNotification(
-            txid=self._txid, src=self._gateway_id, dst=pending.pne_id, status=ErrorCode.OK,
-            key_index=pending.key_index,
-            sealed_eukey=seal(
-                pending.tk, eukey, purpose=NOTIFICATION_PURPOSE,
-                context=_notification_context(self._gateway_id, pending.pne_id, self._txid,
-                                              pending.key_index),
-                nonce=self._rng.token_bytes(NONCE_LEN),
-            ),
-        ))
+        self._send(
+            EUKeyAssignmentNotification(
+                txid=self._txid,
+                src=self._gateway_id,
+                dst=pending.pne_id,
+                status=ErrorCode.OK,
+                key_index=pending.key_index,
+                sealed_eukey=seal(
+                    pending.tk,
+                    eukey,
+                    purpose=NOTIFICATION_PURPOSE,
+                    context=_notification_context(
+                        self._gateway_id, pending.pne_id, self._txid, pending.key_index
+                    ),
+                    nonce=self._rng.token_bytes(NONCE_LEN),
+                ),
+            )
+        )
 
     def renotify(self) -> None:
         """Queue the Notification again (the PNE reconnected without acknowledging)."""
@@ -416,51 +466,74 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
         self._notify()
 
     def _on_response(self, message: Message) -> list[Event]:
-        assert isinstance(message, EUKeyAssignmentResponse) and self._request is not None
+        assert isinstance(message, EUKeyAssignmentResponse)
+        assert self._request is not None
         check_reply_to(message, self._request)
         if message.pne_id != self._request.pne_id:
-            raise RemoteProtocolError("response names another PNE",
-                                      code=ErrorCode.UNEXPECTED_MESSAGE)
+            raise RemoteProtocolError(
+                "response names another PNE", code=ErrorCode.UNEXPECTED_MESSAGE
+            )
         if message.status is not ErrorCode.OK:
             # DESIGN §5: the PN GW relays the server's verdict unchanged.
-            raise RemoteProtocolError(f"server refused: {message.status.name}",
-                                      code=message.status)
+            raise RemoteProtocolError(f"server refused: {message.status.name}", code=message.status)
         if message.sealed_bundle is None:
             raise RemoteProtocolError("OK response without the key set")
         plain = open_sealed(
-            self._gateway_eukey, message.sealed_bundle, purpose=RESPONSE_PURPOSE,
-            context=_bundle_context(self._server_id, self._gateway_id, message.pne_id,
-                                    message.txid),
+            self._gateway_eukey,
+            message.sealed_bundle,
+            purpose=RESPONSE_PURPOSE,
+            context=_bundle_context(
+                self._server_id, self._gateway_id, message.pne_id, message.txid
+            ),
         )
         bundle = decode_record(KeyBundle, plain)
         # Step 2: select the EUKey: keys are used in order 1..n, so EUKey_1 (DESIGN §4).
         self._pending = EUKeySetReceived(
-            pne_id=message.pne_id, user_id=self._request.user_id, tk=bundle.tk,
-            eukeys=bundle.eukeys, key_index=1,
+            pne_id=message.pne_id,
+            user_id=self._request.user_id,
+            tk=bundle.tk,
+            eukeys=bundle.eukeys,
+            key_index=1,
         )
         self._notify()
         return [self._pending]
 
     def _on_ack(self, message: Message) -> list[Event]:
-        assert isinstance(message, EUKeyAssignmentAck) and self._pending is not None
+        assert isinstance(message, EUKeyAssignmentAck)
+        assert self._pending is not None
         pending = self._pending
         check_addressed(message, to=self._gateway_id, sender=pending.pne_id)
         if message.txid != self._txid or message.key_index != pending.key_index:
-            raise RemoteProtocolError("acknowledgement of another delivery",
-                                      code=ErrorCode.UNEXPECTED_MESSAGE)
+            raise RemoteProtocolError(
+                "acknowledgement of another delivery", code=ErrorCode.UNEXPECTED_MESSAGE
+            )
         if message.status is not ErrorCode.OK or message.proof is None:
-            raise RemoteProtocolError(f"PNE refused the key: {message.status.name}",
-                                      code=message.status if message.status is not ErrorCode.OK
-                                      else ErrorCode.MALFORMED_MESSAGE)
-        verify_mac(pending.eukeys[pending.key_index - 1], message.proof, ACK_LABEL,
-                   self._gateway_id, pending.pne_id, self._txid, pending.key_index)
+            raise RemoteProtocolError(
+                f"PNE refused the key: {message.status.name}",
+                code=message.status
+                if message.status is not ErrorCode.OK
+                else ErrorCode.MALFORMED_MESSAGE,
+            )
+        verify_mac(
+            pending.eukeys[pending.key_index - 1],
+            message.proof,
+            ACK_LABEL,
+            self._gateway_id,
+            pending.pne_id,
+            self._txid,
+            pending.key_index,
+        )
         return [EUKeyDelivered(pne_id=pending.pne_id, key_index=pending.key_index)]
 
-    TRANSITIONS = {
-        (GatewayState.EXPECT_RESPONSE, EUKeyAssignmentResponse):
-            (_on_response, GatewayState.EXPECT_ACK),
-        (GatewayState.EXPECT_ACK, EUKeyAssignmentAck): (_on_ack, GatewayState.DONE),
-    }
+    TRANSITIONS = MappingProxyType(
+        {
+            (GatewayState.EXPECT_RESPONSE, EUKeyAssignmentResponse): (
+                _on_response,
+                GatewayState.EXPECT_ACK,
+            ),
+            (GatewayState.EXPECT_ACK, EUKeyAssignmentAck): (_on_ack, GatewayState.DONE),
+        }
+    )
 
 
 # -- PNE --------------------------------------------------------------------------------------
@@ -494,8 +567,9 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
         current: tuple[bytes, int, bytes] | None = None,
         seen_txids: frozenset[bytes] = frozenset(),
     ) -> None:
-        super().__init__(DeviceState.EXPECT_NOTIFICATION, done=DeviceState.DONE,
-                         failed=DeviceState.FAILED)
+        super().__init__(
+            DeviceState.EXPECT_NOTIFICATION, done=DeviceState.DONE, failed=DeviceState.FAILED
+        )
         self._entity_id = entity_id
         self._tk = tk
         self._rng = rng
@@ -506,38 +580,67 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
         if not isinstance(incoming, EUKeyAssignmentNotification):
             return None
         # Tell the PN GW why (opaquely), so it stops re-sending.
-        return EUKeyAssignmentAck(txid=incoming.txid, src=self._entity_id, dst=incoming.src,
-                                  status=code, key_index=incoming.key_index)
+        return EUKeyAssignmentAck(
+            txid=incoming.txid,
+            src=self._entity_id,
+            dst=incoming.src,
+            status=code,
+            key_index=incoming.key_index,
+        )
 
     def _on_notification(self, message: Message) -> list[Event]:
         assert isinstance(message, EUKeyAssignmentNotification)
         check_addressed(message, to=self._entity_id)
         if message.status is not ErrorCode.OK:
-            raise RemoteProtocolError(f"notification status {message.status.name}",
-                                      code=message.status)
+            raise RemoteProtocolError(
+                f"notification status {message.status.name}", code=message.status
+            )
         if message.sealed_eukey is None:
             raise RemoteProtocolError("OK notification without a key")
         eukey = open_sealed(
-            self._tk, message.sealed_eukey, purpose=NOTIFICATION_PURPOSE,
-            context=_notification_context(message.src, self._entity_id, message.txid,
-                                          message.key_index),
+            self._tk,
+            message.sealed_eukey,
+            purpose=NOTIFICATION_PURPOSE,
+            context=_notification_context(
+                message.src, self._entity_id, message.txid, message.key_index
+            ),
         )
         events: list[Event] = []
         if message.txid in self._seen or (self._current and self._current[0] == message.txid):
             if self._current is None or self._current[1:] != (message.key_index, eukey):
                 raise AuthenticationFailed("replayed notification of an older key")
         else:
-            events.append(EUKeyInstalled(gateway_id=message.src, key_index=message.key_index,
-                                         eukey=eukey, txid=message.txid))
-        self._send(EUKeyAssignmentAck(
-            txid=message.txid, src=self._entity_id, dst=message.src, status=ErrorCode.OK,
-            key_index=message.key_index,
-            proof=_ack_proof(eukey, gateway_id=message.src, pne_id=self._entity_id,
-                             txid=message.txid, index=message.key_index),
-        ))
+            events.append(
+                EUKeyInstalled(
+                    gateway_id=message.src,
+                    key_index=message.key_index,
+                    eukey=eukey,
+                    txid=message.txid,
+                )
+            )
+        self._send(
+            EUKeyAssignmentAck(
+                txid=message.txid,
+                src=self._entity_id,
+                dst=message.src,
+                status=ErrorCode.OK,
+                key_index=message.key_index,
+                proof=_ack_proof(
+                    eukey,
+                    gateway_id=message.src,
+                    pne_id=self._entity_id,
+                    txid=message.txid,
+                    index=message.key_index,
+                ),
+            )
+        )
         return events
 
-    TRANSITIONS = {
-        (DeviceState.EXPECT_NOTIFICATION, EUKeyAssignmentNotification):
-            (_on_notification, DeviceState.DONE),
-    }
+    TRANSITIONS = MappingProxyType(
+        {
+            (DeviceState.EXPECT_NOTIFICATION, EUKeyAssignmentNotification): (
+                _on_notification,
+                DeviceState.DONE,
+            ),
+        }
+    )

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from types import MappingProxyType
 from typing import ClassVar, Final
 
-from cpns.crypto.kdf import derive_key
 from cpns.crypto.hashing import KEY_LEN, mac, verify_mac
+from cpns.crypto.kdf import derive_key
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError, RemoteProtocolError
 from cpns.messages.constants import TXID_LEN
@@ -54,13 +55,25 @@ _NO_USER_KEY: Final = bytes(32)
 
 
 def _auth_data(password_key: bytes, request: UserKeyAssignmentRequest) -> bytes:
-    return mac(password_key, AUTH_DATA_LABEL, request.rand, request.time, request.user_id,
-               request.src, int(request.entity_kind), request.dst)
+    return mac(
+        password_key,
+        AUTH_DATA_LABEL,
+        request.rand,
+        request.time,
+        request.user_id,
+        request.src,
+        int(request.entity_kind),
+        request.dst,
+    )
 
 
 def _reply_key(password_key: bytes, request: UserKeyAssignmentRequest, rand_server: bytes) -> bytes:
-    return derive_key(password_key, salt=request.rand + rand_server, label=REPLY_KEY_LABEL,
-                      context=(request.src, request.user_id, request.txid))
+    return derive_key(
+        password_key,
+        salt=request.rand + rand_server,
+        label=REPLY_KEY_LABEL,
+        context=(request.src, request.user_id, request.txid),
+    )
 
 
 def _context(request: UserKeyAssignmentRequest) -> tuple[str, ...]:
@@ -102,10 +115,12 @@ class UserKeyAssignmentServer(Machine[ServerState]):
 
     HOP: ClassVar[str] = "server"
 
-    def __init__(self, *, policy: AssignmentPolicy, lookups: ServerLookups, rng: Random,
-                 now: int) -> None:
-        super().__init__(ServerState.EXPECT_REQUEST, done=ServerState.DONE,
-                         failed=ServerState.FAILED)
+    def __init__(
+        self, *, policy: AssignmentPolicy, lookups: ServerLookups, rng: Random, now: int
+    ) -> None:
+        super().__init__(
+            ServerState.EXPECT_REQUEST, done=ServerState.DONE, failed=ServerState.FAILED
+        )
         self._policy = policy
         self._lookups = lookups
         self._rng = rng
@@ -114,8 +129,9 @@ class UserKeyAssignmentServer(Machine[ServerState]):
     def _failure_reply(self, incoming: Message | None, code: ErrorCode) -> Message | None:
         if not isinstance(incoming, UserKeyAssignmentRequest):
             return None
-        return UserKeyAssignmentResponse(txid=incoming.txid, src=self._policy.server_id,
-                                         dst=incoming.src, status=code)
+        return UserKeyAssignmentResponse(
+            txid=incoming.txid, src=self._policy.server_id, dst=incoming.src, status=code
+        )
 
     def _on_request(self, message: Message) -> list[Event]:
         assert isinstance(message, UserKeyAssignmentRequest)
@@ -129,9 +145,17 @@ class UserKeyAssignmentServer(Machine[ServerState]):
         # goes to the audit trail only (docs/deviations.md D-004-2).
         user = look.get_user(message.user_id)
         try:
-            verify_mac(user.password_key if user else _NO_USER_KEY, message.auth_data,
-                       AUTH_DATA_LABEL, message.rand, message.time, message.user_id,
-                       message.src, int(message.entity_kind), message.dst)
+            verify_mac(
+                user.password_key if user else _NO_USER_KEY,
+                message.auth_data,
+                AUTH_DATA_LABEL,
+                message.rand,
+                message.time,
+                message.user_id,
+                message.src,
+                int(message.entity_kind),
+                message.dst,
+            )
             if user is None:
                 raise AuthenticationFailed
         except AuthenticationFailed:
@@ -144,31 +168,46 @@ class UserKeyAssignmentServer(Machine[ServerState]):
         existing = look.get_entity(message.src)
         if existing is not None:
             if existing.owner != user.user_id:
-                raise RemoteProtocolError(f"entity owned by {existing.owner!r}",
-                                          code=ErrorCode.OWNED_BY_OTHER_USER)
+                raise RemoteProtocolError(
+                    f"entity owned by {existing.owner!r}", code=ErrorCode.OWNED_BY_OTHER_USER
+                )
             if existing.kind is not message.entity_kind:
-                raise RemoteProtocolError("entity registered with another kind",
-                                          code=ErrorCode.WRONG_ENTITY_KIND)
+                raise RemoteProtocolError(
+                    "entity registered with another kind", code=ErrorCode.WRONG_ENTITY_KIND
+                )
             if existing.revoked:
                 raise RemoteProtocolError("entity is revoked", code=ErrorCode.ENTITY_REVOKED)
         eukey = self._rng.token_bytes(KEY_LEN)
         rand_server = self._rng.token_bytes(32)
-        sealed = seal(_reply_key(user.password_key, message, rand_server), eukey,
-                      purpose=EUKEY_PURPOSE, context=_context(message),
-                      nonce=self._rng.token_bytes(NONCE_LEN))
-        self._send(UserKeyAssignmentResponse(
-            txid=message.txid, src=self._policy.server_id, dst=message.src,
-            status=ErrorCode.OK, rand_server=rand_server, sealed_eukey=sealed,
-        ))
+        sealed = seal(
+            _reply_key(user.password_key, message, rand_server),
+            eukey,
+            purpose=EUKEY_PURPOSE,
+            context=_context(message),
+            nonce=self._rng.token_bytes(NONCE_LEN),
+        )
+        self._send(
+            UserKeyAssignmentResponse(
+                txid=message.txid,
+                src=self._policy.server_id,
+                dst=message.src,
+                status=ErrorCode.OK,
+                rand_server=rand_server,
+                sealed_eukey=sealed,
+            )
+        )
         return [
             NonceConsumed(nonce=message.rand, expires_at=message.time + self._policy.time_window),
-            EUKeyAssigned(entity_id=message.src, kind=message.entity_kind,
-                          user_id=user.user_id, eukey=eukey),
+            EUKeyAssigned(
+                entity_id=message.src, kind=message.entity_kind, user_id=user.user_id, eukey=eukey
+            ),
         ]
 
-    TRANSITIONS = {
-        (ServerState.EXPECT_REQUEST, UserKeyAssignmentRequest): (_on_request, ServerState.DONE),
-    }
+    TRANSITIONS = MappingProxyType(
+        {
+            (ServerState.EXPECT_REQUEST, UserKeyAssignmentRequest): (_on_request, ServerState.DONE),
+        }
+    )
 
 
 class ClientState(Enum):
@@ -185,8 +224,9 @@ class UserKeyAssignmentClient(Machine[ClientState]):
 
     HOP: ClassVar[str] = "entity"
 
-    def __init__(self, *, entity_id: str, entity_kind: EntityKind, server_id: str,
-                 rng: Random) -> None:
+    def __init__(
+        self, *, entity_id: str, entity_kind: EntityKind, server_id: str, rng: Random
+    ) -> None:
         super().__init__(ClientState.START, done=ClientState.DONE, failed=ClientState.FAILED)
         self._entity_id = entity_id
         self._kind = entity_kind
@@ -201,34 +241,51 @@ class UserKeyAssignmentClient(Machine[ClientState]):
             raise LocalProtocolError("start() only once")
         self._password_key = password_key
         draft = UserKeyAssignmentRequest(
-            txid=self._rng.token_bytes(TXID_LEN), src=self._entity_id, dst=self._server_id,
-            user_id=user_id, entity_kind=self._kind, time=now, rand=self._rng.token_bytes(32),
+            txid=self._rng.token_bytes(TXID_LEN),
+            src=self._entity_id,
+            dst=self._server_id,
+            user_id=user_id,
+            entity_kind=self._kind,
+            time=now,
+            rand=self._rng.token_bytes(32),
             auth_data=bytes(32),
         )
         self._request = UserKeyAssignmentRequest(
-            txid=draft.txid, src=draft.src, dst=draft.dst, user_id=user_id,
-            entity_kind=self._kind, time=now, rand=draft.rand,
+            txid=draft.txid,
+            src=draft.src,
+            dst=draft.dst,
+            user_id=user_id,
+            entity_kind=self._kind,
+            time=now,
+            rand=draft.rand,
             auth_data=_auth_data(password_key, draft),
         )
         self._state = ClientState.EXPECT_RESPONSE
         self._send(self._request)
 
     def _on_response(self, message: Message) -> list[Event]:
-        assert isinstance(message, UserKeyAssignmentResponse) and self._request is not None
+        assert isinstance(message, UserKeyAssignmentResponse)
+        assert self._request is not None
         check_reply_to(message, self._request)
         if message.status is not ErrorCode.OK:
-            raise RemoteProtocolError(f"server refused: {message.status.name}",
-                                      code=message.status)
+            raise RemoteProtocolError(f"server refused: {message.status.name}", code=message.status)
         if message.rand_server is None or message.sealed_eukey is None:
             raise RemoteProtocolError("OK response without the key")
         eukey = open_sealed(
             _reply_key(self._password_key, self._request, message.rand_server),
-            message.sealed_eukey, purpose=EUKEY_PURPOSE, context=_context(self._request),
+            message.sealed_eukey,
+            purpose=EUKEY_PURPOSE,
+            context=_context(self._request),
         )
         if len(eukey) != KEY_LEN:
             raise AuthenticationFailed("EUKey of the wrong length")
         return [EUKeyReceived(eukey=eukey)]
 
-    TRANSITIONS = {
-        (ClientState.EXPECT_RESPONSE, UserKeyAssignmentResponse): (_on_response, ClientState.DONE),
-    }
+    TRANSITIONS = MappingProxyType(
+        {
+            (ClientState.EXPECT_RESPONSE, UserKeyAssignmentResponse): (
+                _on_response,
+                ClientState.DONE,
+            ),
+        }
+    )

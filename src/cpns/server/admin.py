@@ -37,14 +37,24 @@ def add_user(store: ServerStore, user_id: str, password: str, *, realm: str) -> 
     if len(password) < 8:
         raise ConfigurationError("the password must have at least 8 characters")
     now = wall_time()
-    user = UserRecord(user_id=user_id, password_key=password_key(password, realm=realm,
-                                                                 user_id=user_id),
-                      created_at=now)
+    user = UserRecord(
+        user_id=user_id,
+        password_key=password_key(password, realm=realm, user_id=user_id),
+        created_at=now,
+    )
 
     def write(tx: WriteTx) -> None:
         tx.add_user(user)
-        tx.audit(AuditEvent(at=now, actor="admin", procedure="user-add",
-                            outcome="OK", user_id=user_id, hop="admin"))
+        tx.audit(
+            AuditEvent(
+                at=now,
+                actor="admin",
+                procedure="user-add",
+                outcome="OK",
+                user_id=user_id,
+                hop="admin",
+            )
+        )
 
     store.write(write)
     return user
@@ -87,12 +97,14 @@ def parse_tk_csv(text: str, *, source: str) -> Iterator[_Row]:
         if entity_id in seen:
             raise TKImportError(line, f"{entity_id!r} already appears on line {seen[entity_id]}")
         seen[entity_id] = line
-        yield _Row(line, TKRecord(entity_id=entity_id, tk=tk, source=source,
-                                  imported_at=wall_time()))
+        yield _Row(
+            line, TKRecord(entity_id=entity_id, tk=tk, source=source, imported_at=wall_time())
+        )
 
 
-def import_tk_csv(store: ServerStore, path: Path, *,
-                  progress: Callable[[int], None] | None = None) -> int:
+def import_tk_csv(
+    store: ServerStore, path: Path, *, progress: Callable[[int], None] | None = None
+) -> int:
     """Import a manufacturer CSV all or nothing; return the number of records.
 
     The whole file is validated first (a bad row is reported with its line number and
@@ -115,8 +127,16 @@ def import_tk_csv(store: ServerStore, path: Path, *,
 
     def write(tx: WriteTx) -> None:
         tx.put_tks(records)
-        tx.audit(AuditEvent(at=now, actor="admin", procedure="tk-import",
-                            outcome="OK", hop="admin", detail=f"{len(records)} from {path.name}"))
+        tx.audit(
+            AuditEvent(
+                at=now,
+                actor="admin",
+                procedure="tk-import",
+                outcome="OK",
+                hop="admin",
+                detail=f"{len(records)} from {path.name}",
+            )
+        )
 
     store.write(write)
     return len(records)
@@ -131,9 +151,16 @@ def set_revoked(store: ServerStore, entity_id: str, revoked: bool) -> EntityReco
 
     def write(tx: WriteTx) -> None:
         tx.set_revoked(entity_id, revoked)
-        tx.audit(AuditEvent(at=now, actor="admin",
-                            procedure="revoke" if revoked else "restore",
-                            outcome="OK", entity_id=entity_id, hop="admin"))
+        tx.audit(
+            AuditEvent(
+                at=now,
+                actor="admin",
+                procedure="revoke" if revoked else "restore",
+                outcome="OK",
+                entity_id=entity_id,
+                hop="admin",
+            )
+        )
 
     store.write(write)
     result = store.get_entity(entity_id)

@@ -46,8 +46,15 @@ _CBOR = b"application/cbor"
 class CPNSApp:
     """ASGI callable serving the CPNS protocol endpoint."""
 
-    def __init__(self, *, service: CPNSService, store: ServerStore, digest: DigestServer,
-                 rng: Random, clock: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        *,
+        service: CPNSService,
+        store: ServerStore,
+        digest: DigestServer,
+        rng: Random,
+        clock: Callable[[], int],
+    ) -> None:
         self._service = service
         self._store = store
         self._digest = digest
@@ -91,8 +98,13 @@ class CPNSApp:
         if scope.get("query_string"):
             uri += "?" + scope["query_string"].decode("latin-1")
         try:
-            ok = self._digest.verify(method=scope["method"], uri=uri, authorization=header,
-                                     lookup=self._lookup_secret, now=self._clock())
+            ok = self._digest.verify(
+                method=scope["method"],
+                uri=uri,
+                authorization=header,
+                lookup=self._lookup_secret,
+                now=self._clock(),
+            )
         except DigestStale:
             return None, [], True
         except AuthenticationFailed as exc:
@@ -164,13 +176,22 @@ async def _read_body(receive: ASGIReceive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _respond(send: ASGISend, status: int, body: bytes, content_type: bytes,
-                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", content_type),
-                    (b"content-length", str(len(body)).encode()),
-                    *(headers or [])],
-    })
+async def _respond(
+    send: ASGISend,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -62,5 +62,9 @@ class ServerConfig:
 
 def load_server_config(data_dir: Path) -> ServerConfig:
     """Read ``<data_dir>/server.toml`` with ``CPNS_SERVER_*`` environment overrides."""
-    return load_settings(ServerConfig, data_dir / "server.toml", env_prefix="CPNS_SERVER_",
-                         base={"data_dir": str(data_dir)})
+    return load_settings(
+        ServerConfig,
+        data_dir / "server.toml",
+        env_prefix="CPNS_SERVER_",
+        base={"data_dir": str(data_dir)},
+    )

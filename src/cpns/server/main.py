@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -38,10 +38,17 @@ __all__ = ["build_app", "init_server", "open_store", "run_server"]
 log = logging.getLogger("cpns.server")
 
 
-def init_server(data_dir: Path, *, host: str = "127.0.0.1", port: int = 8443,
-                cert: Path | None = None, key: Path | None = None,
-                server_id: str = "cpns-server", realm: str = "cpns",
-                digest_algorithms: tuple[str, ...] = ("SHA-256",)) -> ServerConfig:
+def init_server(
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8443,
+    cert: Path | None = None,
+    key: Path | None = None,
+    server_id: str = "cpns-server",
+    realm: str = "cpns",
+    digest_algorithms: tuple[str, ...] = ("SHA-256",),
+) -> ServerConfig:
     """Create a data directory: configuration, master key, TLS files and database."""
     if (data_dir / "server.toml").exists():
         raise ConfigurationError(f"{data_dir} is already initialised (server.toml exists)")
@@ -50,7 +57,10 @@ def init_server(data_dir: Path, *, host: str = "127.0.0.1", port: int = 8443,
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     settings: dict[str, object] = {
-        "host": host, "port": port, "server_id": server_id, "realm": realm,
+        "host": host,
+        "port": port,
+        "server_id": server_id,
+        "realm": realm,
         "digest_algorithms": digest_algorithms,
     }
     if cert is not None and key is not None:
@@ -58,8 +68,9 @@ def init_server(data_dir: Path, *, host: str = "127.0.0.1", port: int = 8443,
         settings["key_file"] = str(key.resolve())
     config = ServerConfig(data_dir=data_dir, **settings)  # type: ignore[arg-type]
     if cert is None:
-        generate_self_signed(config.path(config.cert_file), config.path(config.key_file),
-                             common_name=server_id)
+        generate_self_signed(
+            config.path(config.cert_file), config.path(config.key_file), common_name=server_id
+        )
     MasterKey.generate(config.path(config.master_key_file))
     (data_dir / "server.toml").write_text(dump_toml(settings), encoding="utf-8")
     open_store(config).close()
@@ -78,16 +89,19 @@ def open_store(config: ServerConfig) -> SQLStore:
     return SQLStore.open(config.path(config.database), master_key=master_key(config))
 
 
-def build_app(config: ServerConfig, store: SQLStore, *,
-              clock: Callable[[], int] = wall_time) -> CPNSApp:
+def build_app(
+    config: ServerConfig, store: SQLStore, *, clock: Callable[[], int] = wall_time
+) -> CPNSApp:
     """Wire the service, the Digest verifier and the ASGI app over ``store``."""
     rng = SystemRandom()
-    policy = AssignmentPolicy(server_id=config.server_id, time_window=config.time_window,
-                              chain_length=config.chain_length)
+    policy = AssignmentPolicy(
+        server_id=config.server_id, time_window=config.time_window, chain_length=config.chain_length
+    )
     # Every server process sharing the master key accepts the others' Digest nonces.
     nonce_key = derive_key(master_key(config).key, salt=b"", label="cpns/v1/digest-nonce-key")
     digest = DigestServer(
-        realm=config.realm, nonce_key=nonce_key,
+        realm=config.realm,
+        nonce_key=nonce_key,
         algorithms=tuple(DigestAlgorithm(a) for a in config.digest_algorithms),
     )
     service = CPNSService(store=store, policy=policy, rng=rng, clock=clock)
@@ -101,6 +115,15 @@ def _tls_context(config: ServerConfig) -> ssl.SSLContext:
     return context
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server with our own signal handling (graceful stop, then store close)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Signals are handled by :func:`run_server` through the event loop."""
+        yield
+
+
 async def _purge_loop(store: SQLStore, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
@@ -109,7 +132,9 @@ async def _purge_loop(store: SQLStore, interval: float) -> None:
             log.info("purged %d expired nonces and replies", removed)
 
 
-async def run_server(config: ServerConfig, *, on_ready: Callable[[int], None] | None = None) -> None:
+async def run_server(
+    config: ServerConfig, *, on_ready: Callable[[int], None] | None = None
+) -> None:
     """Serve until SIGINT/SIGTERM. ``on_ready`` gets the bound port."""
     store = open_store(config)
     try:
@@ -119,14 +144,20 @@ async def run_server(config: ServerConfig, *, on_ready: Callable[[int], None] | 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((config.host, config.port))
         port = sock.getsockname()[1]
-        uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                   http="httptools", loop="none", timeout_keep_alive=30,
-                                   ssl_certfile=str(config.path(config.cert_file)),
-                                   ssl_keyfile=str(config.path(config.key_file)))
+        uv_config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            http="httptools",
+            loop="none",
+            timeout_keep_alive=30,
+            ssl_certfile=str(config.path(config.cert_file)),
+            ssl_keyfile=str(config.path(config.key_file)),
+        )
         uv_config.load()
         uv_config.ssl = _tls_context(config)
-        server = uvicorn.Server(uv_config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server = _Server(uv_config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

@@ -70,14 +70,19 @@ class Reply:
 class CPNSService:
     """Runs the server side of every procedure over a :class:`ServerStore`."""
 
-    def __init__(self, *, store: ServerStore, policy: AssignmentPolicy, rng: Random,
-                 clock: Callable[[], int]) -> None:
+    def __init__(
+        self, *, store: ServerStore, policy: AssignmentPolicy, rng: Random, clock: Callable[[], int]
+    ) -> None:
         self._store = store
         self._policy = policy
         self._rng = rng
         self._clock = clock
-        self._lookups = ServerLookups(get_user=store.get_user, get_entity=store.get_entity,
-                                      get_tk=store.get_tk, nonce_used=store.nonce_used)
+        self._lookups = ServerLookups(
+            get_user=store.get_user,
+            get_entity=store.get_entity,
+            get_tk=store.get_tk,
+            nonce_used=store.nonce_used,
+        )
 
     @property
     def server_id(self) -> str:
@@ -90,8 +95,9 @@ class CPNSService:
             return decode(body)
         except DecodeError as exc:
             log.info("undecodable request: %s", exc.reason, extra={"status": exc.code.name})
-            error = ErrorMessage(txid=bytes(TXID_LEN), src=self.server_id, dst="unknown",
-                                 status=exc.code)
+            error = ErrorMessage(
+                txid=bytes(TXID_LEN), src=self.server_id, dst="unknown", status=exc.code
+            )
             return Reply(400, encode(error), exc.code)
 
     @staticmethod
@@ -102,12 +108,18 @@ class CPNSService:
     def _machine(self, message: Message, authenticated: str | None, now: int) -> Machine[Any]:
         """The server machine of the procedure ``message`` starts; LookupError if none."""
         if isinstance(message, UserKeyAssignmentRequest):
-            return UserKeyAssignmentServer(policy=self._policy, lookups=self._lookups,
-                                           rng=self._rng, now=now)
+            return UserKeyAssignmentServer(
+                policy=self._policy, lookups=self._lookups, rng=self._rng, now=now
+            )
         if isinstance(message, EUKeyAssignmentRequest):
             assert authenticated is not None
-            return EUKeyAssignmentServer(policy=self._policy, lookups=self._lookups,
-                                         requester=authenticated, rng=self._rng, now=now)
+            return EUKeyAssignmentServer(
+                policy=self._policy,
+                lookups=self._lookups,
+                requester=authenticated,
+                rng=self._rng,
+                now=now,
+            )
         raise LookupError(type(message).__name__)
 
     async def handle(self, message: Message, *, authenticated: str | None) -> Reply:
@@ -122,10 +134,19 @@ class CPNSService:
             machine = self._machine(message, authenticated, now)
         except LookupError:
             # A well-formed message no server procedure starts with (a response, a PAN message).
-            error = ErrorMessage(txid=message.txid, src=self.server_id, dst=message.src,
-                                 status=ErrorCode.UNEXPECTED_MESSAGE)
-            await self._audit(message, requester, ErrorCode.UNEXPECTED_MESSAGE, now,
-                              "no server procedure starts with this message")
+            error = ErrorMessage(
+                txid=message.txid,
+                src=self.server_id,
+                dst=message.src,
+                status=ErrorCode.UNEXPECTED_MESSAGE,
+            )
+            await self._audit(
+                message,
+                requester,
+                ErrorCode.UNEXPECTED_MESSAGE,
+                now,
+                "no server procedure starts with this message",
+            )
             return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE)
         events = machine.receive(message)
         [reply] = machine.messages_to_send()
@@ -136,7 +157,8 @@ class CPNSService:
         reply_bytes = encode(reply)
         try:
             await self._store.write_async(
-                lambda tx: self._persist(tx, message, requester, digest, reply_bytes, events, now))
+                lambda tx: self._persist(tx, message, requester, digest, reply_bytes, events, now)
+            )
         except NonceReused:
             # A concurrent copy of this very request may have won the race: answer as it did.
             stored = self._store.get_reply(requester, message.txid)
@@ -146,18 +168,29 @@ class CPNSService:
             fresh.fail(ErrorCode.REPLAY, "random value used concurrently", message)
             await self._audit(message, requester, ErrorCode.REPLAY, now, "nonce race")
             return self._reply(fresh.messages_to_send()[0], ErrorCode.REPLAY)
-        log.info("%s OK for %s", _PROCEDURE[type(message)], requester,
-                 extra={"txid": message.txid.hex(), "entity": requester, "status": "OK"})
+        log.info(
+            "%s OK for %s",
+            _PROCEDURE[type(message)],
+            requester,
+            extra={"txid": message.txid.hex(), "entity": requester, "status": "OK"},
+        )
         return Reply(200, reply_bytes, ErrorCode.OK)
 
-    def _replay_or_retry(self, stored: StoredReply, message: Message, digest: bytes,
-                         requester: str) -> Reply:
+    def _replay_or_retry(
+        self, stored: StoredReply, message: Message, digest: bytes, requester: str
+    ) -> Reply:
         if stored.request_digest == digest:
-            log.info("retry of %s answered from the stored reply", message.txid.hex(),
-                     extra={"txid": message.txid.hex(), "entity": requester})
+            log.info(
+                "retry of %s answered from the stored reply",
+                message.txid.hex(),
+                extra={"txid": message.txid.hex(), "entity": requester},
+            )
             return Reply(200, stored.reply, ErrorCode.OK)
-        fresh = self._machine(message, None if isinstance(message, UserKeyAssignmentRequest)
-                              else requester, self._clock())
+        fresh = self._machine(
+            message,
+            None if isinstance(message, UserKeyAssignmentRequest) else requester,
+            self._clock(),
+        )
         fresh.fail(ErrorCode.REPLAY, "transaction ID reused with other content", message)
         return self._reply(fresh.messages_to_send()[0], ErrorCode.REPLAY)
 
@@ -165,43 +198,83 @@ class CPNSService:
     def _reply(message: Message, code: ErrorCode | int) -> Reply:
         return Reply(200, encode(message), code)
 
-    def _persist(self, tx: WriteTx, message: Message, requester: str, digest: bytes,
-                 reply: bytes, events: list[Event], now: int) -> None:
+    def _persist(
+        self,
+        tx: WriteTx,
+        message: Message,
+        requester: str,
+        digest: bytes,
+        reply: bytes,
+        events: list[Event],
+        now: int,
+    ) -> None:
         """Write every fact of a successful step in the caller's transaction."""
         for event in events:
             match event:
                 case NonceConsumed(nonce=nonce, expires_at=expires_at):
                     tx.use_nonce(nonce, expires_at=expires_at)
                 case EUKeyChainAssigned():
-                    tx.put_entity(EntityRecord(
-                        entity_id=event.pne_id, kind=EntityKind.PNE, owner=event.user_id,
-                        eukeys=event.eukeys, key_index=1, assigned_via=event.gateway_id,
-                        assigned_at=now,
-                    ))
+                    tx.put_entity(
+                        EntityRecord(
+                            entity_id=event.pne_id,
+                            kind=EntityKind.PNE,
+                            owner=event.user_id,
+                            eukeys=event.eukeys,
+                            key_index=1,
+                            assigned_via=event.gateway_id,
+                            assigned_at=now,
+                        )
+                    )
                 case EUKeyAssigned():
-                    tx.put_entity(EntityRecord(
-                        entity_id=event.entity_id, kind=event.kind, owner=event.user_id,
-                        eukeys=(event.eukey,), key_index=1, assigned_at=now,
-                    ))
-        tx.put_reply(StoredReply(requester=requester, txid=message.txid, request_digest=digest,
-                                 reply=reply, created_at=now))
+                    tx.put_entity(
+                        EntityRecord(
+                            entity_id=event.entity_id,
+                            kind=event.kind,
+                            owner=event.user_id,
+                            eukeys=(event.eukey,),
+                            key_index=1,
+                            assigned_at=now,
+                        )
+                    )
+        tx.put_reply(
+            StoredReply(
+                requester=requester,
+                txid=message.txid,
+                request_digest=digest,
+                reply=reply,
+                created_at=now,
+            )
+        )
         tx.audit(_audit_event(message, requester, ErrorCode.OK, now, ""))
 
-    async def _audit(self, message: Message, requester: str, code: ErrorCode | int, now: int,
-                     reason: str) -> None:
+    async def _audit(
+        self, message: Message, requester: str, code: ErrorCode | int, now: int, reason: str
+    ) -> None:
         name = code.name if isinstance(code, ErrorCode) else str(code)
-        log.info("%s refused for %s: %s (%s)", type(message).__name__, requester, name, reason,
-                 extra={"txid": message.txid.hex(), "entity": requester, "status": name})
+        log.info(
+            "%s refused for %s: %s (%s)",
+            type(message).__name__,
+            requester,
+            name,
+            reason,
+            extra={"txid": message.txid.hex(), "entity": requester, "status": name},
+        )
         event = _audit_event(message, requester, code, now, reason)
         await self._store.write_async(lambda tx: tx.audit(event))
 
 
-def _audit_event(message: Message, requester: str, code: ErrorCode | int, now: int,
-                 detail: str) -> AuditEvent:
+def _audit_event(
+    message: Message, requester: str, code: ErrorCode | int, now: int, detail: str
+) -> AuditEvent:
     subject = getattr(message, "pne_id", None) or message.src
     return AuditEvent(
-        at=now, actor=requester, procedure=_PROCEDURE.get(type(message), type(message).__name__),
-        outcome=code.name if isinstance(code, ErrorCode) else str(code), entity_id=subject,
-        user_id=getattr(message, "user_id", None), hop="server",
-        correlation_id=message.txid.hex(), detail=detail,
+        at=now,
+        actor=requester,
+        procedure=_PROCEDURE.get(type(message), type(message).__name__),
+        outcome=code.name if isinstance(code, ErrorCode) else str(code),
+        entity_id=subject,
+        user_id=getattr(message, "user_id", None),
+        hop="server",
+        correlation_id=message.txid.hex(),
+        detail=detail,
     )

@@ -20,9 +20,14 @@ from cryptography.x509.oid import NameOID
 __all__ = ["generate_self_signed"]
 
 
-def generate_self_signed(cert_path: Path, key_path: Path, *, common_name: str,
-                         hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
-                         days: int = 825) -> None:
+def generate_self_signed(
+    cert_path: Path,
+    key_path: Path,
+    *,
+    common_name: str,
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
+    days: int = 825,
+) -> None:
     """Write a new key (mode 0600) and a self-signed certificate for ``hosts``."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -48,7 +53,11 @@ def generate_self_signed(cert_path: Path, key_path: Path, *, common_name: str,
     key_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
