@@ -39,7 +39,7 @@ from cpns.protocol.key_assignment import (
 )
 from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
 from cpns.records import AuditEvent, EntityRecord, StoredReply
-from cpns.store.base import NonceReused, ServerStore, WriteTx
+from cpns.store.base import ConflictError, NonceReused, ServerStore, WriteTx
 from cpns.types import EntityKind, Random
 
 __all__ = ["CPNSService", "Reply"]
@@ -159,7 +159,7 @@ class CPNSService:
             await self._store.write_async(
                 lambda tx: self._persist(tx, message, requester, digest, reply_bytes, events, now)
             )
-        except NonceReused:
+        except (NonceReused, ConflictError):
             # A concurrent copy of this very request may have won the race: answer as it did.
             stored = self._store.get_reply(requester, message.txid)
             if stored is not None:

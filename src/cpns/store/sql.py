@@ -640,7 +640,7 @@ class SQLStore:
             target=self._writer_loop, name=f"cpns-store-writer:{self._path.name}", daemon=True
         )
         self._writer.start()
-        _log.info(
+        _log.debug(
             "store %s open (schema %d, master key %s)",
             self._path,
             self.schema_version,
