@@ -1,0 +1,204 @@
+"""Configuration of the PN GW daemon: ``<data_dir>/gateway.toml`` plus environment overrides.
+
+``cpns gateway enroll`` writes the file once (Entity ID, server URL, certificate) and
+every later command reads it, so an operator types the server's address only once
+(DESIGN §7: TOML configuration with environment overrides). Any field can be overridden
+for one run with ``CPNS_GATEWAY_<FIELD>`` (e.g. ``CPNS_GATEWAY_PAN_PORT=7000``), which is
+how containers and tests reconfigure a daemon without rewriting its file.
+
+The file holds no secret: the EUKey lives in the sealed key store beside it
+(:mod:`cpns.store.keystore`), so the configuration can be read, copied and diffed freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+from cpns.errors import ConfigurationError
+from cpns.messages.constants import ID_PATTERN
+from cpns.store.masterkey import write_private_file
+
+__all__ = [
+    "CONFIG_FILE",
+    "CONTROL_SOCKET",
+    "ENV_PREFIX",
+    "PORT_FILE",
+    "GatewayConfig",
+    "load_config",
+    "write_config",
+]
+
+#: Name of the configuration file inside the data directory.
+CONFIG_FILE: Final = "gateway.toml"
+#: Where the daemon writes the PAN port it bound (tests and scripts read it).
+PORT_FILE: Final = "gateway.port"
+#: The daemon's control socket (JSON lines), inside the data directory.
+CONTROL_SOCKET: Final = "control.sock"
+#: Prefix of the environment overrides.
+ENV_PREFIX: Final = "CPNS_GATEWAY_"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    """Everything the PN GW daemon needs besides its keys."""
+
+    #: Directory holding gateway.toml, the key store, the port file and the control socket.
+    data_dir: Path
+    #: The gateway's Entity ID (its Digest username).
+    entity_id: str
+    #: Base URL of the CPNS Server, ``https://host:port``.
+    server_url: str
+    #: The certificate (file) the gateway trusts for the server, and nothing else.
+    ca_file: Path
+    #: Entity ID of the CPNS Server (destination of our requests).
+    server_id: str = "cpns-server"
+    #: Address the PAN listener binds.
+    pan_host: str = "127.0.0.1"
+    #: PAN TCP port; 0 picks a free one (written to ``gateway.port``).
+    pan_port: int = 0
+    #: Seconds for one HTTP try to the server.
+    per_try_timeout: float = 5.0
+    #: Extra tries after a connection error or timeout.
+    retries: int = 2
+    #: Seconds between background resends of requests still waiting for the server.
+    retry_interval: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("entity_id", "server_id"):
+            if ID_PATTERN.fullmatch(getattr(self, name)) is None:
+                raise ConfigurationError(f"{name}: not a valid Entity ID")
+        url = urlsplit(self.server_url)
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ConfigurationError(
+                f"server_url: expected https://host:port, not {self.server_url!r}"
+            )
+        if not 0 <= self.pan_port <= 65535:
+            raise ConfigurationError("pan_port must be 0..65535")
+        if self.per_try_timeout <= 0 or self.retries < 0 or self.retry_interval <= 0:
+            raise ConfigurationError("timeouts and intervals must be positive, retries >= 0")
+
+    @property
+    def control_socket(self) -> Path:
+        """Path of the Unix control socket."""
+        return self.data_dir / CONTROL_SOCKET
+
+    @property
+    def port_file(self) -> Path:
+        """Path of the file receiving the bound PAN port."""
+        return self.data_dir / PORT_FILE
+
+    @property
+    def config_file(self) -> Path:
+        """Path of gateway.toml."""
+        return self.data_dir / CONFIG_FILE
+
+
+#: Fields stored in gateway.toml, with their types (data_dir is where the file is).
+_FIELDS: Final = {f.name: f.type for f in dataclasses.fields(GatewayConfig) if f.name != "data_dir"}
+
+
+def _convert(name: str, raw: object, origin: str) -> object:
+    kind = _FIELDS[name]
+    try:
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise TypeError
+            return int(raw)  # type: ignore[call-overload]  # str or int; checked by except
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise TypeError
+            return float(raw)  # type: ignore[arg-type]  # str, int or float
+        if kind == "Path":
+            if not isinstance(raw, str):
+                raise TypeError
+            return Path(raw)
+        if not isinstance(raw, str):
+            raise TypeError
+        return raw
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{origin}: {name} must be a {kind}") from None
+
+
+def load_config(
+    data_dir: Path | str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> GatewayConfig:
+    """Read ``<data_dir>/gateway.toml``, apply ``CPNS_GATEWAY_*`` then ``overrides``.
+
+    Relative ``ca_file`` values are taken relative to the data directory.
+
+    Raises:
+        ConfigurationError: the file is missing or invalid, or a value is wrong.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / CONFIG_FILE
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"{path} not found: enrol the gateway first (cpns gateway enroll)"
+        ) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from None
+    values: dict[str, object] = {}
+    for name, raw in table.items():
+        if name not in _FIELDS:
+            raise ConfigurationError(f"{path}: unknown setting {name!r}")
+        values[name] = _convert(name, raw, str(path))
+    env = os.environ if environ is None else environ
+    for name in _FIELDS:
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            values[name] = _convert(name, env[var], var)
+    for name, value in (overrides or {}).items():
+        if name not in _FIELDS:
+            raise ConfigurationError(f"unknown setting {name!r}")
+        values[name] = value
+    missing = [n for n in ("entity_id", "server_url", "ca_file") if n not in values]
+    if missing:
+        raise ConfigurationError(f"{path}: missing {', '.join(missing)}")
+    ca = values["ca_file"]
+    if isinstance(ca, Path) and not ca.is_absolute():
+        values["ca_file"] = data_dir / ca
+    try:
+        return GatewayConfig(data_dir=data_dir, **values)  # type: ignore[arg-type]  # checked
+    except TypeError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string (escapes quotes, backslashes and control characters)."""
+    out = ['"']
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def write_config(config: GatewayConfig) -> None:
+    """Write ``gateway.toml`` for ``config`` atomically (the ca_file path made absolute)."""
+    lines = ["# PN GW configuration, written by `cpns gateway enroll`; no secrets here.", ""]
+    for name in _FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, Path):
+            value = str(value.resolve())
+        if isinstance(value, str):
+            lines.append(f"{name} = {_toml_string(value)}")
+        else:
+            lines.append(f"{name} = {value!r}")
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private_file(config.config_file, ("\n".join(lines) + "\n").encode(), overwrite=True)

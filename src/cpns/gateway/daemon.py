@@ -1,0 +1,1001 @@
+"""The PN GW daemon: enrolment, EUKey assignment for PNEs without UI (003), the PAN side.
+
+Theory of operation
+-------------------
+The daemon is a thin asyncio shell around the sans-I/O machines of
+:mod:`cpns.protocol.key_assignment` (STYLE §7). It holds three things:
+
+* the **key store** (:class:`~cpns.store.keystore.LocalKeyStore` ``gateway``): its own
+  EUKey, and per PNE the outstanding request and the received TK + EUKey set. It is the
+  only state that matters: everything in memory can be rebuilt from it;
+* the **PAN listener**: TCP, one framed CPNS message per frame
+  (:mod:`cpns.transport.stream`). A PNE attaches with :class:`PNEHello` (``dst`` is the
+  literal ``"pan"``: whichever PN GW answers the link) and the daemon keeps a routing
+  table Entity ID -> connection;
+* the **control socket**: a Unix socket in the (0700) data directory speaking JSON lines,
+  used by ``cpns gateway assign`` / ``status``. The password key travels over it; the
+  password itself never reaches the daemon (the CLI derives the key).
+
+The 003 PN GW role, step by step, with what is persisted *before* what depends on it
+(DESIGN §6):
+
+1. ``assign``: :meth:`EUKeyAssignmentGateway.start` builds the request. Its encoding is
+   stored (``request``) **before** it is sent, so a restart resends the same bytes and the
+   server, which keeps the reply of every transaction, answers with the same response.
+2. The response is fed to the machine. On :class:`EUKeySetReceived` the TK, the set, the
+   selected index and the txid are stored (``set``, ``delivered=False``) **before** the
+   Notification goes to the PNE (003 §7.4.2.1.1.3 step 1 "SHALL store", then step 3).
+3. The Notification is sent if the PNE is attached, else when it attaches; after a
+   restart the machine is rebuilt with :meth:`EUKeyAssignmentGateway.resume`.
+4. The PNE's acknowledgement (our D-003-4) is verified by the machine and
+   ``delivered=True`` is stored. A duplicate or late Ack is harmless and ignored.
+
+A restart between any two steps therefore loses nothing: pending requests are resent at
+start-up (and every ``retry_interval`` while the server is unreachable), pending
+deliveries are offered again whenever the PNE (re)attaches.
+
+Failures are typed and name the hop (DESIGN §5): the server's verdict is relayed
+unchanged with hop ``server``; an unreachable server is ``UPSTREAM_UNAVAILABLE`` at
+``gateway->server``; a PNE refusing its key is reported at ``device``. On the PAN link,
+undecodable frames or unexpected messages get an :class:`ErrorMessage` and the connection
+is closed; nothing a peer sends can stop the daemon.
+
+Logs carry Entity IDs, txids (hex) and status names, never keys, TKs or password keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cpns.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    DecodeError,
+    ErrorCode,
+    ProcedureRejected,
+    StoreError,
+    TransportError,
+)
+from cpns.gateway.config import GatewayConfig
+from cpns.gateway.upstream import HOP as UPSTREAM_HOP
+from cpns.gateway.upstream import ServerClient, Upstream, UpstreamAuthFailed
+from cpns.messages.codec import decode, encode
+from cpns.messages.constants import ID_PATTERN, TXID_LEN
+from cpns.messages.model import (
+    ErrorMessage,
+    EUKeyAssignmentAck,
+    EUKeyAssignmentRequest,
+    EUKeyAssignmentResponse,
+    Message,
+    PNEHello,
+    UserKeyAssignmentResponse,
+)
+from cpns.protocol._machine import Event, ProcedureFailed
+from cpns.protocol.key_assignment import (
+    EUKeyAssignmentGateway,
+    EUKeyDelivered,
+    EUKeySetReceived,
+    GatewayState,
+)
+from cpns.protocol.user_key_assignment import EUKeyReceived, UserKeyAssignmentClient
+from cpns.runtime import SystemRandom, wall_time
+from cpns.store.keystore import LocalKeyStore
+from cpns.store.masterkey import write_private_file
+from cpns.transport.stream import read_message, write_message
+from cpns.types import EntityKind, Random
+
+__all__ = [
+    "PAN_ADDRESS",
+    "STORE_NAME",
+    "AssignResult",
+    "GatewayDaemon",
+    "enroll",
+]
+
+log = logging.getLogger("cpns.gateway")
+
+#: Name of the gateway's key store in its data directory.
+STORE_NAME: Final = "gateway"
+#: Version of the store layout written by this module.
+STORE_VERSION: Final = 1
+#: Destination a PNE uses in PNEHello: "whichever PN GW answers this link".
+PAN_ADDRESS: Final = "pan"
+#: Seconds to let connection handlers finish at shutdown before cancelling them.
+_SHUTDOWN_GRACE: Final = 2.0
+#: Longest control request line, bytes.
+_CONTROL_LIMIT: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AssignResult:
+    """Outcome of one ``assign``, as returned on the control socket."""
+
+    #: Whether no party refused (the key may still await delivery: see ``stage``).
+    ok: bool
+    #: ErrorCode name: "OK", or the refusal (the server's verdict relayed unchanged).
+    status: str
+    #: Furthest step reached: "requested", "stored" (set stored) or "delivered" (acked).
+    stage: str
+    #: Who decided a failure: "server", "gateway", "gateway->server", "device"; None if ok.
+    hop: str | None = None
+    #: PNE Entity ID.
+    pne_id: str = ""
+    #: Transaction ID (hex): the correlation ID in every party's logs.
+    txid: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        """The control-socket reply."""
+        return {
+            "ok": self.ok,
+            "status": self.status,
+            "stage": self.stage,
+            "hop": self.hop,
+            "pne_id": self.pne_id,
+            "txid": self.txid,
+        }
+
+
+def _code_name(code: ErrorCode | int) -> str:
+    return code.name if isinstance(code, ErrorCode) else str(code)
+
+
+# -- enrolment (004 §5.x.1) -----------------------------------------------------------------
+
+
+async def enroll(
+    config: GatewayConfig,
+    user_id: str,
+    password_key: bytes,
+    *,
+    upstream: Upstream | None = None,
+    rng: Random | None = None,
+    clock: Callable[[], int] = wall_time,
+) -> None:
+    """Obtain the gateway's own EUKey from the server and store it (004 §5.x.1).
+
+    Runs :class:`UserKeyAssignmentClient` (no Digest: the password proof is inside the
+    request). The store keeps any PNE records it already had; re-enrolling replaces the
+    EUKey only.
+
+    Raises:
+        ProcedureRejected: the server refused (its status), or its answer did not verify.
+        TransportError: the server is unreachable.
+        StoreError: the key store is in use by a running daemon, or cannot be written.
+        ConfigurationError: the data directory belongs to another Entity ID.
+    """
+    rng = rng if rng is not None else SystemRandom()
+    store = LocalKeyStore.open_or_create(config.data_dir, STORE_NAME)
+    with store.lock():
+        data = store.load()
+        if data.get("entity_id") not in (None, config.entity_id):
+            raise ConfigurationError(
+                f"{config.data_dir} belongs to gateway {data['entity_id']!r}, "
+                f"not {config.entity_id!r}"
+            )
+        machine = UserKeyAssignmentClient(
+            entity_id=config.entity_id,
+            entity_kind=EntityKind.PN_GW,
+            server_id=config.server_id,
+            rng=rng,
+        )
+        machine.start(user_id=user_id, password_key=password_key, now=clock())
+        (request,) = machine.messages_to_send()
+        log.info(
+            "enrolling %s for user %s (txid %s)", config.entity_id, user_id, request.txid.hex()
+        )
+        owned = upstream is None
+        client: Upstream = (
+            upstream
+            if upstream is not None
+            else ServerClient(
+                server_url=config.server_url,
+                ca_file=config.ca_file,
+                entity_id=config.entity_id,
+                eukey=None,
+                per_try_timeout=config.per_try_timeout,
+                retries=config.retries,
+            )
+        )
+        try:
+            reply = await client.exchange(request)
+        finally:
+            if owned:
+                assert isinstance(client, ServerClient)
+                await client.aclose()
+        hop = "gateway"
+        if isinstance(reply, ErrorMessage):
+            events = machine.fail(reply.status, "server answered with an ErrorMessage")
+            hop = "server"
+        else:
+            if isinstance(reply, UserKeyAssignmentResponse) and reply.status is not ErrorCode.OK:
+                hop = "server"  # the server's verdict; anything else we decided
+            events = machine.receive(reply)
+        for event in events:
+            if isinstance(event, EUKeyReceived):
+                data.update(
+                    version=STORE_VERSION,
+                    entity_id=config.entity_id,
+                    user_id=user_id,
+                    eukey=event.eukey,
+                    server_id=config.server_id,
+                    enrolled_at=clock(),
+                )
+                data.setdefault("pnes", {})
+                store.save(data)
+                log.info("enrolled %s (txid %s)", config.entity_id, request.txid.hex())
+                return
+            if isinstance(event, ProcedureFailed):
+                log.warning(
+                    "enrolment of %s refused: %s at %s (%s)",
+                    config.entity_id,
+                    _code_name(event.code),
+                    hop,
+                    event.reason,
+                )
+                raise ProcedureRejected(event.code, event.reason, hop=hop)
+        raise ProcedureRejected(ErrorCode.INTERNAL_ERROR, "no outcome", hop="gateway")
+
+
+# -- the daemon -----------------------------------------------------------------------------
+
+
+class _Link:
+    """One PAN connection; ``pne_id`` is set by its PNEHello."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.pne_id: str | None = None
+        self._send_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<PAN link {self.pne_id or '?'}>"
+
+    async def send(self, message: Message) -> bool:
+        """Write one message; False if the peer is gone."""
+        async with self._send_lock:
+            try:
+                await write_message(self.writer, message)
+            except (OSError, RuntimeError):
+                return False
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class GatewayDaemon:
+    """The PN GW daemon over one data directory.
+
+    Use :meth:`run` from the CLI (signals, then a graceful stop), or :meth:`start` /
+    :meth:`stop` from tests. ``upstream`` replaces the HTTPS :class:`ServerClient` (the
+    caller then owns and closes it); ``rng`` and ``clock`` are the machines' randomness and
+    wall clock.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        upstream: Upstream | None = None,
+        rng: Random | None = None,
+        clock: Callable[[], int] = wall_time,
+    ) -> None:
+        self._config = config
+        self._store = LocalKeyStore.open_or_create(config.data_dir, STORE_NAME)
+        self._upstream = upstream
+        self._owns_upstream = upstream is None
+        self._rng: Random = rng if rng is not None else SystemRandom()
+        self._clock = clock
+        self._data: dict[str, Any] = {}
+        self._eukey = b""
+        self._pan: asyncio.Server | None = None
+        self._control: asyncio.Server | None = None
+        self._routes: dict[str, _Link] = {}
+        self._deliveries: dict[str, EUKeyAssignmentGateway] = {}
+        self._waiters: dict[str, list[tuple[bytes, asyncio.Future[AssignResult]]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._stop_requested = asyncio.Event()
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"<GatewayDaemon {self._config.entity_id} {str(self._config.data_dir)!r}>"
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The configuration in use."""
+        return self._config
+
+    @property
+    def pan_port(self) -> int:
+        """The bound PAN TCP port (after :meth:`start`)."""
+        if self._pan is None:
+            raise RuntimeError("the daemon is not started")
+        return int(self._pan.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Lock the store, bind the PAN and control listeners, resend pending requests.
+
+        Raises:
+            StoreError: another daemon holds the store, or it cannot be read.
+            ConfigurationError: the gateway is not enrolled, or enrolled as another entity.
+            OSError: a listener cannot be bound.
+        """
+        if self._started:
+            raise RuntimeError("already started")
+        self._store.lock()
+        self._started = True
+        try:
+            self._data = self._store.load()
+            eukey = self._data.get("eukey")
+            if not isinstance(eukey, bytes):
+                raise ConfigurationError(
+                    f"gateway in {self._config.data_dir} is not enrolled (cpns gateway enroll)"
+                )
+            if self._data.get("entity_id") != self._config.entity_id:
+                raise ConfigurationError(
+                    f"key store belongs to {self._data.get('entity_id')!r}, "
+                    f"configuration says {self._config.entity_id!r}"
+                )
+            self._eukey = eukey
+            self._data.setdefault("pnes", {})
+            if self._upstream is None:
+                self._upstream = ServerClient(
+                    server_url=self._config.server_url,
+                    ca_file=self._config.ca_file,
+                    entity_id=self._config.entity_id,
+                    eukey=eukey,
+                    per_try_timeout=self._config.per_try_timeout,
+                    retries=self._config.retries,
+                    rng=self._rng,
+                )
+            self._pan = await asyncio.start_server(
+                self._handle_pan, self._config.pan_host, self._config.pan_port
+            )
+            write_private_file(
+                self._config.port_file, f"{self.pan_port}\n".encode(), overwrite=True
+            )
+            sock = self._config.control_socket
+            # We hold the store lock, so no other daemon uses this socket: a leftover
+            # file is from a crashed run.
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            self._control = await asyncio.start_unix_server(
+                self._handle_control, path=str(sock), limit=_CONTROL_LIMIT
+            )
+            os.chmod(sock, 0o600)  # the password key travels here: owner only
+        except BaseException:
+            await self.stop()
+            raise
+        self._spawn(self._retry_loop())
+        log.info(
+            "PN GW %s listening on PAN %s:%d, control %s",
+            self._config.entity_id,
+            self._config.pan_host,
+            self.pan_port,
+            self._config.control_socket,
+        )
+
+    def request_shutdown(self) -> None:
+        """Ask :meth:`run` to stop (signal handlers and the ``shutdown`` op call this)."""
+        self._stop_requested.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until a shutdown is requested."""
+        await self._stop_requested.wait()
+
+    async def stop(self) -> None:
+        """Close the listeners and connections, cancel background work, release the lock."""
+        if not self._started:
+            return
+        self._started = False
+        for server in (self._pan, self._control):
+            if server is not None:
+                server.close()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        for writer in list(self._writers):
+            writer.close()
+        if self._handlers:
+            _, pending = await asyncio.wait(self._handlers, timeout=_SHUTDOWN_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for server in (self._pan, self._control):
+            if server is not None:
+                await server.wait_closed()
+        self._pan = self._control = None
+        for pne_id, waiters in self._waiters.items():
+            for _, fut in waiters:
+                if not fut.done():
+                    fut.set_result(self._stage_result(pne_id))
+        self._waiters.clear()
+        if self._owns_upstream and isinstance(self._upstream, ServerClient):
+            await self._upstream.aclose()
+            self._upstream = None
+        for path in (self._config.control_socket, self._config.port_file):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._store.unlock()
+        log.info("PN GW %s stopped", self._config.entity_id)
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Start, serve until SIGTERM/SIGINT or a ``shutdown`` op, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        installed: list[signal.Signals] = []
+        try:
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                        loop.add_signal_handler(sig, self.request_shutdown)
+                        installed.append(sig)
+            await self._stop_requested.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- store ------------------------------------------------------------------------
+
+    def _pnes(self) -> dict[str, dict[str, Any]]:
+        pnes: dict[str, dict[str, Any]] = self._data["pnes"]
+        return pnes
+
+    def _save(self) -> None:
+        """Persist the whole map (atomic, fsynced). Raises StoreError."""
+        self._store.save(self._data)
+
+    def _lock_for(self, pne_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(pne_id, asyncio.Lock())
+
+    def _new_machine(self) -> EUKeyAssignmentGateway:
+        return EUKeyAssignmentGateway(
+            gateway_id=self._config.entity_id,
+            gateway_eukey=self._eukey,
+            server_id=self._config.server_id,
+            rng=self._rng,
+        )
+
+    @staticmethod
+    def _stage_of(record: dict[str, Any]) -> str:
+        if "request" in record:
+            return "requested"
+        key_set = record.get("set")
+        if key_set is None:
+            return "none"
+        return "delivered" if key_set["delivered"] else "stored"
+
+    def _stage_result(self, pne_id: str) -> AssignResult:
+        record = self._pnes().get(pne_id, {})
+        stage = self._stage_of(record)
+        key_set = record.get("set")
+        txid = key_set["txid"].hex() if key_set else ""
+        return AssignResult(ok=True, status="OK", stage=stage, pne_id=pne_id, txid=txid)
+
+    # -- 003 PN GW role: request / response ---------------------------------------------
+
+    async def assign(
+        self, pne_id: str, user_id: str, password_key: bytes, *, wait: float = 0.0
+    ) -> AssignResult:
+        """Run the 003 PN GW role for ``pne_id``; wait up to ``wait`` s for delivery.
+
+        Never raises for protocol, transport or store failures: they come back as a
+        refused :class:`AssignResult` naming the status and the hop.
+        """
+        for value in (pne_id, user_id):
+            if ID_PATTERN.fullmatch(value) is None:
+                return AssignResult(
+                    ok=False,
+                    status="MALFORMED_MESSAGE",
+                    stage="requested",
+                    hop="gateway",
+                    pne_id=pne_id,
+                )
+        if len(password_key) != 32:
+            return AssignResult(
+                ok=False,
+                status="MALFORMED_MESSAGE",
+                stage="requested",
+                hop="gateway",
+                pne_id=pne_id,
+            )
+        async with self._lock_for(pne_id):
+            machine = self._new_machine()
+            machine.start(
+                pne_id=pne_id, user_id=user_id, password_key=password_key, now=self._clock()
+            )
+            request = machine.request
+            assert request is not None
+            record = self._pnes().setdefault(pne_id, {})
+            previous = record.get("request")
+            # Persist the request BEFORE sending it: a restart resends the same bytes.
+            record["request"] = {
+                "txid": request.txid,
+                "encoded": encode(request),
+                "user_id": user_id,
+                "created_at": self._clock(),
+            }
+            try:
+                self._save()
+            except StoreError as exc:
+                if previous is None:
+                    record.pop("request", None)
+                else:
+                    record["request"] = previous
+                log.error("cannot persist the request for %s: %s", pne_id, exc)
+                return AssignResult(
+                    ok=False,
+                    status="INTERNAL_ERROR",
+                    stage="requested",
+                    hop="gateway",
+                    pne_id=pne_id,
+                    txid=request.txid.hex(),
+                )
+            log.info(
+                "EUKey assignment for PNE %s (user %s) requested, txid %s",
+                pne_id,
+                user_id,
+                request.txid.hex(),
+            )
+            waiter: asyncio.Future[AssignResult] | None = None
+            if wait > 0:
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.setdefault(pne_id, []).append((request.txid, waiter))
+            result = await self._complete_request(pne_id, machine)
+        if waiter is None:
+            return result
+        try:
+            if not result.ok or result.stage != "stored":
+                return result
+            done, _ = await asyncio.wait({waiter}, timeout=wait)
+            return waiter.result() if done else result
+        finally:
+            self._drop_waiter(pne_id, waiter)
+
+    def _drop_waiter(self, pne_id: str, waiter: asyncio.Future[AssignResult]) -> None:
+        waiters = self._waiters.get(pne_id, [])
+        self._waiters[pne_id] = [(t, f) for t, f in waiters if f is not waiter]
+        if not self._waiters[pne_id]:
+            del self._waiters[pne_id]
+        if not waiter.done():
+            waiter.cancel()
+
+    def _resolve(self, pne_id: str, txid: bytes, result: AssignResult) -> None:
+        for wanted, fut in self._waiters.get(pne_id, []):
+            if wanted == txid and not fut.done():
+                fut.set_result(result)
+
+    async def _complete_request(self, pne_id: str, machine: EUKeyAssignmentGateway) -> AssignResult:
+        """Send the machine's (persisted) request, feed the answer, store, notify."""
+        (request,) = machine.messages_to_send()
+        assert isinstance(request, EUKeyAssignmentRequest)
+        txid = request.txid.hex()
+        assert self._upstream is not None
+        try:
+            reply = await self._upstream.exchange(request)
+        except TransportError as exc:
+            # The request stays stored: it is resent at start-up and by the retry loop.
+            log.warning("txid %s for PNE %s: %s", txid, pne_id, exc)
+            return AssignResult(
+                ok=False,
+                status="UPSTREAM_UNAVAILABLE",
+                stage="requested",
+                hop=UPSTREAM_HOP,
+                pne_id=pne_id,
+                txid=txid,
+            )
+        except AuthenticationFailed as exc:
+            hop = exc.hop if isinstance(exc, UpstreamAuthFailed) else "server"
+            log.warning(
+                "txid %s for PNE %s: Digest failed at %s: %s", txid, pne_id, hop, exc.reason
+            )
+            return self._refused(pne_id, request, ErrorCode.AUTHENTICATION_FAILED, hop)
+        events: list[Event]
+        hop = "gateway"
+        if isinstance(reply, ErrorMessage):
+            events = machine.fail(reply.status, "server answered with an ErrorMessage")
+            hop = "server"
+        else:
+            if isinstance(reply, EUKeyAssignmentResponse) and reply.status is not ErrorCode.OK:
+                hop = "server"  # DESIGN §5: the server's verdict, relayed unchanged
+            events = machine.receive(reply)
+        for event in events:
+            if isinstance(event, ProcedureFailed):
+                log.warning(
+                    "txid %s for PNE %s refused: %s at %s (%s)",
+                    txid,
+                    pne_id,
+                    _code_name(event.code),
+                    hop,
+                    event.reason,
+                )
+                return self._refused(pne_id, request, event.code, hop)
+            if isinstance(event, EUKeySetReceived):
+                return await self._store_set(pne_id, request, event, machine)
+        return self._refused(pne_id, request, ErrorCode.INTERNAL_ERROR, "gateway")
+
+    def _refused(
+        self, pne_id: str, request: EUKeyAssignmentRequest, code: ErrorCode | int, hop: str
+    ) -> AssignResult:
+        """A definitive refusal: forget the request (keep any earlier key set)."""
+        record = self._pnes().get(pne_id, {})
+        if record.get("request", {}).get("txid") == request.txid:
+            del record["request"]
+        record["last_status"] = _code_name(code)
+        with contextlib.suppress(StoreError):
+            self._save()  # if this fails the request is resent later and refused again
+        return AssignResult(
+            ok=False,
+            status=_code_name(code),
+            stage="requested",
+            hop=hop,
+            pne_id=pne_id,
+            txid=request.txid.hex(),
+        )
+
+    async def _store_set(
+        self,
+        pne_id: str,
+        request: EUKeyAssignmentRequest,
+        event: EUKeySetReceived,
+        machine: EUKeyAssignmentGateway,
+    ) -> AssignResult:
+        """003 §7.4.2.1.1.3 step 1: store TK and [EUKeyPNE] BEFORE notifying the PNE."""
+        txid = request.txid.hex()
+        record = self._pnes().setdefault(pne_id, {})
+        before = dict(record)
+        record.pop("request", None)
+        record["set"] = {
+            "txid": request.txid,
+            "user_id": event.user_id,
+            "tk": event.tk,
+            "eukeys": list(event.eukeys),
+            "key_index": event.key_index,
+            "delivered": False,
+            "stored_at": self._clock(),
+        }
+        record["last_status"] = "OK"
+        try:
+            self._save()
+        except StoreError as exc:
+            record.clear()
+            record.update(before)
+            machine.messages_to_send()  # never send what is not stored
+            log.error("txid %s: cannot store the key set of %s: %s", txid, pne_id, exc)
+            return AssignResult(
+                ok=False,
+                status="INTERNAL_ERROR",
+                stage="requested",
+                hop="gateway",
+                pne_id=pne_id,
+                txid=txid,
+            )
+        log.info("txid %s: EUKey set for PNE %s stored (index %d)", txid, pne_id, event.key_index)
+        self._deliveries[pne_id] = machine
+        notification = machine.messages_to_send()
+        link = self._routes.get(pne_id)
+        if link is not None:
+            for message in notification:
+                if await link.send(message):
+                    log.info("txid %s: Notification sent to PNE %s", txid, pne_id)
+        else:
+            log.info("txid %s: PNE %s not attached; delivery pending", txid, pne_id)
+        return AssignResult(ok=True, status="OK", stage="stored", pne_id=pne_id, txid=txid)
+
+    async def _retry_loop(self) -> None:
+        """Resend stored requests now (start-up) and then every ``retry_interval``."""
+        while True:
+            for pne_id, record in list(self._pnes().items()):
+                stored: dict[str, Any] | None = record.get("request")
+                lock = self._lock_for(pne_id)
+                if stored is None or lock.locked():
+                    continue
+                encoded: bytes = stored["encoded"]
+                async with lock:
+                    if record.get("request") is not stored:
+                        continue
+                    try:
+                        request = decode(encoded)
+                        if not isinstance(request, EUKeyAssignmentRequest):
+                            raise DecodeError("not an EUKeyAssignmentRequest")
+                    except DecodeError:
+                        log.error("stored request for %s is unreadable; dropped", pne_id)
+                        del record["request"]
+                        with contextlib.suppress(StoreError):
+                            self._save()
+                        continue
+                    machine = self._new_machine()
+                    machine.resend(request)
+                    log.info("resending txid %s for PNE %s", request.txid.hex(), pne_id)
+                    try:
+                        await self._complete_request(pne_id, machine)
+                    except Exception:
+                        log.exception("resend for %s failed", pne_id)
+            await asyncio.sleep(self._config.retry_interval)
+
+    # -- 003 PN GW role: PAN side ----------------------------------------------------
+
+    def _pending_set(self, pne_id: str) -> dict[str, Any] | None:
+        key_set: dict[str, Any] | None = self._pnes().get(pne_id, {}).get("set")
+        if key_set is None or key_set["delivered"]:
+            return None
+        return key_set
+
+    def _delivery_machine(self, pne_id: str, key_set: dict[str, Any]) -> EUKeyAssignmentGateway:
+        """The live machine awaiting this PNE's Ack, rebuilt from the store if needed."""
+        machine = self._deliveries.get(pne_id)
+        if machine is not None and machine.state is GatewayState.EXPECT_ACK:
+            machine.renotify()
+            return machine
+        machine = self._new_machine()
+        machine.resume(
+            EUKeySetReceived(
+                pne_id=pne_id,
+                user_id=key_set["user_id"],
+                tk=key_set["tk"],
+                eukeys=tuple(key_set["eukeys"]),
+                key_index=key_set["key_index"],
+            ),
+            txid=key_set["txid"],
+        )
+        self._deliveries[pne_id] = machine
+        return machine
+
+    async def _offer_delivery(self, link: _Link, pne_id: str) -> None:
+        key_set = self._pending_set(pne_id)
+        if key_set is None:
+            return
+        machine = self._delivery_machine(pne_id, key_set)
+        for message in machine.messages_to_send():
+            if await link.send(message):
+                log.info("txid %s: Notification (re)sent to PNE %s", key_set["txid"].hex(), pne_id)
+
+    async def _refuse(self, link: _Link, code: ErrorCode, txid: bytes = bytes(TXID_LEN)) -> None:
+        await link.send(
+            ErrorMessage(
+                txid=txid, src=self._config.entity_id, dst=link.pne_id or PAN_ADDRESS, status=code
+            )
+        )
+
+    async def _handle_pan(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.add(writer)
+        link = _Link(reader, writer)
+        peer = writer.get_extra_info("peername")
+        try:
+            while True:
+                try:
+                    message = await read_message(reader)
+                except DecodeError as exc:
+                    log.warning(
+                        "PAN %s (%s): undecodable frame: %s", link.pne_id or "?", peer, exc.reason
+                    )
+                    await self._refuse(link, exc.code)
+                    break
+                if message is None or not await self._on_pan_message(link, message):
+                    break
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.info("PAN %s (%s): connection lost: %s", link.pne_id or "?", peer, exc)
+        except Exception:  # never let one connection take the daemon down
+            log.exception("PAN %s (%s): handler failed", link.pne_id or "?", peer)
+        finally:
+            if link.pne_id is not None and self._routes.get(link.pne_id) is link:
+                del self._routes[link.pne_id]
+                log.info("PNE %s detached", link.pne_id)
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+            self._handlers.discard(task)
+
+    async def _on_pan_message(self, link: _Link, message: Message) -> bool:
+        """Handle one message from a PAN link; False closes the link."""
+        if link.pne_id is None:
+            if not isinstance(message, PNEHello):
+                log.warning("PAN: %s before PNEHello", message.TYPE.name)
+                await self._refuse(link, ErrorCode.UNEXPECTED_MESSAGE, message.txid)
+                return False
+            if message.dst not in (PAN_ADDRESS, self._config.entity_id):
+                await self._refuse(link, ErrorCode.WRONG_DESTINATION, message.txid)
+                return False
+            link.pne_id = message.src
+            old = self._routes.get(message.src)
+            self._routes[message.src] = link
+            if old is not None and old is not link:
+                old.close()  # the PNE reconnected: the newest link wins
+            log.info("PNE %s attached (holds key index %d)", message.src, message.key_index)
+            await self._offer_delivery(link, message.src)
+            return True
+        if isinstance(message, EUKeyAssignmentAck):
+            return await self._on_ack(link, message)
+        log.warning("PAN %s: unexpected %s", link.pne_id, message.TYPE.name)
+        await self._refuse(link, ErrorCode.UNEXPECTED_MESSAGE, message.txid)
+        return False
+
+    async def _on_ack(self, link: _Link, ack: EUKeyAssignmentAck) -> bool:
+        pne_id = link.pne_id
+        assert pne_id is not None
+        if ack.src != pne_id:
+            log.warning("PAN %s: Ack claims to come from %s", pne_id, ack.src)
+            await self._refuse(link, ErrorCode.NOT_AUTHORIZED, ack.txid)
+            return False
+        key_set = self._pnes().get(pne_id, {}).get("set")
+        if key_set is None or key_set["txid"] != ack.txid or key_set["delivered"]:
+            # A duplicate or late Ack (a lost message retried) is harmless.
+            log.info(
+                "PNE %s: Ack for txid %s ignored (nothing outstanding)", pne_id, ack.txid.hex()
+            )
+            return True
+        machine = self._deliveries.get(pne_id)
+        if machine is None or machine.state is not GatewayState.EXPECT_ACK:
+            machine = self._delivery_machine(pne_id, key_set)
+            machine.messages_to_send()  # the Ack answers an earlier Notification
+        txid = ack.txid.hex()
+        for event in machine.receive(ack):
+            if isinstance(event, EUKeyDelivered):
+                key_set["delivered"] = True
+                key_set["delivered_at"] = self._clock()
+                self._deliveries.pop(pne_id, None)
+                try:
+                    self._save()
+                except StoreError as exc:
+                    # Not stored: the Notification is offered again next time; the PNE
+                    # answers it again (it already holds that key).
+                    key_set["delivered"] = False
+                    log.error("txid %s: cannot store delivery to %s: %s", txid, pne_id, exc)
+                    return True
+                log.info("txid %s: EUKey %d delivered to PNE %s", txid, event.key_index, pne_id)
+                self._resolve(
+                    pne_id,
+                    ack.txid,
+                    AssignResult(ok=True, status="OK", stage="delivered", pne_id=pne_id, txid=txid),
+                )
+            elif isinstance(event, ProcedureFailed):
+                self._deliveries.pop(pne_id, None)
+                log.warning(
+                    "txid %s: PNE %s did not take the key: %s (%s)",
+                    txid,
+                    pne_id,
+                    _code_name(event.code),
+                    event.reason,
+                )
+                self._resolve(
+                    pne_id,
+                    ack.txid,
+                    AssignResult(
+                        ok=False,
+                        status=_code_name(event.code),
+                        stage="stored",
+                        hop="device",
+                        pne_id=pne_id,
+                        txid=txid,
+                    ),
+                )
+                if ack.status is ErrorCode.OK:  # a proof that does not verify
+                    await self._refuse(link, ErrorCode.AUTHENTICATION_FAILED, ack.txid)
+                    return False
+        return True
+
+    # -- control socket ------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        """The daemon's state for ``status``: IDs, indexes and flags, never key material."""
+        pnes = []
+        for pne_id, record in sorted(self._pnes().items()):
+            key_set = record.get("set")
+            pnes.append(
+                {
+                    "pne_id": pne_id,
+                    "stage": self._stage_of(record),
+                    "user_id": (key_set or record.get("request") or {}).get("user_id"),
+                    "key_index": key_set["key_index"] if key_set else 0,
+                    "delivered": bool(key_set and key_set["delivered"]),
+                    "txid": key_set["txid"].hex() if key_set else None,
+                    "connected": pne_id in self._routes,
+                    "last_status": record.get("last_status"),
+                }
+            )
+        return {
+            "ok": True,
+            "status": "OK",
+            "running": True,
+            "entity_id": self._config.entity_id,
+            "user_id": self._data.get("user_id"),
+            "server_url": self._config.server_url,
+            "pan": {
+                "host": self._config.pan_host,
+                "port": self.pan_port if self._pan is not None else None,
+            },
+            "attached": sorted(self._routes),
+            "pnes": pnes,
+        }
+
+    async def _handle_control(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.add(writer)
+        try:
+            while line := await reader.readline():
+                reply = await self._control_op(line)
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+            self._handlers.discard(task)
+
+    async def _control_op(self, line: bytes) -> dict[str, object]:
+        def bad(why: str) -> dict[str, object]:
+            return {
+                "ok": False,
+                "status": "MALFORMED_MESSAGE",
+                "stage": None,
+                "hop": "gateway",
+                "error": why,
+            }
+
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return bad("not JSON")
+        if not isinstance(request, dict):
+            return bad("not a JSON object")
+        op = request.get("op")
+        try:
+            if op == "status":
+                return self.status()
+            if op == "shutdown":
+                log.info("shutdown requested on the control socket")
+                self.request_shutdown()
+                return {"ok": True, "status": "OK"}
+            if op == "assign":
+                pne_id, user_id = request.get("pne_id"), request.get("user_id")
+                key_hex, wait = request.get("password_key"), request.get("wait", 0)
+                if not (
+                    isinstance(pne_id, str)
+                    and isinstance(user_id, str)
+                    and isinstance(key_hex, str)
+                ):
+                    return bad("assign needs pne_id, user_id and password_key (hex)")
+                if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+                    return bad("wait must be a non-negative number of seconds")
+                try:
+                    password_key = bytes.fromhex(key_hex)
+                except ValueError:
+                    return bad("password_key must be hex")
+                result = await self.assign(pne_id, user_id, password_key, wait=float(wait))
+                return result.to_json()
+        except Exception:  # a control client must never take the daemon down
+            log.exception("control op %r failed", op)
+            return {"ok": False, "status": "INTERNAL_ERROR", "stage": None, "hop": "gateway"}
+        return bad(f"unknown op {op!r}")
