@@ -1,0 +1,58 @@
+"""Fixtures shared by every test: a seeded RNG, a fixed clock, in-memory server facts and
+cached password keys (STYLE §8). The classes live in :mod:`tests.helpers`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from cpns.crypto.kdf import password_key as _derive_password_key
+from tests.helpers import FIXED_NOW, REALM, Directory, FixedRandom, standard_directory
+
+# deadline=None: scrypt and the first call of a code path make timings noisy, and a
+# flaky deadline is worse than none. Each property test sets its own max_examples.
+settings.register_profile(
+    "cpns",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("cpns")
+
+
+@functools.cache
+def cached_password_key(user_id: str, password: str) -> bytes:
+    """The scrypt password key (about 50 ms), computed once per (user, password) per run."""
+    return _derive_password_key(password, realm=REALM, user_id=user_id)
+
+
+@pytest.fixture
+def rng() -> FixedRandom:
+    """A fresh deterministic RNG (seed 1234)."""
+    return FixedRandom(1234)
+
+
+@pytest.fixture
+def fixed_now() -> int:
+    """The wall-clock 'now' of protocol tests, in epoch seconds."""
+    return FIXED_NOW
+
+
+@pytest.fixture(scope="session")
+def password_key() -> Callable[[str, str], bytes]:
+    """``password_key(user_id, password)``: the realm's scrypt password key, cached."""
+    return cached_password_key
+
+
+@pytest.fixture
+def directory() -> Directory:
+    """Empty in-memory server facts (users, entities, TK records, used nonces)."""
+    return Directory()
+
+
+@pytest.fixture
+def world(password_key: Callable[[str, str], bytes]) -> Directory:
+    """alice with gw-alice, bob with gw-bob, TK records of pne-1 and pne-2."""
+    return standard_directory(password_key)

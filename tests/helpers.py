@@ -1,0 +1,219 @@
+"""Shared test doubles: a seeded RNG, an in-memory directory of server facts, and the
+``Exchange`` driver that moves messages between state machines (after h11's
+``ConnectionPair`` and aioquic's ``client_and_server``/``roundtrip``).
+
+Nothing here reads the real clock or the OS RNG: every test is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cpns.messages.codec import decode, encode
+from cpns.messages.model import Message
+from cpns.protocol._machine import Event, Machine, NonceConsumed
+from cpns.protocol.key_assignment import EUKeyChainAssigned, ServerLookups
+from cpns.protocol.user_key_assignment import EUKeyAssigned
+from cpns.records import EntityRecord, TKRecord, UserRecord
+from cpns.types import EntityKind
+
+__all__ = [
+    "FIXED_NOW",
+    "GATEWAY_KEYS",
+    "PASSWORDS",
+    "REALM",
+    "SERVER_ID",
+    "TKS",
+    "Directory",
+    "Exchange",
+    "FixedRandom",
+    "standard_directory",
+]
+
+#: Wall-clock seconds used as "now" by every protocol test (2023-11-14T22:13:20Z).
+FIXED_NOW = 1_700_000_000
+#: The Digest realm that salts password keys in the tests (the server default).
+REALM = "cpns"
+#: Entity ID of the CPNS Server in the tests (the AssignmentPolicy default).
+SERVER_ID = "cpns-server"
+
+
+class FixedRandom:
+    """A deterministic :class:`cpns.types.Random`: ``random.Random(seed).randbytes``.
+
+    Two instances built with the same seed return the same byte stream, so a test can
+    build a twin to predict what a machine will draw (RANDSVR, nonces, EUKeys).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._random = random.Random(seed)  # determinism, not secrecy
+        #: Every draw so far, in order (a test can check what a machine consumed).
+        self.draws: list[bytes] = []
+
+    def token_bytes(self, n: int) -> bytes:
+        """Return the next ``n`` bytes of the seeded stream."""
+        out = self._random.randbytes(n)
+        self.draws.append(out)
+        return out
+
+
+@dataclass
+class Directory:
+    """In-memory server facts behind a :class:`ServerLookups` (users, entities, TKs, nonces).
+
+    Tests alter the dicts directly to set up a failure; :meth:`apply` persists the
+    events a server machine returned, the way the service layer would.
+    """
+
+    users: dict[str, UserRecord] = field(default_factory=dict)
+    entities: dict[str, EntityRecord] = field(default_factory=dict)
+    tks: dict[str, TKRecord] = field(default_factory=dict)
+    #: Used random values, with their expiry (``NonceConsumed.expires_at``).
+    used_nonces: dict[bytes, int] = field(default_factory=dict)
+
+    def lookups(self) -> ServerLookups:
+        """Lookups reading the dicts live (later changes are seen)."""
+        return ServerLookups(
+            get_user=self.users.get,
+            get_entity=self.entities.get,
+            get_tk=self.tks.get,
+            nonce_used=self.used_nonces.__contains__,
+        )
+
+    def add_user(self, user_id: str, password_key: bytes, **kw: Any) -> UserRecord:
+        """Register a CPNS User."""
+        record = UserRecord(user_id=user_id, password_key=password_key, created_at=0, **kw)
+        self.users[user_id] = record
+        return record
+
+    def add_entity(self, entity_id: str, kind: EntityKind, owner: str, **kw: Any) -> EntityRecord:
+        """Register a CPNS Entity."""
+        record = EntityRecord(entity_id=entity_id, kind=kind, owner=owner, **kw)
+        self.entities[entity_id] = record
+        return record
+
+    def add_tk(self, entity_id: str, tk: bytes) -> TKRecord:
+        """Import a manufacturer Temporary Key."""
+        record = TKRecord(entity_id=entity_id, tk=tk, source="test")
+        self.tks[entity_id] = record
+        return record
+
+    def update_entity(self, entity_id: str, **changes: Any) -> EntityRecord:
+        """Replace fields of a stored entity."""
+        record = replace(self.entities[entity_id], **changes)
+        self.entities[entity_id] = record
+        return record
+
+    def apply(self, events: Iterable[Event], *, now: int = FIXED_NOW) -> None:
+        """Persist the facts a server machine reported."""
+        for event in events:
+            if isinstance(event, NonceConsumed):
+                self.used_nonces[event.nonce] = event.expires_at
+            elif isinstance(event, EUKeyChainAssigned):
+                self.entities[event.pne_id] = EntityRecord(
+                    entity_id=event.pne_id,
+                    kind=EntityKind.PNE,
+                    owner=event.user_id,
+                    eukeys=event.eukeys,
+                    key_index=1,
+                    assigned_via=event.gateway_id,
+                    assigned_at=now,
+                )
+            elif isinstance(event, EUKeyAssigned):
+                self.entities[event.entity_id] = EntityRecord(
+                    entity_id=event.entity_id,
+                    kind=event.kind,
+                    owner=event.user_id,
+                    eukeys=(event.eukey,),
+                    key_index=1,
+                    assigned_at=now,
+                )
+
+
+#: Alters a message in transit: return a replacement, or None to drop it.
+type Tamper = Callable[[Message], Message | None]
+
+
+class Exchange:
+    """Shuttle outboxes between machines, addressed by Entity ID, until all are quiet.
+
+    ``parties`` maps each party's Entity ID to its machine; a message goes to the machine
+    named by its ``dst``. With ``wire=True`` (the default) every message is encoded and
+    decoded on the way, so the real codec sits on every link. ``tamper`` may alter or
+    drop messages in transit. :meth:`run` returns every event as ``(party, event)`` in
+    the order they happened; :attr:`transcript` keeps ``(sender, message)`` as sent.
+    """
+
+    def __init__(
+        self,
+        parties: Mapping[str, Machine[Any]],
+        *,
+        wire: bool = True,
+        tamper: Tamper | None = None,
+    ) -> None:
+        self.parties = dict(parties)
+        self.wire = wire
+        self.tamper = tamper
+        self.transcript: list[tuple[str, Message]] = []
+        #: Messages addressed to nobody in ``parties`` (left for the test to inspect).
+        self.undelivered: list[Message] = []
+
+    def run(self, *, max_rounds: int = 20) -> list[tuple[str, Event]]:
+        """Deliver messages until no outbox has any; return the events."""
+        events: list[tuple[str, Event]] = []
+        for _ in range(max_rounds):
+            moved = False
+            for name, machine in self.parties.items():
+                for message in machine.messages_to_send():
+                    moved = True
+                    self.transcript.append((name, message))
+                    events.extend(self.deliver(message))
+            if not moved:
+                return events
+        raise AssertionError("the exchange did not settle")  # pragma: no cover
+
+    def deliver(self, message: Message) -> list[tuple[str, Event]]:
+        """Hand one message to its addressee (through the codec and ``tamper``)."""
+        if self.tamper is not None:
+            altered = self.tamper(message)
+            if altered is None:
+                return []
+            message = altered
+        if self.wire:
+            message = decode(encode(message))
+        target = self.parties.get(message.dst)
+        if target is None:
+            self.undelivered.append(message)
+            return []
+        return [(message.dst, event) for event in target.receive(message)]
+
+    def states(self) -> dict[str, str]:
+        """Each party's state name (for one-line assertions)."""
+        return {name: machine.state.name for name, machine in self.parties.items()}
+
+
+# -- the standard world of the protocol tests ------------------------------------------------
+
+#: Passwords of the test users.
+PASSWORDS: Mapping[str, str] = {"alice": "correct horse battery", "bob": "bob's own password"}
+#: EUKeys of the already-enrolled PN GWs.
+GATEWAY_KEYS: Mapping[str, bytes] = {"gw-alice": bytes([0xA1]) * 32, "gw-bob": bytes([0xB0]) * 32}
+#: Manufacturer Temporary Keys of the PNEs without UI.
+TKS: Mapping[str, bytes] = {"pne-1": bytes(range(32)), "pne-2": bytes(range(100, 116))}
+
+
+def standard_directory(password_key: Callable[[str, str], bytes]) -> Directory:
+    """alice (gw-alice) and bob (gw-bob), each with an enrolled PN GW; TKs of pne-1, pne-2."""
+    directory = Directory()
+    for user_id, password in PASSWORDS.items():
+        directory.add_user(user_id, password_key(user_id, password))
+    for gateway_id, key in GATEWAY_KEYS.items():
+        owner = gateway_id.removeprefix("gw-")
+        directory.add_entity(gateway_id, EntityKind.PN_GW, owner, eukeys=(key,), key_index=1)
+    for pne_id, tk in TKS.items():
+        directory.add_tk(pne_id, tk)
+    return directory
