@@ -51,8 +51,9 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from cpns.errors import (
@@ -98,6 +99,7 @@ __all__ = [
     "AssignResult",
     "GatewayDaemon",
     "enroll",
+    "offline_status",
 ]
 
 log = logging.getLogger("cpns.gateway")
@@ -145,6 +147,57 @@ class AssignResult:
 
 def _code_name(code: ErrorCode | int) -> str:
     return code.name if isinstance(code, ErrorCode) else str(code)
+
+
+def _stage_of(record: dict[str, Any]) -> str:
+    """Furthest step of a PNE record: requested (a request is outstanding), stored,
+    delivered, or none (only a refusal on record)."""
+    if "request" in record:
+        return "requested"
+    key_set = record.get("set")
+    if key_set is None:
+        return "none"
+    return "delivered" if key_set["delivered"] else "stored"
+
+
+def _status_view(data: dict[str, Any], *, attached: Collection[str]) -> dict[str, object]:
+    """IDs, indexes and flags from a gateway store map; never key material."""
+    pnes = []
+    for pne_id, record in sorted(data.get("pnes", {}).items()):
+        key_set = record.get("set")
+        pnes.append(
+            {
+                "pne_id": pne_id,
+                "stage": _stage_of(record),
+                "user_id": (key_set or record.get("request") or {}).get("user_id"),
+                "key_index": key_set["key_index"] if key_set else 0,
+                "delivered": bool(key_set and key_set["delivered"]),
+                "txid": key_set["txid"].hex() if key_set else None,
+                "connected": pne_id in attached,
+                "last_status": record.get("last_status"),
+            }
+        )
+    return {
+        "ok": True,
+        "status": "OK",
+        "entity_id": data.get("entity_id"),
+        "user_id": data.get("user_id"),
+        "enrolled": isinstance(data.get("eukey"), bytes),
+        "attached": sorted(attached),
+        "pnes": pnes,
+    }
+
+
+def offline_status(data_dir: Path | str) -> dict[str, object]:
+    """The gateway's state read from its store while the daemon is not running.
+
+    Raises:
+        StoreError: the store cannot be read.
+    """
+    store = LocalKeyStore.open_or_create(Path(data_dir), STORE_NAME)
+    view = _status_view(store.load(), attached=())
+    view["running"] = False
+    return view
 
 
 # -- enrolment (004 §5.x.1) -----------------------------------------------------------------
@@ -362,9 +415,14 @@ class GatewayDaemon:
                     retries=self._config.retries,
                     rng=self._rng,
                 )
-            self._pan = await asyncio.start_server(
-                self._handle_pan, self._config.pan_host, self._config.pan_port
-            )
+            try:
+                self._pan = await asyncio.start_server(
+                    self._handle_pan, self._config.pan_host, self._config.pan_port
+                )
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot listen on PAN {self._config.pan_host}:{self._config.pan_port}: {exc}"
+                ) from None
             write_private_file(
                 self._config.port_file, f"{self.pan_port}\n".encode(), overwrite=True
             )
@@ -373,9 +431,12 @@ class GatewayDaemon:
             # file is from a crashed run.
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-            self._control = await asyncio.start_unix_server(
-                self._handle_control, path=str(sock), limit=_CONTROL_LIMIT
-            )
+            try:
+                self._control = await asyncio.start_unix_server(
+                    self._handle_control, path=str(sock), limit=_CONTROL_LIMIT
+                )
+            except OSError as exc:  # e.g. a data directory path too long for AF_UNIX
+                raise ConfigurationError(f"cannot create control socket {sock}: {exc}") from None
             os.chmod(sock, 0o600)  # the password key travels here: owner only
         except BaseException:
             await self.stop()
@@ -477,18 +538,9 @@ class GatewayDaemon:
             rng=self._rng,
         )
 
-    @staticmethod
-    def _stage_of(record: dict[str, Any]) -> str:
-        if "request" in record:
-            return "requested"
-        key_set = record.get("set")
-        if key_set is None:
-            return "none"
-        return "delivered" if key_set["delivered"] else "stored"
-
     def _stage_result(self, pne_id: str) -> AssignResult:
         record = self._pnes().get(pne_id, {})
-        stage = self._stage_of(record)
+        stage = _stage_of(record)
         key_set = record.get("set")
         txid = key_set["txid"].hex() if key_set else ""
         return AssignResult(ok=True, status="OK", stage=stage, pne_id=pne_id, txid=txid)
@@ -903,35 +955,17 @@ class GatewayDaemon:
 
     def status(self) -> dict[str, object]:
         """The daemon's state for ``status``: IDs, indexes and flags, never key material."""
-        pnes = []
-        for pne_id, record in sorted(self._pnes().items()):
-            key_set = record.get("set")
-            pnes.append(
-                {
-                    "pne_id": pne_id,
-                    "stage": self._stage_of(record),
-                    "user_id": (key_set or record.get("request") or {}).get("user_id"),
-                    "key_index": key_set["key_index"] if key_set else 0,
-                    "delivered": bool(key_set and key_set["delivered"]),
-                    "txid": key_set["txid"].hex() if key_set else None,
-                    "connected": pne_id in self._routes,
-                    "last_status": record.get("last_status"),
-                }
-            )
-        return {
-            "ok": True,
-            "status": "OK",
-            "running": True,
-            "entity_id": self._config.entity_id,
-            "user_id": self._data.get("user_id"),
-            "server_url": self._config.server_url,
-            "pan": {
+        view = _status_view(self._data, attached=self._routes)
+        view.update(
+            running=True,
+            entity_id=self._config.entity_id,
+            server_url=self._config.server_url,
+            pan={
                 "host": self._config.pan_host,
                 "port": self.pan_port if self._pan is not None else None,
             },
-            "attached": sorted(self._routes),
-            "pnes": pnes,
-        }
+        )
+        return view
 
     async def _handle_control(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -1,0 +1,359 @@
+"""The PNE agent: attach to a PN GW over the PAN and take the EUKey it delivers (003).
+
+Theory of operation
+-------------------
+A PNE without UI leaves the factory holding its Entity ID and its Temporary Key (TK);
+:func:`init_device` writes both into the device's sealed key store
+(:class:`~cpns.store.keystore.LocalKeyStore` ``device``). :class:`DeviceAgent` then:
+
+1. connects to the PN GW's PAN port and announces itself with :class:`PNEHello`
+   (``dst="pan"``: whichever gateway answers the link; ``key_index`` of the key it holds);
+2. feeds each EUKey Assignment Notification to a fresh :class:`EUKeyAssignmentDevice`
+   built from the store (the key it holds, the transactions already seen), which opens
+   the EUKey with the TK (003 §7.4.2.1.1.3, PNE step 1);
+3. on :class:`EUKeyInstalled` **persists** the EUKey, its index and the txid (appended to
+   a bounded list of seen transactions) **before** sending the Ack (DESIGN §6), so a crash
+   after the Ack can never leave the gateway believing in a key the PNE lost;
+4. reconnects with capped exponential backoff when the gateway goes away.
+
+A Notification of a transaction already seen is acknowledged again only if it carries the
+key the PNE holds (the gateway lost our Ack), so an old recorded Notification cannot roll
+the PNE back: the machine enforces that, the agent only supplies the history.
+
+Nothing here logs a key or the TK; :func:`device_status` reports IDs and indexes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cpns.errors import ConfigurationError, DecodeError, ErrorCode, StoreError
+from cpns.messages.constants import ID_PATTERN, TXID_LEN
+from cpns.messages.model import (
+    ErrorMessage,
+    EUKeyAssignmentAck,
+    EUKeyAssignmentNotification,
+    PNEHello,
+)
+from cpns.protocol._machine import ProcedureFailed
+from cpns.protocol.key_assignment import EUKeyAssignmentDevice, EUKeyInstalled
+from cpns.runtime import SystemRandom, wall_time
+from cpns.store.keystore import LocalKeyStore
+from cpns.transport.stream import read_message, write_message
+from cpns.types import Random
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_TIMEOUT",
+    "EXIT_UNREACHABLE",
+    "PAN_ADDRESS",
+    "SEEN_TXIDS_MAX",
+    "STORE_NAME",
+    "DeviceAgent",
+    "device_status",
+    "init_device",
+]
+
+log = logging.getLogger("cpns.device")
+
+#: Name of the device's key store in its data directory.
+STORE_NAME: Final = "device"
+#: Version of the store layout written by this module.
+STORE_VERSION: Final = 1
+#: How many delivering transactions the PNE remembers (replay guard).
+SEEN_TXIDS_MAX: Final = 64
+#: Destination of PNEHello: whichever PN GW answers this link.
+PAN_ADDRESS: Final = "pan"
+
+#: ``run`` results (also the CLI exit codes).
+EXIT_OK: Final = 0
+#: The only Notification(s) received were refused (wrong TK, replay) and time ran out.
+EXIT_REFUSED: Final = 3
+#: The gateway could never be reached before the timeout.
+EXIT_UNREACHABLE: Final = 4
+#: Connected, but no key arrived before the timeout.
+EXIT_TIMEOUT: Final = 5
+
+
+def init_device(data_dir: Path | str, entity_id: str, tk: bytes, *, force: bool = False) -> None:
+    """Create the device's key store with its Entity ID and factory TK.
+
+    Raises:
+        ConfigurationError: bad Entity ID or TK length, or the store already exists
+            (``force`` replaces it, dropping any EUKey it held).
+        StoreError: the store is in use (an agent runs) or cannot be written.
+    """
+    if ID_PATTERN.fullmatch(entity_id) is None:
+        raise ConfigurationError(f"not a valid Entity ID: {entity_id!r}")
+    if not 16 <= len(tk) <= 64:
+        raise ConfigurationError("a Temporary Key is 16..64 bytes")
+    store = LocalKeyStore.open_or_create(Path(data_dir), STORE_NAME)
+    with store.lock():
+        if store.load() and not force:
+            raise ConfigurationError(f"{data_dir} already holds a device store (use --force)")
+        store.save(
+            {
+                "version": STORE_VERSION,
+                "entity_id": entity_id,
+                "tk": bytes(tk),
+                "eukey": None,
+                "key_index": 0,
+                "txid": None,
+                "gateway_id": None,
+                "seen_txids": [],
+                "installed_at": 0,
+            }
+        )
+    log.info("device %s initialised in %s", entity_id, data_dir)
+
+
+def _load(store: LocalKeyStore) -> dict[str, Any]:
+    data = store.load()
+    if not isinstance(data.get("entity_id"), str) or not isinstance(data.get("tk"), bytes):
+        raise ConfigurationError(f"{store.path} is not initialised (cpns device init)")
+    return data
+
+
+def device_status(data_dir: Path | str) -> dict[str, object]:
+    """Entity ID, key index and whether a key is held; never key material.
+
+    Raises:
+        ConfigurationError: the device is not initialised.
+        StoreError: the store cannot be read.
+    """
+    data = _load(LocalKeyStore.open_or_create(Path(data_dir), STORE_NAME))
+    txid = data.get("txid")
+    return {
+        "entity_id": data["entity_id"],
+        "has_key": isinstance(data.get("eukey"), bytes),
+        "key_index": data.get("key_index", 0),
+        "gateway_id": data.get("gateway_id"),
+        "txid": txid.hex() if isinstance(txid, bytes) else None,
+        "installed_at": data.get("installed_at", 0),
+    }
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What happened during one ``run`` (decides its result)."""
+
+    connected: bool = False
+    refused: bool = False
+    acked: bool = False
+
+
+class DeviceAgent:
+    """The PNE agent over one data directory, attaching to one PN GW.
+
+    ``backoff`` and ``max_backoff`` bound the reconnection delay (seconds, doubled after
+    each failed attempt, reset after a successful connection).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        gateway_host: str,
+        gateway_port: int,
+        *,
+        rng: Random | None = None,
+        backoff: float = 0.1,
+        max_backoff: float = 5.0,
+    ) -> None:
+        if backoff <= 0 or max_backoff < backoff:
+            raise ValueError("0 < backoff <= max_backoff")
+        self._data_dir = Path(data_dir)
+        self._host = gateway_host
+        self._port = gateway_port
+        self._rng: Random = rng if rng is not None else SystemRandom()
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._store = LocalKeyStore.open_or_create(self._data_dir, STORE_NAME)
+        self._data: dict[str, Any] = {}
+        self._stop = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<DeviceAgent {str(self._data_dir)!r} -> {self._host}:{self._port}>"
+
+    async def run(self, *, once: bool = False, timeout: float | None = None) -> int:
+        """Attach and take keys until done; return an exit code.
+
+        With ``once`` it returns :data:`EXIT_OK` as soon as a key is installed and
+        acknowledged (or a held key acknowledged again). Otherwise it serves until
+        ``timeout`` or :meth:`request_stop` (:data:`EXIT_OK`). When the timeout ends a ``once``
+        run without a key: :data:`EXIT_UNREACHABLE` if the gateway was never reached,
+        :data:`EXIT_REFUSED` if Notifications came but were refused, else
+        :data:`EXIT_TIMEOUT`.
+
+        Raises:
+            ConfigurationError: the device is not initialised.
+            StoreError: another agent holds the store, or it cannot be read or written.
+        """
+        progress = _Progress()
+        self._stop.clear()
+        with self._store.lock():
+            self._data = _load(self._store)
+            serve = asyncio.ensure_future(self._serve(once, progress))
+            stop = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait(
+                    {serve, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for task in (serve, stop):
+                    task.cancel()
+                await asyncio.gather(serve, stop, return_exceptions=True)
+            failure = None if serve.cancelled() else serve.exception()
+            if failure is not None:
+                raise failure
+        if progress.acked or not once:
+            return EXIT_OK
+        if not progress.connected:
+            return EXIT_UNREACHABLE
+        return EXIT_REFUSED if progress.refused else EXIT_TIMEOUT
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` return soon (signal handlers call this)."""
+        self._stop.set()
+
+    async def _serve(self, once: bool, progress: _Progress) -> None:
+        delay = self._backoff
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(self._host, self._port)
+            except OSError as exc:
+                log.info(
+                    "gateway %s:%d unreachable (%s); retry in %.1fs",
+                    self._host,
+                    self._port,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+                continue
+            progress.connected = True
+            delay = self._backoff
+            try:
+                if await self._session(reader, writer, once, progress):
+                    return
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_backoff)
+
+    async def _session(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        once: bool,
+        progress: _Progress,
+    ) -> bool:
+        """One connection: hello, then Notifications. True when a ``once`` run is done."""
+        entity_id: str = self._data["entity_id"]
+        hello = PNEHello(
+            txid=self._rng.token_bytes(TXID_LEN),
+            src=entity_id,
+            dst=PAN_ADDRESS,
+            has_ui=False,
+            key_index=int(self._data.get("key_index", 0)),
+        )
+        try:
+            await write_message(writer, hello)
+            log.info("PNE %s attached to %s:%d", entity_id, self._host, self._port)
+            while True:
+                try:
+                    message = await read_message(reader)
+                except DecodeError as exc:
+                    log.warning("undecodable frame from the gateway: %s", exc.reason)
+                    return False
+                if message is None:
+                    log.info("gateway closed the PAN link")
+                    return False
+                if isinstance(message, EUKeyAssignmentNotification):
+                    if await self._on_notification(writer, message, progress) and once:
+                        return True
+                elif isinstance(message, ErrorMessage):
+                    log.warning(
+                        "gateway reported %s (txid %s)", message.status.name, message.txid.hex()
+                    )
+                else:
+                    log.warning("ignoring unexpected %s from the gateway", message.TYPE.name)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.info("PAN link lost: %s", exc)
+            return False
+
+    def _machine(self) -> EUKeyAssignmentDevice:
+        data = self._data
+        current: tuple[bytes, int, bytes] | None = None
+        if isinstance(data.get("eukey"), bytes) and isinstance(data.get("txid"), bytes):
+            current = (data["txid"], int(data["key_index"]), data["eukey"])
+        return EUKeyAssignmentDevice(
+            entity_id=data["entity_id"],
+            tk=data["tk"],
+            rng=self._rng,
+            current=current,
+            seen_txids=frozenset(data.get("seen_txids", [])),
+        )
+
+    async def _on_notification(
+        self,
+        writer: asyncio.StreamWriter,
+        message: EUKeyAssignmentNotification,
+        progress: _Progress,
+    ) -> bool:
+        """Handle one Notification; True if an OK Ack was sent."""
+        txid = message.txid.hex()
+        machine = self._machine()
+        events = machine.receive(message)
+        installed = False
+        for event in events:
+            if isinstance(event, EUKeyInstalled):
+                try:
+                    self._persist(event)  # BEFORE the Ack (DESIGN §6)
+                except StoreError as exc:
+                    log.error("txid %s: cannot store the EUKey, not acknowledging: %s", txid, exc)
+                    machine.messages_to_send()
+                    return False
+                installed = True
+            elif isinstance(event, ProcedureFailed):
+                progress.refused = True
+                code = event.code
+                name = code.name if isinstance(code, ErrorCode) else str(code)
+                log.warning("txid %s: Notification refused: %s (%s)", txid, name, event.reason)
+        acked = False
+        for out in machine.messages_to_send():
+            await write_message(writer, out)
+            if isinstance(out, EUKeyAssignmentAck) and out.status is ErrorCode.OK:
+                acked = True
+        if acked:
+            progress.acked = True
+            if installed:
+                log.info("txid %s: EUKey %d installed and acknowledged", txid, message.key_index)
+            else:
+                log.info(
+                    "txid %s: EUKey %d already held; acknowledged again", txid, message.key_index
+                )
+        return acked
+
+    def _persist(self, event: EUKeyInstalled) -> None:
+        data = dict(self._data)
+        seen = [t for t in data.get("seen_txids", []) if t != event.txid]
+        seen.append(event.txid)
+        data.update(
+            eukey=event.eukey,
+            key_index=event.key_index,
+            txid=event.txid,
+            gateway_id=event.gateway_id,
+            seen_txids=seen[-SEEN_TXIDS_MAX:],
+            installed_at=wall_time(),
+        )
+        self._store.save(data)
+        self._data = data
