@@ -7,6 +7,8 @@ Nothing here reads the real clock or the OS RNG: every test is reproducible.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -30,6 +32,11 @@ __all__ = [
     "Directory",
     "Exchange",
     "FixedRandom",
+    "ref_encode",
+    "ref_hkdf",
+    "ref_parts",
+    "ref_seal_ad",
+    "ref_seal_key",
     "standard_directory",
 ]
 
@@ -217,3 +224,46 @@ def standard_directory(password_key: Callable[[str, str], bytes]) -> Directory:
     for pne_id, tk in TKS.items():
         directory.add_tk(pne_id, tk)
     return directory
+
+
+# -- independent reference computations (docs/crypto.md written out by hand) --------------
+#
+# The crypto tests check cpns.crypto against these, not against itself: a change of the
+# value encoding, a label or a derivation step in src/ cannot go unnoticed. They use
+# hashlib, hmac and the raw AES-GCM primitive only.
+
+
+def ref_encode(value: bytes | str | int) -> bytes:
+    """One value as docs/crypto.md says: 4-byte big-endian length, then the value."""
+    if isinstance(value, int):
+        raw = value.to_bytes(8, "big")
+    elif isinstance(value, str):
+        raw = value.encode("utf-8")
+    else:
+        raw = value
+    return len(raw).to_bytes(4, "big") + raw
+
+
+def ref_parts(label: str, *parts: bytes | str | int) -> bytes:
+    """The labelled encoding: the label first, encoded like any value."""
+    return b"".join(ref_encode(p) for p in (label, *parts))
+
+
+def ref_hkdf(ikm: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 written out from RFC 5869 §2.2-2.3 with hmac."""
+    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    okm, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        okm += block
+    return okm[:length]
+
+
+def ref_seal_key(secret: bytes, purpose: str) -> bytes:
+    """The AES-256-GCM key of a sealed blob: HKDF(secret, info = label, purpose)."""
+    return ref_hkdf(secret, salt=b"", info=ref_parts("cpns/v1/seal-key", purpose), length=32)
+
+
+def ref_seal_ad(purpose: str, *context: bytes | str | int) -> bytes:
+    """Associated data of a sealed blob: version byte, then the labelled context."""
+    return b"\x01" + ref_parts("cpns/v1/seal/" + purpose, *context)
