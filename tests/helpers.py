@@ -14,8 +14,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hypothesis import strategies as st
+
 from cpns.messages.codec import decode, encode
-from cpns.messages.model import Message
+from cpns.messages.constants import ID_PATTERN, TXID_LEN
+from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, Message, Record, specs
 from cpns.protocol._machine import Event, Machine, NonceConsumed
 from cpns.protocol.key_assignment import EUKeyChainAssigned, ServerLookups
 from cpns.protocol.user_key_assignment import EUKeyAssigned
@@ -23,7 +26,9 @@ from cpns.records import EntityRecord, TKRecord, UserRecord
 from cpns.types import EntityKind
 
 __all__ = [
+    "ANY_MESSAGE",
     "FIXED_NOW",
+    "IDS",
     "GATEWAY_KEYS",
     "PASSWORDS",
     "REALM",
@@ -32,11 +37,13 @@ __all__ = [
     "Directory",
     "Exchange",
     "FixedRandom",
+    "field_strategy",
     "ref_encode",
     "ref_hkdf",
     "ref_parts",
     "ref_seal_ad",
     "ref_seal_key",
+    "record_strategy",
     "standard_directory",
 ]
 
@@ -267,3 +274,68 @@ def ref_seal_key(secret: bytes, purpose: str) -> bytes:
 def ref_seal_ad(purpose: str, *context: bytes | str | int) -> bytes:
     """Associated data of a sealed blob: version byte, then the labelled context."""
     return b"\x01" + ref_parts("cpns/v1/seal/" + purpose, *context)
+
+
+# -- Hypothesis strategies built from the message model's FieldSpec metadata ----------------
+
+
+def field_strategy(spec: FieldSpec) -> st.SearchStrategy[Any]:
+    """Valid values of one field: anything its spec admits, edges included."""
+    values: st.SearchStrategy[Any]
+    match spec.kind:
+        case "bytes":
+            if spec.lo == spec.hi:
+                values = st.binary(min_size=spec.lo, max_size=spec.hi)
+            else:
+                # Short values mostly; the longest legal value now and then. Repeating a
+                # short pattern keeps Hypothesis' buffer small for 16 KiB fields.
+                values = st.one_of(
+                    st.binary(min_size=spec.lo, max_size=min(spec.hi, spec.lo + 48)),
+                    st.binary(min_size=1, max_size=4).map(lambda s: (s * spec.hi)[: spec.hi]),
+                )
+        case "id":
+            values = IDS
+        case "int":
+            values = st.one_of(st.integers(spec.lo, spec.hi), st.sampled_from([spec.lo, spec.hi]))
+        case "enum":
+            assert spec.enum is not None
+            values = st.sampled_from(list(spec.enum))
+        case "bool":
+            values = st.booleans()
+        case "bytes_list":
+            values = st.one_of(
+                st.lists(
+                    st.binary(min_size=32, max_size=32), min_size=spec.lo, max_size=min(spec.hi, 6)
+                ).map(tuple),
+                st.binary(min_size=32, max_size=32).map(lambda k: (k,) * spec.hi),
+            )
+    if spec.optional:
+        return st.one_of(st.none(), values)
+    return values
+
+
+#: Valid Entity, User and PN IDs (ID_PATTERN), up to the 128-character limit.
+IDS: st.SearchStrategy[str] = st.from_regex(ID_PATTERN, fullmatch=True)
+
+
+def record_strategy[R: Record](cls: type[R], **fixed: Any) -> st.SearchStrategy[R]:
+    """Valid instances of ``cls``; ``fixed`` pins fields (a value or a strategy)."""
+    kwargs: dict[str, st.SearchStrategy[Any]] = {}
+    if issubclass(cls, Message):
+        kwargs.update(
+            txid=st.binary(min_size=TXID_LEN, max_size=TXID_LEN),
+            src=IDS,
+            dst=IDS,
+            pn_id=st.one_of(st.none(), IDS),
+        )
+    for name, spec in specs(cls):
+        kwargs[name] = field_strategy(spec)
+    for name, value in fixed.items():
+        kwargs[name] = value if isinstance(value, st.SearchStrategy) else st.just(value)
+    return st.builds(cls, **kwargs)
+
+
+#: Any valid message of any type.
+ANY_MESSAGE: st.SearchStrategy[Message] = st.one_of(
+    [record_strategy(cls) for cls in MESSAGE_CLASSES.values()]
+)
