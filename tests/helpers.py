@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from cpns.messages.codec import decode, encode
 from cpns.messages.constants import ID_PATTERN, TXID_LEN
 from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, Message, Record, specs
-from cpns.protocol._machine import Event, Machine, NonceConsumed
+from cpns.protocol._machine import Event, Machine, NonceConsumed, ProcedureFailed
 from cpns.protocol.key_assignment import EUKeyChainAssigned, ServerLookups
 from cpns.protocol.user_key_assignment import EUKeyAssigned
 from cpns.records import EntityRecord, TKRecord, UserRecord
@@ -36,6 +36,7 @@ __all__ = [
     "TKS",
     "Directory",
     "Exchange",
+    "FailedWith",
     "FixedRandom",
     "field_strategy",
     "ref_encode",
@@ -339,3 +340,30 @@ def record_strategy[R: Record](cls: type[R], **fixed: Any) -> st.SearchStrategy[
 ANY_MESSAGE: st.SearchStrategy[Message] = st.one_of(
     [record_strategy(cls) for cls in MESSAGE_CLASSES.values()]
 )
+
+
+class FailedWith:
+    """Equal to a :class:`ProcedureFailed` with this code and hop and any non-empty reason.
+
+    The reason is internal prose for logs; tests pin the wire code and the hop, which is
+    what the peer and the audit trail rely on.
+    """
+
+    def __init__(self, code: int, hop: str) -> None:
+        self.code, self.hop = code, hop
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is ProcedureFailed
+            and other.code == self.code
+            and type(other.code) is type(self.code)
+            and other.hop == self.hop
+            and isinstance(other.reason, str)
+            and bool(other.reason)
+        )
+
+    def __hash__(self) -> int:  # pragma: no cover - matchers are not hashed
+        return hash((self.code, self.hop))
+
+    def __repr__(self) -> str:
+        return f"FailedWith({self.code!r}, hop={self.hop!r})"
