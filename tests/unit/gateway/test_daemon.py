@@ -1,0 +1,959 @@
+"""The PN GW daemon (cpns.gateway): 003 PN GW role, PAN side, control socket, server link.
+
+The PAN side runs over real loopback sockets. The server is a fake ``Upstream`` that runs
+the real server machines (EUKeyAssignmentServer, UserKeyAssignmentServer) over the
+in-memory :class:`tests.helpers.Directory` and keeps each transaction's reply, as the real
+service does, so resent requests get the stored answer (DESIGN §5). The HTTPS + Digest
+client is tested separately against ``httpx.MockTransport`` and the real DigestServer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import struct
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.helpers import FIXED_NOW, PASSWORDS, SERVER_ID, TKS, Directory, FixedRandom
+
+from cpns.device.agent import DeviceAgent, device_status, init_device
+from cpns.errors import (
+    ConfigurationError,
+    ErrorCode,
+    ProcedureRejected,
+    StoreError,
+    TransportError,
+)
+from cpns.gateway.config import GatewayConfig, load_config, write_config
+from cpns.gateway.daemon import GatewayDaemon, enroll
+from cpns.gateway.upstream import ServerClient, UpstreamAuthFailed, tls_context
+from cpns.messages.codec import decode, encode
+from cpns.messages.model import (
+    ErrorMessage,
+    EUKeyAssignmentAck,
+    EUKeyAssignmentNotification,
+    EUKeyAssignmentRequest,
+    EUKeyAssignmentResponse,
+    Message,
+    PNEHello,
+    UserKeyAssignmentRequest,
+)
+from cpns.protocol._machine import Machine
+from cpns.protocol.digest import DigestServer
+from cpns.protocol.key_assignment import (
+    AssignmentPolicy,
+    EUKeyAssignmentDevice,
+    EUKeyAssignmentServer,
+)
+from cpns.protocol.user_key_assignment import UserKeyAssignmentServer
+from cpns.store.keystore import LocalKeyStore
+from cpns.transport.framing import encode_frame
+from cpns.transport.stream import read_message, write_message
+from cpns.types import EntityKind
+
+#: Upper bound of every wait in these tests, seconds.
+WAIT = 10.0
+
+
+# -- doubles and helpers ---------------------------------------------------------------------
+
+
+class FakeServer:
+    """An ``Upstream`` running the real server machines in memory (no HTTPS, no Digest:
+    the request's source is taken as the authenticated entity)."""
+
+    def __init__(self, directory: Directory, *, now: int = FIXED_NOW) -> None:
+        self.directory = directory
+        self.now = now
+        self.rng = FixedRandom(99)
+        self.policy = AssignmentPolicy(server_id=SERVER_ID)
+        #: txid -> (request bytes, reply): the stored replies.
+        self.replies: dict[bytes, tuple[bytes, Message]] = {}
+        #: Every request as received (encoded), in order.
+        self.received: list[bytes] = []
+        #: While True, every exchange fails as if the server were unreachable.
+        self.down = False
+        #: Process the next N requests but lose their replies on the way back.
+        self.lose_replies = 0
+        #: Called with each request before it is processed.
+        self.on_request: Callable[[Message], None] | None = None
+
+    @property
+    def chains_assigned(self) -> int:
+        """How many PNE chains the server assigned."""
+        return sum(1 for e in self.directory.entities.values() if e.assigned_via)
+
+    async def exchange(self, message: Message) -> Message:
+        """Answer like the server's service layer."""
+        await asyncio.sleep(0)
+        self.received.append(encode(message))
+        if self.on_request is not None:
+            self.on_request(message)
+        if self.down:
+            raise TransportError("gateway->server: fake server down")
+        known = self.replies.get(message.txid)
+        if known is not None:
+            reply = known[1]
+        else:
+            machine: Machine[Any]
+            if isinstance(message, EUKeyAssignmentRequest):
+                machine = EUKeyAssignmentServer(
+                    policy=self.policy,
+                    lookups=self.directory.lookups(),
+                    requester=message.src,
+                    rng=self.rng,
+                    now=self.now,
+                )
+            else:
+                assert isinstance(message, UserKeyAssignmentRequest)
+                machine = UserKeyAssignmentServer(
+                    policy=self.policy, lookups=self.directory.lookups(), rng=self.rng, now=self.now
+                )
+            self.directory.apply(machine.receive(message), now=self.now)
+            (reply,) = machine.messages_to_send()
+            self.replies[message.txid] = (encode(message), reply)
+        if self.lose_replies:
+            self.lose_replies -= 1
+            raise TransportError("gateway->server: reply lost")
+        return reply
+
+
+def run[T](coro: Coroutine[Any, Any, T]) -> T:
+    """Run one scenario on a fresh loop, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coro, 3 * WAIT))
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` until it holds (bounded by WAIT)."""
+
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), WAIT)
+
+
+def gateway_store(config: GatewayConfig) -> dict[str, Any]:
+    """The gateway's key store as on disk (read without the daemon's lock)."""
+    return LocalKeyStore.open_or_create(config.data_dir, "gateway").load()
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    config: GatewayConfig, server: FakeServer
+) -> AsyncIterator[GatewayDaemon]:
+    """A started daemon, stopped afterwards (listeners closed, lock released)."""
+    daemon = GatewayDaemon(config, upstream=server, clock=lambda: FIXED_NOW)
+    await asyncio.wait_for(daemon.start(), WAIT)
+    try:
+        yield daemon
+    finally:
+        await asyncio.wait_for(daemon.stop(), WAIT)
+
+
+async def control(config: GatewayConfig, request: dict[str, Any]) -> dict[str, Any]:
+    """One JSON-lines request on the control socket."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_unix_connection(str(config.control_socket)), WAIT
+    )
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), WAIT + float(request.get("wait", 0)))
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+@contextlib.asynccontextmanager
+async def pan_client(
+    daemon: GatewayDaemon,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw PAN connection (the test plays the PNE by hand)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", daemon.pan_port), WAIT
+    )
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def hello(pne_id: str = "pne-1", dst: str = "pan") -> PNEHello:
+    return PNEHello(txid=bytes(16), src=pne_id, dst=dst, has_ui=False, key_index=0)
+
+
+async def receive(reader: asyncio.StreamReader) -> Message | None:
+    return await asyncio.wait_for(read_message(reader), WAIT)
+
+
+def make_device(tmp_path: Path, pne_id: str = "pne-1") -> Path:
+    data_dir = tmp_path / pne_id
+    init_device(data_dir, pne_id, TKS[pne_id])
+    return data_dir
+
+
+def assign_op(pne_id: str, key: bytes, *, wait: float = 0.0, user: str = "alice") -> dict[str, Any]:
+    return {
+        "op": "assign",
+        "pne_id": pne_id,
+        "user_id": user,
+        "password_key": key.hex(),
+        "wait": wait,
+    }
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(world: Directory) -> FakeServer:
+    """A fake server over the standard world (alice, gw-alice, TKs of pne-1, pne-2)."""
+    return FakeServer(world)
+
+
+@pytest.fixture
+def gw_config(tmp_path: Path) -> GatewayConfig:
+    """gw-alice in ``tmp_path/gw``, PAN on an ephemeral loopback port."""
+    return GatewayConfig(
+        data_dir=tmp_path / "gw",
+        entity_id="gw-alice",
+        server_url="https://cpns.invalid:8443",
+        ca_file=tmp_path / "unused-ca.pem",
+        server_id=SERVER_ID,
+    )
+
+
+@pytest.fixture
+def alice_key(password_key: Callable[[str, str], bytes]) -> bytes:
+    """alice's password key."""
+    return password_key("alice", PASSWORDS["alice"])
+
+
+@pytest.fixture
+def enrolled(gw_config: GatewayConfig, server: FakeServer, alice_key: bytes) -> GatewayConfig:
+    """gw-alice enrolled through the real 004 client against the fake server."""
+    run(enroll(gw_config, "alice", alice_key, upstream=server, clock=lambda: FIXED_NOW))
+    return gw_config
+
+
+# -- enrolment ---------------------------------------------------------------------------------
+
+
+def test_enroll_stores_the_gateway_eukey(enrolled: GatewayConfig, server: FakeServer) -> None:
+    """004 §5.x.1: the PN GW receives its EUKey and stores it with its Entity ID and User."""
+    stored = gateway_store(enrolled)
+    assert stored["entity_id"] == "gw-alice"
+    assert stored["user_id"] == "alice"
+    assert stored["eukey"] == server.directory.entities["gw-alice"].eukey
+    assert stored["pnes"] == {}
+
+
+def test_enroll_with_wrong_password_is_refused_by_the_server(
+    gw_config: GatewayConfig, server: FakeServer
+) -> None:
+    """004 §5.x.1: a wrong password is refused at the server; nothing is stored."""
+    with pytest.raises(ProcedureRejected) as info:
+        run(enroll(gw_config, "alice", bytes(32), upstream=server, clock=lambda: FIXED_NOW))
+    assert info.value.hop == "server"
+    assert info.value.code is ErrorCode.AUTHENTICATION_FAILED  # D-004-2: one opaque code
+    assert "eukey" not in gateway_store(gw_config)
+
+
+def test_start_refuses_a_gateway_that_is_not_enrolled(
+    gw_config: GatewayConfig, server: FakeServer
+) -> None:
+    """The daemon needs its EUKey (Digest secret) before it can serve."""
+
+    async def scenario() -> None:
+        async with running_gateway(gw_config, server):
+            pass  # pragma: no cover
+
+    with pytest.raises(ConfigurationError, match="not enrolled"):
+        run(scenario())
+
+
+def test_config_round_trip_and_environment_override(gw_config: GatewayConfig) -> None:
+    """gateway.toml written by enroll is read back; CPNS_GATEWAY_* overrides it."""
+    write_config(gw_config)
+    assert load_config(gw_config.data_dir, environ={}) == gw_config
+    env = {"CPNS_GATEWAY_PAN_PORT": "7001", "CPNS_GATEWAY_SERVER_URL": "https://other:1"}
+    loaded = load_config(gw_config.data_dir, environ=env)
+    assert (loaded.pan_port, loaded.server_url) == (7001, "https://other:1")
+    with pytest.raises(ConfigurationError):
+        load_config(gw_config.data_dir, environ={"CPNS_GATEWAY_PAN_PORT": "many"})
+
+
+# -- 003 end to end ----------------------------------------------------------------------------
+
+
+def test_gateway_and_device_complete_an_assignment(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes, tmp_path: Path
+) -> None:
+    """003 §7.4.2.2: the PN GW obtains [EUKeyPNE] and the TK, delivers EUKey_1 sealed
+    under the TK, and the PNE stores it; the control reply says 'delivered'."""
+    device_dir = make_device(tmp_path)
+
+    async def scenario() -> tuple[dict[str, Any], int, dict[str, Any]]:
+        async with running_gateway(enrolled, server) as gw:
+            agent = DeviceAgent(device_dir, "127.0.0.1", gw.pan_port, backoff=0.02)
+            device = asyncio.create_task(agent.run(once=True, timeout=WAIT))
+            await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
+            reply = await control(enrolled, assign_op("pne-1", alice_key, wait=WAIT))
+            code = await asyncio.wait_for(device, WAIT)
+            status = await control(enrolled, {"op": "status"})
+        return reply, code, status
+
+    reply, code, status = run(scenario())
+    assert reply["ok"] is True
+    assert (reply["status"], reply["stage"], reply["hop"]) == ("OK", "delivered", None)
+    assert code == 0
+    chain = server.directory.entities["pne-1"].eukeys
+    device = LocalKeyStore.open_or_create(device_dir, "device").load()
+    assert (device["eukey"], device["key_index"]) == (chain[0], 1)
+    assert device_status(device_dir)["key_index"] == 1
+    pne = gateway_store(enrolled)["pnes"]["pne-1"]["set"]
+    assert pne["delivered"] is True
+    assert pne["tk"] == TKS["pne-1"]
+    assert tuple(pne["eukeys"]) == chain
+    assert [p["stage"] for p in status["pnes"]] == ["delivered"]
+    text = json.dumps(status)
+    for secret in (TKS["pne-1"], *chain, gateway_store(enrolled)["eukey"], alice_key):
+        assert secret.hex() not in text
+
+
+def test_request_is_persisted_before_it_is_sent(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes
+) -> None:
+    """DESIGN §6: the encoded EUKey Assignment Request is in the store when it reaches the
+    server, so a restart can resend the very same bytes."""
+    seen: list[bool] = []
+
+    def check(message: Message) -> None:
+        stored = gateway_store(enrolled)["pnes"]["pne-1"].get("request")
+        seen.append(stored is not None and stored["encoded"] == encode(message))
+
+    server.on_request = check
+
+    async def scenario() -> dict[str, Any]:
+        async with running_gateway(enrolled, server):
+            return await control(enrolled, assign_op("pne-1", alice_key))
+
+    reply = run(scenario())
+    assert (reply["ok"], reply["stage"]) == (True, "stored")
+    assert seen == [True]
+    assert "request" not in gateway_store(enrolled)["pnes"]["pne-1"]
+
+
+def test_set_is_stored_before_the_pne_is_notified(
+    enrolled: GatewayConfig,
+    server: FakeServer,
+    alice_key: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """003 §7.4.2.1.1.3 step 1: the PN GW stores TK and [EUKeyPNE] before notifying; if
+    that store fails, the attached PNE gets no Notification and the request stays."""
+
+    async def scenario() -> tuple[dict[str, Any], Message | None]:
+        async with running_gateway(enrolled, server) as gw, pan_client(gw) as (reader, writer):
+            await write_message(writer, hello())
+            await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
+            original = LocalKeyStore.save
+
+            def failing_save(store: LocalKeyStore, data: dict[str, Any]) -> None:
+                if any("set" in p for p in data.get("pnes", {}).values()):
+                    raise StoreError("disk full")
+                original(store, data)
+
+            monkeypatch.setattr(LocalKeyStore, "save", failing_save)
+            reply = await control(enrolled, assign_op("pne-1", alice_key))
+            monkeypatch.undo()
+            try:
+                got = await asyncio.wait_for(read_message(reader), 0.3)
+            except TimeoutError:
+                got = None
+        return reply, got
+
+    reply, got = run(scenario())
+    assert (reply["ok"], reply["status"], reply["hop"]) == (False, "INTERNAL_ERROR", "gateway")
+    assert got is None
+    pne = gateway_store(enrolled)["pnes"]["pne-1"]
+    assert "set" not in pne
+    assert "request" in pne
+
+
+def test_notification_waits_for_the_pne_to_attach(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes, tmp_path: Path
+) -> None:
+    """003 §7.4.2.1.1.3: with no PNE attached the set is stored ('stored'), and the
+    Notification goes out when the PNE attaches later."""
+    device_dir = make_device(tmp_path)
+
+    async def scenario() -> tuple[dict[str, Any], int]:
+        async with running_gateway(enrolled, server) as gw:
+            reply = await control(enrolled, assign_op("pne-1", alice_key, wait=0.2))
+            agent = DeviceAgent(device_dir, "127.0.0.1", gw.pan_port)
+            code = await agent.run(once=True, timeout=WAIT)
+            await wait_until(lambda: gw.status()["pnes"][0]["delivered"])  # type: ignore[index]
+        return reply, code
+
+    reply, code = run(scenario())
+    assert (reply["ok"], reply["stage"]) == (True, "stored")
+    assert code == 0
+    assert gateway_store(enrolled)["pnes"]["pne-1"]["set"]["delivered"] is True
+
+
+# -- restarts lose nothing -----------------------------------------------------------------
+
+
+def test_gateway_restarted_after_storing_the_set_still_delivers(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes, tmp_path: Path
+) -> None:
+    """DESIGN §5-6: a PN GW stopped between storing the set and notifying delivers the
+    key after a restart (machine rebuilt with EUKeyAssignmentGateway.resume)."""
+    device_dir = make_device(tmp_path)
+
+    async def scenario() -> int:
+        async with running_gateway(enrolled, server):
+            reply = await control(enrolled, assign_op("pne-1", alice_key))
+            assert reply["stage"] == "stored"
+        async with running_gateway(enrolled, server) as again:
+            agent = DeviceAgent(device_dir, "127.0.0.1", again.pan_port)
+            code = await agent.run(once=True, timeout=WAIT)
+            await wait_until(lambda: gateway_store(enrolled)["pnes"]["pne-1"]["set"]["delivered"])
+            return code
+
+    assert run(scenario()) == 0
+    assert server.chains_assigned == 1
+    assert device_status(device_dir)["key_index"] == 1
+
+
+def test_pending_request_is_resent_with_the_same_bytes_after_restart(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes
+) -> None:
+    """DESIGN §5: with the server unreachable the user sees UPSTREAM_UNAVAILABLE at the
+    gateway->server hop, the request is kept, and the restarted PN GW resends it
+    unchanged."""
+    server.down = True
+    del server.received[:]  # forget the enrolment
+
+    async def scenario() -> dict[str, Any]:
+        async with running_gateway(enrolled, server):
+            reply = await control(enrolled, assign_op("pne-1", alice_key))
+        server.down = False
+        async with running_gateway(enrolled, server):
+            await wait_until(lambda: "set" in gateway_store(enrolled)["pnes"]["pne-1"])
+        return reply
+
+    reply = run(scenario())
+    assert (reply["ok"], reply["status"]) == (False, "UPSTREAM_UNAVAILABLE")
+    assert (reply["stage"], reply["hop"]) == ("requested", "gateway->server")
+    assert len(server.received) == 2
+    assert server.received[0] == server.received[1]
+    assert server.chains_assigned == 1
+
+
+def test_lost_response_is_recovered_from_the_servers_stored_reply(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes
+) -> None:
+    """DESIGN §5: the server assigned the chain but the response was lost; the resent
+    request gets the stored reply, so the PN GW holds the very chain the server holds."""
+    server.lose_replies = 1
+
+    async def scenario() -> None:
+        async with running_gateway(enrolled, server):
+            reply = await control(enrolled, assign_op("pne-1", alice_key))
+            assert reply["status"] == "UPSTREAM_UNAVAILABLE"
+        async with running_gateway(enrolled, server):
+            await wait_until(lambda: "set" in gateway_store(enrolled)["pnes"]["pne-1"])
+
+    run(scenario())
+    assert server.chains_assigned == 1
+    stored = gateway_store(enrolled)["pnes"]["pne-1"]["set"]
+    assert tuple(stored["eukeys"]) == server.directory.entities["pne-1"].eukeys
+
+
+@pytest.mark.parametrize(
+    ("pne_id", "password_ok", "status"),
+    [("pne-1", False, "WRONG_PASSWORD"), ("pne-unknown", True, "UNKNOWN_ENTITY")],
+)
+def test_server_refusal_is_relayed_unchanged(
+    enrolled: GatewayConfig,
+    server: FakeServer,
+    alice_key: bytes,
+    pne_id: str,
+    password_ok: bool,
+    status: str,
+) -> None:
+    """003 §7.4.2.1.1.2 step 2 / DESIGN §5: the server's fail status reaches the user
+    unchanged, naming the server as the hop; the request is not kept for resending."""
+    key = alice_key if password_ok else bytes(32)
+
+    async def scenario() -> dict[str, Any]:
+        async with running_gateway(enrolled, server):
+            return await control(enrolled, assign_op(pne_id, key))
+
+    reply = run(scenario())
+    assert (reply["ok"], reply["status"], reply["hop"]) == (False, status, "server")
+    record = gateway_store(enrolled)["pnes"][pne_id]
+    assert "request" not in record
+    assert record["last_status"] == status
+
+
+# -- the PAN side --------------------------------------------------------------------------
+
+
+def test_garbage_frame_gets_an_error_and_the_daemon_keeps_serving(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """DESIGN §3: undecodable bytes on the PAN get one ErrorMessage (MALFORMED_MESSAGE)
+    and the link is closed; other PNEs are still served."""
+    bad_inputs = [encode_frame(b"\xff\x00not cbor"), struct.pack(">I", 2**31) + b"x"]
+
+    async def scenario() -> list[tuple[Message | None, Message | None]]:
+        out = []
+        async with running_gateway(enrolled, server) as gw:
+            for data in bad_inputs:
+                async with pan_client(gw) as (reader, writer):
+                    writer.write(data)
+                    await writer.drain()
+                    out.append((await receive(reader), await receive(reader)))
+            async with pan_client(gw) as (reader, writer):
+                await write_message(writer, hello("pne-2"))
+                await wait_until(lambda: gw.status()["attached"] == ["pne-2"])
+        return out
+
+    for error, after in run(scenario()):
+        assert isinstance(error, ErrorMessage)
+        assert error.status is ErrorCode.MALFORMED_MESSAGE
+        assert error.src == "gw-alice"
+        assert after is None  # then the link is closed
+
+
+@pytest.mark.parametrize(
+    ("first", "status"),
+    [
+        (
+            EUKeyAssignmentAck(
+                txid=bytes(16),
+                src="pne-1",
+                dst="gw-alice",
+                status=ErrorCode.OK,
+                key_index=1,
+                proof=bytes(32),
+            ),
+            ErrorCode.UNEXPECTED_MESSAGE,
+        ),
+        (hello(dst="gw-other"), ErrorCode.WRONG_DESTINATION),
+    ],
+    ids=["ack-before-hello", "hello-to-another-gateway"],
+)
+def test_unexpected_first_message_gets_an_error(
+    enrolled: GatewayConfig, server: FakeServer, first: Message, status: ErrorCode
+) -> None:
+    """A PAN link starts with a PNEHello to "pan" (or to this PN GW); anything else gets
+    an ErrorMessage with the status and the link is closed."""
+
+    async def scenario() -> tuple[Message | None, Message | None]:
+        async with running_gateway(enrolled, server) as gw, pan_client(gw) as (reader, writer):
+            await write_message(writer, first)
+            return await receive(reader), await receive(reader)
+
+    error, after = run(scenario())
+    assert isinstance(error, ErrorMessage)
+    assert error.status is status
+    assert after is None
+
+
+def _ack_for(notification: EUKeyAssignmentNotification) -> EUKeyAssignmentAck:
+    device = EUKeyAssignmentDevice(entity_id="pne-1", tk=TKS["pne-1"], rng=FixedRandom(5))
+    device.receive(notification)
+    (ack,) = device.messages_to_send()
+    assert isinstance(ack, EUKeyAssignmentAck)
+    return ack
+
+
+def test_duplicate_ack_is_harmless(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes
+) -> None:
+    """DESIGN §5 (idempotent retries): a second identical Ack after delivery is ignored;
+    the link stays open and nothing is sent back."""
+
+    async def scenario() -> Message | None:
+        async with running_gateway(enrolled, server) as gw, pan_client(gw) as (reader, writer):
+            await write_message(writer, hello())
+            await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
+            reply = await control(enrolled, assign_op("pne-1", alice_key))
+            assert reply["stage"] == "stored"
+            notification = await receive(reader)
+            assert isinstance(notification, EUKeyAssignmentNotification)
+            ack = _ack_for(notification)
+            await write_message(writer, ack)
+            await wait_until(lambda: gw.status()["pnes"][0]["delivered"])  # type: ignore[index]
+            await write_message(writer, ack)
+            try:
+                return await asyncio.wait_for(read_message(reader), 0.3)
+            except TimeoutError:
+                return None
+            finally:
+                assert gw.status()["attached"] == ["pne-1"]
+
+    assert run(scenario()) is None
+    assert gateway_store(enrolled)["pnes"]["pne-1"]["set"]["delivered"] is True
+
+
+def test_ack_with_a_bad_proof_is_refused_and_delivery_stays_pending(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes
+) -> None:
+    """D-003-4: the Ack must prove the EUKey; a forged one gets AUTHENTICATION_FAILED, the
+    waiting user is told the device hop refused, and the key is offered again later."""
+
+    async def scenario() -> tuple[dict[str, Any], Message | None, Message | None]:
+        async with running_gateway(enrolled, server) as gw:
+            async with pan_client(gw) as (reader, writer):
+                await write_message(writer, hello())
+                await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
+                pending = asyncio.create_task(
+                    control(enrolled, assign_op("pne-1", alice_key, wait=WAIT))
+                )
+                notification = await receive(reader)
+                assert isinstance(notification, EUKeyAssignmentNotification)
+                good = _ack_for(notification)
+                forged = EUKeyAssignmentAck(
+                    txid=good.txid,
+                    src=good.src,
+                    dst=good.dst,
+                    status=ErrorCode.OK,
+                    key_index=good.key_index,
+                    proof=bytes(32),
+                )
+                await write_message(writer, forged)
+                error = await receive(reader)
+                reply = await pending
+            async with pan_client(gw) as (reader, writer):
+                await write_message(writer, hello())
+                again = await receive(reader)
+        return reply, error, again
+
+    reply, error, again = run(scenario())
+    assert (reply["ok"], reply["status"], reply["hop"]) == (
+        False,
+        "AUTHENTICATION_FAILED",
+        "device",
+    )
+    assert isinstance(error, ErrorMessage)
+    assert error.status is ErrorCode.AUTHENTICATION_FAILED
+    assert isinstance(again, EUKeyAssignmentNotification)
+    assert gateway_store(enrolled)["pnes"]["pne-1"]["set"]["delivered"] is False
+
+
+# -- control socket, lifecycle, logs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json\n",
+        b"[1]\n",
+        b'{"op": "fly"}\n',
+        b'{"op": "assign", "pne_id": "pne-1", "user_id": "alice", "password_key": "zz"}\n',
+        b'{"op": "assign", "pne_id": "pne 1", "user_id": "alice", "password_key": "00"}\n',
+    ],
+    ids=["not-json", "not-object", "unknown-op", "bad-hex", "bad-id"],
+)
+def test_control_socket_refuses_bad_requests(
+    enrolled: GatewayConfig, server: FakeServer, line: bytes
+) -> None:
+    """A malformed control request gets ok=false and MALFORMED_MESSAGE; the daemon lives."""
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with running_gateway(enrolled, server):
+            reader, writer = await asyncio.open_unix_connection(str(enrolled.control_socket))
+            writer.write(line)
+            reply = json.loads(await asyncio.wait_for(reader.readline(), WAIT))
+            writer.close()
+            await writer.wait_closed()
+            return reply, await control(enrolled, {"op": "status"})
+
+    reply, status = run(scenario())
+    assert (reply["ok"], reply["status"]) == (False, "MALFORMED_MESSAGE")
+    assert status["ok"] is True
+    assert server.received == [server.received[0]]  # only the enrolment reached the server
+
+
+def test_shutdown_op_stops_run_and_releases_everything(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """Graceful shutdown: the listeners close, the socket and port files go, the store
+    lock is released so another daemon can start."""
+
+    async def scenario() -> dict[str, Any]:
+        daemon = GatewayDaemon(enrolled, upstream=server, clock=lambda: FIXED_NOW)
+        task = asyncio.create_task(daemon.run(handle_signals=False))
+        await wait_until(enrolled.port_file.exists)
+        assert int(enrolled.port_file.read_text()) == daemon.pan_port
+        reply = await control(enrolled, {"op": "shutdown"})
+        await asyncio.wait_for(task, WAIT)
+        return reply
+
+    assert run(scenario())["ok"] is True
+    assert not enrolled.control_socket.exists()
+    assert not enrolled.port_file.exists()
+    LocalKeyStore.open_or_create(enrolled.data_dir, "gateway").lock().unlock()
+
+
+def test_second_daemon_on_the_same_store_is_refused(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """DESIGN §6: two daemons must not share one key store."""
+
+    async def scenario() -> None:
+        async with running_gateway(enrolled, server):
+            with pytest.raises(StoreError, match="in use"):
+                await GatewayDaemon(enrolled, upstream=server).start()
+            assert (await control(enrolled, {"op": "status"}))["ok"] is True
+
+    run(scenario())
+
+
+def test_logs_never_carry_keys(
+    enrolled: GatewayConfig,
+    server: FakeServer,
+    alice_key: bytes,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """STYLE §4 / DESIGN §5: logs carry Entity IDs, txids and statuses, never the TK, an
+    EUKey or the password key."""
+    caplog.set_level(logging.DEBUG, logger="cpns")
+    device_dir = make_device(tmp_path)
+
+    async def scenario() -> None:
+        async with running_gateway(enrolled, server) as gw:
+            agent = DeviceAgent(device_dir, "127.0.0.1", gw.pan_port, backoff=0.02)
+            device = asyncio.create_task(agent.run(once=True, timeout=WAIT))
+            await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
+            await control(enrolled, assign_op("pne-1", alice_key, wait=WAIT))
+            assert await asyncio.wait_for(device, WAIT) == 0
+
+    run(scenario())
+    assert "delivered" in caplog.text
+    chain = server.directory.entities["pne-1"].eukeys
+    for secret in (TKS["pne-1"], *chain, gateway_store(enrolled)["eukey"], alice_key):
+        assert secret.hex()[:16] not in caplog.text
+        assert repr(secret)[2:18] not in caplog.text
+
+
+# -- the server link (HTTPS + Digest) --------------------------------------------------------
+
+_GW_KEY = bytes([0xA1]) * 32
+
+
+def _request(txid: bytes = b"\x01" * 16) -> EUKeyAssignmentRequest:
+    return EUKeyAssignmentRequest(
+        txid=txid,
+        src="gw-alice",
+        dst=SERVER_ID,
+        pne_id="pne-1",
+        user_id="alice",
+        time=FIXED_NOW,
+        rand_pngw=b"\x02" * 32,
+        auth_data=b"\x03" * 32,
+    )
+
+
+def _response(request: Message) -> EUKeyAssignmentResponse:
+    return EUKeyAssignmentResponse(
+        txid=request.txid,
+        src=SERVER_ID,
+        dst=request.src,
+        status=ErrorCode.WRONG_PASSWORD,
+        pne_id="pne-1",
+    )
+
+
+class DigestEndpoint:
+    """An httpx handler speaking the server's contract with the real DigestServer."""
+
+    def __init__(
+        self, *, tamper_info: Callable[[str], str | None] | None = None, always_401: bool = False
+    ) -> None:
+        self.digest = DigestServer(realm="cpns", nonce_key=b"k" * 32)
+        self.rng = FixedRandom(7)
+        self.requests: list[httpx.Request] = []
+        self.tamper_info = tamper_info
+        self.always_401 = always_401
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        message = decode(request.content)
+        if isinstance(message, UserKeyAssignmentRequest):
+            return httpx.Response(200, content=encode(_response(message)))
+        header = request.headers.get("authorization")
+        if header is None or self.always_401:
+            values = self.digest.challenge(now=FIXED_NOW, rng=self.rng)
+            return httpx.Response(401, headers=[("www-authenticate", v) for v in values])
+        ok = self.digest.verify(
+            method="POST",
+            uri=request.url.raw_path.decode(),
+            authorization=header,
+            lookup={"gw-alice": _GW_KEY.hex()}.get,
+            now=FIXED_NOW,
+        )
+        info = ok.authentication_info
+        if self.tamper_info is not None:
+            changed = self.tamper_info(info)
+            headers = [] if changed is None else [("authentication-info", changed)]
+        else:
+            headers = [("authentication-info", info)]
+        return httpx.Response(200, content=encode(_response(message)), headers=headers)
+
+
+def _client(handler: Callable[[httpx.Request], httpx.Response], **kw: Any) -> ServerClient:
+    return ServerClient(
+        server_url="https://cpns.test:8443",
+        ca_file=None,
+        entity_id="gw-alice",
+        eukey=_GW_KEY,
+        transport=httpx.MockTransport(handler),
+        backoff=0,
+        **kw,
+    )
+
+
+async def _exchange_all(client: ServerClient, messages: list[Message]) -> list[Message]:
+    try:
+        return [await client.exchange(m) for m in messages]
+    finally:
+        await client.aclose()
+
+
+def test_server_client_answers_the_digest_challenge_and_reuses_the_nonce() -> None:
+    """004 §5.x.2: first request without credentials, 401, retry with Digest; the next
+    request reuses the nonce (one round trip); the server's rspauth is verified."""
+    endpoint = DigestEndpoint()
+    first, second = _request(b"\x01" * 16), _request(b"\x02" * 16)
+    replies = run(_exchange_all(_client(endpoint), [first, second]))
+    assert replies == [_response(first), _response(second)]
+    sent = endpoint.requests
+    assert len(sent) == 3
+    assert "authorization" not in sent[0].headers
+    assert "nc=00000001" in sent[1].headers["authorization"]
+    assert "nc=00000002" in sent[2].headers["authorization"]
+    assert [r.content for r in sent] == [encode(first), encode(first), encode(second)]
+    assert sent[0].url.path == "/cpns/v1/messages"
+
+
+def test_enrolment_request_needs_no_digest() -> None:
+    """004 §5.x.1: the with-UI request carries its own proof and is sent without Digest."""
+    endpoint = DigestEndpoint()
+    message = UserKeyAssignmentRequest(
+        txid=b"\x04" * 16,
+        src="gw-alice",
+        dst=SERVER_ID,
+        user_id="alice",
+        entity_kind=EntityKind.PN_GW,
+        time=FIXED_NOW,
+        rand=b"\x05" * 32,
+        auth_data=b"\x06" * 32,
+    )
+    client = ServerClient(
+        server_url="https://cpns.test",
+        ca_file=None,
+        entity_id="gw-alice",
+        eukey=None,
+        transport=httpx.MockTransport(endpoint),
+    )
+    (reply,) = run(_exchange_all(client, [message]))
+    assert reply.txid == message.txid
+    assert [("authorization" in r.headers) for r in endpoint.requests] == [False]
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [lambda info: None, lambda info: info.replace('rspauth="', 'rspauth="0')],
+    ids=["missing", "wrong"],
+)
+def test_reply_without_a_valid_rspauth_is_rejected(tamper: Callable[[str], str | None]) -> None:
+    """DESIGN §5 / 004 §5.x.2: a reply the server did not authenticate is rejected."""
+    with pytest.raises(UpstreamAuthFailed) as info:
+        run(_exchange_all(_client(DigestEndpoint(tamper_info=tamper)), [_request()]))
+    assert info.value.hop == "gateway"
+
+
+def test_second_401_means_the_server_refuses_our_key() -> None:
+    """A 401 to a request that answered the challenge: our EUKey is not accepted."""
+    endpoint = DigestEndpoint(always_401=True)
+    with pytest.raises(UpstreamAuthFailed) as info:
+        run(_exchange_all(_client(endpoint), [_request()]))
+    assert info.value.hop == "server"
+    assert len(endpoint.requests) == 2
+
+
+def test_connection_errors_are_retried_with_identical_bytes_then_fail() -> None:
+    """DESIGN §5: bounded retries resend the same body; then a TransportError names the
+    gateway->server hop."""
+    bodies: list[bytes] = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(TransportError, match="gateway->server"):
+        run(_exchange_all(_client(down, retries=2), [_request()]))
+    assert bodies == [encode(_request())] * 3
+
+
+def test_a_timeout_then_success_returns_the_reply() -> None:
+    """A try that times out is retried; the server's stored reply comes back."""
+    endpoint = DigestEndpoint()
+    calls = {"n": 0}
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise httpx.ReadTimeout("slow", request=request)
+        return endpoint(request)
+
+    (reply,) = run(_exchange_all(_client(flaky), [_request()]))
+    assert reply == _response(_request())
+    assert calls["n"] == 3
+
+
+def test_http_400_returns_the_servers_error_message() -> None:
+    """The server answers undecodable input with 400 and an ErrorMessage: relayed."""
+    error = ErrorMessage(
+        txid=bytes(16), src=SERVER_ID, dst="gw-alice", status=ErrorCode.MALFORMED_MESSAGE
+    )
+
+    def bad(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, content=encode(error))
+
+    (reply,) = run(_exchange_all(_client(bad), [_request()]))
+    assert reply == error
+
+
+def test_tls_context_is_tls13_and_trusts_only_the_given_certificate(tmp_path: Path) -> None:
+    """DESIGN §2: TLS 1.3 with the server's certificate; a missing file is a
+    TransportError, not a fallback to the system store."""
+    from cpns.server.tls import generate_self_signed
+
+    cert = tmp_path / "cert.pem"
+    generate_self_signed(cert, tmp_path / "key.pem", common_name="cpns-server")
+    ctx = tls_context(cert)
+    assert ctx.minimum_version is ssl.TLSVersion.TLSv1_3
+    assert ctx.verify_mode is ssl.CERT_REQUIRED
+    assert len(ctx.get_ca_certs()) == 1
+    with pytest.raises(TransportError):
+        tls_context(tmp_path / "missing.pem")
