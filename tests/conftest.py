@@ -3,14 +3,18 @@ cached password keys (STYLE §8). The classes live in :mod:`tests.helpers`."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from cpns.crypto.kdf import password_key as _derive_password_key
-from tests.helpers import FIXED_NOW, REALM, Directory, FixedRandom, standard_directory
+from tests.helpers import (
+    FIXED_NOW,
+    Directory,
+    FixedRandom,
+    cached_password_key,
+    standard_directory,
+)
 
 # deadline=None: scrypt and the first call of a code path make timings noisy, and a
 # flaky deadline is worse than none. Each property test sets its own max_examples.
@@ -20,12 +24,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("cpns")
-
-
-@functools.cache
-def cached_password_key(user_id: str, password: str) -> bytes:
-    """The scrypt password key (about 50 ms), computed once per (user, password) per run."""
-    return _derive_password_key(password, realm=REALM, user_id=user_id)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ Nothing here reads the real clock or the OS RNG: every test is reproducible.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import random
@@ -16,6 +17,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from cpns.crypto.kdf import password_key
 from cpns.messages.codec import decode, encode
 from cpns.messages.constants import ID_PATTERN, TXID_LEN
 from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, Message, Record, specs
@@ -39,6 +41,7 @@ __all__ = [
     "FailedWith",
     "FixedRandom",
     "field_strategy",
+    "cached_password_key",
     "ref_encode",
     "ref_hkdf",
     "ref_parts",
@@ -219,6 +222,12 @@ PASSWORDS: Mapping[str, str] = {"alice": "correct horse battery", "bob": "bob's 
 GATEWAY_KEYS: Mapping[str, bytes] = {"gw-alice": bytes([0xA1]) * 32, "gw-bob": bytes([0xB0]) * 32}
 #: Manufacturer Temporary Keys of the PNEs without UI.
 TKS: Mapping[str, bytes] = {"pne-1": bytes(range(32)), "pne-2": bytes(range(100, 116))}
+
+
+@functools.cache
+def cached_password_key(user_id: str, password: str) -> bytes:
+    """The scrypt password key (about 50 ms), computed once per (user, password) per run."""
+    return password_key(password, realm=REALM, user_id=user_id)
 
 
 def standard_directory(password_key: Callable[[str, str], bytes]) -> Directory:
