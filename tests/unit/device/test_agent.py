@@ -1,0 +1,333 @@
+"""The PNE agent (cpns.device.agent) against a PN GW played over a real loopback socket.
+
+The fake PN GW runs the real :class:`EUKeyAssignmentGateway` machine, rebuilt with
+``resume`` from a known EUKey set (as the daemon does after a restart), so every
+Notification the agent sees and every Ack it sends go through the real 003 crypto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.helpers import SERVER_ID, TKS, FixedRandom
+
+from cpns.crypto.hashchain import build_chain
+from cpns.device.agent import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    DeviceAgent,
+    device_status,
+    init_device,
+)
+from cpns.errors import ConfigurationError, ErrorCode, StoreError
+from cpns.messages.model import (
+    ErrorMessage,
+    EUKeyAssignmentAck,
+    PNEHello,
+)
+from cpns.protocol._machine import Event
+from cpns.protocol.key_assignment import (
+    EUKeyAssignmentGateway,
+    EUKeyDelivered,
+    EUKeySetReceived,
+)
+from cpns.store.keystore import LocalKeyStore
+from cpns.transport.stream import read_message, write_message
+
+WAIT = 10.0
+PNE = "pne-1"
+
+
+def run[T](coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 3 * WAIT))
+
+
+def key_set(seed: int, *, tk: bytes = TKS[PNE]) -> EUKeySetReceived:
+    """A stored set as the PN GW holds it after the server's response."""
+    return EUKeySetReceived(
+        pne_id=PNE,
+        user_id="alice",
+        tk=tk,
+        eukeys=tuple(build_chain(bytes([seed]) * 32, 4)),
+        key_index=1,
+    )
+
+
+@dataclass
+class Session:
+    """What the fake PN GW does on one PAN connection."""
+
+    #: The set and transaction to deliver; None sends nothing after the hello.
+    deliver: tuple[EUKeySetReceived, bytes] | None
+    #: Read the Ack but drop it (as if lost), instead of feeding the machine.
+    lose_ack: bool = False
+    #: Send an ErrorMessage before the Notification.
+    error_first: bool = False
+
+
+@dataclass
+class FakeGateway:
+    """A PAN listener playing the PN GW role, one :class:`Session` per connection."""
+
+    sessions: list[Session]
+    hellos: list[PNEHello] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    acks: list[EUKeyAssignmentAck] = field(default_factory=list)
+    #: The device store content at the moment each Ack arrived.
+    stores_at_ack: list[dict[str, Any]] = field(default_factory=list)
+    device_dir: Path | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await read_message(reader)
+            assert isinstance(hello, PNEHello)
+            assert hello.dst == "pan"
+            self.hellos.append(hello)
+            session = self.sessions.pop(0) if self.sessions else Session(deliver=None)
+            if session.deliver is None:
+                return
+            if session.error_first:
+                await write_message(
+                    writer,
+                    ErrorMessage(
+                        txid=bytes(16), src="gw-alice", dst=PNE, status=ErrorCode.INTERNAL_ERROR
+                    ),
+                )
+            stored, txid = session.deliver
+            machine = EUKeyAssignmentGateway(
+                gateway_id="gw-alice",
+                gateway_eukey=bytes(32),
+                server_id=SERVER_ID,
+                rng=FixedRandom(len(self.hellos)),
+            )
+            machine.resume(stored, txid=txid)
+            for message in machine.messages_to_send():
+                await write_message(writer, message)
+            ack = await read_message(reader)
+            assert isinstance(ack, EUKeyAssignmentAck)
+            if self.device_dir is not None:
+                self.stores_at_ack.append(
+                    LocalKeyStore.open_or_create(self.device_dir, "device").load()
+                )
+            if not session.lose_ack:
+                self.acks.append(ack)
+                self.events += machine.receive(ack)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def serving(gateway: FakeGateway, port: int = 0) -> AsyncIterator[int]:
+    server = await asyncio.start_server(gateway.handle, "127.0.0.1", port)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def device_dir(tmp_path: Path) -> Path:
+    """pne-1 provisioned with its factory TK."""
+    path = tmp_path / PNE
+    init_device(path, PNE, TKS[PNE])
+    return path
+
+
+def stored(device_dir: Path) -> dict[str, Any]:
+    return LocalKeyStore.open_or_create(device_dir, "device").load()
+
+
+def delivered(gateway: FakeGateway) -> list[EUKeyDelivered]:
+    return [e for e in gateway.events if isinstance(e, EUKeyDelivered)]
+
+
+# -- provisioning ------------------------------------------------------------------------
+
+
+def test_init_device_and_status(device_dir: Path) -> None:
+    """The factory state: Entity ID and TK, no EUKey; status shows no secret."""
+    status = device_status(device_dir)
+    assert status["entity_id"] == PNE
+    assert (status["has_key"], status["key_index"]) == (False, 0)
+    assert TKS[PNE].hex() not in json.dumps(status)
+    assert stored(device_dir)["tk"] == TKS[PNE]
+
+
+@pytest.mark.parametrize(
+    ("entity_id", "tk"),
+    [("pne 1", TKS[PNE]), (PNE, b"short"), (PNE, bytes(65))],
+    ids=["bad-id", "tk-too-short", "tk-too-long"],
+)
+def test_init_device_refuses_bad_input(tmp_path: Path, entity_id: str, tk: bytes) -> None:
+    """003 §7.4.2.2: a TK is a manufacturer secret of 16..64 bytes; IDs follow ID_PATTERN."""
+    with pytest.raises(ConfigurationError):
+        init_device(tmp_path / "d", entity_id, tk)
+
+
+def test_init_device_does_not_overwrite_without_force(device_dir: Path) -> None:
+    """Re-provisioning would drop the EUKey: it needs an explicit force."""
+    with pytest.raises(ConfigurationError, match="already"):
+        init_device(device_dir, PNE, TKS["pne-2"])
+    init_device(device_dir, PNE, TKS["pne-2"], force=True)
+    assert stored(device_dir)["tk"] == TKS["pne-2"]
+
+
+def test_status_of_an_uninitialised_device_is_an_error(tmp_path: Path) -> None:
+    """A device that was never provisioned says so."""
+    with pytest.raises(ConfigurationError, match="not initialised"):
+        device_status(tmp_path / "empty")
+
+
+# -- 003 on the PNE side -------------------------------------------------------------------
+
+
+def test_device_installs_the_key_and_acknowledges(device_dir: Path) -> None:
+    """003 §7.4.2.1.1.3 (PNE step 1): the PNE decrypts EUKey_1 with its TK, stores it
+    before acknowledging, and the PN GW verifies the Ack."""
+    the_set, txid = key_set(1), b"\x11" * 16
+    gateway = FakeGateway([Session(deliver=(the_set, txid))], device_dir=device_dir)
+
+    async def scenario() -> int:
+        async with serving(gateway) as port:
+            return await DeviceAgent(device_dir, "127.0.0.1", port).run(once=True, timeout=WAIT)
+
+    assert run(scenario()) == EXIT_OK
+    assert delivered(gateway) == [EUKeyDelivered(pne_id=PNE, key_index=1)]
+    assert gateway.hellos[0].key_index == 0
+    state = stored(device_dir)
+    assert (state["eukey"], state["key_index"], state["txid"]) == (the_set.eukeys[0], 1, txid)
+    assert state["seen_txids"] == [txid]
+    # DESIGN §6: the key was on disk when the Ack reached the gateway.
+    assert gateway.stores_at_ack[0]["eukey"] == the_set.eukeys[0]
+    assert device_status(device_dir)["key_index"] == 1
+
+
+def test_device_restarted_before_its_ack_arrived_acknowledges_again(device_dir: Path) -> None:
+    """DESIGN §5: the Ack was lost (the PNE restarted); on reconnection the PN GW re-sends
+    the Notification and the PNE, already holding that key, acknowledges it again."""
+    the_set, txid = key_set(1), b"\x11" * 16
+    gateway = FakeGateway(
+        [Session(deliver=(the_set, txid), lose_ack=True), Session(deliver=(the_set, txid))]
+    )
+
+    async def scenario() -> tuple[int, int]:
+        async with serving(gateway) as port:
+            first = await DeviceAgent(device_dir, "127.0.0.1", port).run(once=True, timeout=WAIT)
+            again = await DeviceAgent(device_dir, "127.0.0.1", port).run(once=True, timeout=WAIT)
+        return first, again
+
+    assert run(scenario()) == (EXIT_OK, EXIT_OK)
+    assert [h.key_index for h in gateway.hellos] == [0, 1]
+    assert delivered(gateway) == [EUKeyDelivered(pne_id=PNE, key_index=1)]
+    assert stored(device_dir)["seen_txids"] == [txid]
+
+
+def test_replayed_notification_of_an_older_key_is_refused(device_dir: Path) -> None:
+    """A recorded Notification of an earlier transaction cannot roll the PNE back to an
+    older key: the Ack says AUTHENTICATION_FAILED and the PNE keeps its key."""
+    old, new = (key_set(1), b"\x01" * 16), (key_set(2), b"\x02" * 16)
+    gateway = FakeGateway([Session(deliver=old), Session(deliver=new), Session(deliver=old)])
+
+    async def scenario() -> list[int]:
+        async with serving(gateway) as port:
+            codes = []
+            for timeout in (WAIT, WAIT, 0.5):
+                agent = DeviceAgent(device_dir, "127.0.0.1", port)
+                codes.append(await agent.run(once=True, timeout=timeout))
+            return codes
+
+    assert run(scenario()) == [EXIT_OK, EXIT_OK, EXIT_REFUSED]
+    assert gateway.acks[-1].status is ErrorCode.AUTHENTICATION_FAILED
+    assert stored(device_dir)["eukey"] == new[0].eukeys[0]
+    assert stored(device_dir)["txid"] == new[1]
+
+
+def test_notification_under_another_tk_is_refused(device_dir: Path) -> None:
+    """003 §7.4.2.1.1.3: a Notification that does not open with the PNE's TK is refused
+    opaquely and nothing is stored."""
+    gateway = FakeGateway([Session(deliver=(key_set(1, tk=TKS["pne-2"]), b"\x11" * 16))])
+
+    async def scenario() -> int:
+        async with serving(gateway) as port:
+            return await DeviceAgent(device_dir, "127.0.0.1", port).run(once=True, timeout=0.5)
+
+    assert run(scenario()) == EXIT_REFUSED
+    assert gateway.acks[0].status is ErrorCode.AUTHENTICATION_FAILED
+    assert gateway.acks[0].proof is None
+    assert stored(device_dir)["eukey"] is None
+
+
+# -- the link ----------------------------------------------------------------------------
+
+
+def test_device_reconnects_until_the_gateway_delivers(device_dir: Path) -> None:
+    """The PNE retries with backoff while no gateway listens, survives a gateway that
+    drops the link and one that reports an error, and ends with its key."""
+    the_set = key_set(3)
+    gateway = FakeGateway(
+        [Session(deliver=None), Session(deliver=(the_set, b"\x33" * 16), error_first=True)]
+    )
+    port = free_port()
+
+    async def scenario() -> int:
+        agent = DeviceAgent(device_dir, "127.0.0.1", port, backoff=0.02, max_backoff=0.1)
+        task = asyncio.create_task(agent.run(once=True, timeout=WAIT))
+        await asyncio.sleep(0.2)  # nobody listens yet: the agent keeps retrying
+        async with serving(gateway, port):
+            return await asyncio.wait_for(task, WAIT)
+
+    assert run(scenario()) == EXIT_OK
+    assert len(gateway.hellos) == 2
+    assert stored(device_dir)["eukey"] == the_set.eukeys[0]
+
+
+def test_unreachable_gateway_gives_the_unreachable_exit_code(device_dir: Path) -> None:
+    """--once with no gateway before --timeout: exit 4 (a peer could not be reached)."""
+    agent = DeviceAgent(device_dir, "127.0.0.1", free_port(), backoff=0.02)
+    assert run(agent.run(once=True, timeout=0.3)) == EXIT_UNREACHABLE
+
+
+def test_request_stop_ends_a_long_running_agent(device_dir: Path) -> None:
+    """SIGTERM handling: request_stop makes run() return and release the store lock."""
+    gateway = FakeGateway([])
+
+    async def scenario() -> int:
+        async with serving(gateway) as port:
+            agent = DeviceAgent(device_dir, "127.0.0.1", port)
+            task = asyncio.create_task(agent.run())
+            while not gateway.hellos:
+                await asyncio.sleep(0.01)
+            agent.request_stop()
+            return await asyncio.wait_for(task, WAIT)
+
+    assert run(scenario()) == EXIT_OK
+    LocalKeyStore.open_or_create(device_dir, "device").lock().unlock()
+
+
+def test_two_agents_cannot_share_a_device_store(device_dir: Path) -> None:
+    """DESIGN §6: the device store is locked by the running agent."""
+    store = LocalKeyStore.open_or_create(device_dir, "device").lock()
+    try:
+        with pytest.raises(StoreError, match="in use"):
+            run(DeviceAgent(device_dir, "127.0.0.1", free_port()).run(once=True, timeout=0.1))
+    finally:
+        store.unlock()
