@@ -127,7 +127,10 @@ def device_status(data_dir: Path | str) -> dict[str, object]:
         ConfigurationError: the device is not initialised.
         StoreError: the store cannot be read.
     """
-    data = _load(LocalKeyStore.open_or_create(Path(data_dir), STORE_NAME))
+    data_dir = Path(data_dir)
+    if not (data_dir / f"{STORE_NAME}.key").exists():  # a status query creates nothing
+        raise ConfigurationError(f"{data_dir} holds no device (cpns device init)")
+    data = _load(LocalKeyStore.open_or_create(data_dir, STORE_NAME))
     txid = data.get("txid")
     return {
         "entity_id": data["entity_id"],

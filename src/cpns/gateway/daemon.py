@@ -194,8 +194,11 @@ def offline_status(data_dir: Path | str) -> dict[str, object]:
     Raises:
         StoreError: the store cannot be read.
     """
-    store = LocalKeyStore.open_or_create(Path(data_dir), STORE_NAME)
-    view = _status_view(store.load(), attached=())
+    data_dir = Path(data_dir)
+    data: dict[str, Any] = {}
+    if (data_dir / f"{STORE_NAME}.key").exists():  # a status query creates nothing
+        data = LocalKeyStore.open_or_create(data_dir, STORE_NAME).load()
+    view = _status_view(data, attached=())
     view["running"] = False
     return view
 

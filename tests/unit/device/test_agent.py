@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from tests.helpers import SERVER_ID, TKS, FixedRandom
 
+from cpns.cli.device_cmd import parse_hostport
 from cpns.crypto.hashchain import build_chain
 from cpns.device.agent import (
     EXIT_OK,
@@ -193,8 +194,9 @@ def test_init_device_does_not_overwrite_without_force(device_dir: Path) -> None:
 
 def test_status_of_an_uninitialised_device_is_an_error(tmp_path: Path) -> None:
     """A device that was never provisioned says so."""
-    with pytest.raises(ConfigurationError, match="not initialised"):
+    with pytest.raises(ConfigurationError, match="no device"):
         device_status(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()  # a status query creates nothing
 
 
 # -- 003 on the PNE side -------------------------------------------------------------------
@@ -331,3 +333,23 @@ def test_two_agents_cannot_share_a_device_store(device_dir: Path) -> None:
             run(DeviceAgent(device_dir, "127.0.0.1", free_port()).run(once=True, timeout=0.1))
     finally:
         store.unlock()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:7000", ("127.0.0.1", 7000)),
+        ("[::1]:9", ("::1", 9)),
+        ("gw.local:1", ("gw.local", 1)),
+    ],
+)
+def test_gateway_address_parsing(text: str, expected: tuple[str, int]) -> None:
+    """``cpns device run --gateway HOST:PORT`` accepts names, IPv4 and bracketed IPv6."""
+    assert parse_hostport(text) == expected
+
+
+@pytest.mark.parametrize("text", ["nohost", ":80", "h:0", "h:99999", "h:x"])
+def test_gateway_address_parsing_refuses_garbage(text: str) -> None:
+    """A malformed --gateway is a usage error, not a connection attempt."""
+    with pytest.raises(ConfigurationError):
+        parse_hostport(text)

@@ -32,7 +32,7 @@ from cpns.errors import (
     TransportError,
 )
 from cpns.gateway.config import GatewayConfig, load_config, write_config
-from cpns.gateway.daemon import GatewayDaemon, enroll
+from cpns.gateway.daemon import GatewayDaemon, enroll, offline_status
 from cpns.gateway.upstream import ServerClient, UpstreamAuthFailed, tls_context
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import (
@@ -957,3 +957,16 @@ def test_tls_context_is_tls13_and_trusts_only_the_given_certificate(tmp_path: Pa
     assert len(ctx.get_ca_certs()) == 1
     with pytest.raises(TransportError):
         tls_context(tmp_path / "missing.pem")
+
+
+def test_offline_status_reads_the_store_and_creates_nothing(
+    enrolled: GatewayConfig, tmp_path: Path
+) -> None:
+    """``cpns gateway status`` without a daemon: the store's view, never key material;
+    asking about an empty directory leaves it untouched."""
+    view = offline_status(enrolled.data_dir)
+    assert (view["running"], view["enrolled"], view["entity_id"]) == (False, True, "gw-alice")
+    assert gateway_store(enrolled)["eukey"].hex() not in json.dumps(view)
+    empty = offline_status(tmp_path / "nothing-here")
+    assert (empty["enrolled"], empty["pnes"]) == (False, [])
+    assert not (tmp_path / "nothing-here").exists()
