@@ -387,8 +387,9 @@ class GatewayDaemon:
 
         Raises:
             StoreError: another daemon holds the store, or it cannot be read.
-            ConfigurationError: the gateway is not enrolled, or enrolled as another entity.
-            OSError: a listener cannot be bound.
+            ConfigurationError: the gateway is not enrolled, or enrolled as another entity,
+                or a listener cannot be bound.
+            TransportError: the server certificate file cannot be loaded.
         """
         if self._started:
             raise RuntimeError("already started")
@@ -473,6 +474,10 @@ class GatewayDaemon:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
+        # Callers waiting for a delivery get the stage reached so far, now.
+        for waiters in self._waiters.values():
+            for _, fut in waiters:
+                fut.cancel()
         for writer in list(self._writers):
             writer.close()
         if self._handlers:
@@ -484,11 +489,6 @@ class GatewayDaemon:
             if server is not None:
                 await server.wait_closed()
         self._pan = self._control = None
-        for pne_id, waiters in self._waiters.items():
-            for _, fut in waiters:
-                if not fut.done():
-                    fut.set_result(self._stage_result(pne_id))
-        self._waiters.clear()
         if self._owns_upstream and isinstance(self._upstream, ServerClient):
             await self._upstream.aclose()
             self._upstream = None
@@ -540,13 +540,6 @@ class GatewayDaemon:
             server_id=self._config.server_id,
             rng=self._rng,
         )
-
-    def _stage_result(self, pne_id: str) -> AssignResult:
-        record = self._pnes().get(pne_id, {})
-        stage = _stage_of(record)
-        key_set = record.get("set")
-        txid = key_set["txid"].hex() if key_set else ""
-        return AssignResult(ok=True, status="OK", stage=stage, pne_id=pne_id, txid=txid)
 
     # -- 003 PN GW role: request / response ---------------------------------------------
 
@@ -623,8 +616,10 @@ class GatewayDaemon:
         try:
             if not result.ok or result.stage != "stored":
                 return result
-            done, _ = await asyncio.wait({waiter}, timeout=wait)
-            return waiter.result() if done else result
+            await asyncio.wait({waiter}, timeout=wait)
+            if waiter.done() and not waiter.cancelled():
+                return waiter.result()
+            return result
         finally:
             self._drop_waiter(pne_id, waiter)
 
