@@ -303,6 +303,32 @@ def test_assigning_again_to_an_owned_pne(world: Directory, password_key: KeyOf) 
     )
 
 
+@pytest.mark.parametrize("n", [1, 16, 479, 480, 1024])
+def test_every_accepted_chain_length_is_delivered(
+    world: Directory, password_key: KeyOf, n: int
+) -> None:
+    """003 §7.4.2.1.1.2 steps 4 and 7: AssignmentPolicy accepts any n in 1..1024, and the
+    Response must then carry the whole set (a KeyBundle holds up to 1024 EUKeys): the
+    exchange completes for every accepted n instead of raising out of receive()."""
+    gateway, server, device = (
+        new_gateway(),
+        new_server(world, policy=AssignmentPolicy(chain_length=n)),
+        new_device(),
+    )
+    gateway.start(
+        pne_id=PNE, user_id=USER, password_key=password_key(USER, PASSWORDS[USER]), now=FIXED_NOW
+    )
+    events = Exchange({SERVER_ID: server, GW: gateway, PNE: device}).run()
+    assert [type(e).__name__ for _, e in events] == [
+        "NonceConsumed",
+        "EUKeyChainAssigned",
+        "EUKeySetReceived",
+        "EUKeyInstalled",
+        "EUKeyDelivered",
+    ]
+    assert len(events[2][1].eukeys) == n  # type: ignore[attr-defined]
+
+
 # -- server failure table ------------------------------------------------------------------------
 
 

@@ -470,3 +470,18 @@ def test_client_unexpected_message_before_start() -> None:
     assert client.state is ClientState.FAILED
     with pytest.raises(LocalProtocolError):
         client.start(user_id=USER, password_key=b"k" * 32, now=FIXED_NOW)
+
+
+def test_unknown_user_with_a_proof_under_the_dummy_key(world: Directory) -> None:
+    """D-004-2: for an unknown user the server still computes a MAC (under a fixed dummy key)
+    so both refusals cost the same; a proof made under that dummy key (all zeros) must not
+    let an unknown user in."""
+    draft = make_request(lambda user, password: bytes(32), user="carol")
+    request = dataclasses.replace(draft, auth_data=ref_auth_data(bytes(32), draft))
+    server = new_server(world)
+    assert server.receive(request) == [FailedWith(ErrorCode.AUTHENTICATION_FAILED, "server")]
+    assert server.messages_to_send() == [
+        UserKeyAssignmentResponse(
+            txid=TXID, src=SERVER_ID, dst=ENTITY, status=ErrorCode.AUTHENTICATION_FAILED
+        )
+    ]
