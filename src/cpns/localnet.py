@@ -54,6 +54,9 @@ class LocalDeployment:
     #: Extra environment for every process.
     env: dict[str, str] = field(default_factory=dict)
     _daemons: dict[str, _Daemon] = field(default_factory=dict)
+    #: The port the server bound first; a restarted server binds it again, because the
+    #: gateways enrolled against that URL.
+    _server_port: int | None = None
 
     @property
     def server_dir(self) -> Path:
@@ -99,8 +102,13 @@ class LocalDeployment:
             )
         return result
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """Start a long-running ``cpns`` command, logging to ``<base>/<name>.log``."""
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-running ``cpns`` command, logging to ``<base>/<name>.log``.
+
+        ``env`` adds to the deployment's environment for this process only.
+        """
         if name in self._daemons and self._daemons[name].process.poll() is None:
             raise RuntimeError(f"{name} is already running")
         log_path = self.base / f"{name}.log"
@@ -111,7 +119,7 @@ class LocalDeployment:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self._environ(),
+                env={**self._environ(), **(env or {})},
             )
         finally:
             log.close()
@@ -155,8 +163,9 @@ class LocalDeployment:
         return proc.returncode
 
     def stop_all(self) -> None:
-        """Stop every daemon still running."""
-        for name in list(self._daemons):
+        """Stop every daemon still running, newest first: devices and gateways close their
+        connections before the server they talk to stops."""
+        for name in reversed(list(self._daemons)):
             self.stop(name)
 
     # -- the parties -----------------------------------------------------------------------
@@ -200,12 +209,13 @@ class LocalDeployment:
             )
 
     def start_server(self) -> str:
-        """Start ``cpns server run``; return its base URL."""
+        """Start ``cpns server run``; return its base URL (the same one on a restart)."""
         port_file = self.server_dir / "server.port"
         port_file.unlink(missing_ok=True)
-        self.start("server", "server", "run", "--data-dir", str(self.server_dir))
-        port = self.wait_for_file(port_file, name="server")
-        return f"https://localhost:{port}"
+        env = {} if self._server_port is None else {"CPNS_SERVER_PORT": str(self._server_port)}
+        self.start("server", "server", "run", "--data-dir", str(self.server_dir), env=env)
+        self._server_port = int(self.wait_for_file(port_file, name="server"))
+        return f"https://localhost:{self._server_port}"
 
     def enroll_gateway(
         self,

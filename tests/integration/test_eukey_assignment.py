@@ -86,7 +86,8 @@ def _walk_bytes(value: object) -> list[bytes]:
 @pytest.mark.parametrize(
     ("pne", "user", "password", "status"),
     [
-        ("pne-1", "mallory", PASSWORD, "UNKNOWN_USER"),
+        # D-003-9: a user other than the PN GW's owner, existing or not, is NOT_AUTHORIZED.
+        ("pne-1", "mallory", PASSWORD, "NOT_AUTHORIZED"),
         ("pne-1", "alice", "not the password", "WRONG_PASSWORD"),
         ("pne-unknown", "alice", PASSWORD, "UNKNOWN_ENTITY"),
         ("pne-1", "bob", OTHER_PASSWORD, "NOT_AUTHORIZED"),

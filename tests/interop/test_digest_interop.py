@@ -50,6 +50,8 @@ class DigestHTTPServer(ThreadingHTTPServer):
     def __init__(self, digest: DigestServer) -> None:
         super().__init__(("127.0.0.1", 0), DigestHandler)
         self.digest = digest
+        # The core is not thread-safe; this threaded host serialises verify() (digest.py).
+        self.digest_lock = threading.Lock()
         self.rng = SystemRandom()
         #: (Authorization, Authentication-Info) of every verified request.
         self.verified: list[tuple[str, str]] = []
@@ -69,13 +71,14 @@ class DigestHandler(BaseHTTPRequestHandler):
             self._unauthorized(stale=False)
             return
         try:
-            result = digest.verify(
-                method=self.command,
-                uri=self.path,
-                authorization=authorization,
-                lookup={USER: EUKEY_HEX}.get,
-                now=wall_time(),
-            )
+            with self.server.digest_lock:
+                result = digest.verify(
+                    method=self.command,
+                    uri=self.path,
+                    authorization=authorization,
+                    lookup={USER: EUKEY_HEX}.get,
+                    now=wall_time(),
+                )
         except DigestStale:
             self._unauthorized(stale=True)
             return

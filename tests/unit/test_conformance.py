@@ -20,7 +20,7 @@ _CODE = re.compile(r"cpns(\.\w+)+(:[\w.]+)?")
 
 
 def _norm(text: str) -> str:
-    return " ".join(text.replace("’", "'").split())
+    return " ".join(text.replace("\u2019", "'").split())
 
 
 def rows(doc: str) -> list[dict[str, str]]:
@@ -31,8 +31,14 @@ def rows(doc: str) -> list[dict[str, str]]:
         if match:
             cells = [c.strip() for c in match.group("cells").split("|")]
             assert len(cells) == 4, f"{match.group('id')}: expected 5 columns"
-            out.append({"id": match.group("id"), "quote": cells[1].strip('"'),
-                        "code": cells[2], "tests": cells[3]})
+            out.append(
+                {
+                    "id": match.group("id"),
+                    "quote": cells[1].strip('"'),
+                    "code": cells[2],
+                    "tests": cells[3],
+                }
+            )
     return out
 
 
@@ -47,16 +53,21 @@ def requirement_lines(prefix: str) -> list[str]:
     [path] = SEEDS.glob(f"{prefix}_*.txt")
     lines = path.read_text(encoding="utf-8").splitlines()
     if prefix == "003":
-        start = next(i for i, l in enumerate(lines) if l.startswith("7.4.2.2 Without"))
+        start = next(i for i, line in enumerate(lines) if line.startswith("7.4.2.2 Without"))
         wanted = [
-            l for l in lines[start:]
-            if (re.match(r"^\d+\. ", l) or "SHALL" in l)
-            and "SHALL perform the following procedure" not in l
+            line
+            for line in lines[start:]
+            if (re.match(r"^\d+\. ", line) or "SHALL" in line)
+            and "SHALL perform the following procedure" not in line
         ]
     else:
-        start = next(i for i, l in enumerate(lines) if l.startswith("5.x.1"))
-        wanted = [l for l in lines[start:] if l.startswith(("CPNS Server", "Assigned", "If both"))]
-    return [_norm(l) for l in wanted]
+        start = next(i for i, line in enumerate(lines) if line.startswith("5.x.1"))
+        wanted = [
+            line
+            for line in lines[start:]
+            if line.startswith(("CPNS Server", "Assigned", "If both"))
+        ]
+    return [_norm(line) for line in wanted]
 
 
 DOC_ROWS = rows(DOC.read_text(encoding="utf-8")) if DOC.exists() else []
@@ -72,8 +83,9 @@ def test_doc_has_rows() -> None:
 def test_every_requirement_has_a_row(prefix: str) -> None:
     """Every SHALL of 003 §7.4.2.2 and every rule of 004 §5.x is quoted by a row."""
     quotes = [_norm(r["quote"]) for r in DOC_ROWS if r["id"].startswith(prefix)]
-    missing = [line for line in requirement_lines(prefix)
-               if not any(q and q in line for q in quotes)]
+    missing = [
+        line for line in requirement_lines(prefix) if not any(q and q in line for q in quotes)
+    ]
     assert not missing, "no conformance row for:\n" + "\n".join(missing)
 
 
@@ -99,8 +111,11 @@ def test_row_code_exists(row: dict[str, str]) -> None:
 
 def _test_names(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
-            and n.name.startswith("test")}
+    return {
+        n.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test")
+    }
 
 
 @pytest.mark.parametrize("row", DOC_ROWS, ids=lambda r: r["id"])
@@ -117,7 +132,7 @@ def test_row_tests_exist(row: dict[str, str]) -> None:
 
 def test_checker_can_fail() -> None:
     """The checks above can fail: a row quoting text absent from the seed is caught."""
-    fake = rows("| 003-R99 | x | \"text that no seed contains\" | `cpns.errors:Nope` | `t.py::t` |")
+    fake = rows('| 003-R99 | x | "text that no seed contains" | `cpns.errors:Nope` | `t.py::t` |')
     assert _norm(fake[0]["quote"]) not in _seed("003")
     with pytest.raises(AttributeError):
         test_row_code_exists(fake[0])

@@ -40,6 +40,10 @@ __all__ = [
 type Kind = Literal["bytes", "id", "int", "enum", "bool", "bytes_list"]
 
 _MAX_BYTES = 16 * 1024
+#: A sealed KeyBundle of the longest chain the policy accepts (1024 EUKeys of 32 bytes,
+#: 34 bytes each in CBOR, plus a TK of up to 64 bytes and the seal's 29 bytes) fits in
+#: 35 KiB; the whole message stays under MAX_MESSAGE_SIZE (64 KiB).
+_MAX_SEALED_BUNDLE = 35 * 1024
 _MAX_INT = 2**63 - 1
 
 
@@ -280,7 +284,7 @@ class EUKeyAssignmentResponse(Message):
     #: PNE Entity ID the response is about.
     pne_id: str = f_id(2)
     #: The sealed :class:`KeyBundle` (present on success).
-    sealed_bundle: bytes | None = f_bytes(3, optional=True, secret=True)
+    sealed_bundle: bytes | None = f_bytes(3, hi=_MAX_SEALED_BUNDLE, optional=True, secret=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

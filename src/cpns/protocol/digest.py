@@ -51,7 +51,6 @@ import base64
 import hashlib
 import hmac
 import re
-import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -391,7 +390,10 @@ def _is_quotable(value: str) -> bool:
 
 
 class _NonceCounters:
-    """Per-nonce ``nc`` replay table (RFC 7616 §5.4), bounded, thread-safe.
+    """Per-nonce ``nc`` replay table (RFC 7616 §5.4), bounded.
+
+    Not thread-safe, like every core object: the CPNS Server calls it from its one event
+    loop thread; a threaded host serialises calls to :meth:`DigestServer.verify` itself.
 
     Entry per nonce: ``(issued, highest nc, bitmap)`` where bit ``i`` of the bitmap says
     ``highest - i`` was seen. Any nonce dropped from the table raises ``floor``; an
@@ -406,33 +408,28 @@ class _NonceCounters:
         self._seen: dict[str, tuple[int, int, int]] = {}
         self._floor = -1
         self._last_prune = 0
-        # http.server and thread pools call verify() concurrently; check-and-set is atomic.
-        self._lock = threading.Lock()
 
     def advance(self, nonce: str, *, issued: int, nc: int, now: int, lifetime: int) -> None:
-        with self._lock:
-            known = nonce in self._seen
-            if now - self._last_prune >= lifetime or (
-                not known and len(self._seen) >= self._capacity
-            ):
-                self._prune(now, lifetime)
-            entry = self._seen.get(nonce)
-            if entry is None:
-                if issued <= self._floor:
-                    raise DigestStale("nonce no longer tracked by the replay table")
-                self._seen[nonce] = (issued, nc, 1)
-                return
-            _, highest, bitmap = entry
-            if nc > highest:
-                shift = nc - highest
-                # Never shift by a huge nc: that would build a huge integer.
-                bitmap = ((bitmap << shift) | 1) & self._full if shift < self._window else 1
-                self._seen[nonce] = (issued, nc, bitmap)
-                return
-            offset = highest - nc
-            if offset >= self._window or (bitmap >> offset) & 1:
-                raise AuthenticationFailed(f"replayed nc {nc:08x} for this nonce")
-            self._seen[nonce] = (issued, highest, bitmap | (1 << offset))
+        known = nonce in self._seen
+        if now - self._last_prune >= lifetime or (not known and len(self._seen) >= self._capacity):
+            self._prune(now, lifetime)
+        entry = self._seen.get(nonce)
+        if entry is None:
+            if issued <= self._floor:
+                raise DigestStale("nonce no longer tracked by the replay table")
+            self._seen[nonce] = (issued, nc, 1)
+            return
+        _, highest, bitmap = entry
+        if nc > highest:
+            shift = nc - highest
+            # Never shift by a huge nc: that would build a huge integer.
+            bitmap = ((bitmap << shift) | 1) & self._full if shift < self._window else 1
+            self._seen[nonce] = (issued, nc, bitmap)
+            return
+        offset = highest - nc
+        if offset >= self._window or (bitmap >> offset) & 1:
+            raise AuthenticationFailed(f"replayed nc {nc:08x} for this nonce")
+        self._seen[nonce] = (issued, highest, bitmap | (1 << offset))
 
     def _prune(self, now: int, lifetime: int) -> None:
         self._last_prune = now
@@ -467,8 +464,8 @@ class DigestServer:
     """The Digest verifier of the CPNS Server (004 §5.x.2, RFC 7616 §3.3-§3.5).
 
     The configuration is frozen; the only state is the in-memory ``nc`` replay table,
-    which is thread-safe. Several processes sharing ``nonce_key`` (and ``realm``) accept
-    each other's nonces.
+    which is not thread-safe (a threaded host serialises :meth:`verify`). Several
+    processes sharing ``nonce_key`` (and ``realm``) accept each other's nonces.
 
     Raises: ConfigurationError: on construction, for an invalid field.
     """

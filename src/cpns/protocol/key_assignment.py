@@ -271,6 +271,13 @@ class EUKeyAssignmentServer(Machine[ServerState]):
             )
         if gateway.revoked:
             raise RemoteProtocolError("requesting PN GW is revoked", code=ErrorCode.ENTITY_REVOKED)
+        # 003 §6.3.2.2: "PNGW and PNE are owned by the same CPNS User" (004 §5.x.3). Checked
+        # before the user is looked up or the password tried, so that a PN GW of one user can
+        # neither enumerate users nor test another user's password online (D-003-9).
+        if gateway.owner != message.user_id:
+            raise RemoteProtocolError(
+                "PN GW belongs to another user", code=ErrorCode.NOT_AUTHORIZED
+            )
         check_fresh(message.time, now=self._now, window=policy.time_window)
         user = look.get_user(message.user_id)
         if user is None:
@@ -293,11 +300,6 @@ class EUKeyAssignmentServer(Machine[ServerState]):
             ) from None
         if user.disabled:
             raise RemoteProtocolError("user is disabled", code=ErrorCode.NOT_AUTHORIZED)
-        # 003 §6.3.2.2: "PNGW and PNE are owned by the same CPNS User" (004 §5.x.3).
-        if gateway.owner != user.user_id:
-            raise RemoteProtocolError(
-                "PN GW belongs to another user", code=ErrorCode.NOT_AUTHORIZED
-            )
         if look.nonce_used(message.rand_pngw):
             raise RemoteProtocolError("RANDPNGW already used", code=ErrorCode.REPLAY)
         # Step 6: find TKPNE for the Entity ID.

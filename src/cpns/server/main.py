@@ -17,6 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
 import uvicorn
 
@@ -36,6 +37,9 @@ from cpns.store.sql import SQLStore
 __all__ = ["build_app", "init_server", "open_store", "run_server"]
 
 log = logging.getLogger("cpns.server")
+
+#: Seconds a stopping server lets requests in flight finish before it closes connections.
+_SHUTDOWN_GRACE: Final = 5
 
 
 def init_server(
@@ -152,6 +156,7 @@ async def run_server(
             http="httptools",
             loop="none",
             timeout_keep_alive=30,
+            timeout_graceful_shutdown=_SHUTDOWN_GRACE,
             ssl_certfile=str(config.path(config.cert_file)),
             ssl_keyfile=str(config.path(config.key_file)),
         )

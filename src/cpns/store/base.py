@@ -36,7 +36,7 @@ class ConflictError(StoreError):
     """A unique row already exists (user, entity, TK record)."""
 
 
-class NonceReused(StoreError):  # noqa: N818 - contract name; "Reused" already says error
+class NonceReused(StoreError):  # contract name; "Reused" already says error
     """A random value (RANDPNGW, rand) was already used: the request is a replay."""
 
 

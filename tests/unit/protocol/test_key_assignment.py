@@ -338,7 +338,10 @@ def _other_pne_kind(world: Directory) -> None:
 
 SERVER_FAILURES: list[Any] = [
     # (id, alter the stored facts, request overrides, server overrides, code)
-    ("unknown-user", None, {"user": "carol"}, {}, ErrorCode.UNKNOWN_USER),
+    # The PN GW's own user no longer exists: UNKNOWN_USER (003 §7.4.2.1.1.2 step 2).
+    ("unknown-user", lambda w: w.users.pop(USER), {}, {}, ErrorCode.UNKNOWN_USER),
+    # Any other user, existing or not, named through this PN GW: D-003-9.
+    ("user-not-the-gateway-owner", None, {"user": "carol"}, {}, ErrorCode.NOT_AUTHORIZED),
     ("wrong-password", None, {"password": "not the password"}, {}, ErrorCode.WRONG_PASSWORD),
     (
         "proof-for-other-pne",
