@@ -18,19 +18,69 @@ from pathlib import Path
 
 __all__ = ["register"]
 
-_SEQUENCE = """\
-   PNE ({pne})            PN GW ({gw})                 CPNS Server
-      |                         |  Step 0: TLS 1.3 (server cert)  |
-      |                         |  + HTTP Digest(EUKey_GW), rspauth|
-      |                         |--- EUKey Assignment Request ---->|  ID, User ID, Time,
-      |                         |    (txid {tx})       |  Hash(AuthData)
-      |                         |<-- EUKey Assignment Response ----|  {status}: E_EUKey_GW(TK,
-      |                         |    [stored TK + {n} EUKeys]      |  [EUKey_1..EUKey_{n}])
-      |<- EUKey Assignment Notif.|                                 |
-      |   E_TK(EUKey_1)         |                                  |
-      |-- Acknowledgement ----->|  HMAC(EUKey_1)                   |
-  [EUKey_1 stored]              |                                  |
-"""
+#: Column of each party's lifeline in the sequence diagram.
+_LIFELINE: dict[str, int] = {"PNE": 8, "GW": 38, "SRV": 72}
+_WIDTH = _LIFELINE["SRV"] + 1
+
+
+def _lifelines() -> list[str]:
+    line = [" "] * _WIDTH
+    for x in _LIFELINE.values():
+        line[x] = "|"
+    return line
+
+
+def _arrow(src: str, dst: str, label: str, note: str = "") -> str:
+    """One message: an arrow from ``src`` to ``dst`` with ``label`` on it."""
+    left, right = sorted((_LIFELINE[src], _LIFELINE[dst]))
+    body = f" {label} ".center(right - left - 1, "-")
+    body = body[:-1] + ">" if _LIFELINE[src] < _LIFELINE[dst] else "<" + body[1:]
+    line = _lifelines()
+    line[left + 1 : right] = body
+    return ("".join(line) + ("  " + note if note else "")).rstrip()
+
+
+def _under(src: str, dst: str, text: str, note: str = "") -> str:
+    """Text under the arrow between ``src`` and ``dst`` (what the message carries)."""
+    left, right = sorted((_LIFELINE[src], _LIFELINE[dst]))
+    line = _lifelines()
+    line[left + 2 : left + 2 + len(text)] = text
+    assert left + 2 + len(text) < right, text
+    return ("".join(line) + ("  " + note if note else "")).rstrip()
+
+
+def _header(names: dict[str, str]) -> list[str]:
+    rows = []
+    for texts in (("PNE", "PN GW", "CPNS Server"), tuple(names.values())):
+        line = [" "] * (_WIDTH + 12)
+        for (_, x), text in zip(_LIFELINE.items(), texts, strict=True):
+            start = max(0, x - len(text) // 2)
+            line[start : start + len(text)] = text
+        rows.append("".join(line).rstrip())
+    return rows
+
+
+def sequence_diagram(*, pne: str, gw: str, server: str, txid: str, n: int | str) -> str:
+    """The flow the demo just ran, drawn the way the seeds draw their figures."""
+    rows = [
+        *_header({"PNE": pne, "GW": gw, "SRV": server}),
+        "".join(_lifelines()).rstrip(),
+        _arrow("GW", "SRV", "TLS 1.3, server certificate", "003 step 0 / 004 §5.x.2"),
+        _arrow("GW", "SRV", "HTTP Digest(EUKey_GW)"),
+        _arrow("SRV", "GW", "rspauth"),
+        _arrow("GW", "SRV", "EUKey Assignment Request", "003 §7.4.2.1.1.1"),
+        _under("GW", "SRV", "PNE ID, User ID, Time,", f"txid {txid}"),
+        _under("GW", "SRV", "Hash(AuthData)"),
+        _under("GW", "SRV", "", f"[server: verify, SeedPNE, store EUKey_{n}..EUKey_1]"),
+        _arrow("SRV", "GW", "EUKey Assignment Response", "003 §7.4.2.1.1.2"),
+        _under("GW", "SRV", f"OK, E_EUKey_GW(TK, set of {n})"),
+        _under("GW", "SRV", "[PN GW stores TK + set]"),
+        _arrow("GW", "PNE", "EUKey Assignment Notif.", "003 §7.4.2.1.1.3"),
+        _under("PNE", "GW", "E_TK(EUKey_1)"),
+        _arrow("PNE", "GW", "Ack, HMAC(EUKey_1)"),
+        _under("PNE", "GW", "[PNE stores EUKey_1]"),
+    ]
+    return "\n".join(rows)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -99,7 +149,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     n = next((e["keys"] for e in server_view if e["entity_id"] == pne_id), "?")
     console.print()
-    console.print(_SEQUENCE.format(pne=pne_id, gw=gw_id, tx=str(tx)[:12], status="OK", n=n))
+    diagram = sequence_diagram(pne=pne_id, gw=gw_id, server="cpns-server", txid=str(tx)[:12], n=n)
+    console.print(diagram, soft_wrap=True, markup=False, highlight=False)
     table = Table("party", "what it holds now (no secrets shown)", title="Each party's view")
     for e in server_view:
         table.add_row(
@@ -107,8 +158,21 @@ def _run(args: argparse.Namespace) -> int:
             f"{e['entity_id']} ({e['kind']}, owner {e['owner']}): "
             f"EUKey {e['key_index']} of {e['keys']}",
         )
-    table.add_row("PN GW", json.dumps(gw_view, sort_keys=True))
-    table.add_row("PNE", json.dumps(dev_view, sort_keys=True))
+    table.add_row(
+        "PN GW",
+        f"{gw_view.get('entity_id')} (owner {gw_view.get('user_id')}): own EUKey, "
+        f"server {gw_view.get('server_url')}",
+    )
+    for p in gw_view.get("pnes", []):
+        table.add_row(
+            "PN GW",
+            f"{p['pne_id']}: TK + EUKey set stored, EUKey_{p['key_index']} {p['stage']}",
+        )
+    table.add_row(
+        "PNE",
+        f"{dev_view.get('entity_id')}: EUKey_{dev_view.get('key_index')} "
+        f"from {dev_view.get('gateway_id')}",
+    )
     console.print(table)
     trail = Table("outcome", "procedure", "actor", "entity", "txid", title="Server audit trail")
     for a in reversed(audit):

@@ -1,0 +1,164 @@
+"""The one ``cpns`` command (issue #2 item 4, DESIGN §7): exit codes scripts can trust,
+TK import that reports a bad row by line and imports nothing, secrets shown only when
+asked, and the demo's sequence diagram. Runs ``cpns.cli.main.main`` in-process on real
+data directories."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cpns.cli.demo_cmd import _LIFELINE, sequence_diagram
+from cpns.cli.main import EXIT_OK, EXIT_USAGE, main
+from cpns.records import EntityRecord
+from cpns.server.admin import add_user
+from cpns.server.config import load_server_config
+from cpns.server.main import open_store
+from cpns.types import EntityKind
+
+TK = "ab" * 32
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> Iterator[None]:
+    """main() leaves an existing handler alone: keep its stderr handler out of capsys's
+    streams, which pytest closes after each test."""
+    logger = logging.getLogger("cpns")
+    saved = logger.handlers[:]
+    logger.handlers[:] = [logging.NullHandler()]
+    yield
+    logger.handlers[:] = saved
+
+
+@pytest.fixture
+def server_dir(tmp_path: Path) -> Path:
+    """``cpns server init`` on port 0."""
+    data = tmp_path / "srv"
+    assert main(["server", "init", "--data-dir", str(data), "--port", "0"]) == EXIT_OK
+    return data
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_no_command_prints_help_and_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``cpns`` alone teaches (prints the help) and exits 2."""
+    code, out, _ = run(capsys)
+    assert code == EXIT_USAGE
+    assert "cpns demo" in out
+
+
+def test_a_directory_that_is_not_a_server_is_a_clear_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Exit 2 and a message that says what to do, not a traceback."""
+    code, _, err = run(capsys, "admin", "user", "list", "--data-dir", str(tmp_path))
+    assert code == EXIT_USAGE
+    assert "run 'cpns server init' first" in err
+
+
+def test_server_init_twice_is_refused(capsys: pytest.CaptureFixture[str], server_dir: Path) -> None:
+    """An initialised data directory (master key, database) is never overwritten."""
+    code, _, err = run(capsys, "server", "init", "--data-dir", str(server_dir), "--port", "0")
+    assert code == EXIT_USAGE
+    assert "already initialised" in err
+
+
+def test_server_init_keeps_the_master_key_private(server_dir: Path) -> None:
+    """DESIGN §6: the master key is a 0600 file outside the database."""
+    config = load_server_config(server_dir)
+    assert config.path(config.master_key_file).stat().st_mode & 0o777 == 0o600
+
+
+def test_tk_import_bad_row_names_its_line_and_imports_nothing(
+    capsys: pytest.CaptureFixture[str], server_dir: Path, tmp_path: Path
+) -> None:
+    """Issue #2 item 4: a bad row is reported with its line number (exit 2) and nothing
+    partial is imported; the same file once fixed imports every row."""
+    csv = tmp_path / "factory.csv"
+    csv.write_text(f"entity_id,tk\npne-1,{TK}\npne-2,{TK[:-2]}zz\n")
+    argv = ("admin", "tk", "import", str(csv), "--data-dir", str(server_dir), "--quiet")
+    code, _, err = run(capsys, *argv)
+    assert code == EXIT_USAGE
+    assert "line 3: the TK is not hexadecimal" in err
+    with open_store(load_server_config(server_dir)) as store:
+        assert store.get_tk("pne-1") is None
+    csv.write_text(f"entity_id,tk\npne-1,{TK}\npne-2,{TK}\n")
+    code, out, _ = run(capsys, *argv)
+    assert code == EXIT_OK
+    assert "imported 2 TK record(s)" in out
+
+
+def test_entity_show_hides_secrets_unless_asked(
+    capsys: pytest.CaptureFixture[str], server_dir: Path, tmp_path: Path
+) -> None:
+    """Issue #2 item 4: list and show never print an EUKey or a TK unless
+    ``--show-secrets`` is given."""
+    csv = tmp_path / "factory.csv"
+    csv.write_text(f"entity_id,tk\npne-1,{TK}\n")
+    run(capsys, "admin", "tk", "import", str(csv), "--data-dir", str(server_dir), "--quiet")
+    eukey = bytes(range(32))
+    with open_store(load_server_config(server_dir)) as store:
+        add_user(store, "alice", "correct horse battery", realm="cpns")
+        store.write(
+            lambda tx: tx.put_entity(
+                EntityRecord(
+                    entity_id="pne-1",
+                    kind=EntityKind.PNE,
+                    owner="alice",
+                    eukeys=(eukey,),
+                    key_index=1,
+                )
+            )
+        )
+    base = ("admin", "entity", "show", "pne-1", "--data-dir", str(server_dir))
+    _, hidden, _ = run(capsys, *base)
+    _, listed, _ = run(capsys, "admin", "entity", "list", "--json", "--data-dir", str(server_dir))
+    for text in (hidden, listed):
+        assert eukey.hex() not in text
+        assert TK not in text
+    assert json.loads(hidden)["tk_record"] is True
+    code, shown, _ = run(capsys, *base, "--show-secrets")
+    assert code == EXIT_OK
+    assert json.loads(shown)["eukeys"] == [eukey.hex()]
+    assert json.loads(shown)["tk"] == TK
+
+
+def test_user_add_reads_the_password_from_stdin(
+    capsys: pytest.CaptureFixture[str], server_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--password-stdin`` lets scripts register users; a short password is exit 2."""
+    argv = ("admin", "user", "add", "alice", "--data-dir", str(server_dir), "--password-stdin")
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert run(capsys, *argv)[0] == EXIT_USAGE
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+    assert run(capsys, *argv)[:2] == (EXIT_OK, "user alice added\n")
+    _, out, _ = run(capsys, "admin", "user", "list", "--data-dir", str(server_dir))
+    assert out == "alice\n"
+
+
+def test_demo_sequence_diagram_keeps_its_lifelines_straight() -> None:
+    """DESIGN §7: a flow shown as a sequence diagram the way the seeds draw their figures:
+    below the two header lines every row has each party's lifeline in its column, every
+    arrow has exactly one head, and the seed sections are named."""
+    text = sequence_diagram(pne="headset-1", gw="phone-1", server="cpns-server", txid="ab", n=16)
+    rows = text.splitlines()
+    assert "headset-1" in rows[1]
+    assert "phone-1" in rows[1]
+    for row in rows[2:]:
+        for column in _LIFELINE.values():
+            assert row[column] in "|<>", row
+        arrow = row[_LIFELINE["PNE"] : _LIFELINE["SRV"] + 1]
+        if "-" in arrow:
+            assert len(re.findall(r"[<>]", arrow)) == 1, row
+    for section in ("003 §7.4.2.1.1.1", "003 §7.4.2.1.1.2", "003 §7.4.2.1.1.3"):
+        assert section in text

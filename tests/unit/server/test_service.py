@@ -1,0 +1,224 @@
+"""The server's service layer (STYLE §7, DESIGN §5-6): the real CPNSService over the
+in-memory store, fed with requests made by the real PN GW machine. Checks idempotent
+retries, replayed transaction IDs, refusals that store nothing, undecodable input, and
+that facts are written before the reply exists."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from tests.helpers import (
+    FIXED_NOW,
+    GATEWAY_KEYS,
+    PASSWORDS,
+    SERVER_ID,
+    TKS,
+    FixedRandom,
+    cached_password_key,
+)
+
+from cpns.errors import ErrorCode, StoreError
+from cpns.messages.codec import decode, encode
+from cpns.messages.model import (
+    ErrorMessage,
+    EUKeyAssignmentAck,
+    EUKeyAssignmentRequest,
+    EUKeyAssignmentResponse,
+    UserKeyAssignmentRequest,
+)
+from cpns.protocol.key_assignment import AssignmentPolicy, EUKeyAssignmentGateway
+from cpns.records import EntityRecord, TKRecord, UserRecord
+from cpns.server.service import CPNSService, Reply
+from cpns.store.base import WriteTx
+from cpns.store.memory import MemoryStore
+from cpns.types import EntityKind
+
+GW = "gw-alice"
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    """alice with her enrolled PN GW gw-alice, and the TK records of pne-1 and pne-2."""
+    s = MemoryStore()
+
+    def setup(tx: WriteTx) -> None:
+        for user_id, password in PASSWORDS.items():
+            key = cached_password_key(user_id, password)
+            tx.add_user(UserRecord(user_id=user_id, password_key=key, created_at=1))
+        tx.put_entity(
+            EntityRecord(
+                entity_id=GW,
+                kind=EntityKind.PN_GW,
+                owner="alice",
+                eukeys=(GATEWAY_KEYS[GW],),
+                key_index=1,
+            )
+        )
+        tx.put_tks([TKRecord(entity_id=e, tk=tk) for e, tk in TKS.items()])
+
+    s.write(setup)
+    return s
+
+
+def service(store: MemoryStore, seed: int = 7) -> CPNSService:
+    return CPNSService(
+        store=store,
+        policy=AssignmentPolicy(server_id=SERVER_ID),
+        rng=FixedRandom(seed),
+        clock=lambda: FIXED_NOW,
+    )
+
+
+def request(*, pne: str = "pne-1", password: str = PASSWORDS["alice"], seed: int = 1) -> Any:
+    """An EUKey Assignment Request as the real PN GW machine builds it (003 §7.4.2.1.1.1)."""
+    gateway = EUKeyAssignmentGateway(
+        gateway_id=GW, gateway_eukey=GATEWAY_KEYS[GW], server_id=SERVER_ID, rng=FixedRandom(seed)
+    )
+    key = cached_password_key("alice", password)
+    gateway.start(pne_id=pne, user_id="alice", password_key=key, now=FIXED_NOW)
+    [message] = gateway.messages_to_send()
+    assert isinstance(message, EUKeyAssignmentRequest)
+    return message
+
+
+def handle(svc: CPNSService, message: Any, authenticated: str | None = GW) -> Reply:
+    return asyncio.run(svc.handle(message, authenticated=authenticated))
+
+
+def status_of(reply: Reply) -> ErrorCode | int:
+    message = decode(reply.body)
+    assert isinstance(message, EUKeyAssignmentResponse | ErrorMessage)
+    return message.status
+
+
+def test_success_persists_every_fact_with_the_reply(store: MemoryStore) -> None:
+    """003 §7.4.2.1.1.2 steps 3-5 and DESIGN §6: when the OK reply is returned, the chain is
+    stored with the Entity ID and User ID, RANDPNGW is marked used, the reply is kept for
+    retries and the assignment is audited."""
+    message = request()
+    reply = handle(service(store), message)
+    assert (reply.http_status, reply.status, status_of(reply)) == (200, ErrorCode.OK, 0)
+    entity = store.get_entity("pne-1")
+    assert entity is not None
+    assert (entity.owner, entity.kind, entity.assigned_via) == ("alice", EntityKind.PNE, GW)
+    assert len(entity.eukeys) == 16
+    assert entity.key_index == 1
+    assert store.nonce_used(message.rand_pngw)
+    stored = store.get_reply(GW, message.txid)
+    assert stored is not None
+    assert stored.reply == reply.body
+    [audit] = [e for e in store.audit_events() if e.procedure == "eukey-assignment-tk-003"]
+    assert (audit.outcome, audit.entity_id, audit.actor) == ("OK", "pne-1", GW)
+
+
+def test_a_retry_gets_the_same_reply_and_assigns_nothing_new(store: MemoryStore) -> None:
+    """DESIGN §5: retries are idempotent. The same request again (same bytes, same txid)
+    is answered with the stored reply byte for byte; the chain is not regenerated, even by
+    a server process with another RNG."""
+    message = request()
+    first = handle(service(store, seed=7), message)
+    chain = store.get_entity("pne-1").eukeys  # type: ignore[union-attr]
+    again = handle(service(store, seed=8), message)
+    assert again == first
+    assert store.get_entity("pne-1").eukeys == chain  # type: ignore[union-attr]
+
+
+def test_a_reused_txid_with_other_content_is_a_replay(store: MemoryStore) -> None:
+    """DESIGN §5: a transaction ID names one exchange; the same txid with other content is
+    refused as REPLAY and changes nothing."""
+    message = request()
+    handle(service(store), message)
+    chain = store.get_entity("pne-1").eukeys  # type: ignore[union-attr]
+    other = dataclasses.replace(request(pne="pne-2", seed=2), txid=message.txid)
+    reply = handle(service(store), other)
+    assert status_of(reply) == ErrorCode.REPLAY
+    assert store.get_entity("pne-2") is None
+    assert store.get_entity("pne-1").eukeys == chain  # type: ignore[union-attr]
+
+
+def test_a_replayed_randpngw_under_a_new_txid_is_refused(store: MemoryStore) -> None:
+    """003 §7.4.2.1.1.2 with DESIGN §5: a captured request re-sent under a fresh txid is
+    caught by its RANDPNGW (REPLAY)."""
+    message = request()
+    handle(service(store), message)
+    replayed = dataclasses.replace(message, txid=b"\x99" * 16)
+    assert status_of(handle(service(store), replayed)) == ErrorCode.REPLAY
+
+
+def test_a_refusal_stores_nothing_but_the_audit_record(store: MemoryStore) -> None:
+    """003 §7.4.2.1.1.2 step 2: a wrong password gets a Response with a fail status; no
+    chain, no used nonce, no stored reply (the user may retry with the right password);
+    the refusal is in the audit trail with its reason."""
+    message = request(password="not the password")
+    reply = handle(service(store), message)
+    assert (reply.http_status, status_of(reply)) == (200, ErrorCode.WRONG_PASSWORD)
+    assert store.get_entity("pne-1") is None
+    assert not store.nonce_used(message.rand_pngw)
+    assert store.get_reply(GW, message.txid) is None
+    [audit] = [e for e in store.audit_events() if e.procedure == "eukey-assignment-tk-003"]
+    assert audit.outcome == "WRONG_PASSWORD"
+    assert audit.detail == "AuthData does not verify"
+
+
+def test_a_message_no_procedure_starts_with_is_unexpected(store: MemoryStore) -> None:
+    """STYLE §5: a well-formed message that starts no server procedure (a PAN Ack) is
+    answered with UNEXPECTED_MESSAGE."""
+    ack = EUKeyAssignmentAck(
+        txid=b"\x01" * 16, src=GW, dst=SERVER_ID, status=ErrorCode.OK, key_index=1
+    )
+    reply = handle(service(store), ack)
+    assert (reply.http_status, status_of(reply)) == (200, ErrorCode.UNEXPECTED_MESSAGE)
+
+
+@pytest.mark.parametrize("body", [b"", b"\xff", b"not cbor at all", encode(request())[:-1]])
+def test_undecodable_input_is_a_400_with_a_decode_status(store: MemoryStore, body: bytes) -> None:
+    """DESIGN §3: undecodable bytes give HTTP 400 and an ErrorMessage with the decode
+    error's code; nothing reaches a procedure."""
+    parsed = service(store).parse(body)
+    assert isinstance(parsed, Reply)
+    assert parsed.http_status == 400
+    assert status_of(parsed) == ErrorCode.MALFORMED_MESSAGE
+    assert store.audit_events() == []
+
+
+def test_only_enrolment_is_open_to_unauthenticated_senders() -> None:
+    """004 §5.x.2: every request is Digest-authenticated except the with-UI enrolment,
+    whose proof (the password) is inside the message."""
+    assert not CPNSService.requires_authentication(
+        UserKeyAssignmentRequest.__new__(UserKeyAssignmentRequest)
+    )
+    assert CPNSService.requires_authentication(request())
+
+
+class FailingStore(MemoryStore):
+    """A store whose durable writes fail (disk full, database gone)."""
+
+    def write_async[T](self, fn: Callable[[WriteTx], T]) -> asyncio.Future[T]:
+        raise StoreError("disk full")
+
+
+def test_no_reply_when_the_facts_cannot_be_stored(store: MemoryStore) -> None:
+    """DESIGN §6: facts are persisted before the reply that depends on them is sent: when
+    the write fails the service raises (the HTTP layer answers 500) and hands out no
+    EUKey chain the database does not hold."""
+    # The same facts as `store`, in a store whose durable (async) writes fail.
+    failing = FailingStore()
+    users = store.list_users()
+    gw = store.get_entity(GW)
+    assert gw is not None
+
+    def copy(tx: WriteTx) -> None:
+        for user in users:
+            tx.add_user(user)
+        tx.put_entity(gw)
+        tx.put_tks([TKRecord(entity_id="pne-1", tk=TKS["pne-1"])])
+
+    failing.write(copy)
+    with pytest.raises(StoreError):
+        handle(service(failing), request())
+    assert failing.get_entity("pne-1") is None
+    assert failing.get_reply(GW, request().txid) is None
