@@ -6,8 +6,9 @@ The daemon is a thin asyncio shell around the sans-I/O machines of
 :mod:`cpns.protocol.key_assignment` (STYLE §7). It holds three things:
 
 * the **key store** (:class:`~cpns.store.keystore.LocalKeyStore` ``gateway``): its own
-  EUKey, and per PNE the outstanding request and the received TK + EUKey set. It is the
-  only state that matters: everything in memory can be rebuilt from it;
+  EUKey, and per PNE (one sealed record file each, so a write costs the same with 2 PNEs
+  or 2,000) the outstanding request and the received TK + EUKey set. It is the only state
+  that matters: everything in memory can be rebuilt from it;
 * the **PAN listener**: TCP, one framed CPNS message per frame
   (:mod:`cpns.transport.stream`). A PNE attaches with :class:`PNEHello` (``dst`` is the
   literal ``"pan"``: whichever PN GW answers the link) and the daemon keeps a routing
@@ -188,6 +189,23 @@ def _status_view(data: dict[str, Any], *, attached: Collection[str]) -> dict[str
     }
 
 
+def _load_pne_records(store: LocalKeyStore, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The PNE records of a locked store. Records kept inside the main map by an earlier
+    release (``pnes``) are moved out to their own files first, then dropped from the map.
+
+    Raises StoreError."""
+    legacy: dict[str, dict[str, Any]] = data.get("pnes", {})
+    records = store.load_records()
+    if legacy:
+        for pne_id, record in legacy.items():
+            if pne_id not in records:
+                store.save_record(pne_id, record)
+                records[pne_id] = record
+        del data["pnes"]
+        store.save(data)
+    return records
+
+
 def offline_status(data_dir: Path | str) -> dict[str, object]:
     """The gateway's state read from its store while the daemon is not running.
 
@@ -197,7 +215,9 @@ def offline_status(data_dir: Path | str) -> dict[str, object]:
     data_dir = Path(data_dir)
     data: dict[str, Any] = {}
     if (data_dir / f"{STORE_NAME}.key").exists():  # a status query creates nothing
-        data = LocalKeyStore.open_or_create(data_dir, STORE_NAME).load()
+        store = LocalKeyStore.open_or_create(data_dir, STORE_NAME)
+        data = store.load()
+        data["pnes"] = {**data.get("pnes", {}), **store.load_records()}
     view = _status_view(data, attached=())
     view["running"] = False
     return view
@@ -284,7 +304,6 @@ async def enroll(
                     server_id=config.server_id,
                     enrolled_at=clock(),
                 )
-                data.setdefault("pnes", {})
                 store.save(data)
                 log.info("enrolled %s (txid %s)", config.entity_id, request.txid.hex())
                 return
@@ -352,6 +371,8 @@ class GatewayDaemon:
         self._rng: Random = rng if rng is not None else SystemRandom()
         self._clock = clock
         self._data: dict[str, Any] = {}
+        #: Per-PNE records (request, key set, last status), one sealed file each.
+        self._pne_records: dict[str, dict[str, Any]] = {}
         self._eukey = b""
         self._pan: asyncio.Server | None = None
         self._control: asyncio.Server | None = None
@@ -408,7 +429,7 @@ class GatewayDaemon:
                     f"configuration says {self._config.entity_id!r}"
                 )
             self._eukey = eukey
-            self._data.setdefault("pnes", {})
+            self._pne_records = _load_pne_records(self._store, self._data)
             if self._upstream is None:
                 self._upstream = ServerClient(
                     server_url=self._config.server_url,
@@ -523,12 +544,13 @@ class GatewayDaemon:
     # -- store ------------------------------------------------------------------------
 
     def _pnes(self) -> dict[str, dict[str, Any]]:
-        pnes: dict[str, dict[str, Any]] = self._data["pnes"]
-        return pnes
+        return self._pne_records
 
-    def _save(self) -> None:
-        """Persist the whole map (atomic, fsynced). Raises StoreError."""
-        self._store.save(self._data)
+    def _save(self, pne_id: str) -> None:
+        """Persist one PNE's record (atomic, fsynced; O(1) in the number of PNEs).
+
+        Raises StoreError."""
+        self._store.save_record(pne_id, self._pne_records[pne_id])
 
     def _lock_for(self, pne_id: str) -> asyncio.Lock:
         return self._locks.setdefault(pne_id, asyncio.Lock())
@@ -585,7 +607,7 @@ class GatewayDaemon:
                 "created_at": self._clock(),
             }
             try:
-                self._save()
+                self._save(pne_id)
             except StoreError as exc:
                 if previous is None:
                     record.pop("request", None)
@@ -689,12 +711,12 @@ class GatewayDaemon:
         self, pne_id: str, request: EUKeyAssignmentRequest, code: ErrorCode | int, hop: str
     ) -> AssignResult:
         """A definitive refusal: forget the request (keep any earlier key set)."""
-        record = self._pnes().get(pne_id, {})
+        record = self._pnes().setdefault(pne_id, {})
         if record.get("request", {}).get("txid") == request.txid:
             del record["request"]
         record["last_status"] = _code_name(code)
         with contextlib.suppress(StoreError):
-            self._save()  # if this fails the request is resent later and refused again
+            self._save(pne_id)  # if this fails the request is resent later and refused again
         return AssignResult(
             ok=False,
             status=_code_name(code),
@@ -727,7 +749,7 @@ class GatewayDaemon:
         }
         record["last_status"] = "OK"
         try:
-            self._save()
+            self._save(pne_id)
         except StoreError as exc:
             record.clear()
             record.update(before)
@@ -773,7 +795,7 @@ class GatewayDaemon:
                         log.error("stored request for %s is unreadable; dropped", pne_id)
                         del record["request"]
                         with contextlib.suppress(StoreError):
-                            self._save()
+                            self._save(pne_id)
                         continue
                     machine = self._new_machine()
                     machine.resend(request)
@@ -910,7 +932,7 @@ class GatewayDaemon:
                 key_set["delivered_at"] = self._clock()
                 self._deliveries.pop(pne_id, None)
                 try:
-                    self._save()
+                    self._save(pne_id)
                 except StoreError as exc:
                     # Not stored: the Notification is offered again next time; the PNE
                     # answers it again (it already holds that key).
@@ -953,7 +975,7 @@ class GatewayDaemon:
 
     def status(self) -> dict[str, object]:
         """The daemon's state for ``status``: IDs, indexes and flags, never key material."""
-        view = _status_view(self._data, attached=self._routes)
+        view = _status_view({**self._data, "pnes": self._pne_records}, attached=self._routes)
         view.update(
             running=True,
             entity_id=self._config.entity_id,

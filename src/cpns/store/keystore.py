@@ -17,6 +17,12 @@ the other's keys. :meth:`LocalKeyStore.lock` takes a non-blocking exclusive ``fl
 ``<name>.lock``; the second daemon fails at start-up with a clear message instead. The lock
 is released by the kernel when the process dies, so a crash never leaves a stale lock.
 
+Why records. A PN GW keeps one entry per PNE it assigned; rewriting one file holding all
+of them at every change costs O(number of PNEs) per write. Per-PNE data therefore lives
+in *records*: one sealed file each in ``<name>.d/<record>.store``, written the same
+atomic way under the same key, each bound to its own file name (so two records swapped on
+disk fail to open). The main file keeps what belongs to the party itself.
+
 The sealing key comes from ``<name>.key`` beside the store (a 0600 file, created with the
 OS CSPRNG on first use by :meth:`LocalKeyStore.open_or_create`) or from the caller.
 """
@@ -34,7 +40,8 @@ import cbor2
 
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, ConfigurationError, LocalProtocolError, StoreError
-from cpns.store.masterkey import MasterKey, write_private_file
+from cpns.messages.constants import ID_PATTERN
+from cpns.store.masterkey import MasterKey, fsync_directory, write_private_file
 
 __all__ = ["LocalKeyStore"]
 
@@ -240,3 +247,62 @@ class LocalKeyStore:
             write_private_file(self._path, _MAGIC + blob, overwrite=True)
         except OSError as exc:
             raise StoreError(f"cannot write key store {self._path}: {exc}") from None
+
+    # -- records ----------------------------------------------------------------------
+
+    @property
+    def records_dir(self) -> Path:
+        """The directory of this store's records, ``<name>.d`` beside the store file."""
+        return self._path.with_suffix(".d")
+
+    def _record(self, name: str) -> LocalKeyStore:
+        if ID_PATTERN.fullmatch(name) is None:
+            raise LocalProtocolError(f"bad record name {name!r}")
+        return LocalKeyStore(self.records_dir / f"{name}.store", self._key)
+
+    def load_records(self) -> dict[str, dict[str, Any]]:
+        """Every record, by name (``{}`` if there are none yet).
+
+        Raises:
+            StoreError: the directory cannot be listed, or a record does not open.
+        """
+        try:
+            paths = sorted(self.records_dir.glob("*.store"))
+        except OSError as exc:  # pragma: no cover - glob swallows most errors itself
+            raise StoreError(f"cannot list {self.records_dir}: {exc}") from None
+        return {
+            path.stem: self._record(path.stem).load()
+            for path in paths
+            if ID_PATTERN.fullmatch(path.stem) is not None
+        }
+
+    def save_record(self, name: str, data: dict[str, Any]) -> None:
+        """Replace (or create) record ``name`` atomically and durably, as :meth:`save`.
+
+        Raises:
+            LocalProtocolError: ``name`` is not an Entity ID, or ``data`` holds a value of
+                another type.
+            StoreError: the record cannot be written.
+        """
+        record = self._record(name)
+        if not self.records_dir.is_dir():
+            try:
+                self.records_dir.mkdir(mode=0o700, exist_ok=True)
+                fsync_directory(self._path.parent)
+            except OSError as exc:
+                raise StoreError(f"cannot create {self.records_dir}: {exc}") from None
+        record.save(data)
+
+    def delete_record(self, name: str) -> None:
+        """Remove record ``name`` durably; nothing happens if it does not exist.
+
+        Raises:
+            StoreError: the record exists but cannot be removed.
+        """
+        record = self._record(name)
+        try:
+            record.path.unlink(missing_ok=True)
+            if self.records_dir.is_dir():
+                fsync_directory(self.records_dir)
+        except OSError as exc:
+            raise StoreError(f"cannot remove {record.path}: {exc}") from None

@@ -141,8 +141,13 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
 
 
 def gateway_store(config: GatewayConfig) -> dict[str, Any]:
-    """The gateway's key store as on disk (read without the daemon's lock)."""
-    return LocalKeyStore.open_or_create(config.data_dir, "gateway").load()
+    """The gateway's key store as on disk (read without the daemon's lock): the main map,
+    with the per-PNE records under ``pnes``."""
+    store = LocalKeyStore.open_or_create(config.data_dir, "gateway")
+    data = store.load()
+    assert "pnes" not in data, "PNE records belong in their own files"
+    data["pnes"] = store.load_records()
+    return data
 
 
 @contextlib.asynccontextmanager
@@ -372,7 +377,7 @@ def test_set_is_stored_before_the_pne_is_notified(
             original = LocalKeyStore.save
 
             def failing_save(store: LocalKeyStore, data: dict[str, Any]) -> None:
-                if any("set" in p for p in data.get("pnes", {}).values()):
+                if "set" in data:  # the PNE's record, with its key set
                     raise StoreError("disk full")
                 original(store, data)
 
@@ -970,3 +975,25 @@ def test_offline_status_reads_the_store_and_creates_nothing(
     empty = offline_status(tmp_path / "nothing-here")
     assert (empty["enrolled"], empty["pnes"]) == (False, [])
     assert not (tmp_path / "nothing-here").exists()
+
+
+def test_records_kept_in_the_main_map_by_an_earlier_release_are_moved_out(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """DESIGN §5 (nothing lost): a store written when PNE records lived inside the main map
+    (``pnes``) is read at start-up, each record moved to its own file, and the map saved
+    without them."""
+    store = LocalKeyStore.open_or_create(enrolled.data_dir, "gateway")
+    data = store.load()
+    data["pnes"] = {"pne-1": {"last_status": "WRONG_PASSWORD"}}
+    store.save(data)
+
+    async def scenario() -> dict[str, object]:
+        async with running_gateway(enrolled, server) as gw:
+            return gw.status()
+
+    status = run(scenario())
+    assert [(p["pne_id"], p["last_status"]) for p in status["pnes"]] == [  # type: ignore[attr-defined]
+        ("pne-1", "WRONG_PASSWORD")
+    ]
+    assert gateway_store(enrolled)["pnes"] == {"pne-1": {"last_status": "WRONG_PASSWORD"}}

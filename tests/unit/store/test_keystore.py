@@ -231,3 +231,72 @@ def test_short_key_and_bad_name_are_refused(tmp_path: Path) -> None:
     for name in ("", "../x", ".hidden"):
         with pytest.raises(LocalProtocolError):
             LocalKeyStore.open_or_create(tmp_path, name)
+
+
+# -- records: per-PNE files (a write is O(1) in the number of PNEs) --------------------------
+
+
+def test_records_round_trip_and_delete(ks: LocalKeyStore, tmp_path: Path) -> None:
+    """save_record() writes one sealed 0600 file per record in <name>.d; load_records()
+    returns them all by name; delete_record() removes one (a missing one is no error)."""
+    assert ks.load_records() == {}
+    ks.save_record("pne-1", {"tk": b"\x07" * 16})
+    ks.save_record("pne-2", {"set": {"eukeys": [b"\x01" * 32]}})
+    ks.save_record("pne-1", {"tk": b"\x08" * 16})
+    assert ks.load_records() == {
+        "pne-1": {"tk": b"\x08" * 16},
+        "pne-2": {"set": {"eukeys": [b"\x01" * 32]}},
+    }
+    records = tmp_path / "gateway.d"
+    assert mode(records) == 0o700
+    assert {p.name: mode(p) for p in records.iterdir()} == {
+        "pne-1.store": 0o600,
+        "pne-2.store": 0o600,
+    }
+    assert b"\x08" * 16 not in (records / "pne-1.store").read_bytes()
+    ks.delete_record("pne-1")
+    ks.delete_record("pne-9")
+    assert list(ks.load_records()) == ["pne-2"]
+    assert ks.load() == {}, "records never touch the main file"
+
+
+def test_a_record_write_leaves_the_other_records_alone(ks: LocalKeyStore, tmp_path: Path) -> None:
+    """Writing one PNE's record does not rewrite another's file (same bytes, same inode)."""
+    ks.save_record("pne-1", {"tk": b"\x07" * 16})
+    other = tmp_path / "gateway.d" / "pne-1.store"
+    before = (other.read_bytes(), other.stat().st_ino)
+    ks.save_record("pne-2", {"tk": b"\x09" * 16})
+    assert (other.read_bytes(), other.stat().st_ino) == before
+
+
+def test_swapped_records_do_not_open(ks: LocalKeyStore, tmp_path: Path) -> None:
+    """Each record is bound to its file name: pne-2's file copied over pne-1's fails to
+    open (StoreError), so one PNE's keys cannot be passed off as another's."""
+    ks.save_record("pne-1", {"tk": b"\x07" * 16})
+    ks.save_record("pne-2", {"tk": b"\x09" * 16})
+    records = tmp_path / "gateway.d"
+    (records / "pne-1.store").write_bytes((records / "pne-2.store").read_bytes())
+    with pytest.raises(StoreError, match="does not open"):
+        ks.load_records()
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "../escape", "a/b", "x" * 129])
+def test_record_names_are_entity_ids(ks: LocalKeyStore, name: str) -> None:
+    """A record name is an Entity ID (no path separators, no leading dot): anything else
+    is a usage error and writes nothing."""
+    with pytest.raises(LocalProtocolError):
+        ks.save_record(name, {})
+    with pytest.raises(LocalProtocolError):
+        ks.delete_record(name)
+    assert ks.load_records() == {}
+
+
+def test_temp_files_and_strangers_in_the_records_dir_are_ignored(
+    ks: LocalKeyStore, tmp_path: Path
+) -> None:
+    """A temp file left by a crash mid-write, or a file that is no record, is not loaded."""
+    ks.save_record("pne-1", {"tk": b"\x07" * 16})
+    records = tmp_path / "gateway.d"
+    (records / ".pne-1.store.0123456789abcdef.tmp").write_bytes(b"half")
+    (records / "notes.txt").write_text("hello")
+    assert list(ks.load_records()) == ["pne-1"]
