@@ -3,6 +3,7 @@ cached password keys (STYLE §8). The classes live in :mod:`tests.helpers`."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -23,7 +24,10 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile("cpns")
+# CI (CI=true) replays the same examples every run, so a submission is judged on the code,
+# not on the luck of the draw; developers' runs keep exploring new examples.
+settings.register_profile("ci", parent=settings.get_profile("cpns"), derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "cpns")
 
 
 @pytest.fixture

@@ -1,11 +1,15 @@
-"""The real clock and RNG, for the I/O shells only (the core receives them as arguments)."""
+"""The real clock, RNG and event loop, for the I/O shells only (the core receives time
+and randomness as arguments and never runs a loop)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
+from collections.abc import Coroutine
+from typing import Any
 
-__all__ = ["SystemRandom", "monotonic", "wall_time"]
+__all__ = ["SystemRandom", "monotonic", "run_event_loop", "wall_time"]
 
 
 class SystemRandom:
@@ -24,3 +28,12 @@ def wall_time() -> int:
 def monotonic() -> float:
     """Monotonic seconds, for deadlines."""
     return time.monotonic()
+
+
+def run_event_loop[T](main: Coroutine[Any, Any, T]) -> T:
+    """Run a daemon's main coroutine on uvloop (DESIGN §8), or asyncio's loop without it."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.run(main)
+    return uvloop.run(main)

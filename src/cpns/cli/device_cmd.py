@@ -20,6 +20,7 @@ from typing import Final
 from cpns.cli._common import add_data_dir
 from cpns.device.agent import DeviceAgent, device_status, init_device
 from cpns.errors import ConfigurationError
+from cpns.runtime import run_event_loop
 
 __all__ = ["parse_hostport", "register"]
 
@@ -87,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         print("cpns device run: --timeout must be > 0", file=sys.stderr)
         return _EXIT_USAGE
     agent = DeviceAgent(args.data_dir, host, port)
-    return asyncio.run(_run_agent(agent, args.once, args.timeout))
+    return run_event_loop(_run_agent(agent, args.once, args.timeout))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from cpns.crypto.kdf import password_key
 from cpns.errors import ConfigurationError
 from cpns.gateway.config import CONTROL_SOCKET, GatewayConfig, load_config, write_config
 from cpns.gateway.daemon import GatewayDaemon, enroll, offline_status
+from cpns.runtime import run_event_loop
 
 __all__ = ["register"]
 
@@ -109,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.pan_host is not None:
         overrides["pan_host"] = args.pan_host
     config = load_config(args.data_dir, overrides=overrides)
-    asyncio.run(GatewayDaemon(config).run())
+    run_event_loop(GatewayDaemon(config).run())
     return _EXIT_OK
 
 

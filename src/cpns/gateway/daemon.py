@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -546,11 +547,16 @@ class GatewayDaemon:
     def _pnes(self) -> dict[str, dict[str, Any]]:
         return self._pne_records
 
-    def _save(self, pne_id: str) -> None:
+    async def _save(self, pne_id: str) -> None:
         """Persist one PNE's record (atomic, fsynced; O(1) in the number of PNEs).
 
+        The record is copied on the event loop, so nothing changes under the writer; the
+        write and its fsyncs run in a worker thread, so the loop serves other PNEs
+        meanwhile. Callers hold the PNE's lock (or act on a stored set, see _on_ack).
+
         Raises StoreError."""
-        self._store.save_record(pne_id, self._pne_records[pne_id])
+        snapshot = copy.deepcopy(self._pne_records[pne_id])
+        await asyncio.to_thread(self._store.save_record, pne_id, snapshot)
 
     def _lock_for(self, pne_id: str) -> asyncio.Lock:
         return self._locks.setdefault(pne_id, asyncio.Lock())
@@ -607,7 +613,7 @@ class GatewayDaemon:
                 "created_at": self._clock(),
             }
             try:
-                self._save(pne_id)
+                await self._save(pne_id)
             except StoreError as exc:
                 if previous is None:
                     record.pop("request", None)
@@ -682,7 +688,7 @@ class GatewayDaemon:
             log.warning(
                 "txid %s for PNE %s: Digest failed at %s: %s", txid, pne_id, hop, exc.reason
             )
-            return self._refused(pne_id, request, ErrorCode.AUTHENTICATION_FAILED, hop)
+            return await self._refused(pne_id, request, ErrorCode.AUTHENTICATION_FAILED, hop)
         events: list[Event]
         hop = "gateway"
         if isinstance(reply, ErrorMessage):
@@ -702,12 +708,12 @@ class GatewayDaemon:
                     hop,
                     event.reason,
                 )
-                return self._refused(pne_id, request, event.code, hop)
+                return await self._refused(pne_id, request, event.code, hop)
             if isinstance(event, EUKeySetReceived):
                 return await self._store_set(pne_id, request, event, machine)
-        return self._refused(pne_id, request, ErrorCode.INTERNAL_ERROR, "gateway")
+        return await self._refused(pne_id, request, ErrorCode.INTERNAL_ERROR, "gateway")
 
-    def _refused(
+    async def _refused(
         self, pne_id: str, request: EUKeyAssignmentRequest, code: ErrorCode | int, hop: str
     ) -> AssignResult:
         """A definitive refusal: forget the request (keep any earlier key set)."""
@@ -716,7 +722,7 @@ class GatewayDaemon:
             del record["request"]
         record["last_status"] = _code_name(code)
         with contextlib.suppress(StoreError):
-            self._save(pne_id)  # if this fails the request is resent later and refused again
+            await self._save(pne_id)  # if this fails the request is resent later and refused again
         return AssignResult(
             ok=False,
             status=_code_name(code),
@@ -749,7 +755,7 @@ class GatewayDaemon:
         }
         record["last_status"] = "OK"
         try:
-            self._save(pne_id)
+            await self._save(pne_id)
         except StoreError as exc:
             record.clear()
             record.update(before)
@@ -795,7 +801,7 @@ class GatewayDaemon:
                         log.error("stored request for %s is unreadable; dropped", pne_id)
                         del record["request"]
                         with contextlib.suppress(StoreError):
-                            self._save(pne_id)
+                            await self._save(pne_id)
                         continue
                     machine = self._new_machine()
                     machine.resend(request)
@@ -932,7 +938,7 @@ class GatewayDaemon:
                 key_set["delivered_at"] = self._clock()
                 self._deliveries.pop(pne_id, None)
                 try:
-                    self._save(pne_id)
+                    await self._save(pne_id)
                 except StoreError as exc:
                     # Not stored: the Notification is offered again next time; the PNE
                     # answers it again (it already holds that key).

@@ -27,8 +27,12 @@ Failures are typed and name the hop: :class:`~cpns.errors.TransportError` when t
 server cannot be reached or answers outside the contract, :class:`UpstreamAuthFailed`
 (an :class:`~cpns.errors.AuthenticationFailed`) when Digest fails either way.
 
-Exchanges are serialised by a lock: the Digest client state (nonce, ``nc``, expected
-rspauth) belongs to one request at a time, and the gateway's upstream traffic is small.
+Concurrency. The Digest client state (nonce, ``nc``, expected rspauth) belongs to one
+request at a time, and the server accepts each nonce's ``nc`` values only in increasing
+order. Up to ``lanes`` exchanges therefore run at once, each on its own *lane*: a Digest
+client with its own nonce, used by one request at a time, so every nonce's ``nc`` still
+reaches the server in order while the lanes overlap their round trips (and the server's
+group commits). A lane costs one extra 401 round trip the first time it is used.
 """
 
 from __future__ import annotations
@@ -102,6 +106,31 @@ def tls_context(ca_file: Path | str) -> ssl.SSLContext:
     return ctx
 
 
+class _Lane:
+    """One Digest client and its nonce state; used by one request at a time."""
+
+    def __init__(self, digest: DigestClient | None) -> None:
+        self.digest = digest
+        #: A 401's challenges, to answer with the next request (then cleared).
+        self.challenges: list[str] | None = None
+        #: Whether ``digest`` holds a nonce the server gave us.
+        self.have_nonce = False
+
+    def authorization(self, *, uri: str, rng: Random) -> str | None:
+        """The Authorization header for the next request on this lane, if we can make one."""
+        assert self.digest is not None
+        if self.challenges is not None:
+            header = self.digest.authorization(
+                challenges=self.challenges, method="POST", uri=uri, rng=rng
+            )
+            self.challenges = None
+            self.have_nonce = True
+            return header
+        if self.have_nonce:
+            return self.digest.authorization(method="POST", uri=uri, rng=rng)
+        return None
+
+
 class ServerClient:
     """Async HTTPS client of one CPNS Server, authenticated as one entity.
 
@@ -115,6 +144,7 @@ class ServerClient:
         retries: extra tries after a connection error, timeout or 5xx.
         backoff: seconds before the first retry, doubled for each next one.
         rng: source of the Digest cnonce.
+        lanes: most exchanges in flight at once (each with its own Digest nonce).
         transport: an httpx transport (tests: ``httpx.MockTransport``); default HTTPS.
     """
 
@@ -129,21 +159,24 @@ class ServerClient:
         retries: int = 2,
         backoff: float = 0.2,
         rng: Random | None = None,
+        lanes: int = 8,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if retries < 0 or per_try_timeout <= 0 or backoff < 0:
-            raise ValueError("retries >= 0, per_try_timeout > 0 and backoff >= 0")
+        if retries < 0 or per_try_timeout <= 0 or backoff < 0 or not 1 <= lanes <= 64:
+            raise ValueError("retries >= 0, per_try_timeout > 0, backoff >= 0 and lanes in 1..64")
         self._base = server_url.rstrip("/")
         self._url = self._base + MESSAGES_PATH
         self._uri = httpx.URL(self._url).raw_path.decode("ascii")
         self._entity_id = entity_id
-        self._digest = DigestClient(entity_id, eukey.hex()) if eukey is not None else None
-        self._challenges: list[str] | None = None  # a 401's challenges, used once
-        self._have_nonce = False
+        self._enrolled = eukey is not None
+        self._lanes: asyncio.LifoQueue[_Lane] = asyncio.LifoQueue()
+        for _ in range(lanes):
+            self._lanes.put_nowait(
+                _Lane(DigestClient(entity_id, eukey.hex()) if eukey is not None else None)
+            )
         self._retries = retries
         self._backoff = backoff
         self._rng: Random = rng if rng is not None else SystemRandom()
-        self._lock = asyncio.Lock()
         verify: ssl.SSLContext | bool = True
         if transport is None:
             if ca_file is None:
@@ -195,39 +228,37 @@ class ServerClient:
         """
         body = encode(message)
         needs_auth = not isinstance(message, UserKeyAssignmentRequest)
-        if needs_auth and self._digest is None:
+        if needs_auth and not self._enrolled:
             raise UpstreamAuthFailed("no EUKey: enrol the gateway first", hop="gateway")
-        async with self._lock:
-            for attempt in range(2):
-                response, authenticated = await self._post(body, needs_auth)
-                if response.status_code != 401 or not needs_auth:
-                    return self._reply(response, authenticated, message)
-                challenges = response.headers.get_list("www-authenticate")
-                if not challenges:
-                    raise TransportError(f"{HOP}: 401 without a Digest challenge")
-                if attempt == 1:
-                    break
-                # First 401 (no nonce yet) or the nonce went stale: answer the challenge.
-                self._challenges = challenges
-                log.debug("Digest challenge received (txid %s)", message.txid.hex())
-            self._have_nonce = False
-            self._challenges = None
-            raise UpstreamAuthFailed("the server refused our Digest credentials", hop="server")
+        # The most recently used lane first (LIFO): it most likely holds a live nonce.
+        lane = await self._lanes.get()
+        try:
+            return await self._exchange_on(lane, body, needs_auth, message)
+        finally:
+            self._lanes.put_nowait(lane)
 
-    def _authorization(self) -> str | None:
-        assert self._digest is not None
-        if self._challenges is not None:
-            header = self._digest.authorization(
-                challenges=self._challenges, method="POST", uri=self._uri, rng=self._rng
-            )
-            self._challenges = None
-            self._have_nonce = True
-            return header
-        if self._have_nonce:
-            return self._digest.authorization(method="POST", uri=self._uri, rng=self._rng)
-        return None
+    async def _exchange_on(
+        self, lane: _Lane, body: bytes, needs_auth: bool, message: Message
+    ) -> Message:
+        for attempt in range(2):
+            response, authenticated = await self._post(lane, body, needs_auth)
+            if response.status_code != 401 or not needs_auth:
+                return self._reply(lane, response, authenticated, message)
+            challenges = response.headers.get_list("www-authenticate")
+            if not challenges:
+                raise TransportError(f"{HOP}: 401 without a Digest challenge")
+            if attempt == 1:
+                break
+            # First 401 (no nonce yet) or the nonce went stale: answer the challenge.
+            lane.challenges = challenges
+            log.debug("Digest challenge received (txid %s)", message.txid.hex())
+        lane.have_nonce = False
+        lane.challenges = None
+        raise UpstreamAuthFailed("the server refused our Digest credentials", hop="server")
 
-    async def _post(self, body: bytes, needs_auth: bool) -> tuple[httpx.Response, bool]:
+    async def _post(
+        self, lane: _Lane, body: bytes, needs_auth: bool
+    ) -> tuple[httpx.Response, bool]:
         """One logical POST with bounded retries; returns the response and whether it
         carried credentials."""
         delay = self._backoff
@@ -240,7 +271,7 @@ class ServerClient:
             if needs_auth:
                 # A fresh Authorization per try: each try is a new request with its own nc.
                 try:
-                    header = self._authorization()
+                    header = lane.authorization(uri=self._uri, rng=self._rng)
                 except AuthenticationFailed as exc:
                     raise UpstreamAuthFailed(
                         f"unusable Digest challenge: {exc}", hop="gateway"
@@ -260,16 +291,18 @@ class ServerClient:
             log.info("server unreachable (%s), try %d of %d", last, attempt + 1, self._retries + 1)
         raise TransportError(f"{HOP}: CPNS Server unreachable at {self._base} ({last})")
 
-    def _reply(self, response: httpx.Response, authenticated: bool, sent: Message) -> Message:
+    def _reply(
+        self, lane: _Lane, response: httpx.Response, authenticated: bool, sent: Message
+    ) -> Message:
         status = response.status_code
         if status == 200:
             if authenticated:
-                assert self._digest is not None
+                assert lane.digest is not None
                 info = response.headers.get("authentication-info")
                 if info is None:
                     raise UpstreamAuthFailed("reply without Authentication-Info", hop="gateway")
                 try:
-                    self._digest.verify_response(info)
+                    lane.digest.verify_response(info)
                 except AuthenticationFailed as exc:
                     raise UpstreamAuthFailed(
                         f"server not authenticated: {exc.reason}", hop="gateway"

@@ -159,7 +159,7 @@ def decode(data: bytes) -> Message:
     if not set(top) <= allowed:
         raise DecodeError("unknown header key")
     version = top.get(HeaderKey.VERSION)
-    if version != PROTOCOL_VERSION or type(version) is not int:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise DecodeError(f"unsupported version {version!r}", code=ErrorCode.UNSUPPORTED_VERSION)
     raw_type = top.get(HeaderKey.TYPE)
     if type(raw_type) is not int:

@@ -26,7 +26,7 @@ from cpns.crypto.kdf import derive_key
 from cpns.errors import ConfigurationError
 from cpns.protocol.digest import DigestAlgorithm, DigestServer
 from cpns.protocol.key_assignment import AssignmentPolicy
-from cpns.runtime import SystemRandom, wall_time
+from cpns.runtime import SystemRandom, run_event_loop, wall_time
 from cpns.server.app import CPNSApp
 from cpns.server.config import ServerConfig, load_server_config
 from cpns.server.service import CPNSService
@@ -186,9 +186,4 @@ async def run_server(
 def serve_forever(data_dir: Path) -> None:
     """Entry point of ``cpns server run``."""
     config = load_server_config(data_dir)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        asyncio.run(run_server(config))
-    else:
-        uvloop.run(run_server(config))
+    run_event_loop(run_server(config))
