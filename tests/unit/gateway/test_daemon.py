@@ -46,7 +46,7 @@ from cpns.messages.model import (
     UserKeyAssignmentRequest,
 )
 from cpns.protocol._machine import Machine
-from cpns.protocol.digest import DigestServer
+from cpns.protocol.digest import DigestServer, parse_digest
 from cpns.protocol.key_assignment import (
     AssignmentPolicy,
     EUKeyAssignmentDevice,
@@ -997,3 +997,39 @@ def test_records_kept_in_the_main_map_by_an_earlier_release_are_moved_out(
         ("pne-1", "WRONG_PASSWORD")
     ]
     assert gateway_store(enrolled)["pnes"] == {"pne-1": {"last_status": "WRONG_PASSWORD"}}
+
+
+def test_concurrent_exchanges_use_one_nonce_per_lane() -> None:
+    """DESIGN §8 with RFC 7616 §3.4/§5.4: up to ``lanes`` exchanges run at once, each lane
+    with its own nonce, so every nonce's nc reaches the (strict, nc_window=1) real
+    DigestServer in increasing order even when replies come back out of order; each lane
+    costs one 401, and every reply is verified and matched to its request."""
+    endpoint = DigestEndpoint()
+
+    async def slow_handler(request: httpx.Request) -> httpx.Response:
+        # Later requests come back first: the lanes overlap for real.
+        await asyncio.sleep(0.001 * (20 - len(endpoint.requests) % 20))
+        return endpoint(request)
+
+    messages = [_request(bytes([i + 1]) * 16) for i in range(12)]
+
+    async def scenario() -> list[Message]:
+        client = _client(slow_handler, lanes=3)
+        try:
+            return list(await asyncio.gather(*(client.exchange(m) for m in messages)))
+        finally:
+            await client.aclose()
+
+    replies = run(scenario())
+    assert replies == [_response(m) for m in messages]
+    unauthenticated = [r for r in endpoint.requests if "authorization" not in r.headers]
+    assert len(unauthenticated) == 3
+    counts: dict[str, list[int]] = {}
+    for r in endpoint.requests:
+        header = r.headers.get("authorization")
+        if header is not None:
+            params = parse_digest(header)
+            counts.setdefault(params["nonce"], []).append(int(params["nc"], 16))
+    assert len(counts) == 3
+    for seen in counts.values():
+        assert seen == list(range(1, len(seen) + 1))
