@@ -46,6 +46,16 @@ def test_drift_is_detected() -> None:
     assert render_docs(stale) != stale
 
 
+def test_readme_library_example_runs() -> None:
+    """STYLE §9: the README's in-memory example runs one procedure end to end, as printed
+    (it ends with an assert that the PN GW saw the PNE's acknowledgement)."""
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Using the library") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    exec(compile(match.group(1), "README.md", "exec"), {})  # our own README, as printed
+
+
 if __name__ == "__main__":
     for page in sorted((DOCS / "procedures").glob("*.md")):
         page.write_text(render_docs(page.read_text(encoding="utf-8")), encoding="utf-8")
