@@ -97,9 +97,9 @@ def _load(data: bytes) -> object:
             allow_indefinite=False,
             allow_duplicate_keys=False,
         )
-    except DecodeError:
-        raise
     except Exception as exc:  # the CBOR library's failures, whatever their class
+        if isinstance(exc.__cause__, DecodeError):  # our tag hook's refusal, wrapped by cbor2
+            raise DecodeError(exc.__cause__.reason) from None
         raise DecodeError(f"not well-formed CBOR ({type(exc).__name__})") from None
 
 
@@ -191,8 +191,6 @@ def decode_record[R: Record](cls: type[R], data: bytes) -> R:
 
 
 def _json_value(spec: FieldSpec, value: object, reveal: bool) -> object:
-    if value is None:
-        return None
     if spec.secret and not reveal:
         return "<redacted>"
     if isinstance(value, IntEnum):

@@ -637,6 +637,13 @@ def test_decode_failure(data: bytes, code: ErrorCode) -> None:
     assert info.value.__cause__ is None
 
 
+def test_unknown_tag_is_refused_by_our_hook_with_its_reason() -> None:
+    """DESIGN §3: a CBOR tag unknown to the library reaches our tag hook, whose reason
+    (not the library's wrapper) is what the DecodeError says."""
+    with pytest.raises(DecodeError, match="CBOR tags are not allowed"):
+        decode(build(body={3: tag(99, uint(1_700_000_000))}))
+
+
 def test_valid_boundaries_decode() -> None:
     """The edges next to the failure rows are accepted: 35 KiB sealed bundle, key index
     1024, time 0 and 2**63-1, a 128-character identifier, an empty PN ID absent."""
