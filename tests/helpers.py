@@ -92,6 +92,8 @@ class Directory:
     tks: dict[str, TKRecord] = field(default_factory=dict)
     #: Used random values, with their expiry (``NonceConsumed.expires_at``).
     used_nonces: dict[bytes, int] = field(default_factory=dict)
+    #: Failed password proofs still counted, by User ID (D-SRV-1).
+    auth_failures: dict[str, int] = field(default_factory=dict)
 
     def lookups(self) -> ServerLookups:
         """Lookups reading the dicts live (later changes are seen)."""
@@ -100,6 +102,7 @@ class Directory:
             get_entity=self.entities.get,
             get_tk=self.tks.get,
             nonce_used=self.used_nonces.__contains__,
+            auth_failures=lambda user_id: self.auth_failures.get(user_id, 0),
         )
 
     def add_user(self, user_id: str, password_key: bytes, **kw: Any) -> UserRecord:

@@ -67,6 +67,8 @@ class ErrorCode(IntEnum):
     REPLAY = 204
     #: The requesting entity is not allowed to act for this user (004 §5.x.3).
     NOT_AUTHORIZED = 205
+    #: Too many failed password proofs for this User ID lately; retry later (D-SRV-1).
+    TOO_MANY_ATTEMPTS = 206
     #: The PNE Entity ID is unknown or has no Temporary Key on record (003 §7.4.2.1.1.2 step 6).
     UNKNOWN_ENTITY = 301
     #: The entity is already registered to another CPNS User (004 §5.x.1).

@@ -308,3 +308,21 @@ def test_no_secret_in_any_log(running: Net) -> None:
         assert value not in logs
         assert value[:16] not in logs
     assert PASSWORD not in logs
+
+
+def test_password_guessing_is_bounded_end_to_end(running: Net) -> None:
+    """D-SRV-1: with the server configured (environment override) for 2 failures, two wrong
+    passwords are WRONG_PASSWORD and then even the right one is TOO_MANY_ATTEMPTS, seen by
+    the user as exit 3 with the status, until the window passes."""
+    net = running.net
+    net.stop("server")
+    net.env["CPNS_SERVER_MAX_AUTH_FAILURES"] = "2"
+    net.start_server()
+    for _ in range(2):
+        wrong = net.assign(pne_id="pne-1", user_id="alice", password="not it at all", wait=0)
+        assert wrong.returncode == 3
+        assert "WRONG_PASSWORD" in wrong.stdout + wrong.stderr
+    locked = net.assign(pne_id="pne-1", user_id="alice", password=PASSWORD, wait=0)
+    assert locked.returncode == 3, locked.stdout + locked.stderr
+    assert "TOO_MANY_ATTEMPTS" in locked.stdout + locked.stderr
+    assert "pne-1" not in _server_entities(running)

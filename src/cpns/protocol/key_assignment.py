@@ -70,6 +70,7 @@ __all__ = [
     "ServerLookups",
     "ServerState",
     "auth_data",
+    "check_attempts",
     "request_digest",
     "seed_pne",
 ]
@@ -191,12 +192,38 @@ class AssignmentPolicy:
     time_window: int = 300
     #: n, the number of EUKeys in a PNE chain (003 §7.4.2.1.1.2 step 4).
     chain_length: int = 16
+    #: Failed password proofs for one User ID after which proofs are refused unchecked
+    #: with TOO_MANY_ATTEMPTS (online guessing guard, deviations D-SRV-1).
+    max_auth_failures: int = 10
+    #: Seconds a failed proof keeps counting after the last one (the I/O layer applies it).
+    auth_failure_window: int = 900
 
     def __post_init__(self) -> None:
         if not 1 <= self.chain_length <= 1024:
             raise ValueError("chain_length must be 1..1024")
         if not 1 <= self.time_window <= 86400:
             raise ValueError("time_window must be 1..86400 seconds")
+        if not 1 <= self.max_auth_failures <= 1_000_000:
+            raise ValueError("max_auth_failures must be 1..1000000")
+        if not 1 <= self.auth_failure_window <= 7 * 86400:
+            raise ValueError("auth_failure_window must be 1..604800 seconds")
+
+
+def _no_failures(user_id: str) -> int:
+    return 0
+
+
+def check_attempts(lookups: ServerLookups, policy: AssignmentPolicy, user_id: str) -> None:
+    """Refuse a password proof for ``user_id`` unchecked once it failed too often lately.
+
+    Keyed by the User ID as sent, existing or not, so the refusal reveals no user.
+
+    Raises: RemoteProtocolError: TOO_MANY_ATTEMPTS.
+    """
+    if lookups.auth_failures(user_id) >= policy.max_auth_failures:
+        raise RemoteProtocolError(
+            f"too many failed proofs for {user_id!r}", code=ErrorCode.TOO_MANY_ATTEMPTS
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +238,8 @@ class ServerLookups:
     get_tk: Callable[[str], TKRecord | None]
     #: Whether a random value was already used.
     nonce_used: Callable[[bytes], bool]
+    #: Failed password proofs still counted for a User ID (D-SRV-1); none by default.
+    auth_failures: Callable[[str], int] = _no_failures
 
 
 class ServerState(Enum):
@@ -279,6 +308,7 @@ class EUKeyAssignmentServer(Machine[ServerState]):
                 "PN GW belongs to another user", code=ErrorCode.NOT_AUTHORIZED
             )
         check_fresh(message.time, now=self._now, window=policy.time_window)
+        check_attempts(look, policy, message.user_id)
         user = look.get_user(message.user_id)
         if user is None:
             raise RemoteProtocolError(f"no user {message.user_id!r}", code=ErrorCode.UNKNOWN_USER)

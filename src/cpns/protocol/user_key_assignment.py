@@ -35,7 +35,7 @@ from cpns.messages.constants import TXID_LEN
 from cpns.messages.model import Message, UserKeyAssignmentRequest, UserKeyAssignmentResponse
 from cpns.protocol._checks import check_addressed, check_fresh, check_reply_to
 from cpns.protocol._machine import Event, Machine, NonceConsumed
-from cpns.protocol.key_assignment import AssignmentPolicy, ServerLookups
+from cpns.protocol.key_assignment import AssignmentPolicy, ServerLookups, check_attempts
 from cpns.types import EntityKind, Random
 
 __all__ = [
@@ -140,6 +140,7 @@ class UserKeyAssignmentServer(Machine[ServerState]):
         if message.entity_kind is EntityKind.SERVER:
             raise RemoteProtocolError("a server cannot enrol", code=ErrorCode.WRONG_ENTITY_KIND)
         check_fresh(message.time, now=self._now, window=self._policy.time_window)
+        check_attempts(look, self._policy, message.user_id)
         # The sender is not authenticated yet, so an unknown user and a wrong password get
         # the same opaque AUTHENTICATION_FAILED (no user enumeration); the precise reason
         # goes to the audit trail only (docs/deviations.md D-004-2).

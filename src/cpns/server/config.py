@@ -33,6 +33,11 @@ class ServerConfig:
     time_window: int = 300
     #: n, the length of a PNE's EUKey chain (003 §7.4.2.1.1.2 step 4).
     chain_length: int = 16
+    #: Failed password proofs per User ID (and procedure) before proofs are refused
+    #: unchecked with TOO_MANY_ATTEMPTS (online guessing guard, deviations D-SRV-1).
+    max_auth_failures: int = 10
+    #: Seconds a failed proof keeps counting after the last one.
+    auth_failure_window: int = 900
     #: SQLite database file.
     database: str = "cpns.db"
     #: Master key file (0600) sealing secrets at rest; CPNS_MASTER_KEY overrides it.

@@ -99,7 +99,11 @@ def build_app(
     """Wire the service, the Digest verifier and the ASGI app over ``store``."""
     rng = SystemRandom()
     policy = AssignmentPolicy(
-        server_id=config.server_id, time_window=config.time_window, chain_length=config.chain_length
+        server_id=config.server_id,
+        time_window=config.time_window,
+        chain_length=config.chain_length,
+        max_auth_failures=config.max_auth_failures,
+        auth_failure_window=config.auth_failure_window,
     )
     # Every server process sharing the master key accepts the others' Digest nonces.
     nonce_key = derive_key(master_key(config).key, salt=b"", label="cpns/v1/digest-nonce-key")

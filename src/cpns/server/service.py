@@ -55,6 +55,17 @@ _PROCEDURE = {
 }
 
 
+#: Refusals that mean "the password proof did not verify": counted against the User ID.
+_PROOF_FAILURES: frozenset[ErrorCode | int] = frozenset(
+    {ErrorCode.WRONG_PASSWORD, ErrorCode.AUTHENTICATION_FAILED}
+)
+
+
+def _attempts_key(kind: type[Message], user_id: str) -> str:
+    """Key of the failed-proof counter of ``user_id`` in one procedure."""
+    return f"{_PROCEDURE[kind]}/{user_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """What to answer: an HTTP status and an encoded CPNS message."""
@@ -77,12 +88,25 @@ class CPNSService:
         self._policy = policy
         self._rng = rng
         self._clock = clock
-        self._lookups = ServerLookups(
-            get_user=store.get_user,
-            get_entity=store.get_entity,
-            get_tk=store.get_tk,
-            nonce_used=store.nonce_used,
-        )
+        # One set of lookups per procedure: failed password proofs are counted per
+        # procedure and User ID, so a flood of bad enrolments (unauthenticated) cannot
+        # lock a user's enrolled PN GW out of 003 (deviations D-SRV-1).
+        self._lookups = {
+            kind: ServerLookups(
+                get_user=store.get_user,
+                get_entity=store.get_entity,
+                get_tk=store.get_tk,
+                nonce_used=store.nonce_used,
+                auth_failures=self._failures_counter(kind),
+            )
+            for kind in _PROCEDURE
+        }
+
+    def _failures_counter(self, kind: type[Message]) -> Callable[[str], int]:
+        def failures(user_id: str) -> int:
+            return self._store.auth_failures(_attempts_key(kind, user_id), now=self._clock())
+
+        return failures
 
     @property
     def server_id(self) -> str:
@@ -109,13 +133,16 @@ class CPNSService:
         """The server machine of the procedure ``message`` starts; LookupError if none."""
         if isinstance(message, UserKeyAssignmentRequest):
             return UserKeyAssignmentServer(
-                policy=self._policy, lookups=self._lookups, rng=self._rng, now=now
+                policy=self._policy,
+                lookups=self._lookups[UserKeyAssignmentRequest],
+                rng=self._rng,
+                now=now,
             )
         if isinstance(message, EUKeyAssignmentRequest):
             assert authenticated is not None
             return EUKeyAssignmentServer(
                 policy=self._policy,
-                lookups=self._lookups,
+                lookups=self._lookups[EUKeyAssignmentRequest],
                 requester=authenticated,
                 rng=self._rng,
                 now=now,
@@ -152,7 +179,14 @@ class CPNSService:
         [reply] = machine.messages_to_send()
         failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
         if failed is not None:
-            await self._audit(message, requester, failed.code, now, failed.reason)
+            await self._audit(
+                message,
+                requester,
+                failed.code,
+                now,
+                failed.reason,
+                proof_failed=failed.code in _PROOF_FAILURES,
+            )
             return self._reply(reply, failed.code)
         reply_bytes = encode(reply)
         try:
@@ -245,10 +279,20 @@ class CPNSService:
                 created_at=now,
             )
         )
+        user_id = getattr(message, "user_id", None)
+        if user_id is not None:
+            tx.clear_auth_failures(_attempts_key(type(message), user_id))
         tx.audit(_audit_event(message, requester, ErrorCode.OK, now, ""))
 
     async def _audit(
-        self, message: Message, requester: str, code: ErrorCode | int, now: int, reason: str
+        self,
+        message: Message,
+        requester: str,
+        code: ErrorCode | int,
+        now: int,
+        reason: str,
+        *,
+        proof_failed: bool = False,
     ) -> None:
         name = code.name if isinstance(code, ErrorCode) else str(code)
         log.info(
@@ -260,7 +304,16 @@ class CPNSService:
             extra={"txid": message.txid.hex(), "entity": requester, "status": name},
         )
         event = _audit_event(message, requester, code, now, reason)
-        await self._store.write_async(lambda tx: tx.audit(event))
+        user_id = getattr(message, "user_id", None)
+        window = self._policy.auth_failure_window
+
+        def write(tx: WriteTx) -> None:
+            if proof_failed and user_id is not None:
+                key = _attempts_key(type(message), user_id)
+                tx.record_auth_failure(key, now=now, window=window)
+            tx.audit(event)
+
+        await self._store.write_async(write)
 
 
 def _audit_event(

@@ -75,6 +75,15 @@ class WriteTx(Protocol):
         """Revoke or restore an entity; StoreError if it does not exist."""
         ...
 
+    def record_auth_failure(self, user_id: str, *, now: int, window: int) -> None:
+        """Count one failed password proof for ``user_id``; the count lives ``window`` s
+        after the last failure, then starts again from 1."""
+        ...
+
+    def clear_auth_failures(self, user_id: str) -> None:
+        """Forget the failures of ``user_id`` (after a successful proof)."""
+        ...
+
 
 class ServerStore(Protocol):
     """What the server's service layer and the admin CLI need from persistence."""
@@ -97,6 +106,10 @@ class ServerStore(Protocol):
 
     def nonce_used(self, nonce: bytes) -> bool:
         """Whether a random value was already used (and has not expired)."""
+        ...
+
+    def auth_failures(self, user_id: str, *, now: int) -> int:
+        """Failed password proofs for ``user_id`` still counted at ``now`` (0 if none)."""
         ...
 
     def list_entities(self, *, owner: str | None = None) -> list[EntityRecord]:

@@ -45,7 +45,7 @@ _MISSING: Final = object()
 class _Tables:
     """The rows of the store."""
 
-    __slots__ = ("audit", "entities", "nonces", "replies", "tks", "users")
+    __slots__ = ("audit", "auth_failures", "entities", "nonces", "replies", "tks", "users")
 
     def __init__(self) -> None:
         self.users: dict[str, UserRecord] = {}
@@ -55,6 +55,8 @@ class _Tables:
         self.nonces: dict[bytes, int] = {}
         self.replies: dict[tuple[str, bytes], StoredReply] = {}
         self.audit: list[AuditEvent] = []
+        #: User ID -> (failed proofs, expires_at).
+        self.auth_failures: dict[str, tuple[int, int]] = {}
 
 
 class _MemoryWriteTx:
@@ -154,6 +156,20 @@ class _MemoryWriteTx:
             raise NonceReused("the random value was already used (replay)")
         self._put(t.nonces, digest, expires_at)
 
+    def record_auth_failure(self, user_id: str, *, now: int, window: int) -> None:
+        """Count one failed password proof (see :class:`~cpns.store.base.WriteTx`)."""
+        t = self._tables()
+        failures, expires_at = t.auth_failures.get(user_id, (0, 0))
+        counted = failures if expires_at > now else 0
+        self._put(t.auth_failures, user_id, (counted + 1, now + window))
+
+    def clear_auth_failures(self, user_id: str) -> None:
+        """Forget the failed proofs of ``user_id``."""
+        t = self._tables()
+        if user_id in t.auth_failures:
+            old = t.auth_failures.pop(user_id)
+            self._undo.append(lambda: t.auth_failures.__setitem__(user_id, old))
+
     def put_reply(self, reply: StoredReply) -> None:
         """Remember the reply to a transaction; :class:`ConflictError` if one is stored."""
         t = self._tables()
@@ -240,6 +256,12 @@ class MemoryStore:
         with self._lock:
             return nonce_digest(nonce) in self._open_tables().nonces
 
+    def auth_failures(self, user_id: str, *, now: int) -> int:
+        """Failed password proofs of ``user_id`` still counted at ``now``."""
+        with self._lock:
+            failures, expires_at = self._open_tables().auth_failures.get(user_id, (0, 0))
+        return failures if expires_at > now else 0
+
     def list_entities(self, *, owner: str | None = None) -> list[EntityRecord]:
         """All entities (optionally of one owner), ordered by Entity ID."""
         with self._lock:
@@ -298,7 +320,10 @@ class MemoryStore:
                 del t.nonces[n]
             for r in replies:
                 del t.replies[r]
-            return len(nonces) + len(replies)
+            failures = [u for u, (_, exp) in t.auth_failures.items() if exp <= now]
+            for u in failures:
+                del t.auth_failures[u]
+            return len(nonces) + len(replies) + len(failures)
 
     def close(self) -> None:
         """Mark the store closed; later calls raise :class:`StoreError`."""

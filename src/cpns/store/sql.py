@@ -173,6 +173,17 @@ class _Q:
     NONCE_INSERT: Final = "INSERT INTO nonces (nonce_hash, expires_at) VALUES (?, ?)"
     NONCE_EXISTS: Final = "SELECT 1 FROM nonces WHERE nonce_hash = ?"
     NONCE_PURGE: Final = "DELETE FROM nonces WHERE expires_at < ?"
+    AUTH_FAILURE_UPSERT: Final = (
+        "INSERT INTO auth_failures (user_id, failures, expires_at) VALUES (?, 1, ?) "
+        "ON CONFLICT (user_id) DO UPDATE SET failures = CASE WHEN "
+        "auth_failures.expires_at > ? THEN auth_failures.failures + 1 ELSE 1 END, "
+        "expires_at = excluded.expires_at"
+    )
+    AUTH_FAILURE_GET: Final = (
+        "SELECT failures FROM auth_failures WHERE user_id = ? AND expires_at > ?"
+    )
+    AUTH_FAILURE_DELETE: Final = "DELETE FROM auth_failures WHERE user_id = ?"
+    AUTH_FAILURE_PURGE: Final = "DELETE FROM auth_failures WHERE expires_at <= ?"
     REPLY_INSERT: Final = (
         "INSERT INTO replies (requester, txid, request_digest, reply_sealed, created_at) "
         "VALUES (?, ?, ?, ?, ?)"
@@ -508,9 +519,24 @@ class _SQLWriteTx:
         if cur.rowcount != 1:
             raise StoreError(f"no entity {entity_id!r}")
 
+    def record_auth_failure(self, user_id: str, *, now: int, window: int) -> None:
+        """Count one failed password proof (see :class:`~cpns.store.base.WriteTx`)."""
+        try:
+            self._exec(_Q.AUTH_FAILURE_UPSERT, (user_id, now + window, now))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot record a failed proof: {exc}") from None
+
+    def clear_auth_failures(self, user_id: str) -> None:
+        """Forget the failed proofs of ``user_id``."""
+        try:
+            self._exec(_Q.AUTH_FAILURE_DELETE, (user_id,))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot clear failed proofs: {exc}") from None
+
     def _purge(self, *, nonces_before: int, replies_before: int) -> int:
         try:
             gone = self._exec(_Q.NONCE_PURGE, (nonces_before,)).rowcount
+            gone += self._exec(_Q.AUTH_FAILURE_PURGE, (nonces_before,)).rowcount
             gone += self._exec(_Q.REPLY_PURGE, (replies_before,)).rowcount
         except sqlite3.Error as exc:
             raise StoreError(f"cannot purge expired rows: {exc}") from None
@@ -836,6 +862,11 @@ class SQLStore:
         ``expires_at``, which errs on the side of refusing a replay.
         """
         return bool(self._query(_Q.NONCE_EXISTS, (nonce_digest(nonce),)))
+
+    def auth_failures(self, user_id: str, *, now: int) -> int:
+        """Failed password proofs of ``user_id`` still counted at ``now``."""
+        rows = self._query(_Q.AUTH_FAILURE_GET, (user_id, now))
+        return int(rows[0][0]) if rows else 0
 
     def list_entities(self, *, owner: str | None = None) -> list[EntityRecord]:
         """All entities (optionally of one owner), ordered by Entity ID."""

@@ -342,6 +342,14 @@ SERVER_FAILURES: list[Any] = [
     ("unknown-user", lambda w: w.users.pop(USER), {}, {}, ErrorCode.UNKNOWN_USER),
     # Any other user, existing or not, named through this PN GW: D-003-9.
     ("user-not-the-gateway-owner", None, {"user": "carol"}, {}, ErrorCode.NOT_AUTHORIZED),
+    # D-SRV-1: after max_auth_failures failed proofs, even the right password is not tried.
+    (
+        "too-many-attempts",
+        lambda w: w.auth_failures.update(alice=10),
+        {},
+        {},
+        ErrorCode.TOO_MANY_ATTEMPTS,
+    ),
     ("wrong-password", None, {"password": "not the password"}, {}, ErrorCode.WRONG_PASSWORD),
     (
         "proof-for-other-pne",

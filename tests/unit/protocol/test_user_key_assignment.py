@@ -224,6 +224,22 @@ def test_re_enrolment_of_an_owned_entity(world: Directory, password_key: KeyOf) 
 SERVER_FAILURES: list[Any] = [
     ("wrong-password", None, {"password": "not the password"}, {}, ErrorCode.AUTHENTICATION_FAILED),
     ("unknown-user", None, {"user": "carol"}, {}, ErrorCode.AUTHENTICATION_FAILED),
+    # D-SRV-1: too many failed proofs lately: refused before the password is tried, and
+    # the same for a User ID that does not exist (no enumeration through the guard).
+    (
+        "too-many-attempts",
+        lambda w: w.auth_failures.update(alice=10),
+        {},
+        {},
+        ErrorCode.TOO_MANY_ATTEMPTS,
+    ),
+    (
+        "too-many-attempts-unknown-user",
+        lambda w: w.auth_failures.update(carol=10),
+        {"user": "carol"},
+        {},
+        ErrorCode.TOO_MANY_ATTEMPTS,
+    ),
     (
         "owned-by-other-user",
         lambda w: w.add_entity(ENTITY, EntityKind.PN_GW, "bob"),

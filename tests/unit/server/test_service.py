@@ -29,8 +29,10 @@ from cpns.messages.model import (
     EUKeyAssignmentRequest,
     EUKeyAssignmentResponse,
     UserKeyAssignmentRequest,
+    UserKeyAssignmentResponse,
 )
 from cpns.protocol.key_assignment import AssignmentPolicy, EUKeyAssignmentGateway
+from cpns.protocol.user_key_assignment import UserKeyAssignmentClient
 from cpns.records import EntityRecord, TKRecord, UserRecord
 from cpns.server.service import CPNSService, Reply
 from cpns.store.base import WriteTx
@@ -64,10 +66,10 @@ def store() -> MemoryStore:
     return s
 
 
-def service(store: MemoryStore, seed: int = 7) -> CPNSService:
+def service(store: MemoryStore, seed: int = 7, **policy: Any) -> CPNSService:
     return CPNSService(
         store=store,
-        policy=AssignmentPolicy(server_id=SERVER_ID),
+        policy=AssignmentPolicy(server_id=SERVER_ID, **policy),
         rng=FixedRandom(seed),
         clock=lambda: FIXED_NOW,
     )
@@ -91,7 +93,7 @@ def handle(svc: CPNSService, message: Any, authenticated: str | None = GW) -> Re
 
 def status_of(reply: Reply) -> ErrorCode | int:
     message = decode(reply.body)
-    assert isinstance(message, EUKeyAssignmentResponse | ErrorMessage)
+    assert isinstance(message, EUKeyAssignmentResponse | UserKeyAssignmentResponse | ErrorMessage)
     return message.status
 
 
@@ -222,3 +224,75 @@ def test_no_reply_when_the_facts_cannot_be_stored(store: MemoryStore) -> None:
         handle(service(failing), request())
     assert failing.get_entity("pne-1") is None
     assert failing.get_reply(GW, request().txid) is None
+
+
+# -- online guessing guard (deviations D-SRV-1) ----------------------------------------------
+
+
+def enrolment(password: str, seed: int) -> UserKeyAssignmentRequest:
+    """A with-UI enrolment request of a new PN GW for alice (004 §5.x.1)."""
+    client = UserKeyAssignmentClient(
+        entity_id="gw-new", entity_kind=EntityKind.PN_GW, server_id=SERVER_ID, rng=FixedRandom(seed)
+    )
+    client.start(
+        user_id="alice", password_key=cached_password_key("alice", password), now=FIXED_NOW
+    )
+    [message] = client.messages_to_send()
+    assert isinstance(message, UserKeyAssignmentRequest)
+    return message
+
+
+def test_failed_proofs_lock_the_user_out_for_a_while(store: MemoryStore) -> None:
+    """D-SRV-1: after max_auth_failures wrong passwords for a User ID, even the right one
+    is refused with TOO_MANY_ATTEMPTS, without being tried, until the window passes."""
+    svc = service(store, max_auth_failures=3, auth_failure_window=60)
+    for seed in (11, 12, 13):
+        reply = handle(svc, request(password="guess " + str(seed), seed=seed))
+        assert status_of(reply) == ErrorCode.WRONG_PASSWORD
+    assert status_of(handle(svc, request(seed=14))) == ErrorCode.TOO_MANY_ATTEMPTS
+    assert store.get_entity("pne-1") is None
+    outcomes = [e.outcome for e in store.audit_events() if e.procedure.endswith("003")]
+    assert outcomes.count("TOO_MANY_ATTEMPTS") == 1
+    later = CPNSService(
+        store=store,
+        policy=AssignmentPolicy(server_id=SERVER_ID, max_auth_failures=3, auth_failure_window=60),
+        rng=FixedRandom(7),
+        clock=lambda: FIXED_NOW + 60,
+    )
+    # Once the window has passed, a request made then (its Time is in the proof) goes in.
+    gateway = EUKeyAssignmentGateway(
+        gateway_id=GW, gateway_eukey=GATEWAY_KEYS[GW], server_id=SERVER_ID, rng=FixedRandom(16)
+    )
+    gateway.start(
+        pne_id="pne-1",
+        user_id="alice",
+        password_key=cached_password_key("alice", PASSWORDS["alice"]),
+        now=FIXED_NOW + 60,
+    )
+    [fresh] = gateway.messages_to_send()
+    assert status_of(handle(later, fresh)) == ErrorCode.OK
+
+
+def test_a_success_clears_the_count(store: MemoryStore) -> None:
+    """D-SRV-1: a user who mistypes now and then is never locked out: a successful proof
+    resets the count."""
+    svc = service(store, max_auth_failures=3)
+    wrong = ErrorCode.WRONG_PASSWORD
+    assert status_of(handle(svc, request(password="typo one", seed=21))) == wrong
+    assert status_of(handle(svc, request(password="typo two", seed=22))) == wrong
+    assert status_of(handle(svc, request(seed=23))) == ErrorCode.OK
+    for seed in (24, 25):
+        assert status_of(handle(svc, request(password="typo", seed=seed))) == wrong
+    assert status_of(handle(svc, request(pne="pne-2", seed=26))) == ErrorCode.OK
+
+
+def test_failed_enrolments_do_not_lock_out_the_users_gateway(store: MemoryStore) -> None:
+    """D-SRV-1: the counters are per procedure: anyone can send bad enrolment proofs
+    (unauthenticated), but that must not stop alice's enrolled PN GW from assigning keys."""
+    svc = service(store, max_auth_failures=3)
+    for seed in (31, 32, 33):
+        reply = asyncio.run(svc.handle(enrolment("guess", seed), authenticated=None))
+        assert status_of(reply) == ErrorCode.AUTHENTICATION_FAILED
+    locked = asyncio.run(svc.handle(enrolment(PASSWORDS["alice"], 34), authenticated=None))
+    assert status_of(locked) == ErrorCode.TOO_MANY_ATTEMPTS
+    assert status_of(handle(svc, request(seed=35))) == ErrorCode.OK

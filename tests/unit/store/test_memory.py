@@ -343,3 +343,49 @@ def test_closed_store_refuses_work(store: ServerStore) -> None:
         store.get_user("alice")
     with pytest.raises(StoreError):
         store.write(lambda tx: None)
+
+
+# -- failed password proofs (deviations D-SRV-1) ---------------------------------------------
+
+
+def test_auth_failures_count_within_the_window_and_restart_after_it(store: ServerStore) -> None:
+    """Each failure counts while the last one is less than ``window`` s old; after that the
+    count starts again from 1; an unknown key counts 0."""
+    assert store.auth_failures("alice", now=0) == 0
+    for at in (100, 110, 120):
+        store.write(lambda tx, at=at: tx.record_auth_failure("alice", now=at, window=60))
+    assert store.auth_failures("alice", now=121) == 3
+    assert store.auth_failures("alice", now=179) == 3
+    assert store.auth_failures("alice", now=180) == 0
+    store.write(lambda tx: tx.record_auth_failure("alice", now=200, window=60))
+    assert store.auth_failures("alice", now=200) == 1
+    assert store.auth_failures("bob", now=200) == 0
+
+
+def test_auth_failures_are_cleared_and_rolled_back_with_their_transaction(
+    store: ServerStore,
+) -> None:
+    """clear_auth_failures forgets the count; both writes obey the transaction: a write
+    function that raises leaves the count as it was."""
+    store.write(lambda tx: tx.record_auth_failure("alice", now=100, window=60))
+
+    def failing(tx: WriteTx) -> None:
+        tx.clear_auth_failures("alice")
+        tx.record_auth_failure("bob", now=100, window=60)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        store.write(failing)
+    assert store.auth_failures("alice", now=100) == 1
+    assert store.auth_failures("bob", now=100) == 0
+    store.write(lambda tx: tx.clear_auth_failures("alice"))
+    store.write(lambda tx: tx.clear_auth_failures("nobody"))
+    assert store.auth_failures("alice", now=100) == 0
+
+
+def test_purge_drops_expired_auth_failures(store: ServerStore) -> None:
+    """purge_expired also drops failure counts whose window has passed."""
+    store.write(lambda tx: tx.record_auth_failure("alice", now=0, window=10))
+    store.write(lambda tx: tx.record_auth_failure("bob", now=0, window=100))
+    assert store.purge_expired(now=10) == 1
+    assert store.auth_failures("bob", now=10) == 1

@@ -66,18 +66,43 @@ def add_user(store: SQLStore, user_id: str, password_key: bytes = b"P" * 32) -> 
 
 
 def test_migrations_create_the_schema_and_reopen_is_idempotent(db: Path) -> None:
-    """Opening applies 0001 (user_version 1); reopening applies nothing and keeps the rows."""
+    """Opening applies 0001 and 0002 (user_version 2); reopening applies nothing and keeps
+    the rows."""
     with SQLStore.open(db, master_key=KEY) as s:
-        assert s.schema_version == 1
+        assert s.schema_version == 2
         add_user(s, "alice")
     tables = {r[0] for r in raw(db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"users", "entities", "tk_records", "nonces", "replies", "audit", "meta"} <= tables
-    assert raw(db, "PRAGMA user_version") == [(1,)]
+    assert {
+        "users",
+        "entities",
+        "tk_records",
+        "nonces",
+        "replies",
+        "audit",
+        "meta",
+        "auth_failures",
+    } <= tables
+    assert raw(db, "PRAGMA user_version") == [(2,)]
     assert raw(db, "PRAGMA journal_mode") == [("wal",)]
     with SQLStore.open(db, master_key=KEY) as s:
-        assert s.schema_version == 1
+        assert s.schema_version == 2
         assert [u.user_id for u in s.list_users()] == ["alice"]
-    assert raw(db, "PRAGMA user_version") == [(1,)]
+    assert raw(db, "PRAGMA user_version") == [(2,)]
+
+
+def test_a_version_1_database_is_migrated_in_place(db: Path) -> None:
+    """A database created by the first release (schema 1) gains the auth_failures table on
+    open and keeps its rows."""
+    with SQLStore.open(db, master_key=KEY) as s:
+        add_user(s, "alice")
+    conn = sqlite3.connect(db, autocommit=True)
+    conn.execute("DROP TABLE auth_failures")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with SQLStore.open(db, master_key=KEY) as s:
+        assert s.schema_version == 2
+        assert [u.user_id for u in s.list_users()] == ["alice"]
+        assert s.auth_failures("alice", now=0) == 0
 
 
 def test_newer_schema_is_refused(db: Path) -> None:
