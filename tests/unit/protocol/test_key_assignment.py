@@ -586,11 +586,20 @@ def test_server_fail_from_the_io_layer(world: Directory, password_key: KeyOf) ->
 
 @pytest.mark.parametrize(
     "kw",
-    [{"chain_length": 0}, {"chain_length": 1025}, {"time_window": 0}, {"time_window": 86401}],
+    [
+        {"chain_length": 0},
+        {"chain_length": 1025},
+        {"time_window": 0},
+        {"time_window": 86401},
+        {"max_auth_failures": 0},
+        {"max_auth_failures": 1_000_001},
+        {"auth_failure_window": 0},
+        {"auth_failure_window": 7 * 86400 + 1},
+    ],
 )
 def test_policy_validation(kw: dict[str, int]) -> None:
     """STYLE §5: configuration is validated with ValueError: n is 1..1024, the window
-    1..86400 s."""
+    1..86400 s, the guessing guard (D-SRV-1) 1..1000000 failures within 1 s..7 days."""
     with pytest.raises(ValueError, match=r"\w"):
         AssignmentPolicy(**kw)
 
