@@ -1,10 +1,10 @@
 """The PN GW daemon (cpns.gateway): 003 PN GW role, PAN side, control socket, server link.
 
-The PAN side runs over real loopback sockets. The server is a fake ``Upstream`` that runs
-the real server machines (EUKeyAssignmentServer, UserKeyAssignmentServer) over the
-in-memory :class:`tests.helpers.Directory` and keeps each transaction's reply, as the real
-service does, so resent requests get the stored answer (DESIGN §5). The HTTPS + Digest
-client is tested separately against ``httpx.MockTransport`` and the real DigestServer.
+The PAN side runs over real loopback sockets. The server is an in-memory ``Upstream`` that
+runs the server's real service layer (CPNSService over MemoryStore), which keeps each
+transaction's reply, so resent requests get the stored answer (DESIGN §5); only HTTPS and
+Digest are left out. The HTTPS + Digest client is tested separately against
+``httpx.MockTransport`` and the real DigestServer.
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ from cpns.messages.model import (
     PNEHello,
     UserKeyAssignmentRequest,
 )
-from cpns.protocol._machine import Machine
 from cpns.protocol.digest import DigestServer, parse_digest
 from cpns.protocol.key_assignment import (
     AssignmentPolicy,
     EUKeyAssignmentDevice,
-    EUKeyAssignmentServer,
 )
-from cpns.protocol.user_key_assignment import UserKeyAssignmentServer
+from cpns.server.service import CPNSService
+from cpns.store.base import WriteTx
 from cpns.store.keystore import LocalKeyStore
+from cpns.store.memory import MemoryStore
 from cpns.transport.framing import encode_frame
 from cpns.transport.stream import read_message, write_message
 from cpns.types import EntityKind
@@ -66,16 +66,27 @@ WAIT = 10.0
 
 
 class FakeServer:
-    """An ``Upstream`` running the real server machines in memory (no HTTPS, no Digest:
-    the request's source is taken as the authenticated entity)."""
+    """An ``Upstream`` running the server's real service layer (:class:`CPNSService` over a
+    :class:`MemoryStore` seeded from a Directory) in memory: no HTTPS and no Digest, the
+    request's source is taken as the authenticated entity. Faults are injected around it."""
 
     def __init__(self, directory: Directory, *, now: int = FIXED_NOW) -> None:
-        self.directory = directory
-        self.now = now
-        self.rng = FixedRandom(99)
-        self.policy = AssignmentPolicy(server_id=SERVER_ID)
-        #: txid -> (request bytes, reply): the stored replies.
-        self.replies: dict[bytes, tuple[bytes, Message]] = {}
+        self.store = MemoryStore()
+
+        def seed(tx: WriteTx) -> None:
+            for user in directory.users.values():
+                tx.add_user(user)
+            for entity in directory.entities.values():
+                tx.put_entity(entity)
+            tx.put_tks(list(directory.tks.values()))
+
+        self.store.write(seed)
+        self.service = CPNSService(
+            store=self.store,
+            policy=AssignmentPolicy(server_id=SERVER_ID),
+            rng=FixedRandom(99),
+            clock=lambda: now,
+        )
         #: Every request as received (encoded), in order.
         self.received: list[bytes] = []
         #: While True, every exchange fails as if the server were unreachable.
@@ -88,41 +99,28 @@ class FakeServer:
     @property
     def chains_assigned(self) -> int:
         """How many PNE chains the server assigned."""
-        return sum(1 for e in self.directory.entities.values() if e.assigned_via)
+        return sum(1 for e in self.store.list_entities() if e.assigned_via)
+
+    def eukeys(self, entity_id: str) -> tuple[bytes, ...]:
+        """The EUKeys the server stored for an entity."""
+        entity = self.store.get_entity(entity_id)
+        assert entity is not None, entity_id
+        return entity.eukeys
 
     async def exchange(self, message: Message) -> Message:
-        """Answer like the server's service layer."""
+        """Answer as the server does (stored replies, idempotent retries included)."""
         await asyncio.sleep(0)
         self.received.append(encode(message))
         if self.on_request is not None:
             self.on_request(message)
         if self.down:
             raise TransportError("gateway->server: fake server down")
-        known = self.replies.get(message.txid)
-        if known is not None:
-            reply = known[1]
-        else:
-            machine: Machine[Any]
-            if isinstance(message, EUKeyAssignmentRequest):
-                machine = EUKeyAssignmentServer(
-                    policy=self.policy,
-                    lookups=self.directory.lookups(),
-                    requester=message.src,
-                    rng=self.rng,
-                    now=self.now,
-                )
-            else:
-                assert isinstance(message, UserKeyAssignmentRequest)
-                machine = UserKeyAssignmentServer(
-                    policy=self.policy, lookups=self.directory.lookups(), rng=self.rng, now=self.now
-                )
-            self.directory.apply(machine.receive(message), now=self.now)
-            (reply,) = machine.messages_to_send()
-            self.replies[message.txid] = (encode(message), reply)
+        authenticated = None if isinstance(message, UserKeyAssignmentRequest) else message.src
+        reply = await self.service.handle(message, authenticated=authenticated)
         if self.lose_replies:
             self.lose_replies -= 1
             raise TransportError("gateway->server: reply lost")
-        return reply
+        return decode(reply.body)
 
 
 def run[T](coro: Coroutine[Any, Any, T]) -> T:
@@ -261,7 +259,7 @@ def test_enroll_stores_the_gateway_eukey(enrolled: GatewayConfig, server: FakeSe
     stored = gateway_store(enrolled)
     assert stored["entity_id"] == "gw-alice"
     assert stored["user_id"] == "alice"
-    assert stored["eukey"] == server.directory.entities["gw-alice"].eukey
+    assert stored["eukey"] == server.eukeys("gw-alice")[0]
     assert stored["pnes"] == {}
 
 
@@ -324,7 +322,7 @@ def test_gateway_and_device_complete_an_assignment(
     assert reply["ok"] is True
     assert (reply["status"], reply["stage"], reply["hop"]) == ("OK", "delivered", None)
     assert code == 0
-    chain = server.directory.entities["pne-1"].eukeys
+    chain = server.eukeys("pne-1")
     device = LocalKeyStore.open_or_create(device_dir, "device").load()
     assert (device["eukey"], device["key_index"]) == (chain[0], 1)
     assert device_status(device_dir)["key_index"] == 1
@@ -486,7 +484,7 @@ def test_lost_response_is_recovered_from_the_servers_stored_reply(
     run(scenario())
     assert server.chains_assigned == 1
     stored = gateway_store(enrolled)["pnes"]["pne-1"]["set"]
-    assert tuple(stored["eukeys"]) == server.directory.entities["pne-1"].eukeys
+    assert tuple(stored["eukeys"]) == server.eukeys("pne-1")
 
 
 @pytest.mark.parametrize(
@@ -754,7 +752,7 @@ def test_logs_never_carry_keys(
 
     run(scenario())
     assert "delivered" in caplog.text
-    chain = server.directory.entities["pne-1"].eukeys
+    chain = server.eukeys("pne-1")
     for secret in (TKS["pne-1"], *chain, gateway_store(enrolled)["eukey"], alice_key):
         assert secret.hex()[:16] not in caplog.text
         assert repr(secret)[2:18] not in caplog.text
