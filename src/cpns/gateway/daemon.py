@@ -410,8 +410,7 @@ class GatewayDaemon:
         Raises:
             StoreError: another daemon holds the store, or it cannot be read.
             ConfigurationError: the gateway is not enrolled, or enrolled as another entity,
-                or a listener cannot be bound.
-            TransportError: the server certificate file cannot be loaded.
+                a listener cannot be bound, or the server certificate file cannot be loaded.
         """
         if self._started:
             raise RuntimeError("already started")

@@ -45,7 +45,7 @@ from typing import Final, Protocol
 
 import httpx
 
-from cpns.errors import AuthenticationFailed, DecodeError, TransportError
+from cpns.errors import AuthenticationFailed, ConfigurationError, DecodeError, TransportError
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import ErrorMessage, Message, UserKeyAssignmentRequest
 from cpns.protocol.digest import DigestClient
@@ -96,12 +96,13 @@ def tls_context(ca_file: Path | str) -> ssl.SSLContext:
     """Client TLS context: TLS 1.3 only, trusting exactly ``ca_file`` (the server's cert).
 
     Raises:
-        TransportError: the file cannot be read or holds no certificate.
+        ConfigurationError: the file cannot be read or holds no certificate (a setting to
+            fix, not a peer to wait for).
     """
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file))
     except (OSError, ssl.SSLError) as exc:
-        raise TransportError(f"cannot load the server certificate {ca_file}: {exc}") from None
+        raise ConfigurationError(f"cannot load the server certificate {ca_file}: {exc}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     return ctx
 

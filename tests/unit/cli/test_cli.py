@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,3 +163,46 @@ def test_demo_sequence_diagram_keeps_its_lifelines_straight() -> None:
             assert len(re.findall(r"[<>]", arrow)) == 1, row
     for section in ("003 §7.4.2.1.1.1", "003 §7.4.2.1.1.2", "003 §7.4.2.1.1.3"):
         assert section in text
+
+
+def test_server_run_on_a_busy_port_is_a_clear_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A port another program holds gives exit 2 and says which address, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        data = tmp_path / "srv"
+        assert main(["server", "init", "--data-dir", str(data), "--port", str(port)]) == 0
+        code, _, err = run(capsys, "server", "run", "--data-dir", str(data))
+    assert code == EXIT_USAGE
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_gateway_enroll_with_an_unreadable_certificate_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --ca file that holds no certificate is a setting to fix (exit 2), not an
+    unreachable peer (exit 4)."""
+    bogus = tmp_path / "not-a-cert.pem"
+    bogus.write_text("hello\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+    code, _, err = run(
+        capsys,
+        "gateway",
+        "enroll",
+        "--data-dir",
+        str(tmp_path / "gw"),
+        "--entity-id",
+        "gw-1",
+        "--server",
+        "https://127.0.0.1:9",
+        "--ca",
+        str(bogus),
+        "--user",
+        "alice",
+        "--password-stdin",
+    )
+    assert code == EXIT_USAGE
+    assert "cannot load the server certificate" in err

@@ -949,7 +949,7 @@ def test_http_400_returns_the_servers_error_message() -> None:
 
 def test_tls_context_is_tls13_and_trusts_only_the_given_certificate(tmp_path: Path) -> None:
     """DESIGN §2: TLS 1.3 with the server's certificate; a missing file is a
-    TransportError, not a fallback to the system store."""
+    ConfigurationError (exit 2), not a fallback to the system store."""
     from cpns.server.tls import generate_self_signed
 
     cert = tmp_path / "cert.pem"
@@ -958,7 +958,7 @@ def test_tls_context_is_tls13_and_trusts_only_the_given_certificate(tmp_path: Pa
     assert ctx.minimum_version is ssl.TLSVersion.TLSv1_3
     assert ctx.verify_mode is ssl.CERT_REQUIRED
     assert len(ctx.get_ca_certs()) == 1
-    with pytest.raises(TransportError):
+    with pytest.raises(ConfigurationError, match="cannot load the server certificate"):
         tls_context(tmp_path / "missing.pem")
 
 
