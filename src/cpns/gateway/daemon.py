@@ -381,6 +381,8 @@ class GatewayDaemon:
         self._deliveries: dict[str, EUKeyAssignmentGateway] = {}
         self._waiters: dict[str, list[tuple[bytes, asyncio.Future[AssignResult]]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: One lock per PNE record file: its writes never overlap (see _save).
+        self._write_locks: dict[str, asyncio.Lock] = {}
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -551,11 +553,14 @@ class GatewayDaemon:
 
         The record is copied on the event loop, so nothing changes under the writer; the
         write and its fsyncs run in a worker thread, so the loop serves other PNEs
-        meanwhile. Callers hold the PNE's lock (or act on a stored set, see _on_ack).
+        meanwhile. Writes of one PNE are serialised and each copies the record only once
+        it is its turn, so the file always ends with the newest state, whatever order
+        concurrent callers (an assignment, an Ack) come in.
 
         Raises StoreError."""
-        snapshot = copy.deepcopy(self._pne_records[pne_id])
-        await asyncio.to_thread(self._store.save_record, pne_id, snapshot)
+        async with self._write_locks.setdefault(pne_id, asyncio.Lock()):
+            snapshot = copy.deepcopy(self._pne_records[pne_id])
+            await asyncio.to_thread(self._store.save_record, pne_id, snapshot)
 
     def _lock_for(self, pne_id: str) -> asyncio.Lock:
         return self._locks.setdefault(pne_id, asyncio.Lock())

@@ -15,6 +15,7 @@ import json
 import logging
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -1031,3 +1032,34 @@ def test_concurrent_exchanges_use_one_nonce_per_lane() -> None:
     assert len(counts) == 3
     for seen in counts.values():
         assert seen == list(range(1, len(seen) + 1))
+
+
+def test_writes_of_one_pne_record_never_overlap(
+    enrolled: GatewayConfig,
+    server: FakeServer,
+    alice_key: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DESIGN §6 (a crash never leaves half a key, and no write is lost): record writes run
+    in worker threads; two writes of the same PNE (say an Ack and a new assignment) are
+    serialised, so a slow first write cannot land after, and undo, the second."""
+    spans: list[str] = []
+    original = LocalKeyStore.save_record
+
+    def slow_save(store: LocalKeyStore, name: str, data: dict[str, Any]) -> None:
+        spans.append(f"start {name}")
+        if len(spans) == 1:
+            time.sleep(0.05)  # the first write is slow (a loaded disk)
+        original(store, name, data)
+        spans.append(f"end {name}")
+
+    async def scenario() -> None:
+        async with running_gateway(enrolled, server) as gw:
+            await control(enrolled, assign_op("pne-1", alice_key))
+            spans.clear()
+            monkeypatch.setattr(LocalKeyStore, "save_record", slow_save)
+            await asyncio.gather(gw._save("pne-1"), gw._save("pne-1"))
+            monkeypatch.undo()
+
+    run(scenario())
+    assert spans == ["start pne-1", "end pne-1", "start pne-1", "end pne-1"]
