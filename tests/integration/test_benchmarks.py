@@ -1,0 +1,54 @@
+"""The benchmarks under benchmarks/ keep working (issue #2 item 8). They print figures and
+are never judged on speed here: each runs once on a tiny load and must print its figures
+and exit 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_key_assignment_benchmark_runs() -> None:
+    """Real server and PN GW processes; every assignment OK; throughput and latency
+    percentiles printed."""
+    out = _run(
+        str(BENCHMARKS / "key_assignment.py"),
+        "--assignments",
+        "6",
+        "--concurrency",
+        "2",
+        "--warmup",
+        "2",
+    )
+    assert "statuses {'OK': 6}" in out
+    assert "assignments/s" in out
+    assert "p99" in out
+
+
+def test_store_write_benchmark_runs(tmp_path: Path) -> None:
+    """Group commit against one fsync per write, on a small count."""
+    out = _run(
+        str(BENCHMARKS / "store_write.py"),
+        "--writes",
+        "20",
+        "--threads",
+        "2",
+        "--dir",
+        str(tmp_path),
+    )
+    assert "group-commit gain" in out
