@@ -179,14 +179,7 @@ class CPNSService:
         [reply] = machine.messages_to_send()
         failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
         if failed is not None:
-            await self._audit(
-                message,
-                requester,
-                failed.code,
-                now,
-                failed.reason,
-                proof_failed=failed.code in _PROOF_FAILURES,
-            )
+            await self._audit(message, requester, failed.code, now, failed.reason)
             return self._reply(reply, failed.code)
         reply_bytes = encode(reply)
         try:
@@ -285,14 +278,7 @@ class CPNSService:
         tx.audit(_audit_event(message, requester, ErrorCode.OK, now, ""))
 
     async def _audit(
-        self,
-        message: Message,
-        requester: str,
-        code: ErrorCode | int,
-        now: int,
-        reason: str,
-        *,
-        proof_failed: bool = False,
+        self, message: Message, requester: str, code: ErrorCode | int, now: int, reason: str
     ) -> None:
         name = code.name if isinstance(code, ErrorCode) else str(code)
         log.info(
@@ -308,7 +294,7 @@ class CPNSService:
         window = self._policy.auth_failure_window
 
         def write(tx: WriteTx) -> None:
-            if proof_failed and user_id is not None:
+            if code in _PROOF_FAILURES and user_id is not None:
                 key = _attempts_key(type(message), user_id)
                 tx.record_auth_failure(key, now=now, window=window)
             tx.audit(event)
