@@ -108,14 +108,14 @@ def request_digest(request: Message) -> bytes:
     return hashlib.sha256(encode(request)).digest()
 
 
-def _bundle_context(server_id: str, gateway_id: str, pne_id: str, txid: bytes) -> tuple[str, ...]:
-    return (server_id, gateway_id, pne_id, txid.hex())
+def _bundle_context(server_id: str, gateway_id: str, pne_id: str, txid: bytes) -> tuple[Part, ...]:
+    return (server_id, gateway_id, pne_id, txid)
 
 
 def _notification_context(
     gateway_id: str, pne_id: str, txid: bytes, index: int
 ) -> tuple[Part, ...]:
-    return (gateway_id, pne_id, txid.hex(), index)
+    return (gateway_id, pne_id, txid, index)
 
 
 def _ack_proof(eukey: bytes, *, gateway_id: str, pne_id: str, txid: bytes, index: int) -> bytes:

@@ -27,7 +27,7 @@ from enum import Enum, auto
 from types import MappingProxyType
 from typing import ClassVar, Final
 
-from cpns.crypto.hashing import KEY_LEN, mac, verify_mac
+from cpns.crypto.hashing import KEY_LEN, Part, mac, verify_mac
 from cpns.crypto.kdf import derive_key
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -76,8 +76,8 @@ def _reply_key(password_key: bytes, request: UserKeyAssignmentRequest, rand_serv
     )
 
 
-def _context(request: UserKeyAssignmentRequest) -> tuple[str, ...]:
-    return (request.dst, request.src, request.txid.hex())
+def _context(request: UserKeyAssignmentRequest) -> tuple[Part, ...]:
+    return (request.dst, request.src, request.txid)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -696,7 +696,7 @@ def _reseal(
     plaintext: bytes, *, key: bytes = GATEWAY_KEYS[GW], txid_for: bytes | None = None
 ) -> Callable[[EUKeyAssignmentResponse], EUKeyAssignmentResponse]:
     def alter(response: EUKeyAssignmentResponse) -> EUKeyAssignmentResponse:
-        context = (SERVER_ID, GW, PNE, (txid_for or response.txid).hex())
+        context = (SERVER_ID, GW, PNE, (txid_for or response.txid))
         blob = seal(key, plaintext, purpose="003/response-bundle", context=context, nonce=bytes(12))
         return dataclasses.replace(response, sealed_bundle=blob)
 
@@ -966,7 +966,7 @@ def notification(
     """A Notification sealed as the PN GW would (independently of the gateway machine)."""
     key = EUKEYS[index - 1] if eukey is None else eukey
     sealed = seal(
-        tk, key, purpose="003/notification", context=(GW, PNE, txid.hex(), index), nonce=bytes(12)
+        tk, key, purpose="003/notification", context=(GW, PNE, txid, index), nonce=bytes(12)
     )
     fields: dict[str, Any] = {
         "txid": txid,

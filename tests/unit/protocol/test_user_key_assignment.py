@@ -191,7 +191,7 @@ def test_sealed_eukey_opens_independently(world: Directory, password_key: KeyOf)
     blob = response.sealed_eukey
     assert blob[0] == 1
     aead = AESGCM(ref_seal_key(reply_key, "004/eukey"))
-    ad = ref_seal_ad("004/eukey", SERVER_ID, ENTITY, TXID.hex())
+    ad = ref_seal_ad("004/eukey", SERVER_ID, ENTITY, TXID)
     twin = FixedRandom(2)
     eukey, rand_server = twin.token_bytes(32), twin.token_bytes(32)
     assert response.rand_server == rand_server
@@ -387,7 +387,7 @@ def _forged_short_key(
         reply_key,
         b"\x01" * 16,
         purpose="004/eukey",
-        context=(SERVER_ID, ENTITY, request.txid.hex()),
+        context=(SERVER_ID, ENTITY, request.txid),
         nonce=bytes(12),
     )
     return dataclasses.replace(response, sealed_eukey=blob)
