@@ -69,6 +69,9 @@ class ErrorCode(IntEnum):
     NOT_AUTHORIZED = 205
     #: Too many failed password proofs for this User ID lately; retry later (D-SRV-1).
     TOO_MANY_ATTEMPTS = 206
+    #: The claim of a PNE carried no valid proof of its label's claim code, or the PNE has no
+    #: Temporary Key on record: nothing is released on the strength of an Entity ID (D-003-10).
+    CLAIM_NOT_PROVEN = 207
     #: The PNE Entity ID is unknown or has no Temporary Key on record (003 §7.4.2.1.1.2 step 6).
     UNKNOWN_ENTITY = 301
     #: The entity is already registered to another CPNS User (004 §5.x.1).
@@ -77,6 +80,8 @@ class ErrorCode(IntEnum):
     ENTITY_REVOKED = 303
     #: The entity kind does not allow this procedure (e.g. a gateway asking for a TK chain).
     WRONG_ENTITY_KIND = 304
+    #: Another assignment of the same entity committed first (racing claims: one winner).
+    CLAIM_CONFLICT = 305
     #: The responder could not complete the step (storage, upstream unreachable).
     INTERNAL_ERROR = 500
     #: The next hop (CPNS Server seen from the PN GW) could not be reached.
