@@ -31,6 +31,7 @@ __all__ = [
     "ENV_PREFIX",
     "PORT_FILE",
     "GatewayConfig",
+    "check_server_url",
     "load_config",
     "write_config",
 ]
@@ -74,11 +75,7 @@ class GatewayConfig:
         for name in ("entity_id", "server_id"):
             if ID_PATTERN.fullmatch(getattr(self, name)) is None:
                 raise ConfigurationError(f"{name}: not a valid Entity ID")
-        url = urlsplit(self.server_url)
-        if url.scheme not in ("https", "http") or not url.hostname:
-            raise ConfigurationError(
-                f"server_url: expected https://host:port, not {self.server_url!r}"
-            )
+        check_server_url(self.server_url)
         if not 0 <= self.pan_port <= 65535:
             raise ConfigurationError("pan_port must be 0..65535")
         if self.per_try_timeout <= 0 or self.retries < 0 or self.retry_interval <= 0:
@@ -98,6 +95,31 @@ class GatewayConfig:
     def config_file(self) -> Path:
         """Path of gateway.toml."""
         return self.data_dir / CONFIG_FILE
+
+
+def check_server_url(url: str) -> None:
+    """Refuse a server URL that is not ``https://host[:port][/prefix]`` (issue 5 item 4).
+
+    Over plain http the enrolment's password proof would travel in clear and fall to an
+    offline dictionary attack, and the Digest exchanges would lose the server certificate
+    check: there is no setting that allows it.
+
+    Raises:
+        ConfigurationError: another scheme, no host, or a bad port.
+    """
+    shown = url if len(url) <= 200 else url[:200] + "..."
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigurationError(f"server URL {shown!r} is not a valid URL") from None
+    if parts.scheme.lower() != "https":
+        raise ConfigurationError(
+            f"server URL {shown!r} refused: only https:// is allowed (over http the "
+            "password proof and the Digest exchanges would travel unprotected)"
+        )
+    if not parts.hostname or port == 0:
+        raise ConfigurationError(f"server URL {shown!r}: expected https://host:port")
 
 
 #: Fields stored in gateway.toml, with their types (data_dir is where the file is).

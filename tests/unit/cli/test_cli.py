@@ -206,3 +206,39 @@ def test_gateway_enroll_with_an_unreadable_certificate_is_a_usage_error(
     )
     assert code == EXIT_USAGE
     assert "cannot load the server certificate" in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9", "HTTP://localhost:8443", "ftp://localhost", "localhost:8443"],
+)
+def test_gateway_enroll_refuses_a_server_url_that_is_not_https(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """Issue 5 item 4: over http the enrolment's password proof travels in clear (an
+    offline dictionary attack), so any server URL that is not https is refused with a
+    clear error and exit 2, before any password is read or any connection is made."""
+    from cpns.server.tls import generate_self_signed
+
+    cert = tmp_path / "cert.pem"
+    generate_self_signed(cert, tmp_path / "key.pem", common_name="cpns-server")
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+    code, _, err = run(
+        capsys,
+        "gateway",
+        "enroll",
+        "--data-dir",
+        str(tmp_path / "gw"),
+        "--entity-id",
+        "gw-1",
+        "--server",
+        url,
+        "--ca",
+        str(cert),
+        "--user",
+        "alice",
+        "--password-stdin",
+    )
+    assert code == EXIT_USAGE
+    assert "only https:// is allowed" in err
+    assert not (tmp_path / "gw" / "gateway.toml").exists()
