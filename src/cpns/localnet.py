@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpns.errors import TransportError
+from cpns.store.masterkey import write_private_file
 
 __all__ = ["CommandResult", "LocalDeployment"]
 
@@ -75,6 +76,12 @@ class LocalDeployment:
     def ca_file(self) -> Path:
         """The server certificate the gateways pin."""
         return self.server_dir / "tls" / "server-cert.pem"
+
+    def prepare_base(self) -> None:
+        """Create ``base`` (and parents) and make it 0700: it holds every party's secrets
+        (master key, key stores, the TK CSV) and their logs."""
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.base, 0o700)
 
     def _environ(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -178,7 +185,7 @@ class LocalDeployment:
         digest: Sequence[str] = ("SHA-256",),
     ) -> None:
         """``cpns server init`` on port 0, then add users and import a TK CSV."""
-        self.base.mkdir(parents=True, exist_ok=True)
+        self.prepare_base()
         args = ["server", "init", "--data-dir", str(self.server_dir), "--port", "0"]
         for algorithm in digest:
             args += ["--digest", algorithm]
@@ -197,7 +204,8 @@ class LocalDeployment:
         if tk_records:
             csv_path = self.base / "manufacturer-tk.csv"
             lines = ["entity_id,tk", *(f"{e},{tk.hex()}" for e, tk in tk_records)]
-            csv_path.write_text("\n".join(lines) + "\n")
+            # The TKs are secrets: the file is 0600 from its first byte.
+            write_private_file(csv_path, ("\n".join(lines) + "\n").encode(), overwrite=True)
             self.cpns(
                 "admin",
                 "tk",
@@ -239,6 +247,10 @@ class LocalDeployment:
             server_url,
             "--ca",
             str(self.ca_file),
+            # A free port picked at the first start and kept across restarts: several
+            # deployments (tests running side by side) never fight over the default port.
+            "--pan-port",
+            "0",
             "--user",
             user_id,
             "--password-stdin",
@@ -281,17 +293,18 @@ class LocalDeployment:
             timeout=60.0 + wait,
         )
 
-    def init_device(self, name: str, *, entity_id: str, tk: bytes) -> None:
-        """``cpns device init`` with the factory TK."""
-        self.cpns(
+    def init_device(self, name: str, *, entity_id: str, tk: bytes) -> CommandResult:
+        """``cpns device init`` with the factory TK, given on standard input (never on the
+        command line, where the process list would show it)."""
+        return self.cpns(
             "device",
             "init",
             "--data-dir",
             str(self.device_dir(name)),
             "--entity-id",
             entity_id,
-            "--tk-hex",
-            tk.hex(),
+            "--tk-stdin",
+            stdin=tk.hex() + "\n",
         )
 
     def start_device(

@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
+import os
 import signal
+import stat
+import string
 import sys
 from pathlib import Path
 from typing import Final
@@ -22,7 +26,14 @@ from cpns.device.agent import DeviceAgent, device_status, init_device
 from cpns.errors import ConfigurationError
 from cpns.runtime import run_event_loop
 
-__all__ = ["parse_hostport", "register"]
+__all__ = [
+    "TK_INPUT_MAX",
+    "parse_hostport",
+    "parse_tk",
+    "read_tk_file",
+    "read_tk_stdin",
+    "register",
+]
 
 _DEFAULT_DIR: Final = "cpns-device"
 _EXIT_USAGE: Final = 2
@@ -42,27 +53,84 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _read_tk(args: argparse.Namespace) -> bytes:
-    if args.tk_hex is not None:
-        text = args.tk_hex.strip()
-    else:
-        raw = Path(args.tk_file).read_bytes()
-        try:
-            text = raw.decode("ascii").strip()
-        except UnicodeDecodeError:
-            return raw  # a binary TK file
+#: Longest TK input read from a file or stdin, bytes (128 hex digits and some whitespace).
+TK_INPUT_MAX: Final = 1024
+
+
+def parse_tk(raw: bytes) -> bytes:
+    """The TK from its text form: 32 to 128 hex digits (16 to 64 bytes), nothing else but
+    surrounding whitespace (a trailing newline is fine).
+
+    Hex text is the one format, the same as the manufacturer's CSV the server imports: a
+    raw binary file would be ambiguous (64 raw bytes could be a 64-byte TK or the hex of a
+    32-byte one). Errors never repeat the input: it may be the secret itself.
+
+    Raises:
+        ConfigurationError: not ASCII hex of a whole number of bytes in 16..64.
+    """
     try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise ConfigurationError("the TK must be hex (or a raw binary file)") from None
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            "the TK must be given as 32 to 128 hex digits (this input is not ASCII text)"
+        ) from None
+    if not text or len(text) % 2 or any(c not in string.hexdigits for c in text):
+        raise ConfigurationError(
+            f"the TK must be 32 to 128 hex digits on one line (got {len(text)} characters "
+            "that are not all hex digits, or an odd number of them)"
+        )
+    tk = bytes.fromhex(text)
+    if not 16 <= len(tk) <= 64:
+        raise ConfigurationError(f"the TK must be 16 to 64 bytes, not {len(tk)}")
+    return tk
+
+
+def read_tk_file(path: Path) -> bytes:
+    """The TK from a file that only its owner can read or write (mode 0600 or 0400).
+
+    Raises:
+        ConfigurationError: the file cannot be read, is not a regular file, is open to the
+            group or to others (``chmod 600`` it), is too long, or does not hold a TK.
+    """
+    try:
+        with path.open("rb") as stream:
+            info = os.fstat(stream.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigurationError(f"{path} is not a regular file")
+            if info.st_mode & 0o077:
+                raise ConfigurationError(
+                    f"{path} is open to other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+                    f"a TK is a secret: 'chmod 600 {path}' and keep it that way"
+                )
+            raw = stream.read(TK_INPUT_MAX + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the TK file {path}: {exc.strerror}") from None
+    if len(raw) > TK_INPUT_MAX:
+        raise ConfigurationError(f"{path} is too long to hold a TK")
+    return parse_tk(raw)
+
+
+def read_tk_stdin() -> bytes:
+    """The TK from one line of standard input (a prompt without echo on a terminal)."""
+    if sys.stdin.isatty():
+        line = getpass.getpass("Temporary Key (hex): ")
+    else:
+        line = sys.stdin.readline(TK_INPUT_MAX + 1)
+    if len(line) > TK_INPUT_MAX:
+        raise ConfigurationError("the TK line on standard input is too long")
+    return parse_tk(line.encode("utf-8", "replace"))
 
 
 def _init(args: argparse.Namespace) -> int:
-    try:
-        tk = _read_tk(args)
-    except OSError as exc:
-        print(f"cpns device init: cannot read {args.tk_file}: {exc}", file=sys.stderr)
+    if args.tk_hex is not None:
+        print(
+            "cpns device init: --tk-hex is no longer accepted: a TK on the command line is "
+            "visible to every user in the process list. Use --tk-file FILE (mode 0600) or "
+            "--tk-stdin.",
+            file=sys.stderr,
+        )
         return _EXIT_USAGE
+    tk = read_tk_file(args.tk_file) if args.tk_file is not None else read_tk_stdin()
     init_device(args.data_dir, args.entity_id, tk, force=args.force)
     print(f"PNE {args.entity_id} initialised in {args.data_dir}")
     return 0
@@ -103,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="PNE agent: provision with a TK, attach to a PN GW, take the EUKey",
         description=(
             "A PNE without UI. Typical use:\n"
-            "  cpns device init --data-dir D --entity-id pne-1 --tk-hex <factory TK>\n"
+            "  cpns device init --data-dir D --entity-id pne-1 --tk-file tk.hex  # mode 0600\n"
             "  cpns device run --data-dir D --gateway 127.0.0.1:<PAN port> --once\n"
             "The PN GW delivers EUKey_1 sealed under the TK once the user ran\n"
             "'cpns gateway assign --pne pne-1 ...' (003)."
@@ -117,15 +185,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="store the PNE's Entity ID and factory Temporary Key",
         description=(
             "Provision the PNE as its manufacturer would: its Entity ID and Temporary Key "
-            "(TK, 16..64 bytes) go into a sealed key store in the data directory. The "
-            "same TK must be imported on the CPNS Server ('cpns admin tk import')."
+            "(TK, 16..64 bytes, given as hex digits in a file only its owner can read, or on "
+            "standard input; never on the command line, where the process list shows it) go "
+            "into a sealed key store in the data directory. The same TK must be imported on "
+            "the CPNS Server ('cpns admin tk import')."
         ),
     )
     add_data_dir(p, _DEFAULT_DIR)
     p.add_argument("--entity-id", required=True, help="the PNE's Entity ID")
-    tk = p.add_mutually_exclusive_group(required=True)
-    tk.add_argument("--tk-hex", metavar="HEX", help="the TK as hex digits")
-    tk.add_argument("--tk-file", metavar="FILE", help="file holding the TK (hex text or raw)")
+    tk = p.add_mutually_exclusive_group()
+    tk.add_argument(
+        "--tk-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the TK as 32..128 hex digits; only its owner may read it (chmod 600)",
+    )
+    tk.add_argument(
+        "--tk-stdin",
+        action="store_true",
+        help="read the TK (hex digits) from one line of standard input (the default)",
+    )
+    tk.add_argument("--tk-hex", help=argparse.SUPPRESS)  # refused with an explanation
     p.add_argument(
         "--force", action="store_true", help="replace an existing store (drops its EUKey)"
     )

@@ -26,7 +26,13 @@ from typing import Any, Final
 from cpns.cli._common import add_data_dir, read_password
 from cpns.crypto.kdf import password_key
 from cpns.errors import ConfigurationError
-from cpns.gateway.config import CONTROL_SOCKET, GatewayConfig, load_config, write_config
+from cpns.gateway.config import (
+    CONTROL_SOCKET,
+    DEFAULT_PAN_PORT,
+    GatewayConfig,
+    load_config,
+    write_config,
+)
 from cpns.gateway.daemon import GatewayDaemon, enroll, offline_status
 from cpns.runtime import run_event_loop
 
@@ -229,7 +235,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--pan-host", default="127.0.0.1", help="PAN listen address to configure (127.0.0.1)"
     )
     p.add_argument(
-        "--pan-port", type=int, default=0, help="PAN TCP port to configure (0: any free port)"
+        "--pan-port",
+        type=int,
+        default=DEFAULT_PAN_PORT,
+        help=f"PAN TCP port to configure (default {DEFAULT_PAN_PORT}; 0: a free port picked "
+        "at the first start and kept for every later start)",
     )
     _add_password(p)
     p.set_defaults(func=_enroll)
@@ -238,14 +248,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "run",
         help="run the PN GW daemon until SIGTERM/SIGINT",
         description=(
-            "Run the PN GW daemon: the PAN listener (PNEs attach here; the bound port is "
-            "written to <data-dir>/gateway.port), the link to the CPNS Server (HTTPS + "
+            "Run the PN GW daemon: the PAN listener (PNEs attach here: the configured port, "
+            f"{DEFAULT_PAN_PORT} by default, the same after every restart; the bound port is "
+            "also written to <data-dir>/gateway.port), the link to the CPNS Server (HTTPS + "
             "Digest) and the control socket <data-dir>/control.sock used by 'assign' and "
             "'status'. Requests and key sets survive restarts: pending work resumes."
         ),
     )
     add_data_dir(p, _DEFAULT_DIR)
-    p.add_argument("--pan-port", type=int, help="override the PAN TCP port (0: any free port)")
+    p.add_argument(
+        "--pan-port",
+        type=int,
+        help="override the configured PAN TCP port for this run (0: the remembered free port)",
+    )
     p.add_argument("--pan-host", help="override the PAN listen address")
     p.add_argument("--log-json", action="store_true", help="log JSON lines")
     p.set_defaults(func=_run)

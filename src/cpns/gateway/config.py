@@ -28,7 +28,9 @@ from cpns.store.masterkey import write_private_file
 __all__ = [
     "CONFIG_FILE",
     "CONTROL_SOCKET",
+    "DEFAULT_PAN_PORT",
     "ENV_PREFIX",
+    "PAN_PORT_MEMO",
     "PORT_FILE",
     "GatewayConfig",
     "check_server_url",
@@ -38,8 +40,15 @@ __all__ = [
 
 #: Name of the configuration file inside the data directory.
 CONFIG_FILE: Final = "gateway.toml"
-#: Where the daemon writes the PAN port it bound (tests and scripts read it).
+#: Where the daemon writes the PAN port it bound (tests and scripts read it); removed at
+#: a clean stop.
 PORT_FILE: Final = "gateway.port"
+#: The PAN port used when gateway.toml names none: a fixed, documented port, so PNEs find
+#: a restarted gateway where they found it before.
+DEFAULT_PAN_PORT: Final = 7700
+#: With ``pan_port = 0`` the daemon binds any free port the first time and remembers it
+#: here; every later start binds the same port again (the file outlives the daemon).
+PAN_PORT_MEMO: Final = "gateway.pan-port"
 #: The daemon's control socket (JSON lines), inside the data directory.
 CONTROL_SOCKET: Final = "control.sock"
 #: Prefix of the environment overrides.
@@ -62,8 +71,9 @@ class GatewayConfig:
     server_id: str = "cpns-server"
     #: Address the PAN listener binds.
     pan_host: str = "127.0.0.1"
-    #: PAN TCP port; 0 picks a free one (written to ``gateway.port``).
-    pan_port: int = 0
+    #: PAN TCP port (default 7700). 0: a free port picked at the first start, remembered
+    #: in ``gateway.pan-port`` and bound again at every later start.
+    pan_port: int = DEFAULT_PAN_PORT
     #: Seconds for one HTTP try to the server.
     per_try_timeout: float = 5.0
     #: Extra tries after a connection error or timeout.
@@ -90,6 +100,11 @@ class GatewayConfig:
     def port_file(self) -> Path:
         """Path of the file receiving the bound PAN port."""
         return self.data_dir / PORT_FILE
+
+    @property
+    def pan_port_memo(self) -> Path:
+        """Path of the file remembering the PAN port picked for ``pan_port = 0``."""
+        return self.data_dir / PAN_PORT_MEMO
 
     @property
     def config_file(self) -> Path:

@@ -442,14 +442,7 @@ class GatewayDaemon:
                     retries=self._config.retries,
                     rng=self._rng,
                 )
-            try:
-                self._pan = await asyncio.start_server(
-                    self._handle_pan, self._config.pan_host, self._config.pan_port
-                )
-            except OSError as exc:
-                raise ConfigurationError(
-                    f"cannot listen on PAN {self._config.pan_host}:{self._config.pan_port}: {exc}"
-                ) from None
+            self._pan = await self._bind_pan()
             write_private_file(
                 self._config.port_file, f"{self.pan_port}\n".encode(), overwrite=True
             )
@@ -476,6 +469,50 @@ class GatewayDaemon:
             self.pan_port,
             self._config.control_socket,
         )
+
+    def _remembered_pan_port(self) -> int:
+        """The port picked by an earlier start with ``pan_port = 0``; 0 if none (or bad)."""
+        try:
+            text = self._config.pan_port_memo.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return 0
+        return int(text) if text.isdigit() and 1 <= int(text) <= 65535 else 0
+
+    async def _bind_pan(self) -> asyncio.Server:
+        """Bind the PAN listener on the configured port, or for ``pan_port = 0`` on the
+        port remembered from the first start (a free one then, remembered from now on), so
+        that PNEs find a restarted gateway where they found it before.
+
+        Raises ConfigurationError (the configured port cannot be bound)."""
+        host, port = self._config.pan_host, self._config.pan_port
+        if port == 0:
+            remembered = self._remembered_pan_port()
+            if remembered:
+                try:
+                    return await self._start_pan_server(host, remembered)
+                except OSError as exc:
+                    log.warning(
+                        "PAN port %d (remembered) is not free (%s); picking another one: "
+                        "PNEs configured with the old port must be told the new one",
+                        remembered,
+                        exc.strerror,
+                    )
+        try:
+            server = await self._start_pan_server(host, port)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on PAN {host}:{port}: {exc}") from None
+        if port == 0:
+            bound = int(server.sockets[0].getsockname()[1])
+            try:
+                write_private_file(
+                    self._config.pan_port_memo, f"{bound}\n".encode(), overwrite=True
+                )
+            except OSError as exc:
+                log.warning("cannot remember PAN port %d: %s", bound, exc.strerror)
+        return server
+
+    async def _start_pan_server(self, host: str, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self._handle_pan, host, port)
 
     def request_shutdown(self) -> None:
         """Ask :meth:`run` to stop (signal handlers and the ``shutdown`` op call this)."""

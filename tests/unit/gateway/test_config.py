@@ -61,3 +61,23 @@ def test_an_http_url_in_the_file_or_the_environment_is_refused(tmp_path: Path) -
     config.config_file.write_text(text)
     with pytest.raises(ConfigurationError, match="only https"):
         load_config(config.data_dir, environ={})
+
+
+def test_the_default_pan_port_is_fixed_and_documented(tmp_path: Path) -> None:
+    """Issue 5 item 13: without a port in gateway.toml the PAN listener uses 7700 (not
+    "any free port"), so a restarted gateway listens where its PNEs look for it; the
+    enrol command writes that default into gateway.toml."""
+    from cpns.cli.main import build_parser
+    from cpns.gateway.config import DEFAULT_PAN_PORT
+
+    assert DEFAULT_PAN_PORT == 7700
+    config = GatewayConfig(
+        data_dir=tmp_path / "gw",
+        entity_id="gw-1",
+        server_url="https://cpns.invalid",
+        ca_file=tmp_path / "ca.pem",
+    )
+    assert config.pan_port == 7700
+    argv = ["gateway", "enroll", "--entity-id", "gw-1", "--server", "https://h", "--ca", "c"]
+    args = build_parser().parse_args([*argv, "--user", "alice"])
+    assert args.pan_port == 7700

@@ -229,13 +229,14 @@ def server(world: Directory) -> FakeServer:
 
 @pytest.fixture
 def gw_config(tmp_path: Path) -> GatewayConfig:
-    """gw-alice in ``tmp_path/gw``, PAN on an ephemeral loopback port."""
+    """gw-alice in ``tmp_path/gw``, PAN on a free loopback port (remembered)."""
     return GatewayConfig(
         data_dir=tmp_path / "gw",
         entity_id="gw-alice",
         server_url="https://cpns.invalid:8443",
         ca_file=tmp_path / "unused-ca.pem",
         server_id=SERVER_ID,
+        pan_port=0,
     )
 
 
@@ -715,6 +716,37 @@ def test_shutdown_op_stops_run_and_releases_everything(
     assert not enrolled.control_socket.exists()
     assert not enrolled.port_file.exists()
     LocalKeyStore.open_or_create(enrolled.data_dir, "gateway").lock().unlock()
+
+
+def test_a_free_pan_port_is_remembered_across_restarts(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """Issue 5 item 13: with ``pan_port = 0`` the first start picks a free port and
+    remembers it (gateway.pan-port, kept after a stop); every later start binds the same
+    port, so PNEs find the gateway again. If that port is taken meanwhile, another one is
+    picked (with a warning) and remembered instead of failing to start."""
+
+    async def scenario() -> tuple[int, int, int, int]:
+        async with running_gateway(enrolled, server) as gw:
+            first = gw.pan_port
+        assert enrolled.pan_port_memo.read_text().strip() == str(first)
+        async with running_gateway(enrolled, server) as gw:
+            second = gw.pan_port
+        blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", first)
+        try:
+            async with running_gateway(enrolled, server) as gw:
+                third = gw.pan_port
+        finally:
+            blocker.close()
+            await blocker.wait_closed()
+        async with running_gateway(enrolled, server) as gw:
+            fourth = gw.pan_port
+        return first, second, third, fourth
+
+    first, second, third, fourth = run(scenario())
+    assert second == first
+    assert third != first
+    assert fourth == third
 
 
 def test_second_daemon_on_the_same_store_is_refused(

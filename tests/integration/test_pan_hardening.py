@@ -1,0 +1,104 @@
+"""The PAN side and the programs, hardened (issue 5 items 8, 10, 11, 13): real ``cpns``
+processes and real sockets on loopback, nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from tests.integration.conftest import Net
+
+from cpns.localnet import LocalDeployment
+from cpns.store.keystore import LocalKeyStore
+
+pytestmark = pytest.mark.integration
+
+#: Upper bound of every poll in these tests, seconds.
+DEADLINE = 60.0
+
+
+def _gateway_status(net: LocalDeployment, name: str = "gw") -> dict[str, object]:
+    view: dict[str, object] = json.loads(
+        net.cpns("gateway", "status", "--data-dir", str(net.gateway_dir(name))).stdout
+    )
+    return view
+
+
+def _wait_attached(net: LocalDeployment, pne_id: str, name: str = "gw") -> None:
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        attached = _gateway_status(net, name).get("attached")
+        if isinstance(attached, list) and pne_id in attached:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{pne_id} never attached:\n{net.log(name)}\n{net.log(pne_id)}")
+
+
+# -- item 13: secrets off the command line and out of others' reach; a stable PAN port -----
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_deployment_directory_and_tk_csv_are_private(tmp_path: Path) -> None:
+    """Issue 5 item 13: the deployment helper (and so the demo) keeps its directory 0700
+    and the manufacturer TK CSV 0600, whatever the umask; an existing directory is
+    tightened too."""
+    base = tmp_path / "net"
+    base.mkdir(mode=0o755)
+    os.chmod(base, 0o755)
+    net = LocalDeployment(base)
+    with net.running():
+        net.init_server(
+            users=[("alice", "correct horse battery")], tk_records=[("pne-1", b"k" * 32)]
+        )
+    assert _mode(base) == 0o700
+    assert _mode(base / "manufacturer-tk.csv") == 0o600
+
+
+def test_device_init_keeps_the_tk_off_the_command_line(tmp_path: Path) -> None:
+    """Issue 5 item 13: the deployment helper gives the TK to ``cpns device init`` on
+    standard input: it is not among the process's arguments, and the device holds it."""
+    net = LocalDeployment(tmp_path / "net")
+    net.prepare_base()
+    tk = bytes(range(32))
+    result = net.init_device("pne-1", entity_id="pne-1", tk=tk)
+    assert not any(tk.hex() in arg.lower() for arg in result.args)
+    assert "--tk-stdin" in result.args
+    assert LocalKeyStore.open_or_create(net.device_dir("pne-1"), "device").load()["tk"] == tk
+
+
+def test_demo_keeps_its_directory_and_tk_csv_private(tmp_path: Path) -> None:
+    """Issue 5 item 13: ``cpns demo --dir`` runs the whole flow and leaves its directory
+    0700 and its TK CSV 0600."""
+    base = tmp_path / "demo"
+    net = LocalDeployment(tmp_path / "unused")
+    result = net.cpns("demo", "--dir", str(base), timeout=180.0, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _mode(base) == 0o700
+    assert _mode(base / "manufacturer-tk.csv") == 0o600
+
+
+def test_restarted_gateway_listens_on_the_same_pan_port_and_the_pne_reconnects(
+    running: Net,
+) -> None:
+    """Issue 5 item 13: a gateway restarted without --pan-port binds the port it had
+    (here the free port picked at its first start and remembered), so a PNE agent that
+    keeps running finds it again and re-attaches."""
+    net = running.net
+    net.init_device("pne-1", entity_id="pne-1", tk=running.tk["pne-1"])
+    net.start_device("pne-1", pan_port=running.pan_port, once=False, timeout=300)
+    _wait_attached(net, "pne-1")
+    net.stop("gw")
+    assert _gateway_status(net)["running"] is False
+    port = net.start_gateway()
+    assert port == running.pan_port
+    _wait_attached(net, "pne-1")
+    net.stop("gw", kill=True)  # a crash: the same port again
+    assert net.start_gateway() == running.pan_port
+    _wait_attached(net, "pne-1")
