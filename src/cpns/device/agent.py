@@ -44,7 +44,7 @@ from cpns.protocol._machine import ProcedureFailed
 from cpns.protocol.key_assignment import EUKeyAssignmentDevice, EUKeyInstalled
 from cpns.runtime import SystemRandom, wall_time
 from cpns.store.keystore import LocalKeyStore
-from cpns.transport.stream import read_message, write_message
+from cpns.transport.stream import peer_text, read_message, write_message
 from cpns.types import Random
 
 __all__ = [
@@ -151,6 +151,14 @@ class _Progress:
     acked: bool = False
 
 
+@dataclass(slots=True)
+class _Session:
+    """What happened on one connection (decides whether the backoff resets)."""
+
+    #: A Notification arrived (the peer speaks the protocol).
+    useful: bool = False
+
+
 class DeviceAgent:
     """The PNE agent over one data directory, attaching to one PN GW.
 
@@ -225,6 +233,9 @@ class DeviceAgent:
         self._stop.set()
 
     async def _serve(self, once: bool, progress: _Progress) -> None:
+        """Connect, run a session, reconnect with backoff; never ends because of the
+        gateway's bytes (issue 5 item 10): only a finished ``once`` run, a stop or a local
+        store/configuration error ends it."""
         delay = self._backoff
         while True:
             try:
@@ -241,14 +252,29 @@ class DeviceAgent:
                 delay = min(delay * 2, self._max_backoff)
                 continue
             progress.connected = True
-            delay = self._backoff
+            loop = asyncio.get_running_loop()
+            session = _Session()
+            began = loop.time()
             try:
-                if await self._session(reader, writer, once, progress):
+                if await self._session(reader, writer, once, progress, session):
                     return
+            except (StoreError, ConfigurationError):
+                raise  # our own store: nothing a reconnection can fix
+            except Exception as exc:  # one frame never ends the agent
+                log.warning(
+                    "PAN link dropped: handling the gateway's message failed (%s)",
+                    type(exc).__name__,
+                )
+                log.debug("session error", exc_info=True)
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
+            # Only a session that got somewhere (a Notification, or a link that held for
+            # a while) resets the backoff: a gateway (or an impostor) that answers with
+            # garbage at once is retried ever more slowly.
+            if session.useful or loop.time() - began >= self._max_backoff:
+                delay = self._backoff
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._max_backoff)
 
@@ -258,8 +284,14 @@ class DeviceAgent:
         writer: asyncio.StreamWriter,
         once: bool,
         progress: _Progress,
+        session: _Session | None = None,
     ) -> bool:
-        """One connection: hello, then Notifications. True when a ``once`` run is done."""
+        """One connection: hello, then Notifications. True when a ``once`` run is done.
+
+        Anything the gateway sends that cannot be used is logged in one bounded line:
+        an undecodable frame ends the link (the stream is out of step; :meth:`_serve`
+        reconnects), a message of an unexpected type is ignored."""
+        session = session if session is not None else _Session()
         entity_id: str = self._data["entity_id"]
         hello = PNEHello(
             txid=self._rng.token_bytes(TXID_LEN),
@@ -275,12 +307,13 @@ class DeviceAgent:
                 try:
                     message = await read_message(reader)
                 except DecodeError as exc:
-                    log.warning("undecodable frame from the gateway: %s", exc.reason)
+                    log.warning("undecodable frame from the gateway: %s", peer_text(exc.reason))
                     return False
                 if message is None:
                     log.info("gateway closed the PAN link")
                     return False
                 if isinstance(message, EUKeyAssignmentNotification):
+                    session.useful = True
                     if await self._on_notification(writer, message, progress) and once:
                         return True
                 elif isinstance(message, ErrorMessage):

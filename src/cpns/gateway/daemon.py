@@ -92,7 +92,7 @@ from cpns.protocol.user_key_assignment import EUKeyReceived, UserKeyAssignmentCl
 from cpns.runtime import SystemRandom, wall_time
 from cpns.store.keystore import LocalKeyStore
 from cpns.store.masterkey import write_private_file
-from cpns.transport.stream import read_message, write_message
+from cpns.transport.stream import peer_text, read_message, write_message
 from cpns.types import EntityKind, Random
 
 __all__ = [
@@ -323,6 +323,31 @@ async def enroll(
 # -- the daemon -----------------------------------------------------------------------------
 
 
+class _LogBudget:
+    """A token bucket for log lines caused by peers: up to ``burst`` lines at once, then
+    ``rate`` lines per second; it counts the lines it refused so the next allowed line can
+    say how many were left out."""
+
+    def __init__(self, *, rate: float = 1.0, burst: int = 20) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last: float | None = None
+        self._dropped = 0
+
+    def take(self, now: float) -> tuple[bool, int]:
+        """(whether a line may be written now, how many were refused since the last one)."""
+        if self._last is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1.0:
+            self._dropped += 1
+            return False, 0
+        self._tokens -= 1.0
+        dropped, self._dropped = self._dropped, 0
+        return True, dropped
+
+
 class _Link:
     """One PAN connection; ``pne_id`` is set by its PNEHello."""
 
@@ -330,10 +355,18 @@ class _Link:
         self.reader = reader
         self.writer = writer
         self.pne_id: str | None = None
+        peer = writer.get_extra_info("peername")
+        #: The peer's address (host only), for logs and the per-source cap.
+        self.peer: str = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         self._send_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"<PAN link {self.pne_id or '?'}>"
+        return f"<PAN link {self.name}>"
+
+    @property
+    def name(self) -> str:
+        """The PNE ID it announced (already checked by the codec), or ``?``."""
+        return self.pne_id or "?"
 
     async def send(self, message: Message) -> bool:
         """Write one message; False if the peer is gone."""
@@ -386,6 +419,8 @@ class GatewayDaemon:
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        #: Budget of log lines caused by PAN peers' faults.
+        self._fault_log = _LogBudget()
         self._stop_requested = asyncio.Event()
         self._started = False
 
@@ -897,29 +932,57 @@ class GatewayDaemon:
             )
         )
 
+    def _peer_fault(self, link: _Link, what: str, detail: str = "") -> None:
+        """Log one bounded line about what a PAN peer did wrong (issue 5 items 10, 12).
+
+        Peer-supplied text is cut and escaped (:func:`peer_text`), and these lines share a
+        budget (:class:`_LogBudget`): a peer flooding bad frames costs a few log lines,
+        then one summary of how many were left out."""
+        allowed, dropped = self._fault_log.take(asyncio.get_running_loop().time())
+        if not allowed:
+            return
+        log.warning(
+            "PAN %s (%s): %s%s%s",
+            link.name,
+            link.peer,
+            what,
+            f": {peer_text(detail)}" if detail else "",
+            f" ({dropped} more PAN fault lines left out)" if dropped else "",
+        )
+
     async def _handle_pan(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         self._writers.add(writer)
         link = _Link(reader, writer)
-        peer = writer.get_extra_info("peername")
         try:
             while True:
                 try:
                     message = await read_message(reader)
                 except DecodeError as exc:
-                    log.warning(
-                        "PAN %s (%s): undecodable frame: %s", link.pne_id or "?", peer, exc.reason
-                    )
+                    # Refused, logged in one bounded line; only this link ends.
+                    self._peer_fault(link, "undecodable frame", exc.reason)
                     await self._refuse(link, exc.code)
                     break
-                if message is None or not await self._on_pan_message(link, message):
+                if message is None:
+                    break
+                try:
+                    keep = await self._on_pan_message(link, message)
+                except Exception as exc:  # one frame never takes the daemon down
+                    self._peer_fault(
+                        link, f"{message.TYPE.name} not handled ({type(exc).__name__})"
+                    )
+                    log.debug("PAN %s: handler error", link.name, exc_info=True)
+                    await self._refuse(link, ErrorCode.INTERNAL_ERROR, message.txid)
+                    break
+                if not keep:
                     break
         except (OSError, asyncio.IncompleteReadError) as exc:
-            log.info("PAN %s (%s): connection lost: %s", link.pne_id or "?", peer, exc)
-        except Exception:  # never let one connection take the daemon down
-            log.exception("PAN %s (%s): handler failed", link.pne_id or "?", peer)
+            log.info("PAN %s (%s): connection lost: %s", link.name, link.peer, exc)
+        except Exception as exc:  # never let one connection take the daemon down
+            self._peer_fault(link, f"link failed ({type(exc).__name__})")
+            log.debug("PAN %s: link error", link.name, exc_info=True)
         finally:
             if link.pne_id is not None and self._routes.get(link.pne_id) is link:
                 del self._routes[link.pne_id]
@@ -934,10 +997,11 @@ class GatewayDaemon:
         """Handle one message from a PAN link; False closes the link."""
         if link.pne_id is None:
             if not isinstance(message, PNEHello):
-                log.warning("PAN: %s before PNEHello", message.TYPE.name)
+                self._peer_fault(link, f"{message.TYPE.name} before PNEHello")
                 await self._refuse(link, ErrorCode.UNEXPECTED_MESSAGE, message.txid)
                 return False
             if message.dst not in (PAN_ADDRESS, self._config.entity_id):
+                self._peer_fault(link, "PNEHello for another gateway", message.dst)
                 await self._refuse(link, ErrorCode.WRONG_DESTINATION, message.txid)
                 return False
             link.pne_id = message.src
@@ -950,7 +1014,7 @@ class GatewayDaemon:
             return True
         if isinstance(message, EUKeyAssignmentAck):
             return await self._on_ack(link, message)
-        log.warning("PAN %s: unexpected %s", link.pne_id, message.TYPE.name)
+        self._peer_fault(link, f"unexpected {message.TYPE.name}")
         await self._refuse(link, ErrorCode.UNEXPECTED_MESSAGE, message.txid)
         return False
 
@@ -958,7 +1022,7 @@ class GatewayDaemon:
         pne_id = link.pne_id
         assert pne_id is not None
         if ack.src != pne_id:
-            log.warning("PAN %s: Ack claims to come from %s", pne_id, ack.src)
+            self._peer_fault(link, "Ack claims to come from another PNE", ack.src)
             await self._refuse(link, ErrorCode.NOT_AUTHORIZED, ack.txid)
             return False
         key_set = self._pnes().get(pne_id, {}).get("set")

@@ -8,53 +8,111 @@ that everything above them handles typed messages and everything below handles b
 
 Errors keep their layers: malformed bytes are a :class:`~cpns.errors.DecodeError` (the
 peer's fault, answered with an ErrorMessage), a dead socket is the caller's
-``OSError`` / :class:`asyncio.IncompleteReadError` handling, and a clean end of stream
-between frames is simply ``None``.
+``OSError`` / :class:`asyncio.IncompleteReadError` handling, a peer that stops sending in
+the middle of a frame (or never starts one) is a :class:`TimeoutError` when the caller
+gives a timeout, and a clean end of stream between frames is simply ``None``.
+
+Whatever the codec raises for one payload, :func:`read_message` raises only
+:class:`~cpns.errors.DecodeError`, with a bounded reason: a peer's bytes must never
+surface as another exception type in a daemon or an agent (issue 5 item 10), even if the
+codec itself has a bug. :func:`peer_text` bounds and escapes peer-supplied text before it
+goes into a log line.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 from cpns.errors import DecodeError
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import Message
 from cpns.transport.framing import HEADER_LEN, encode_frame, parse_length
 
-__all__ = ["read_frame", "read_message", "write_message"]
+__all__ = [
+    "PEER_TEXT_MAX",
+    "decode_payload",
+    "peer_text",
+    "read_frame",
+    "read_message",
+    "write_message",
+]
+
+#: Most characters of peer-supplied text :func:`peer_text` lets into a log line.
+PEER_TEXT_MAX: Final = 120
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+def peer_text(text: str, limit: int = PEER_TEXT_MAX) -> str:
+    """``text`` made safe for one log line: cut to ``limit`` characters (saying how long it
+    was), then every non-printable or non-ASCII character escaped (no forged line breaks,
+    no terminal escapes). The result is at most about ``4 * limit + 30`` characters."""
+    cut = text if len(text) <= limit else f"{text[:limit]}...[{len(text)} chars]"
+    return ascii(cut)[1:-1]
+
+
+def decode_payload(payload: bytes) -> Message:
+    """Decode one frame's payload; raises only :class:`DecodeError` (bounded reason).
+
+    Raises:
+        DecodeError: the payload is not exactly one well-formed CPNS message, or the
+            codec failed on it in any other way.
+    """
+    try:
+        return decode(payload)
+    except DecodeError as exc:
+        if len(exc.reason) <= PEER_TEXT_MAX:
+            raise
+        raise DecodeError(peer_text(exc.reason), code=exc.code) from None
+    except Exception as exc:  # a codec bug must not become a peer-triggered crash
+        raise DecodeError(f"undecodable message ({type(exc).__name__})") from None
+
+
+async def read_frame(
+    reader: asyncio.StreamReader,
+    *,
+    idle_timeout: float | None = None,
+    frame_timeout: float | None = None,
+) -> bytes | None:
     """Read one frame's payload; ``None`` if the stream ended cleanly between frames.
+
+    ``idle_timeout`` bounds the wait for the next frame's header, ``frame_timeout`` the
+    wait for its body once the header arrived (None: no bound).
 
     Raises:
         DecodeError: the header announced a zero or oversize length, or the stream
             ended in the middle of a frame (the peer sent a truncated message).
+        TimeoutError: a timeout passed (the peer is idle, or stalls inside a frame).
     """
     try:
-        header = await reader.readexactly(HEADER_LEN)
+        header = await asyncio.wait_for(reader.readexactly(HEADER_LEN), idle_timeout)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
         raise DecodeError("stream ended inside a frame header") from None
     length = parse_length(header)
     try:
-        return await reader.readexactly(length)
+        return await asyncio.wait_for(reader.readexactly(length), frame_timeout)
     except asyncio.IncompleteReadError:
         raise DecodeError("stream ended inside a frame") from None
 
 
-async def read_message(reader: asyncio.StreamReader) -> Message | None:
+async def read_message(
+    reader: asyncio.StreamReader,
+    *,
+    idle_timeout: float | None = None,
+    frame_timeout: float | None = None,
+) -> Message | None:
     """Read and decode one message; ``None`` on a clean end of stream.
 
     Raises:
         DecodeError: bad framing, a truncated frame, or a payload that is not exactly
-            one well-formed CPNS message.
+            one well-formed CPNS message (never any other error for the payload).
+        TimeoutError: see :func:`read_frame`.
     """
-    payload = await read_frame(reader)
+    payload = await read_frame(reader, idle_timeout=idle_timeout, frame_timeout=frame_timeout)
     if payload is None:
         return None
-    return decode(payload)
+    return decode_payload(payload)
 
 
 async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from cpns.device.agent import (
     init_device,
 )
 from cpns.errors import ConfigurationError, ErrorCode, StoreError
+from cpns.messages.codec import encode
 from cpns.messages.model import (
     ErrorMessage,
     EUKeyAssignmentAck,
@@ -353,3 +355,108 @@ def test_gateway_address_parsing_refuses_garbage(text: str) -> None:
     """A malformed --gateway is a usage error, not a connection attempt."""
     with pytest.raises(ConfigurationError):
         parse_hostport(text)
+
+
+def _huge_integer_frame() -> bytes:
+    """A CBOR map whose version is an integer of 5,000 digits (issue 5 item 10: a codec
+    that puts the value in its error message raised ValueError on it)."""
+    import cbor2
+
+    from cpns.transport.framing import encode_frame
+
+    return encode_frame(cbor2.dumps({0: 10**4999, 1: 1}))
+
+
+def test_no_gateway_bytes_make_the_agent_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 5 item 10: whatever a gateway (or an impostor on the PAN) sends - a message
+    of an unexpected type, the huge-integer frame, an oversized length prefix, garbage -
+    the agent logs one bounded line without a traceback and keeps its link or reconnects;
+    it never exits."""
+    import struct
+
+    from cpns.transport.framing import encode_frame
+
+    caplog.set_level(logging.DEBUG, logger="cpns")
+    data_dir = tmp_path / "dev"
+    init_device(data_dir, PNE, TKS[PNE])
+    unexpected = encode_frame(
+        encode(PNEHello(txid=bytes(16), src="gw-x", dst=PNE, has_ui=False, key_index=0))
+    )
+    plans = [
+        [unexpected, _huge_integer_frame()],
+        [struct.pack(">I", 2**31)],
+        [encode_frame(b"\xff" * 60_000)],
+    ]
+    hellos: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            assert isinstance(await read_message(reader), PNEHello)
+            hellos.append(1)
+            if not plans:
+                done.set()
+                await reader.read()  # keep the link until the agent leaves
+                return
+            for frame in plans.pop(0):
+                writer.write(frame)
+            await writer.drain()
+            await reader.read()  # the agent closes the link
+        finally:
+            writer.close()
+
+    async def scenario() -> int:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        agent = DeviceAgent(data_dir, "127.0.0.1", port, backoff=0.01, max_backoff=0.05)
+        task = asyncio.create_task(agent.run(timeout=WAIT))
+        await asyncio.wait_for(done.wait(), WAIT)
+        agent.request_stop()
+        try:
+            return await task
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert run(scenario()) == EXIT_OK
+    assert len(hellos) == 4
+    assert "ignoring unexpected PNE_HELLO" in caplog.text
+    for record in caplog.records:
+        assert record.exc_info is None or record.levelno < logging.INFO
+        assert len(record.getMessage()) < 700
+
+
+def test_an_exception_in_one_session_makes_the_agent_reconnect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 5 item 10: even an unexpected exception while handling the gateway's bytes
+    ends only that connection; the agent reconnects and says hello again."""
+    import cpns.device.agent as agent_module
+
+    data_dir = tmp_path / "dev"
+    init_device(data_dir, PNE, TKS[PNE])
+    real_read = agent_module.read_message
+    calls = {"n": 0}
+
+    async def flaky_read(reader: asyncio.StreamReader) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        return await real_read(reader)
+
+    monkeypatch.setattr(agent_module, "read_message", flaky_read)
+    gateway = FakeGateway(sessions=[])
+
+    async def scenario() -> int:
+        async with serving(gateway) as port:
+            agent = DeviceAgent(data_dir, "127.0.0.1", port, backoff=0.01, max_backoff=0.05)
+            task = asyncio.create_task(agent.run(timeout=WAIT))
+            while len(gateway.hellos) < 2:
+                await asyncio.sleep(0.01)
+            agent.request_stop()
+            return await task
+
+    assert run(scenario()) == EXIT_OK
+    assert len(gateway.hellos) >= 2

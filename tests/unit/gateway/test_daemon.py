@@ -546,6 +546,152 @@ def test_garbage_frame_gets_an_error_and_the_daemon_keeps_serving(
         assert after is None  # then the link is closed
 
 
+def huge_integer_frame() -> bytes:
+    """A frame holding a CBOR map whose version is an integer of 5,000 digits: a codec that
+    puts the value into its error message raises ValueError instead of DecodeError (the
+    ~3,000-digit report of issue 5 item 10; 5,000 digits pass Python's str() limit)."""
+    import cbor2
+
+    return encode_frame(cbor2.dumps({0: 10**4999, 1: 1}))
+
+
+@pytest.mark.parametrize(
+    ("frames", "status"),
+    [
+        ([encode_frame(b"\xff\x00not cbor")], ErrorCode.MALFORMED_MESSAGE),
+        ([struct.pack(">I", 2**31)], ErrorCode.MALFORMED_MESSAGE),
+        ([huge_integer_frame()], ErrorCode.MALFORMED_MESSAGE),
+        ([encode_frame(encode(hello())), huge_integer_frame()], ErrorCode.MALFORMED_MESSAGE),
+        (
+            [
+                encode_frame(encode(hello())),
+                encode_frame(
+                    encode(
+                        ErrorMessage(
+                            txid=bytes(16), src="pne-1", dst="gw-alice", status=ErrorCode.OK
+                        )
+                    )
+                ),
+            ],
+            ErrorCode.UNEXPECTED_MESSAGE,
+        ),
+        (
+            [
+                encode_frame(encode(hello())),
+                encode_frame(b"\xff" * 60_000),
+            ],
+            ErrorCode.MALFORMED_MESSAGE,
+        ),
+    ],
+    ids=[
+        "garbage",
+        "oversized-length",
+        "huge-integer",
+        "huge-integer-after-hello",
+        "unexpected-type",
+        "long-garbage",
+    ],
+)
+def test_no_peer_bytes_take_the_gateway_down(
+    enrolled: GatewayConfig,
+    server: FakeServer,
+    caplog: pytest.LogCaptureFixture,
+    frames: list[bytes],
+    status: ErrorCode,
+) -> None:
+    """Issue 5 item 10: an undecodable frame, an oversized length prefix, the huge-integer
+    frame (whatever the codec raises for it) or a valid message of an unexpected type is
+    refused with one ErrorMessage, logged in one bounded line without a traceback, and
+    only that link ends: the daemon keeps serving its control socket and other PNEs."""
+    caplog.set_level(logging.DEBUG, logger="cpns")
+
+    async def scenario() -> tuple[Message | None, Message | None, dict[str, Any]]:
+        async with running_gateway(enrolled, server) as gw:
+            async with pan_client(gw) as (reader, writer):
+                for frame in frames:
+                    writer.write(frame)
+                await writer.drain()
+                error, after = await receive(reader), await receive(reader)
+            async with pan_client(gw) as (reader, writer):
+                await write_message(writer, hello("pne-2"))
+                await wait_until(lambda: gw.status()["attached"] == ["pne-2"])
+                return error, after, await control(enrolled, {"op": "status"})
+
+    error, after, view = run(scenario())
+    assert isinstance(error, ErrorMessage)
+    assert error.status is status
+    assert after is None
+    assert view["ok"] is True
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings
+    for record in warnings:
+        assert record.exc_info is None
+        assert len(record.getMessage()) < 700
+        assert "\n" not in record.getMessage()
+
+
+def test_an_exception_while_handling_one_frame_ends_only_that_link(
+    enrolled: GatewayConfig,
+    server: FakeServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 5 item 10: even a bug in handling one frame (here any Ack raises) is answered
+    with INTERNAL_ERROR on that link and one bounded log line; the daemon serves on."""
+    caplog.set_level(logging.INFO, logger="cpns")
+
+    async def broken(*args: object) -> bool:
+        raise RuntimeError("x" * 100_000)
+
+    monkeypatch.setattr(GatewayDaemon, "_on_ack", broken)
+    ack = EUKeyAssignmentAck(
+        txid=bytes(16),
+        src="pne-1",
+        dst="gw-alice",
+        status=ErrorCode.OK,
+        key_index=1,
+        proof=bytes(32),
+    )
+
+    async def scenario() -> tuple[Message | None, Message | None, dict[str, Any]]:
+        async with running_gateway(enrolled, server) as gw:
+            async with pan_client(gw) as (reader, writer):
+                await write_message(writer, hello())
+                await write_message(writer, ack)
+                error, after = await receive(reader), await receive(reader)
+            return error, after, await control(enrolled, {"op": "status"})
+
+    error, after, view = run(scenario())
+    assert isinstance(error, ErrorMessage)
+    assert error.status is ErrorCode.INTERNAL_ERROR
+    assert after is None
+    assert view["ok"] is True
+    for record in caplog.records:
+        if record.levelno >= logging.INFO:
+            assert record.exc_info is None
+            assert len(record.getMessage()) < 700
+
+
+def test_peer_fault_lines_share_a_budget(
+    enrolled: GatewayConfig, server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 5 items 10 and 12: a peer reconnecting to send bad frames over and over costs
+    a bounded number of log lines (a burst, then about one a second), not one per frame."""
+    caplog.set_level(logging.INFO, logger="cpns")
+
+    async def scenario() -> None:
+        async with running_gateway(enrolled, server) as gw:
+            for _ in range(100):
+                async with pan_client(gw) as (reader, writer):
+                    writer.write(encode_frame(b"\xff"))
+                    await writer.drain()
+                    await receive(reader)
+
+    run(scenario())
+    faults = [r for r in caplog.records if "undecodable frame" in r.getMessage()]
+    assert 1 <= len(faults) < 50
+
+
 @pytest.mark.parametrize(
     ("first", "status"),
     [
