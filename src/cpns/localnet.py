@@ -110,12 +110,27 @@ class LocalDeployment:
         return result
 
     def start(
-        self, name: str, *args: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        fd_limit: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start a long-running ``cpns`` command, logging to ``<base>/<name>.log``.
 
-        ``env`` adds to the deployment's environment for this process only.
+        ``env`` adds to the deployment's environment for this process only; ``fd_limit``
+        lowers its open-file limit (RLIMIT_NOFILE), as a small host or container would.
         """
+        preexec = None
+        if fd_limit is not None:
+            limit = fd_limit
+
+            def preexec() -> None:
+                import resource
+
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
         if name in self._daemons and self._daemons[name].process.poll() is None:
             raise RuntimeError(f"{name} is already running")
         log_path = self.base / f"{name}.log"
@@ -127,6 +142,7 @@ class LocalDeployment:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**self._environ(), **(env or {})},
+                preexec_fn=preexec,
             )
         finally:
             log.close()
@@ -258,11 +274,22 @@ class LocalDeployment:
             check=check,
         )
 
-    def start_gateway(self, name: str = "gw") -> int:
-        """Start ``cpns gateway run``; return its PAN port."""
+    def start_gateway(
+        self, name: str = "gw", *, env: dict[str, str] | None = None, fd_limit: int | None = None
+    ) -> int:
+        """Start ``cpns gateway run``; return its PAN port (``env``, ``fd_limit``: as for
+        :meth:`start`)."""
         port_file = self.gateway_dir(name) / "gateway.port"
         port_file.unlink(missing_ok=True)
-        self.start(name, "gateway", "run", "--data-dir", str(self.gateway_dir(name)))
+        self.start(
+            name,
+            "gateway",
+            "run",
+            "--data-dir",
+            str(self.gateway_dir(name)),
+            env=env,
+            fd_limit=fd_limit,
+        )
         return int(self.wait_for_file(port_file, name=name))
 
     def assign(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -102,3 +103,44 @@ def test_restarted_gateway_listens_on_the_same_pan_port_and_the_pne_reconnects(
     net.stop("gw", kill=True)  # a crash: the same port again
     assert net.start_gateway() == running.pan_port
     _wait_attached(net, "pne-1")
+
+
+# -- item 11: the PAN listener's timeouts and caps -------------------------------------------
+
+
+def test_control_socket_keeps_answering_with_200_idle_pan_links(running: Net) -> None:
+    """Issue 5 item 11: with a 256-descriptor limit, 250 idle PAN links (from 50 loopback
+    addresses) once left the gateway's control socket unable to accept. Now PAN links are
+    capped below the limit (extra ones closed at once), so ``cpns gateway status`` still
+    reaches the running daemon; links that never say hello are closed after
+    pan_hello_timeout, and a real PNE then attaches."""
+    net = running.net
+    net.stop("gw")
+    port = net.start_gateway(env={"CPNS_GATEWAY_PAN_HELLO_TIMEOUT": "5"}, fd_limit=256)
+    links: list[socket.socket] = []
+    try:
+        for i in range(250):
+            sock = socket.socket()
+            sock.bind((f"127.0.0.{2 + i % 50}", 0))
+            sock.settimeout(DEADLINE)
+            try:
+                sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            links.append(sock)
+        assert len(links) >= 200
+        view = _gateway_status(net)
+        assert view["running"] is True, net.log("gw")
+        for sock in links:  # every idle link is closed by the gateway (EOF or reset)
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for sock in links:
+            sock.close()
+    net.init_device("pne-1", entity_id="pne-1", tk=running.tk["pne-1"])
+    net.start_device("pne-1", pan_port=port, once=False, timeout=120)
+    _wait_attached(net, "pne-1")
+    assert _gateway_status(net)["running"] is True

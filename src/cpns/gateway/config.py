@@ -13,6 +13,7 @@ The file holds no secret: the EUKey lives in the sealed key store beside it
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -80,6 +81,24 @@ class GatewayConfig:
     retries: int = 2
     #: Seconds between background resends of requests still waiting for the server.
     retry_interval: float = 30.0
+    #: PAN: seconds a new link has to complete its first frame (the PNEHello); then it is
+    #: closed. Links that never say who they are hold a slot only this long.
+    pan_hello_timeout: float = 10.0
+    #: PAN: seconds an attached link may go without a complete frame (the keep-alive);
+    #: then it is closed and the PNE agent reconnects (and is offered any pending key).
+    pan_idle_timeout: float = 900.0
+    #: PAN: seconds the rest of a frame may take once its 4-byte header arrived, and a
+    #: send may wait for a peer that does not read.
+    pan_frame_timeout: float = 10.0
+    #: PAN: most links open at once; more are closed at once, without a reply. Lowered at
+    #: start-up to what the process's file-descriptor limit leaves after a reserve of 64
+    #: for the control socket, the server link and the store.
+    pan_max_links: int = 512
+    #: PAN: most links open at once from one source address.
+    pan_max_links_per_source: int = 32
+    #: PAN: most links announcing the same PNE ID at once (one real PNE plus reconnections
+    #: whose old link is not yet seen dead); a further PNEHello with that ID is refused.
+    pan_links_per_pne: int = 4
 
     def __post_init__(self) -> None:
         for name in ("entity_id", "server_id"):
@@ -90,6 +109,13 @@ class GatewayConfig:
             raise ConfigurationError("pan_port must be 0..65535")
         if self.per_try_timeout <= 0 or self.retries < 0 or self.retry_interval <= 0:
             raise ConfigurationError("timeouts and intervals must be positive, retries >= 0")
+        for name in ("pan_hello_timeout", "pan_idle_timeout", "pan_frame_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigurationError(f"{name} must be a positive number of seconds")
+        for name in ("pan_max_links", "pan_max_links_per_source", "pan_links_per_pne"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1")
 
     @property
     def control_socket(self) -> Path:

@@ -52,6 +52,7 @@ import copy
 import json
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -323,6 +324,32 @@ async def enroll(
 # -- the daemon -----------------------------------------------------------------------------
 
 
+#: File descriptors kept free of PAN links: control connections, the server link's lanes,
+#: the store's files, logs.
+_FD_RESERVE: Final = 64
+#: The fewest PAN links a daemon accepts, whatever its descriptor limit.
+_MIN_LINKS: Final = 16
+
+
+def _link_cap(configured: int) -> int:
+    """``configured``, lowered so that PAN links can never use up the descriptors the
+    control socket and the server link need (200 idle links once left the control socket
+    unable to accept: issue 5 item 11)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):  # pragma: no cover - every Unix has it
+        return configured
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    cap = max(_MIN_LINKS, int(soft) - _FD_RESERVE)
+    if cap < configured:
+        log.warning(
+            "pan_max_links lowered from %d to %d: the descriptor limit is %d", configured, cap, soft
+        )
+        return cap
+    return configured
+
+
 class _LogBudget:
     """A token bucket for log lines caused by peers: up to ``burst`` lines at once, then
     ``rate`` lines per second; it counts the lines it refused so the next allowed line can
@@ -351,10 +378,17 @@ class _LogBudget:
 class _Link:
     """One PAN connection; ``pne_id`` is set by its PNEHello."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        write_timeout: float | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.pne_id: str | None = None
+        self._write_timeout = write_timeout
         peer = writer.get_extra_info("peername")
         #: The peer's address (host only), for logs and the per-source cap.
         self.peer: str = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
@@ -369,10 +403,15 @@ class _Link:
         return self.pne_id or "?"
 
     async def send(self, message: Message) -> bool:
-        """Write one message; False if the peer is gone."""
+        """Write one message; False if the peer is gone, or does not read it within the
+        write timeout (the link is then closed: a peer that stops reading must not hold
+        our buffers)."""
         async with self._send_lock:
             try:
-                await write_message(self.writer, message)
+                await asyncio.wait_for(write_message(self.writer, message), self._write_timeout)
+            except TimeoutError:
+                self.writer.transport.abort()
+                return False
             except (OSError, RuntimeError):
                 return False
         return True
@@ -421,6 +460,11 @@ class GatewayDaemon:
         self._background: set[asyncio.Task[None]] = set()
         #: Budget of log lines caused by PAN peers' faults.
         self._fault_log = _LogBudget()
+        #: Open PAN links per source address, and their total (the caps, issue 5 item 11).
+        self._per_source: dict[str, int] = {}
+        self._open_links = 0
+        #: ``pan_max_links`` lowered to what the descriptor limit allows (set by start).
+        self._max_links = config.pan_max_links
         self._stop_requested = asyncio.Event()
         self._started = False
 
@@ -477,6 +521,7 @@ class GatewayDaemon:
                     retries=self._config.retries,
                     rng=self._rng,
                 )
+            self._max_links = _link_cap(self._config.pan_max_links)
             self._pan = await self._bind_pan()
             write_private_file(
                 self._config.port_file, f"{self.pan_port}\n".encode(), overwrite=True
@@ -953,13 +998,30 @@ class GatewayDaemon:
     async def _handle_pan(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        link = _Link(reader, writer, write_timeout=self._config.pan_frame_timeout)
+        if not self._admit(link):
+            writer.transport.abort()  # refused cheaply: no read, no reply, no wait
+            return
         self._handlers.add(task)
         self._writers.add(writer)
-        link = _Link(reader, writer)
         try:
             while True:
                 try:
-                    message = await read_message(reader)
+                    message = await read_message(
+                        reader,
+                        idle_timeout=(
+                            self._config.pan_hello_timeout
+                            if link.pne_id is None
+                            else self._config.pan_idle_timeout
+                        ),
+                        frame_timeout=self._config.pan_frame_timeout,
+                    )
+                except TimeoutError:
+                    if link.pne_id is None:
+                        self._peer_fault(link, "no PNEHello in time (pan_hello_timeout)")
+                    else:  # the keep-alive ran out: the agent reconnects
+                        log.info("PAN %s (%s): idle link closed", link.name, link.peer)
+                    break
                 except DecodeError as exc:
                     # Refused, logged in one bounded line; only this link ends.
                     self._peer_fault(link, "undecodable frame", exc.reason)
@@ -987,11 +1049,33 @@ class GatewayDaemon:
             if link.pne_id is not None and self._routes.get(link.pne_id) is link:
                 del self._routes[link.pne_id]
                 log.info("PNE %s detached", link.pne_id)
+            self._release(link)
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
             self._handlers.discard(task)
+
+    def _admit(self, link: _Link) -> bool:
+        """Count a new PAN link against the caps; False (logged within the fault budget)
+        when the total or its source address is at its cap (issue 5 item 11)."""
+        if self._open_links >= self._max_links:
+            self._peer_fault(link, f"refused: {self._max_links} PAN links open (pan_max_links)")
+            return False
+        if self._per_source.get(link.peer, 0) >= self._config.pan_max_links_per_source:
+            self._peer_fault(link, "refused: too many links from this address")
+            return False
+        self._open_links += 1
+        self._per_source[link.peer] = self._per_source.get(link.peer, 0) + 1
+        return True
+
+    def _release(self, link: _Link) -> None:
+        self._open_links -= 1
+        left = self._per_source.get(link.peer, 1) - 1
+        if left > 0:
+            self._per_source[link.peer] = left
+        else:
+            self._per_source.pop(link.peer, None)
 
     async def _on_pan_message(self, link: _Link, message: Message) -> bool:
         """Handle one message from a PAN link; False closes the link."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import ssl
@@ -690,6 +691,103 @@ def test_peer_fault_lines_share_a_budget(
     run(scenario())
     faults = [r for r in caplog.records if "undecodable frame" in r.getMessage()]
     assert 1 <= len(faults) < 50
+
+
+async def closed_by_gateway(reader: asyncio.StreamReader) -> bool:
+    """Whether the gateway ends this link (EOF or reset) within WAIT."""
+    try:
+        return await asyncio.wait_for(reader.read(), WAIT) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+async def pan_from(
+    daemon: GatewayDaemon, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw PAN connection from a given loopback address (127.0.0.0/8 sources)."""
+    return await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", daemon.pan_port, local_addr=(source, 0)), WAIT
+    )
+
+
+def test_links_without_hello_are_closed_while_attached_idle_ones_stay(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """Issue 5 item 11: a link that completes no frame within pan_hello_timeout is closed;
+    a link that said hello may stay idle much longer (up to pan_idle_timeout)."""
+    config = dataclasses.replace(enrolled, pan_hello_timeout=0.2, pan_idle_timeout=60.0)
+
+    async def scenario() -> tuple[bool, list[str]]:
+        async with running_gateway(config, server) as gw:
+            async with pan_client(gw) as (_, writer), pan_client(gw) as (silent, _):
+                await write_message(writer, hello())
+                await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
+                closed = await closed_by_gateway(silent)
+                return closed, list(gw.status()["attached"])  # type: ignore[call-overload]
+
+    closed, attached = run(scenario())
+    assert closed
+    assert attached == ["pne-1"]
+
+
+def test_an_attached_link_idle_beyond_the_keep_alive_is_closed(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """Issue 5 item 11: an attached link with no complete frame for pan_idle_timeout is
+    closed (the PNE agent reconnects); a link stalled inside a frame is closed after
+    pan_frame_timeout."""
+    config = dataclasses.replace(enrolled, pan_idle_timeout=0.3, pan_frame_timeout=0.2)
+
+    async def scenario() -> tuple[bool, bool, object]:
+        async with running_gateway(config, server) as gw:
+            async with pan_client(gw) as (reader, writer):
+                await write_message(writer, hello())
+                idle = await closed_by_gateway(reader)
+            async with pan_client(gw) as (reader, writer):
+                writer.write(encode_frame(encode(hello("pne-2")))[:10])
+                await writer.drain()
+                stalled = await closed_by_gateway(reader)
+            return idle, stalled, gw.status()["attached"]
+
+    idle, stalled, attached = run(scenario())
+    assert idle
+    assert stalled
+    assert attached == []
+
+
+def test_pan_connections_are_capped_per_source_and_in_total(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """Issue 5 item 11: beyond pan_max_links_per_source links from one address, and
+    beyond pan_max_links in all, a new connection is closed at once; other addresses
+    (under the total) are still served, and a freed slot is usable again."""
+    config = dataclasses.replace(enrolled, pan_max_links=4, pan_max_links_per_source=2)
+
+    async def scenario() -> tuple[list[bool], bool, list[object]]:
+        async with running_gateway(config, server) as gw:
+            links = [await pan_from(gw, "127.0.0.2") for _ in range(2)]
+            extra_same = await pan_from(gw, "127.0.0.2")
+            links += [await pan_from(gw, "127.0.0.3") for _ in range(2)]
+            extra_total = await pan_from(gw, "127.0.0.4")
+            refused = [
+                await closed_by_gateway(extra_same[0]),
+                await closed_by_gateway(extra_total[0]),
+            ]
+            for i, (_, writer) in enumerate(links):
+                await write_message(writer, hello(f"pne-{i}"))
+            await wait_until(lambda: len(gw.status()["attached"]) == 4)  # type: ignore[arg-type]
+            links[0][1].close()
+            await wait_until(lambda: len(gw.status()["attached"]) == 3)  # type: ignore[arg-type]
+            reader, writer = await pan_from(gw, "127.0.0.4")
+            await write_message(writer, hello("pne-9"))
+            await wait_until(lambda: "pne-9" in gw.status()["attached"])  # type: ignore[operator]
+            for _, w in [*links, extra_same, extra_total, (reader, writer)]:
+                w.close()
+            return refused, True, list(gw.status()["attached"])  # type: ignore[call-overload]
+
+    refused, _, attached = run(scenario())
+    assert refused == [True, True]
+    assert "pne-9" in attached
 
 
 @pytest.mark.parametrize(
