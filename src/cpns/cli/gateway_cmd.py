@@ -10,7 +10,8 @@ derived key over its owner-only control socket, and the password itself is never
 stored, logged or sent.
 
 Exit codes follow :mod:`cpns.cli.main`: 0 done, 2 usage or configuration, 3 refused
-(the status name is printed), 4 the server or the daemon could not be reached.
+(the status name is printed), 4 the server or the daemon could not be reached, 5
+``assign --wait`` ran out before the PNE proved receipt.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _EXIT_OK: Final = 0
 _EXIT_USAGE: Final = 2
 _EXIT_REFUSED: Final = 3
 _EXIT_UNREACHABLE: Final = 4
+#: ``assign --wait``: the key is stored but no PNE proved receipt in time.
+_EXIT_TIMEOUT: Final = 5
 #: Seconds the control client allows the daemon beyond ``--wait`` (the server hop budget).
 _CONTROL_MARGIN: Final = 60.0
 
@@ -150,12 +153,32 @@ def _assign(args: argparse.Namespace) -> int:
             }.get(str(stage), str(stage))
             print(f"OK: EUKey for {args.pne} {what} (txid {txid})")
         return _EXIT_OK
+    if status == "TIMEOUT" and reply.get("stage") == "stored":
+        if not args.json:
+            print(_not_proven_text(args.pne, args.wait, reply))
+        return _EXIT_TIMEOUT
     if not args.json:
         print(
             f"{status}: EUKey assignment for {args.pne} refused at {reply.get('hop')} "
             f"(stage {reply.get('stage')}, txid {txid})"
         )
     return _EXIT_UNREACHABLE if status == "UPSTREAM_UNAVAILABLE" else _EXIT_REFUSED
+
+
+def _not_proven_text(pne: str, wait: float, reply: dict[str, Any]) -> str:
+    """``--wait`` ran out before the PNE proved receipt (D-PAN-2): what happened and what
+    was ignored, never an unauthenticated claim presented as the outcome."""
+    text = (
+        f"TIMEOUT: no PNE proved receipt of its EUKey within {wait:g} s; the key for {pne} "
+        f"is stored and offered again whenever {pne} attaches (txid {reply.get('txid')})"
+    )
+    ignored = reply.get("unverified_acks")
+    if isinstance(ignored, int) and ignored > 0:
+        text += (
+            f". {ignored} unauthenticated answer(s) ignored (last claimed "
+            f"{reply.get('unverified_status')}): anyone on the PAN can send those"
+        )
+    return text
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -273,7 +296,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "CPNS Server (the user's password proves the user) and deliver EUKey_1 to the "
             "PNE sealed under its Temporary Key. Exit 0 when the server assigned the key "
             "(delivered, or stored until the PNE attaches), 3 when a party refused (the "
-            "status is printed), 4 when the daemon or the server cannot be reached."
+            "status is printed), 4 when the daemon or the server cannot be reached, 5 when "
+            "--wait ran out before the PNE proved receipt with its new key (only such a "
+            "proof counts: unauthenticated answers on the PAN are reported, not believed)."
         ),
     )
     add_data_dir(p, _DEFAULT_DIR)

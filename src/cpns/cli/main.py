@@ -6,7 +6,9 @@ Exit codes scripts can trust:
 * 1 - an unexpected internal error (a bug: please report it);
 * 2 - bad usage or configuration;
 * 3 - the procedure was refused (the status is printed);
-* 4 - a peer (server, gateway daemon) could not be reached.
+* 4 - a peer (server, gateway daemon) could not be reached;
+* 5 - time ran out waiting for a PNE (``gateway assign --wait``: no PNE proved receipt;
+  ``device run --once``: no key arrived).
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -135,6 +136,11 @@ class AssignResult:
     pne_id: str = ""
     #: Transaction ID (hex): the correlation ID in every party's logs.
     txid: str = ""
+    #: Acks for this delivery that proved nothing (refusals without a MAC, proofs that
+    #: did not verify), ignored (D-PAN-2); reported with a TIMEOUT.
+    unverified_acks: int = 0
+    #: The status the last of those claimed (e.g. "AUTHENTICATION_FAILED"), or "".
+    unverified_status: str = ""
 
     def to_json(self) -> dict[str, object]:
         """The control-socket reply."""
@@ -145,6 +151,8 @@ class AssignResult:
             "hop": self.hop,
             "pne_id": self.pne_id,
             "txid": self.txid,
+            "unverified_acks": self.unverified_acks,
+            "unverified_status": self.unverified_status,
         }
 
 
@@ -449,7 +457,12 @@ class GatewayDaemon:
         self._eukey = b""
         self._pan: asyncio.Server | None = None
         self._control: asyncio.Server | None = None
-        self._routes: dict[str, _Link] = {}
+        #: PNE ID -> its live PAN links, oldest first (several: a PNEHello proves nothing,
+        #: so a new one never ends an existing link; bounded by pan_links_per_pne).
+        self._routes: dict[str, list[_Link]] = {}
+        #: PNE ID -> (txid, Acks for it that proved nothing): refusals without a MAC and
+        #: proofs that did not verify, ignored but counted for the user (D-PAN-2).
+        self._unverified: dict[str, tuple[bytes, int, str]] = {}
         self._deliveries: dict[str, EUKeyAssignmentGateway] = {}
         self._waiters: dict[str, list[tuple[bytes, asyncio.Future[AssignResult]]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -768,9 +781,27 @@ class GatewayDaemon:
             await asyncio.wait({waiter}, timeout=wait)
             if waiter.done() and not waiter.cancelled():
                 return waiter.result()
-            return result
+            if waiter.done():  # cancelled: the daemon stops; the stage reached so far
+                return result
+            return self._not_proven(result)
         finally:
             self._drop_waiter(pne_id, waiter)
+
+    def _not_proven(self, stored: AssignResult) -> AssignResult:
+        """D-PAN-2: ``--wait`` ran out before any PNE proved receipt with a MAC. The key is
+        stored and offered again on every attach; what unauthenticated Acks claimed is
+        reported as such, never as the outcome."""
+        txid, count, claimed = self._unverified.get(stored.pne_id, (b"", 0, ""))
+        if txid.hex() != stored.txid:
+            count, claimed = 0, ""
+        return dataclasses.replace(
+            stored,
+            ok=False,
+            status="TIMEOUT",
+            hop="device",
+            unverified_acks=count,
+            unverified_status=claimed,
+        )
 
     def _drop_waiter(self, pne_id: str, waiter: asyncio.Future[AssignResult]) -> None:
         waiters = self._waiters.get(pne_id, [])
@@ -892,13 +923,16 @@ class GatewayDaemon:
             )
         log.info("txid %s: EUKey set for PNE %s stored (index %d)", txid, pne_id, event.key_index)
         self._deliveries[pne_id] = machine
+        self._unverified.pop(pne_id, None)
         notification = machine.messages_to_send()
-        link = self._routes.get(pne_id)
-        if link is not None:
+        # D-PAN-1: to every link announcing this PNE; it is sealed under the TK, so only
+        # the real PNE can open it (and only its MAC-proved Ack counts).
+        links = list(self._routes.get(pne_id, ()))
+        for link in links:
             for message in notification:
                 if await link.send(message):
-                    log.info("txid %s: Notification sent to PNE %s", txid, pne_id)
-        else:
+                    log.info("txid %s: Notification sent to PNE %s (%s)", txid, pne_id, link.peer)
+        if not links:
             log.info("txid %s: PNE %s not attached; delivery pending", txid, pne_id)
         return AssignResult(ok=True, status="OK", stage="stored", pne_id=pne_id, txid=txid)
 
@@ -1046,9 +1080,8 @@ class GatewayDaemon:
             self._peer_fault(link, f"link failed ({type(exc).__name__})")
             log.debug("PAN %s: link error", link.name, exc_info=True)
         finally:
-            if link.pne_id is not None and self._routes.get(link.pne_id) is link:
-                del self._routes[link.pne_id]
-                log.info("PNE %s detached", link.pne_id)
+            if link.pne_id is not None:
+                self._detach(link)
             self._release(link)
             self._writers.discard(writer)
             writer.close()
@@ -1088,12 +1121,23 @@ class GatewayDaemon:
                 self._peer_fault(link, "PNEHello for another gateway", message.dst)
                 await self._refuse(link, ErrorCode.WRONG_DESTINATION, message.txid)
                 return False
+            links = self._routes.setdefault(message.src, [])
+            if len(links) >= self._config.pan_links_per_pne:
+                # D-PAN-1: a PNEHello proves nothing, so it never ends a live link; the
+                # newcomer is refused instead (stale links go at the keep-alive).
+                self._peer_fault(
+                    link, f"PNEHello refused: {len(links)} links already announce", message.src
+                )
+                await self._refuse(link, ErrorCode.NOT_AUTHORIZED, message.txid)
+                return False
             link.pne_id = message.src
-            old = self._routes.get(message.src)
-            self._routes[message.src] = link
-            if old is not None and old is not link:
-                old.close()  # the PNE reconnected: the newest link wins
-            log.info("PNE %s attached (holds key index %d)", message.src, message.key_index)
+            links.append(link)
+            log.info(
+                "PNE %s attached (holds key index %d; %d link(s))",
+                message.src,
+                message.key_index,
+                len(links),
+            )
             await self._offer_delivery(link, message.src)
             return True
         if isinstance(message, EUKeyAssignmentAck):
@@ -1102,7 +1146,30 @@ class GatewayDaemon:
         await self._refuse(link, ErrorCode.UNEXPECTED_MESSAGE, message.txid)
         return False
 
+    def _detach(self, link: _Link) -> None:
+        pne_id = link.pne_id
+        assert pne_id is not None
+        links = self._routes.get(pne_id, [])
+        if link in links:
+            links.remove(link)
+            log.info("PNE %s detached (%d link(s) left)", pne_id, len(links))
+        if not links:
+            self._routes.pop(pne_id, None)
+
+    def _note_unverified(self, link: _Link, ack: EUKeyAssignmentAck, why: str) -> None:
+        """D-PAN-2: an Ack that proves nothing is logged (within the fault budget),
+        counted for the waiting user, and otherwise ignored."""
+        pne_id = link.pne_id
+        assert pne_id is not None
+        txid, count, _ = self._unverified.get(pne_id, (ack.txid, 0, ""))
+        if txid == ack.txid:
+            self._unverified[pne_id] = (txid, count + 1, ack.status.name)
+        self._peer_fault(link, f"Ack for txid {ack.txid.hex()} ignored: {why}")
+
     async def _on_ack(self, link: _Link, ack: EUKeyAssignmentAck) -> bool:
+        """Only an Ack whose MAC verifies decides delivery (D-PAN-2). A refusal carries no
+        MAC, so anyone on the PAN could have sent it: it is logged, counted and ignored,
+        and the key stays pending (offered again on every attach)."""
         pne_id = link.pne_id
         assert pne_id is not None
         if ack.src != pne_id:
@@ -1112,9 +1179,16 @@ class GatewayDaemon:
         key_set = self._pnes().get(pne_id, {}).get("set")
         if key_set is None or key_set["txid"] != ack.txid or key_set["delivered"]:
             # A duplicate or late Ack (a lost message retried) is harmless.
-            log.info(
-                "PNE %s: Ack for txid %s ignored (nothing outstanding)", pne_id, ack.txid.hex()
-            )
+            allowed, _ = self._fault_log.take(asyncio.get_running_loop().time())
+            if allowed:
+                log.info(
+                    "PNE %s: Ack for txid %s ignored (nothing outstanding)",
+                    pne_id,
+                    ack.txid.hex(),
+                )
+            return True
+        if ack.status is not ErrorCode.OK or ack.proof is None:
+            self._note_unverified(link, ack, f"unauthenticated refusal {ack.status.name}")
             return True
         machine = self._deliveries.get(pne_id)
         if machine is None or machine.state is not GatewayState.EXPECT_ACK:
@@ -1135,35 +1209,19 @@ class GatewayDaemon:
                     log.error("txid %s: cannot store delivery to %s: %s", txid, pne_id, exc)
                     return True
                 log.info("txid %s: EUKey %d delivered to PNE %s", txid, event.key_index, pne_id)
+                self._unverified.pop(pne_id, None)
                 self._resolve(
                     pne_id,
                     ack.txid,
                     AssignResult(ok=True, status="OK", stage="delivered", pne_id=pne_id, txid=txid),
                 )
             elif isinstance(event, ProcedureFailed):
+                # The proof does not verify: this link's own bytes, so this link ends;
+                # the delivery stays pending and the machine is rebuilt for the next Ack.
                 self._deliveries.pop(pne_id, None)
-                log.warning(
-                    "txid %s: PNE %s did not take the key: %s (%s)",
-                    txid,
-                    pne_id,
-                    _code_name(event.code),
-                    event.reason,
-                )
-                self._resolve(
-                    pne_id,
-                    ack.txid,
-                    AssignResult(
-                        ok=False,
-                        status=_code_name(event.code),
-                        stage="stored",
-                        hop="device",
-                        pne_id=pne_id,
-                        txid=txid,
-                    ),
-                )
-                if ack.status is ErrorCode.OK:  # a proof that does not verify
-                    await self._refuse(link, ErrorCode.AUTHENTICATION_FAILED, ack.txid)
-                    return False
+                self._note_unverified(link, ack, f"proof does not verify ({event.reason})")
+                await self._refuse(link, ErrorCode.AUTHENTICATION_FAILED, ack.txid)
+                return False
         return True
 
     # -- control socket ------------------------------------------------------------------

@@ -415,7 +415,8 @@ def test_notification_waits_for_the_pne_to_attach(
         return reply, code
 
     reply, code = run(scenario())
-    assert (reply["ok"], reply["stage"]) == (True, "stored")
+    # D-PAN-2: the wait ran out before any PNE proved receipt; the key stays stored.
+    assert (reply["ok"], reply["status"], reply["stage"]) == (False, "TIMEOUT", "stored")
     assert code == 0
     assert gateway_store(enrolled)["pnes"]["pne-1"]["set"]["delivered"] is True
 
@@ -865,8 +866,9 @@ def test_duplicate_ack_is_harmless(
 def test_ack_with_a_bad_proof_is_refused_and_delivery_stays_pending(
     enrolled: GatewayConfig, server: FakeServer, alice_key: bytes
 ) -> None:
-    """D-003-4: the Ack must prove the EUKey; a forged one gets AUTHENTICATION_FAILED, the
-    waiting user is told the device hop refused, and the key is offered again later."""
+    """D-003-4 with D-PAN-2: an Ack whose proof does not verify gets AUTHENTICATION_FAILED
+    and its link ends (its own bytes), but it decides nothing: the waiting user hears
+    TIMEOUT (no PNE proved receipt, one answer ignored), and the key is offered again."""
 
     async def scenario() -> tuple[dict[str, Any], Message | None, Message | None]:
         async with running_gateway(enrolled, server) as gw:
@@ -874,19 +876,12 @@ def test_ack_with_a_bad_proof_is_refused_and_delivery_stays_pending(
                 await write_message(writer, hello())
                 await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
                 pending = asyncio.create_task(
-                    control(enrolled, assign_op("pne-1", alice_key, wait=WAIT))
+                    control(enrolled, assign_op("pne-1", alice_key, wait=1.0))
                 )
                 notification = await receive(reader)
                 assert isinstance(notification, EUKeyAssignmentNotification)
                 good = _ack_for(notification)
-                forged = EUKeyAssignmentAck(
-                    txid=good.txid,
-                    src=good.src,
-                    dst=good.dst,
-                    status=ErrorCode.OK,
-                    key_index=good.key_index,
-                    proof=bytes(32),
-                )
+                forged = dataclasses.replace(good, proof=bytes(32))
                 await write_message(writer, forged)
                 error = await receive(reader)
                 reply = await pending
@@ -896,15 +891,92 @@ def test_ack_with_a_bad_proof_is_refused_and_delivery_stays_pending(
         return reply, error, again
 
     reply, error, again = run(scenario())
-    assert (reply["ok"], reply["status"], reply["hop"]) == (
-        False,
-        "AUTHENTICATION_FAILED",
-        "device",
-    )
+    assert (reply["ok"], reply["status"], reply["stage"]) == (False, "TIMEOUT", "stored")
+    assert (reply["unverified_acks"], reply["unverified_status"]) == (1, "OK")
     assert isinstance(error, ErrorMessage)
     assert error.status is ErrorCode.AUTHENTICATION_FAILED
     assert isinstance(again, EUKeyAssignmentNotification)
     assert gateway_store(enrolled)["pnes"]["pne-1"]["set"]["delivered"] is False
+
+
+def test_a_new_hello_never_detaches_a_live_link_of_that_pne(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes
+) -> None:
+    """Issue 5 item 8 / D-PAN-1: a PNEHello proves nothing, so a second one with the same
+    PNE ID does not end the first link: up to pan_links_per_pne links share the ID, a
+    further hello is refused (NOT_AUTHORIZED) and only that newcomer is closed; the
+    Notification goes to every link of the ID."""
+    config = dataclasses.replace(enrolled, pan_links_per_pne=3)
+
+    async def scenario() -> tuple[list[Message | None], Message | None, Message | None]:
+        async with (
+            running_gateway(config, server) as gw,
+            pan_client(gw) as (first, first_w),
+            pan_client(gw) as (second, second_w),
+            pan_client(gw) as (third, third_w),
+            pan_client(gw) as (extra, extra_w),
+        ):
+            for writer in (first_w, second_w, third_w):
+                await write_message(writer, hello())
+            await wait_until(lambda: len(gw._routes.get("pne-1", ())) == 3)
+            await write_message(extra_w, hello())
+            refused, closed = await receive(extra), await receive(extra)
+            reply = await control(config, assign_op("pne-1", alice_key))
+            assert reply["stage"] == "stored"
+            notified = [await receive(r) for r in (first, second, third)]
+            return notified, refused, closed
+
+    notified, refused, closed = run(scenario())
+    assert all(isinstance(n, EUKeyAssignmentNotification) for n in notified)
+    assert len({n.txid for n in notified if n is not None}) == 1
+    assert isinstance(refused, ErrorMessage)
+    assert refused.status is ErrorCode.NOT_AUTHORIZED
+    assert closed is None
+
+
+def test_an_unauthenticated_refusal_does_not_decide_the_outcome(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes, tmp_path: Path
+) -> None:
+    """Issue 5 item 8 / D-PAN-2: a failure Ack carries no MAC, so a fake PNE can send one:
+    it is ignored (the fake's link even stays), the waiting user hears TIMEOUT with the
+    ignored claim counted, never AUTHENTICATION_FAILED; the real PNE, attaching while the
+    fake is still there, then gets its key and the next wait reports 'delivered'."""
+    device_dir = make_device(tmp_path)
+
+    async def scenario() -> tuple[dict[str, Any], int, list[str]]:
+        async with running_gateway(enrolled, server) as gw:
+            async with pan_client(gw) as (reader, writer):
+                await write_message(writer, hello())
+                await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
+                pending = asyncio.create_task(
+                    control(enrolled, assign_op("pne-1", alice_key, wait=1.0))
+                )
+                notification = await receive(reader)
+                assert isinstance(notification, EUKeyAssignmentNotification)
+                await write_message(
+                    writer,
+                    EUKeyAssignmentAck(
+                        txid=notification.txid,
+                        src="pne-1",
+                        dst="gw-alice",
+                        status=ErrorCode.AUTHENTICATION_FAILED,
+                        key_index=notification.key_index,
+                    ),
+                )
+                reply = await pending
+                agent = DeviceAgent(device_dir, "127.0.0.1", gw.pan_port, backoff=0.02)
+                code = await agent.run(once=True, timeout=WAIT)
+                await wait_until(lambda: gw.status()["pnes"][0]["delivered"])  # type: ignore[index]
+                attached = list(gw.status()["attached"])  # type: ignore[call-overload]
+        return reply, code, attached
+
+    reply, code, attached = run(scenario())
+    assert (reply["ok"], reply["status"], reply["stage"]) == (False, "TIMEOUT", "stored")
+    assert reply["status"] != "AUTHENTICATION_FAILED"
+    assert (reply["unverified_acks"], reply["unverified_status"]) == (1, "AUTHENTICATION_FAILED")
+    assert code == 0
+    assert attached == ["pne-1"]  # the fake's link was not closed by its refusal
+    assert gateway_store(enrolled)["pnes"]["pne-1"]["set"]["delivered"] is True
 
 
 # -- control socket, lifecycle, logs ---------------------------------------------------------
