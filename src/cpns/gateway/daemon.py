@@ -12,7 +12,8 @@ The daemon is a thin asyncio shell around the sans-I/O machines of
 * the **PAN listener**: TCP, one framed CPNS message per frame
   (:mod:`cpns.transport.stream`). A PNE attaches with :class:`PNEHello` (``dst`` is the
   literal ``"pan"``: whichever PN GW answers the link) and the daemon keeps a routing
-  table Entity ID -> connection;
+  table Entity ID -> live links (several: a hello proves nothing, so a new one never ends
+  a live link, D-PAN-1). Timeouts and caps bound idle and excess links (D-PAN-3);
 * the **control socket**: a Unix socket in the (0700) data directory speaking JSON lines,
   used by ``cpns gateway assign`` / ``status``. The password key travels over it; the
   password itself never reaches the daemon (the CLI derives the key).
@@ -29,7 +30,8 @@ The 003 PN GW role, step by step, with what is persisted *before* what depends o
 3. The Notification is sent if the PNE is attached, else when it attaches; after a
    restart the machine is rebuilt with :meth:`EUKeyAssignmentGateway.resume`.
 4. The PNE's acknowledgement (our D-003-4) is verified by the machine and
-   ``delivered=True`` is stored. A duplicate or late Ack is harmless and ignored.
+   ``delivered=True`` is stored. A duplicate or late Ack is harmless and ignored; an Ack
+   that proves nothing (a refusal has no MAC) decides nothing (D-PAN-2).
 
 A restart between any two steps therefore loses nothing: pending requests are resent at
 start-up (and every ``retry_interval`` while the server is unreachable), pending
@@ -37,9 +39,10 @@ deliveries are offered again whenever the PNE (re)attaches.
 
 Failures are typed and name the hop (DESIGN §5): the server's verdict is relayed
 unchanged with hop ``server``; an unreachable server is ``UPSTREAM_UNAVAILABLE`` at
-``gateway->server``; a PNE refusing its key is reported at ``device``. On the PAN link,
-undecodable frames or unexpected messages get an :class:`ErrorMessage` and the connection
-is closed; nothing a peer sends can stop the daemon.
+``gateway->server``; a wait that ends before the PNE proved receipt is ``TIMEOUT`` at
+``device`` (a PNE's refusal is unauthenticated: reported as ignored). On the PAN link,
+undecodable frames or unexpected messages get an :class:`ErrorMessage` and that link is
+closed, with one bounded log line (D-PAN-4); nothing a peer sends can stop the daemon.
 
 Logs carry Entity IDs, txids (hex) and status names, never keys, TKs or password keys.
 """
