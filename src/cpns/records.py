@@ -114,3 +114,8 @@ class AuditEvent:
     correlation_id: str | None = None
     #: Free text detail, never a secret.
     detail: str = ""
+    #: How many events this row stands for: unauthenticated refusals are aggregated per
+    #: (procedure, outcome, source, user) and written as one row per flush (D-SRV-2).
+    count: int = 1
+    #: Network source (client address) of an unauthenticated request, if known.
+    source: str | None = None

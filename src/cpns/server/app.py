@@ -148,7 +148,10 @@ class CPNSApp:
             if entity is None:
                 await self._challenge(send, stale)
                 return
-        reply = await self._service.handle(parsed, authenticated=entity)
+        client = scope.get("client")
+        reply = await self._service.handle(
+            parsed, authenticated=entity, source=client[0] if client else None
+        )
         await _respond(send, reply.http_status, reply.body, _CBOR, headers)
 
 

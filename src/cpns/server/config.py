@@ -33,11 +33,23 @@ class ServerConfig:
     time_window: int = 300
     #: n, the length of a PNE's EUKey chain (003 §7.4.2.1.1.2 step 4).
     chain_length: int = 16
-    #: Failed password proofs per User ID (and procedure) before proofs are refused
-    #: unchecked with TOO_MANY_ATTEMPTS (online guessing guard, deviations D-SRV-1).
-    max_auth_failures: int = 10
+    #: Failed password proofs per User ID (and procedure) from all sources together before
+    #: proofs for it are refused unchecked with TOO_MANY_ATTEMPTS: the online guessing
+    #: bound per window (deviations D-SRV-1).
+    max_auth_failures: int = 50
+    #: Failed proofs per User ID from one source (client address) before that source's
+    #: proofs for the user are refused (D-SRV-1).
+    max_auth_failures_per_user_source: int = 5
+    #: Failed proofs from one source, all User IDs together, before every proof from it is
+    #: refused (D-SRV-1).
+    max_auth_failures_per_source: int = 30
     #: Seconds a failed proof keeps counting after the last one.
     auth_failure_window: int = 900
+    #: Seconds between writes of the in-memory failure counters and aggregated audit of
+    #: unauthenticated refusals (D-SRV-2).
+    audit_flush_interval: int = 2
+    #: Days audit events are kept; older ones are purged by the running server (D-SRV-2).
+    audit_retention_days: int = 90
     #: SQLite database file.
     database: str = "cpns.db"
     #: Master key file (0600) sealing secrets at rest; CPNS_MASTER_KEY overrides it.
@@ -57,6 +69,10 @@ class ServerConfig:
         bad = [a for a in self.digest_algorithms if a not in _ALGORITHMS]
         if bad or not self.digest_algorithms:
             raise ValueError(f"digest_algorithms must be a non-empty list of {_ALGORITHMS}")
+        if not 1 <= self.audit_flush_interval <= 3600:
+            raise ValueError("audit_flush_interval must be 1..3600 seconds")
+        if not 1 <= self.audit_retention_days <= 36500:
+            raise ValueError("audit_retention_days must be 1..36500")
         if not self.realm or '"' in self.realm:
             raise ValueError("realm must be non-empty and contain no double quote")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -29,8 +30,10 @@ from cpns.protocol.key_assignment import AssignmentPolicy
 from cpns.runtime import SystemRandom, run_event_loop, wall_time
 from cpns.server.app import CPNSApp
 from cpns.server.config import ServerConfig, load_server_config
+from cpns.server.guard import AttemptGuard, GuardLimits
 from cpns.server.service import CPNSService
 from cpns.server.tls import generate_self_signed
+from cpns.store.base import WriteTx
 from cpns.store.masterkey import MasterKey
 from cpns.store.sql import SQLStore
 
@@ -93,8 +96,25 @@ def open_store(config: ServerConfig) -> SQLStore:
     return SQLStore.open(config.path(config.database), master_key=master_key(config))
 
 
+def build_guard(config: ServerConfig, store: SQLStore) -> AttemptGuard:
+    """The guessing guard and refusal audit aggregator with the configured limits."""
+    return AttemptGuard(
+        store,
+        GuardLimits(
+            per_user_source=config.max_auth_failures_per_user_source,
+            per_source=config.max_auth_failures_per_source,
+            per_user=config.max_auth_failures,
+            window=config.auth_failure_window,
+        ),
+    )
+
+
 def build_app(
-    config: ServerConfig, store: SQLStore, *, clock: Callable[[], int] = wall_time
+    config: ServerConfig,
+    store: SQLStore,
+    *,
+    clock: Callable[[], int] = wall_time,
+    guard: AttemptGuard | None = None,
 ) -> CPNSApp:
     """Wire the service, the Digest verifier and the ASGI app over ``store``."""
     rng = SystemRandom()
@@ -112,7 +132,8 @@ def build_app(
         nonce_key=nonce_key,
         algorithms=tuple(DigestAlgorithm(a) for a in config.digest_algorithms),
     )
-    service = CPNSService(store=store, policy=policy, rng=rng, clock=clock)
+    guard = guard or build_guard(config, store)
+    service = CPNSService(store=store, policy=policy, rng=rng, clock=clock, guard=guard)
     return CPNSApp(service=service, store=store, digest=digest, rng=rng, clock=clock)
 
 
@@ -132,12 +153,27 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _purge_loop(store: SQLStore, interval: float) -> None:
+def _purge_audit(tx: WriteTx, *, before: int) -> int:
+    return tx.purge_audit(before=before)
+
+
+async def _purge_loop(
+    store: SQLStore, interval: float, *, guard: AttemptGuard, config: ServerConfig
+) -> None:
+    # The guard's counters and refusal aggregates are flushed every audit_flush_interval
+    # seconds; expired rows and audit events past the retention go every ``interval``.
+    last_purge = wall_time()
     while True:
-        await asyncio.sleep(interval)
-        removed = await asyncio.to_thread(store.purge_expired, now=wall_time())
+        await asyncio.sleep(config.audit_flush_interval)
+        await guard.flush()
+        if wall_time() - last_purge < interval:
+            continue
+        last_purge = now = wall_time()
+        removed = await asyncio.to_thread(store.purge_expired, now=now)
+        before = now - config.audit_retention_days * 86400
+        removed += await store.write_async(functools.partial(_purge_audit, before=before))
         if removed:
-            log.info("purged %d expired nonces and replies", removed)
+            log.info("purged %d expired nonces, replies and audit events", removed)
 
 
 async def run_server(
@@ -146,7 +182,8 @@ async def run_server(
     """Serve until SIGINT/SIGTERM. ``on_ready`` gets the bound port."""
     store = open_store(config)
     try:
-        app = build_app(config, store)
+        guard = build_guard(config, store)
+        app = build_app(config, store, guard=guard)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -176,7 +213,7 @@ async def run_server(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        purge = asyncio.create_task(_purge_loop(store, 60.0))
+        purge = asyncio.create_task(_purge_loop(store, 60.0, guard=guard, config=config))
         (config.data_dir / "server.port").write_text(f"{port}\n")
         log.info("CPNS Server %s listening on https://%s:%d", config.server_id, config.host, port)
         if on_ready is not None:
@@ -187,6 +224,7 @@ async def run_server(
             purge.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purge
+            await guard.flush()  # what was counted since the last flush survives a stop
             sock.close()
     finally:
         store.close()

@@ -39,6 +39,7 @@ from cpns.protocol.key_assignment import (
 )
 from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
 from cpns.records import AuditEvent, EntityRecord, StoredReply
+from cpns.server.guard import AttemptGuard, GuardLimits
 from cpns.store.base import ConflictError, NonceReused, ServerStore, WriteTx
 from cpns.types import EntityKind, Random
 
@@ -55,15 +56,11 @@ _PROCEDURE = {
 }
 
 
-#: Refusals that mean "the password proof did not verify": counted against the User ID.
+#: Refusals that mean "the password proof did not verify": counted against the User ID
+#: and the source (D-SRV-1).
 _PROOF_FAILURES: frozenset[ErrorCode | int] = frozenset(
     {ErrorCode.WRONG_PASSWORD, ErrorCode.AUTHENTICATION_FAILED}
 )
-
-
-def _attempts_key(kind: type[Message], user_id: str) -> str:
-    """Key of the failed-proof counter of ``user_id`` in one procedure."""
-    return f"{_PROCEDURE[kind]}/{user_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,31 +79,48 @@ class CPNSService:
     """Runs the server side of every procedure over a :class:`ServerStore`."""
 
     def __init__(
-        self, *, store: ServerStore, policy: AssignmentPolicy, rng: Random, clock: Callable[[], int]
+        self,
+        *,
+        store: ServerStore,
+        policy: AssignmentPolicy,
+        rng: Random,
+        clock: Callable[[], int],
+        guard: AttemptGuard | None = None,
     ) -> None:
         self._store = store
         self._policy = policy
         self._rng = rng
         self._clock = clock
-        # One set of lookups per procedure: failed password proofs are counted per
-        # procedure and User ID, so a flood of bad enrolments (unauthenticated) cannot
-        # lock a user's enrolled PN GW out of 003 (deviations D-SRV-1).
-        self._lookups = {
-            kind: ServerLookups(
-                get_user=store.get_user,
-                get_entity=store.get_entity,
-                get_tk=store.get_tk,
-                nonce_used=store.nonce_used,
-                auth_failures=self._failures_counter(kind),
-            )
-            for kind in _PROCEDURE
-        }
+        #: Failed-proof limits per (user, source), source and user (D-SRV-1); by default
+        #: the policy's ``max_auth_failures`` is the per-user bound.
+        self.guard = guard or AttemptGuard(
+            store,
+            GuardLimits(per_user=policy.max_auth_failures, window=policy.auth_failure_window),
+        )
 
-    def _failures_counter(self, kind: type[Message]) -> Callable[[str], int]:
+    def _lookups(self, kind: type[Message], source: str | None, now: int) -> ServerLookups:
+        """The store reads of one request; failures as the guard sees them for ``source``.
+
+        Counters are kept per procedure, so a flood of bad enrolments (unauthenticated)
+        cannot lock a user's enrolled PN GW out of 003 (deviations D-SRV-1).
+        """
+        procedure = _PROCEDURE[kind]
+        limit = self._policy.max_auth_failures
+
         def failures(user_id: str) -> int:
-            return self._store.auth_failures(_attempts_key(kind, user_id), now=self._clock())
+            return limit if self.guard.refused(procedure, user_id, source, now=now) else 0
 
-        return failures
+        return ServerLookups(
+            get_user=self._store.get_user,
+            get_entity=self._store.get_entity,
+            get_tk=self._store.get_tk,
+            nonce_used=self._store.nonce_used,
+            auth_failures=failures,
+        )
+
+    async def flush(self) -> int:
+        """Write the guard's counters and audit aggregates (see :mod:`cpns.server.guard`)."""
+        return await self.guard.flush()
 
     @property
     def server_id(self) -> str:
@@ -129,12 +143,14 @@ class CPNSService:
         """Whether the sender must be Digest-authenticated (004 §5.x.2) to send this."""
         return type(message) not in _OPEN_TYPES
 
-    def _machine(self, message: Message, authenticated: str | None, now: int) -> Machine[Any]:
+    def _machine(
+        self, message: Message, authenticated: str | None, now: int, source: str | None = None
+    ) -> Machine[Any]:
         """The server machine of the procedure ``message`` starts; LookupError if none."""
         if isinstance(message, UserKeyAssignmentRequest):
             return UserKeyAssignmentServer(
                 policy=self._policy,
-                lookups=self._lookups[UserKeyAssignmentRequest],
+                lookups=self._lookups(UserKeyAssignmentRequest, source, now),
                 rng=self._rng,
                 now=now,
             )
@@ -142,23 +158,32 @@ class CPNSService:
             assert authenticated is not None
             return EUKeyAssignmentServer(
                 policy=self._policy,
-                lookups=self._lookups[EUKeyAssignmentRequest],
+                lookups=self._lookups(EUKeyAssignmentRequest, authenticated, now),
                 requester=authenticated,
                 rng=self._rng,
                 now=now,
             )
         raise LookupError(type(message).__name__)
 
-    async def handle(self, message: Message, *, authenticated: str | None) -> Reply:
-        """Run one request through its procedure and return the reply to send."""
+    async def handle(
+        self, message: Message, *, authenticated: str | None, source: str | None = None
+    ) -> Reply:
+        """Run one request through its procedure and return the reply to send.
+
+        ``source`` is the client's network address (the HTTP layer's peer address): the
+        guessing guard counts unauthenticated failures per source (D-SRV-1). An
+        authenticated request's source is its Entity ID.
+        """
         now = self._clock()
+        if authenticated is not None:
+            source = authenticated
         requester = authenticated or message.src
         digest = hashlib.sha256(encode(message)).digest()
         stored = self._store.get_reply(requester, message.txid)
         if stored is not None:
             return self._replay_or_retry(stored, message, digest, requester)
         try:
-            machine = self._machine(message, authenticated, now)
+            machine = self._machine(message, authenticated, now, source)
         except LookupError:
             # A well-formed message no server procedure starts with (a response, a PAN message).
             error = ErrorMessage(
@@ -173,28 +198,33 @@ class CPNSService:
                 ErrorCode.UNEXPECTED_MESSAGE,
                 now,
                 "no server procedure starts with this message",
+                source,
             )
             return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE)
         events = machine.receive(message)
         [reply] = machine.messages_to_send()
         failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
         if failed is not None:
-            await self._audit(message, requester, failed.code, now, failed.reason)
+            await self._audit(message, requester, failed.code, now, failed.reason, source)
             return self._reply(reply, failed.code)
         reply_bytes = encode(reply)
         try:
-            await self._store.write_async(
-                lambda tx: self._persist(tx, message, requester, digest, reply_bytes, events, now)
+            cleared = await self._store.write_async(
+                lambda tx: self._persist(
+                    tx, message, requester, digest, reply_bytes, events, now, source
+                )
             )
         except (NonceReused, ConflictError):
             # A concurrent copy of this very request may have won the race: answer as it did.
             stored = self._store.get_reply(requester, message.txid)
             if stored is not None:
                 return self._replay_or_retry(stored, message, digest, requester)
-            fresh = self._machine(message, authenticated, now)
+            fresh = self._machine(message, authenticated, now, source)
             fresh.fail(ErrorCode.REPLAY, "random value used concurrently", message)
-            await self._audit(message, requester, ErrorCode.REPLAY, now, "nonce race")
+            await self._audit(message, requester, ErrorCode.REPLAY, now, "nonce race", source)
             return self._reply(fresh.messages_to_send()[0], ErrorCode.REPLAY)
+        if cleared is not None:
+            self.guard.forget(cleared)
         log.info(
             "%s OK for %s",
             _PROCEDURE[type(message)],
@@ -234,8 +264,12 @@ class CPNSService:
         reply: bytes,
         events: list[Event],
         now: int,
-    ) -> None:
-        """Write every fact of a successful step in the caller's transaction."""
+        source: str | None,
+    ) -> str | None:
+        """Write every fact of a successful step in the caller's transaction.
+
+        Returns the guard counter key this success reset, if any.
+        """
         for event in events:
             match event:
                 case NonceConsumed(nonce=nonce, expires_at=expires_at):
@@ -273,12 +307,20 @@ class CPNSService:
             )
         )
         user_id = getattr(message, "user_id", None)
+        cleared = None
         if user_id is not None:
-            tx.clear_auth_failures(_attempts_key(type(message), user_id))
+            cleared = self.guard.succeeded(tx, _PROCEDURE[type(message)], user_id, source)
         tx.audit(_audit_event(message, requester, ErrorCode.OK, now, ""))
+        return cleared
 
     async def _audit(
-        self, message: Message, requester: str, code: ErrorCode | int, now: int, reason: str
+        self,
+        message: Message,
+        requester: str,
+        code: ErrorCode | int,
+        now: int,
+        reason: str,
+        source: str | None,
     ) -> None:
         name = code.name if isinstance(code, ErrorCode) else str(code)
         log.info(
@@ -291,15 +333,10 @@ class CPNSService:
         )
         event = _audit_event(message, requester, code, now, reason)
         user_id = getattr(message, "user_id", None)
-        window = self._policy.auth_failure_window
-
-        def write(tx: WriteTx) -> None:
-            if code in _PROOF_FAILURES and user_id is not None:
-                key = _attempts_key(type(message), user_id)
-                tx.record_auth_failure(key, now=now, window=window)
-            tx.audit(event)
-
-        await self._store.write_async(write)
+        if code in _PROOF_FAILURES and user_id is not None and type(message) in _PROCEDURE:
+            # Counted in memory, written in batches by the guard's flush (D-SRV-2).
+            self.guard.failed(_PROCEDURE[type(message)], user_id, source, now=now)
+        await self._store.write_async(lambda tx: tx.audit(event))
 
 
 def _audit_event(

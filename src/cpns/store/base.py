@@ -75,9 +75,14 @@ class WriteTx(Protocol):
         """Revoke or restore an entity; StoreError if it does not exist."""
         ...
 
-    def record_auth_failure(self, user_id: str, *, now: int, window: int) -> None:
-        """Count one failed password proof for ``user_id``; the count lives ``window`` s
-        after the last failure, then starts again from 1."""
+    def record_auth_failure(self, user_id: str, *, now: int, window: int, count: int = 1) -> None:
+        """Count ``count`` failed password proofs under the counter key ``user_id`` (a
+        User ID, a source or both: see :mod:`cpns.server.guard`); the count lives
+        ``window`` s after the last failure, then starts again from ``count``."""
+        ...
+
+    def purge_audit(self, *, before: int) -> int:
+        """Delete audit events older than ``before`` (retention); return how many went."""
         ...
 
     def clear_auth_failures(self, user_id: str) -> None:

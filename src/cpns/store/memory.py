@@ -156,12 +156,25 @@ class _MemoryWriteTx:
             raise NonceReused("the random value was already used (replay)")
         self._put(t.nonces, digest, expires_at)
 
-    def record_auth_failure(self, user_id: str, *, now: int, window: int) -> None:
-        """Count one failed password proof (see :class:`~cpns.store.base.WriteTx`)."""
+    def record_auth_failure(self, user_id: str, *, now: int, window: int, count: int = 1) -> None:
+        """Count failed password proofs (see :class:`~cpns.store.base.WriteTx`)."""
+        if count < 1:
+            raise LocalProtocolError("count must be >= 1")
         t = self._tables()
         failures, expires_at = t.auth_failures.get(user_id, (0, 0))
         counted = failures if expires_at > now else 0
-        self._put(t.auth_failures, user_id, (counted + 1, now + window))
+        self._put(t.auth_failures, user_id, (counted + count, now + window))
+
+    def purge_audit(self, *, before: int) -> int:
+        """Delete audit events older than ``before``; return how many went."""
+        t = self._tables()
+        kept = [e for e in t.audit if e.at >= before]
+        gone = len(t.audit) - len(kept)
+        if gone:
+            old = list(t.audit)
+            t.audit[:] = kept
+            self._undo.append(lambda: t.audit.__setitem__(slice(None), old))
+        return gone
 
     def clear_auth_failures(self, user_id: str) -> None:
         """Forget the failed proofs of ``user_id``."""

@@ -174,10 +174,10 @@ class _Q:
     NONCE_EXISTS: Final = "SELECT 1 FROM nonces WHERE nonce_hash = ?"
     NONCE_PURGE: Final = "DELETE FROM nonces WHERE expires_at < ?"
     AUTH_FAILURE_UPSERT: Final = (
-        "INSERT INTO auth_failures (user_id, failures, expires_at) VALUES (?, 1, ?) "
+        "INSERT INTO auth_failures (user_id, failures, expires_at) VALUES (?, ?, ?) "
         "ON CONFLICT (user_id) DO UPDATE SET failures = CASE WHEN "
-        "auth_failures.expires_at > ? THEN auth_failures.failures + 1 ELSE 1 END, "
-        "expires_at = excluded.expires_at"
+        "auth_failures.expires_at > ? THEN auth_failures.failures + excluded.failures "
+        "ELSE excluded.failures END, expires_at = excluded.expires_at"
     )
     AUTH_FAILURE_GET: Final = (
         "SELECT failures FROM auth_failures WHERE user_id = ? AND expires_at > ?"
@@ -195,12 +195,13 @@ class _Q:
     REPLY_PURGE: Final = "DELETE FROM replies WHERE created_at < ?"
     AUDIT_INSERT: Final = (
         "INSERT INTO audit (at, actor, procedure, outcome, entity_id, user_id, hop, "
-        "correlation_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "correlation_id, detail, count, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     )
     AUDIT_LIST: Final = (
         "SELECT at, actor, procedure, outcome, entity_id, user_id, hop, correlation_id, "
-        "detail FROM audit ORDER BY id DESC LIMIT ?"
+        "detail, count, source FROM audit ORDER BY id DESC LIMIT ?"
     )
+    AUDIT_PURGE: Final = "DELETE FROM audit WHERE at < ?"
     META_GET: Final = "SELECT value FROM meta WHERE name = ?"
     META_INSERT: Final = "INSERT INTO meta (name, value) VALUES (?, ?)"
 
@@ -245,7 +246,19 @@ def _describe(row: tuple[Part, ...]) -> str:
 
 
 def _audit_event(row: Any) -> AuditEvent:
-    at, actor, procedure, outcome, entity_id, user_id, hop, correlation_id, detail = row
+    (
+        at,
+        actor,
+        procedure,
+        outcome,
+        entity_id,
+        user_id,
+        hop,
+        correlation_id,
+        detail,
+        count,
+        source,
+    ) = row
     return AuditEvent(
         at=at,
         actor=actor,
@@ -256,6 +269,8 @@ def _audit_event(row: Any) -> AuditEvent:
         hop=hop,
         correlation_id=correlation_id,
         detail=detail,
+        count=count,
+        source=source,
     )
 
 
@@ -504,6 +519,8 @@ class _SQLWriteTx:
             event.hop,
             event.correlation_id,
             event.detail,
+            event.count,
+            event.source,
         )
         try:
             self._exec(_Q.AUDIT_INSERT, params)
@@ -519,10 +536,12 @@ class _SQLWriteTx:
         if cur.rowcount != 1:
             raise StoreError(f"no entity {entity_id!r}")
 
-    def record_auth_failure(self, user_id: str, *, now: int, window: int) -> None:
-        """Count one failed password proof (see :class:`~cpns.store.base.WriteTx`)."""
+    def record_auth_failure(self, user_id: str, *, now: int, window: int, count: int = 1) -> None:
+        """Count failed password proofs (see :class:`~cpns.store.base.WriteTx`)."""
+        if count < 1:
+            raise LocalProtocolError("count must be >= 1")
         try:
-            self._exec(_Q.AUTH_FAILURE_UPSERT, (user_id, now + window, now))
+            self._exec(_Q.AUTH_FAILURE_UPSERT, (user_id, count, now + window, now))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record a failed proof: {exc}") from None
 
@@ -532,6 +551,13 @@ class _SQLWriteTx:
             self._exec(_Q.AUTH_FAILURE_DELETE, (user_id,))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot clear failed proofs: {exc}") from None
+
+    def purge_audit(self, *, before: int) -> int:
+        """Delete audit events older than ``before`` (epoch seconds); return how many."""
+        try:
+            return int(self._exec(_Q.AUDIT_PURGE, (before,)).rowcount)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot purge audit events: {exc}") from None
 
     def _purge(self, *, nonces_before: int, replies_before: int) -> int:
         try:

@@ -34,6 +34,7 @@ from cpns.messages.model import (
 from cpns.protocol.key_assignment import AssignmentPolicy, EUKeyAssignmentGateway
 from cpns.protocol.user_key_assignment import UserKeyAssignmentClient
 from cpns.records import EntityRecord, TKRecord, UserRecord
+from cpns.server.guard import AttemptGuard, GuardLimits
 from cpns.server.service import CPNSService, Reply
 from cpns.store.base import WriteTx
 from cpns.store.memory import MemoryStore
@@ -275,8 +276,14 @@ def test_failed_proofs_lock_the_user_out_for_a_while(store: MemoryStore) -> None
 
 def test_a_success_clears_the_count(store: MemoryStore) -> None:
     """D-SRV-1: a user who mistypes now and then is never locked out: a successful proof
-    resets the count."""
-    svc = service(store, max_auth_failures=3)
+    resets the count of its source (here the enrolled PN GW)."""
+    svc = CPNSService(
+        store=store,
+        policy=AssignmentPolicy(server_id=SERVER_ID),
+        rng=FixedRandom(7),
+        clock=lambda: FIXED_NOW,
+        guard=AttemptGuard(store, GuardLimits(per_user_source=3)),
+    )
     wrong = ErrorCode.WRONG_PASSWORD
     assert status_of(handle(svc, request(password="typo one", seed=21))) == wrong
     assert status_of(handle(svc, request(password="typo two", seed=22))) == wrong

@@ -1,0 +1,148 @@
+"""Server guards end to end (issue 5 items 5, 6, 9): a real ``cpns server`` process, real
+TLS, real SQLite; distinct loopback addresses (127.0.0.2, 127.0.0.3, ...) bound by the
+client are distinct sources."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cpns.crypto.kdf import password_key
+from cpns.errors import ErrorCode
+from cpns.localnet import LocalDeployment
+from cpns.messages.codec import decode, encode
+from cpns.messages.model import UserKeyAssignmentRequest, UserKeyAssignmentResponse
+from cpns.protocol.user_key_assignment import UserKeyAssignmentClient
+from cpns.runtime import SystemRandom
+from cpns.types import EntityKind
+
+PASSWORD = "correct horse battery"
+#: scrypt is slow on purpose: compute each password key once.
+_KEYS: dict[tuple[str, str], bytes] = {}
+
+
+@dataclass
+class Server:
+    net: LocalDeployment
+    url: str
+
+    @property
+    def db(self) -> Path:
+        return self.net.server_dir / "cpns.db"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A running server with the user alice; default guard limits (5 / 30 / 50)."""
+    net = LocalDeployment(tmp_path / "net")
+    with net.running():
+        net.init_server(
+            users=[("alice", PASSWORD)], tk_records=[("pne-1", secrets.token_bytes(32))]
+        )
+        yield Server(net, net.start_server())
+
+
+def _key(user: str, password: str) -> bytes:
+    if (user, password) not in _KEYS:
+        _KEYS[user, password] = password_key(password, realm="cpns", user_id=user)
+    return _KEYS[user, password]
+
+
+def enrolment(
+    *, user: str = "alice", password: str = "not the password", entity: str = "gw-new"
+) -> bytes:
+    client = UserKeyAssignmentClient(
+        entity_id=entity, entity_kind=EntityKind.PN_GW, server_id="cpns-server", rng=SystemRandom()
+    )
+    client.start(user_id=user, password_key=_key(user, password), now=int(time.time()))
+    [message] = client.messages_to_send()
+    assert isinstance(message, UserKeyAssignmentRequest)
+    return encode(message)
+
+
+class Source:
+    """An HTTPS client bound to one loopback address."""
+
+    def __init__(self, server: Server, address: str) -> None:
+        context = ssl.create_default_context(cafile=str(server.net.ca_file))
+        transport = httpx.HTTPTransport(verify=context, local_address=address)
+        self._client = httpx.Client(transport=transport, timeout=10.0)
+        self._url = server.url.rstrip("/") + "/cpns/v1/messages"
+
+    def send(self, body: bytes) -> ErrorCode | int:
+        response = self._client.post(
+            self._url, content=body, headers={"content-type": "application/cbor"}
+        )
+        assert response.status_code == 200, response.text
+        reply = decode(response.content)
+        assert isinstance(reply, UserKeyAssignmentResponse)
+        return reply.status
+
+    def close(self) -> None:
+        self._client.close()
+
+
+FAILED = ErrorCode.AUTHENTICATION_FAILED
+LIMITED = ErrorCode.TOO_MANY_ATTEMPTS
+
+
+def test_a_strangers_flood_does_not_stop_the_users_enrolment(server: Server) -> None:
+    """Issue 5 item 5, D-SRV-1: 40 bad proofs for alice from 127.0.0.2 are cut off after
+    5; alice's correct proof from 127.0.0.3 succeeds."""
+    stranger, alice = Source(server, "127.0.0.2"), Source(server, "127.0.0.3")
+    try:
+        verdicts = [stranger.send(enrolment()) for _ in range(40)]
+        assert verdicts == [FAILED] * 5 + [LIMITED] * 35
+        assert alice.send(enrolment(password=PASSWORD)) == ErrorCode.OK
+    finally:
+        stranger.close()
+        alice.close()
+
+
+def test_one_source_spraying_user_ids_is_cut_off_and_others_are_not(server: Server) -> None:
+    """Issue 5 item 5, D-SRV-1: one source sending proofs for 60 User IDs gets
+    TOO_MANY_ATTEMPTS for every proof after 30, even a correct one; another source is
+    served."""
+    sprayer, alice = Source(server, "127.0.0.4"), Source(server, "127.0.0.5")
+    try:
+        verdicts = [sprayer.send(enrolment(user=f"user-{i}")) for i in range(60)]
+        assert verdicts == [FAILED] * 30 + [LIMITED] * 30
+        assert sprayer.send(enrolment(password=PASSWORD)) == LIMITED
+        assert alice.send(enrolment(password=PASSWORD)) == ErrorCode.OK
+    finally:
+        sprayer.close()
+        alice.close()
+
+
+def test_guessing_one_user_is_bounded_across_sources(server: Server) -> None:
+    """Issue 5 item 5, D-SRV-1: from 12 sources, at most 50 proofs for alice are checked in
+    a window; then even her correct proof from a fresh source is refused."""
+    checked = 0
+    for n in range(12):
+        source = Source(server, f"127.0.1.{n + 1}")
+        try:
+            checked += sum(source.send(enrolment()) == FAILED for _ in range(6))
+        finally:
+            source.close()
+    assert checked == 50
+    fresh = Source(server, "127.0.2.1")
+    try:
+        assert fresh.send(enrolment(password=PASSWORD)) == LIMITED
+    finally:
+        fresh.close()
+
+
+def _audit_rows(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
+    finally:
+        conn.close()

@@ -1,0 +1,184 @@
+"""The guessing guard and the cost of unauthenticated refusals (deviations D-SRV-1, D-SRV-2,
+issue 5 items 5 and 6): the real CPNSService over the in-memory and the SQLite stores, fed
+with enrolment requests made by the real with-UI client machine."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from tests.helpers import FIXED_NOW, PASSWORDS, SERVER_ID, FixedRandom, cached_password_key
+
+from cpns.errors import ErrorCode
+from cpns.messages.codec import decode
+from cpns.messages.model import UserKeyAssignmentRequest
+from cpns.protocol.key_assignment import AssignmentPolicy
+from cpns.protocol.user_key_assignment import UserKeyAssignmentClient
+from cpns.records import UserRecord
+from cpns.server.guard import AttemptGuard, GuardLimits
+from cpns.server.service import CPNSService, Reply
+from cpns.store.base import ServerStore, WriteTx
+from cpns.store.masterkey import MasterKey
+from cpns.store.memory import MemoryStore
+from cpns.store.sql import SQLStore
+from cpns.types import EntityKind
+
+ENROL = "eukey-assignment-ui-004"
+LIMITS = GuardLimits(per_user_source=5, per_source=30, per_user=50, window=900)
+
+
+def _users(store: ServerStore) -> None:
+    def setup(tx: WriteTx) -> None:
+        for user_id, password in PASSWORDS.items():
+            key = cached_password_key(user_id, password)
+            tx.add_user(UserRecord(user_id=user_id, password_key=key, created_at=1))
+
+    store.write(setup)
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    """alice and bob, nothing enrolled."""
+    s = MemoryStore()
+    _users(s)
+    return s
+
+
+def service(
+    store: ServerStore, limits: GuardLimits = LIMITS, *, now: int = FIXED_NOW
+) -> CPNSService:
+    return CPNSService(
+        store=store,
+        policy=AssignmentPolicy(server_id=SERVER_ID),
+        rng=FixedRandom(7),
+        clock=lambda: now,
+        guard=AttemptGuard(store, limits),
+    )
+
+
+_seeds = iter(range(1000, 10**6))
+
+
+def enrolment(
+    *, user: str = "alice", password: str = "a wrong guess", entity: str = "gw-new"
+) -> UserKeyAssignmentRequest:
+    """A with-UI enrolment request of a PN GW (004 §5.x.1), each with fresh randoms."""
+    client = UserKeyAssignmentClient(
+        entity_id=entity,
+        entity_kind=EntityKind.PN_GW,
+        server_id=SERVER_ID,
+        rng=FixedRandom(next(_seeds)),
+    )
+    client.start(user_id=user, password_key=cached_password_key(user, password), now=FIXED_NOW)
+    [message] = client.messages_to_send()
+    assert isinstance(message, UserKeyAssignmentRequest)
+    return message
+
+
+def send(svc: CPNSService, message: UserKeyAssignmentRequest, source: str) -> ErrorCode | int:
+    reply = asyncio.run(svc.handle(message, authenticated=None, source=source))
+    assert isinstance(reply, Reply)
+    status: ErrorCode | int = decode(reply.body).status  # type: ignore[attr-defined]
+    return status
+
+
+FAILED = ErrorCode.AUTHENTICATION_FAILED
+LIMITED = ErrorCode.TOO_MANY_ATTEMPTS
+
+
+def test_a_strangers_flood_from_one_source_does_not_lock_the_user_out(store: MemoryStore) -> None:
+    """Issue 5 item 5, D-SRV-1: bad proofs for alice from one source are cut off after L1
+    for that source, and alice's correct proof from another source still succeeds."""
+    svc = service(store)
+    verdicts = [send(svc, enrolment(), "192.0.2.66") for _ in range(40)]
+    assert verdicts[:5] == [FAILED] * 5
+    assert verdicts[5:] == [LIMITED] * 35
+    assert send(svc, enrolment(password=PASSWORDS["alice"]), "192.0.2.66") == LIMITED
+    assert send(svc, enrolment(password=PASSWORDS["alice"]), "198.51.100.7") == ErrorCode.OK
+    assert store.get_entity("gw-new") is not None
+
+
+def test_one_source_spraying_user_ids_is_cut_off(store: MemoryStore) -> None:
+    """Issue 5 item 5, D-SRV-1: one source trying many User IDs gets TOO_MANY_ATTEMPTS for
+    every proof once L2 of them failed, even a correct one; other sources are unaffected."""
+    svc = service(store)
+    spray = [send(svc, enrolment(user=f"user-{i}"), "192.0.2.66") for i in range(60)]
+    assert spray[:30] == [FAILED] * 30
+    assert spray[30:] == [LIMITED] * 30
+    assert send(svc, enrolment(password=PASSWORDS["alice"]), "192.0.2.66") == LIMITED
+    assert send(svc, enrolment(password=PASSWORDS["alice"]), "198.51.100.7") == ErrorCode.OK
+
+
+def test_guessing_per_user_is_bounded_across_sources(store: MemoryStore) -> None:
+    """Issue 5 item 5, D-SRV-1: however many sources, at most L3 proofs for one User ID
+    are checked per window; then every proof for it is refused unchecked."""
+    svc = service(store)
+    verdicts = [
+        send(svc, enrolment(), f"10.0.{n}.1")
+        for n in range(20)
+        for _ in range(LIMITS.per_user_source + 2)
+    ]
+    assert verdicts.count(FAILED) == LIMITS.per_user
+    assert send(svc, enrolment(password=PASSWORDS["alice"]), "198.51.100.7") == LIMITED
+    # bob is another user: not affected.
+    assert (
+        send(svc, enrolment(user="bob", password=PASSWORDS["bob"], entity="gw-bob"), "10.0.0.1")
+        == ErrorCode.OK
+    )
+    # After the window, alice can enrol again.
+    later = service(store, now=FIXED_NOW + LIMITS.window + 1)
+    asyncio.run(svc.flush())
+    later_request = _at(FIXED_NOW + LIMITS.window + 1)
+    assert send(later, later_request, "198.51.100.7") == ErrorCode.OK
+
+
+def _at(now: int) -> UserKeyAssignmentRequest:
+    client = UserKeyAssignmentClient(
+        entity_id="gw-new",
+        entity_kind=EntityKind.PN_GW,
+        server_id=SERVER_ID,
+        rng=FixedRandom(next(_seeds)),
+    )
+    client.start(
+        user_id="alice", password_key=cached_password_key("alice", PASSWORDS["alice"]), now=now
+    )
+    [message] = client.messages_to_send()
+    assert isinstance(message, UserKeyAssignmentRequest)
+    return message
+
+
+def test_a_success_resets_only_its_own_source(store: MemoryStore) -> None:
+    """D-SRV-1: alice's typos from her source are forgiven by her success, so she is never
+    locked out by her own mistakes; the per-user count keeps running (a success cannot
+    reset the guessing bound)."""
+    svc = service(store)
+    for _ in range(4):
+        assert send(svc, enrolment(), "198.51.100.7") == FAILED
+    assert send(svc, enrolment(password=PASSWORDS["alice"]), "198.51.100.7") == ErrorCode.OK
+    for _ in range(4):
+        assert send(svc, enrolment(entity="gw-other"), "198.51.100.7") == FAILED
+    assert (
+        send(svc, enrolment(password=PASSWORDS["alice"], entity="gw-other"), "198.51.100.7")
+        == ErrorCode.OK
+    )
+    pair, _, user = AttemptGuard.keys(ENROL, "alice", "198.51.100.7")
+    asyncio.run(svc.flush())
+    assert store.auth_failures(pair, now=FIXED_NOW) == 0
+    assert store.auth_failures(user, now=FIXED_NOW) == 8
+
+
+def test_flushed_counts_survive_a_restart(tmp_path: Path) -> None:
+    """D-SRV-1/D-SRV-2: the counters reach the database at a flush, so a restarted server
+    (a fresh guard over the same SQLite file) still refuses the limited source."""
+    key = MasterKey.generate(tmp_path / "master.key")
+    with SQLStore.open(tmp_path / "cpns.db", master_key=key) as store:
+        _users(store)
+        svc = service(store)
+        for _ in range(5):
+            assert send(svc, enrolment(), "192.0.2.66") == FAILED
+        asyncio.run(svc.flush())
+    with SQLStore.open(tmp_path / "cpns.db", master_key=key) as store:
+        again = service(store)
+        assert send(again, enrolment(password=PASSWORDS["alice"]), "192.0.2.66") == LIMITED
+        assert send(again, enrolment(password=PASSWORDS["alice"]), "198.51.100.7") == ErrorCode.OK
