@@ -14,7 +14,7 @@ rejected: a message we cannot fully read is a message we must not act on (STYLE 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import IntEnum
 from typing import Any
 
@@ -29,9 +29,54 @@ from cpns.messages.constants import (
 )
 from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, Message, Record, specs
 
-__all__ = ["decode", "decode_record", "encode", "encode_record", "to_json"]
+__all__ = ["MAX_REASON_LEN", "decode", "decode_record", "encode", "encode_record", "to_json"]
 
 _MAX_DEPTH = 4
+#: Longest error reason the codec produces: a reason may quote the peer's bytes, and one
+#: log line or one reply must never carry an unbounded amount of them.
+MAX_REASON_LEN = 160
+
+
+def _show(value: object) -> str:
+    """A bounded description of a peer-supplied value for an error reason.
+
+    Never formats a large integer in decimal: besides being unbounded, ``str`` of an
+    integer over 4,300 digits raises ValueError (CPython's int-to-str limit).
+    """
+    if type(value) is int and value.bit_length() > 64:
+        return f"<integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value) if type(value) in (int, str, bytes, bool) or value is None else ""
+    except Exception:  # pragma: no cover - repr of the types above does not raise
+        text = ""
+    if not text:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _bounded(exc: BaseException) -> str:
+    """``str(exc)`` cut to :data:`MAX_REASON_LEN` characters."""
+    try:
+        text = str(exc)
+    except Exception:  # pragma: no cover - a message that cannot even be formatted
+        text = type(exc).__name__
+    return text if len(text) <= MAX_REASON_LEN else text[: MAX_REASON_LEN - 3] + "..."
+
+
+def _guarded[T](decoder: Callable[[], T]) -> T:
+    """Run a decoder so that nothing but a bounded :class:`DecodeError` escapes.
+
+    Any other exception is a bug of ours on some input, but the caller is a daemon
+    reading a peer's bytes: it must get the one error it handles, never a crash.
+    """
+    try:
+        return decoder()
+    except DecodeError as exc:
+        if len(exc.reason) <= MAX_REASON_LEN:
+            raise
+        raise DecodeError(_bounded(exc), code=exc.code) from None
+    except Exception as exc:
+        raise DecodeError(f"undecodable ({type(exc).__name__})") from None
 
 
 def _wire_value(spec: FieldSpec, value: object) -> object:
@@ -113,7 +158,7 @@ def _field_value(spec: FieldSpec, name: str, raw: object) -> object:
             try:
                 return spec.enum(raw)
             except ValueError:
-                raise DecodeError(f"{name}: unknown value {raw}") from None
+                raise DecodeError(f"{name}: unknown value {_show(raw)}") from None
         case "bytes_list":
             if type(raw) is not list:
                 raise DecodeError(f"{name}: expected an array")
@@ -129,7 +174,7 @@ def _fields_from(cls: type[Record], body: object) -> dict[str, Any]:
     keys = {spec.key for _, spec in known}
     extra = [k for k in body if k not in keys]
     if extra:
-        raise DecodeError(f"unknown field key(s) {sorted(map(repr, extra))}")
+        raise DecodeError(f"unknown field key(s) {', '.join(_show(k) for k in extra[:4])}")
     return {
         name: _field_value(spec, name, body[spec.key]) for name, spec in known if spec.key in body
     }
@@ -139,7 +184,7 @@ def _build[R: Record](cls: type[R], kwargs: Mapping[str, Any]) -> R:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise DecodeError(str(exc)) from None
+        raise DecodeError(_bounded(exc)) from None
 
 
 def _check_canonical(data: bytes, value: Record | Message, *, is_message: bool) -> None:
@@ -149,7 +194,15 @@ def _check_canonical(data: bytes, value: Record | Message, *, is_message: bool) 
 
 
 def decode(data: bytes) -> Message:
-    """Decode one CBOR message; raise :class:`DecodeError` for anything else."""
+    """Decode one CBOR message; raise :class:`DecodeError` for anything else.
+
+    Nothing else escapes, whatever the input, and the error's reason is at most
+    :data:`MAX_REASON_LEN` characters.
+    """
+    return _guarded(lambda: _decode(data))
+
+
+def _decode(data: bytes) -> Message:
     top = _load(data)
     if type(top) is not dict:
         raise DecodeError("message is not a map")
@@ -160,14 +213,16 @@ def decode(data: bytes) -> Message:
         raise DecodeError("unknown header key")
     version = top.get(HeaderKey.VERSION)
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise DecodeError(f"unsupported version {version!r}", code=ErrorCode.UNSUPPORTED_VERSION)
+        raise DecodeError(
+            f"unsupported version {_show(version)}", code=ErrorCode.UNSUPPORTED_VERSION
+        )
     raw_type = top.get(HeaderKey.TYPE)
     if type(raw_type) is not int:
         raise DecodeError("message type missing")
     try:
         cls = MESSAGE_CLASSES[MessageType(raw_type)]
     except (ValueError, KeyError):
-        raise DecodeError(f"unknown message type {raw_type}") from None
+        raise DecodeError(f"unknown message type {_show(raw_type)}") from None
     if HeaderKey.BODY not in top:
         raise DecodeError("body missing")
     kwargs = _fields_from(cls, top[HeaderKey.BODY])
@@ -184,10 +239,15 @@ def decode(data: bytes) -> Message:
 
 
 def decode_record[R: Record](cls: type[R], data: bytes) -> R:
-    """Decode a header-less record of class ``cls``; strict as :func:`decode`."""
-    record = _build(cls, _fields_from(cls, _load(data)))
-    _check_canonical(data, record, is_message=False)
-    return record
+    """Decode a header-less record of class ``cls``; strict as :func:`decode` (and, like
+    it, raises nothing but a bounded :class:`DecodeError`)."""
+
+    def run() -> R:
+        record = _build(cls, _fields_from(cls, _load(data)))
+        _check_canonical(data, record, is_message=False)
+        return record
+
+    return _guarded(run)
 
 
 def _json_value(spec: FieldSpec, value: object, reveal: bool) -> object:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from cpns.errors import AuthenticationFailed
+from cpns.logs import peer_text
 from cpns.messages.constants import MAX_MESSAGE_SIZE
 from cpns.protocol.digest import DigestServer, DigestStale
 from cpns.server.service import CPNSService, Reply
@@ -67,6 +68,30 @@ class CPNSApp:
             return
         if scope["type"] != "http":  # pragma: no cover - websockets are not routed here
             return
+        started = False
+
+        async def tracked_send(event: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(event)
+
+        try:
+            await self._route(scope, receive, tracked_send)
+        except Exception as exc:
+            # A bug of ours on some input must cost that one request, never the process,
+            # and must not print a traceback carrying the peer's bytes (issue 5 item 10):
+            # one bounded line, and a clean 500 if nothing was sent yet.
+            log.error(
+                "internal error answering %s %s: %s: %s",
+                peer_text(scope.get("method", "?"), 16),
+                peer_text(scope.get("path", "?"), 64),
+                type(exc).__name__,
+                peer_text(str(exc)),
+            )
+            if not started:
+                await _respond(send, 500, b"internal error\n", b"text/plain")
+
+    async def _route(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         path, method = scope["path"], scope["method"]
         if path == "/healthz" and method in ("GET", "HEAD"):
             await _respond(send, 200, b"ok\n", b"text/plain")
@@ -148,10 +173,7 @@ class CPNSApp:
             if entity is None:
                 await self._challenge(send, stale)
                 return
-        client = scope.get("client")
-        reply = await self._service.handle(
-            parsed, authenticated=entity, source=client[0] if client else None
-        )
+        reply = await self._service.handle(parsed, authenticated=entity)
         await _respond(send, reply.http_status, reply.body, _CBOR, headers)
 
 

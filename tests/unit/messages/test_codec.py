@@ -790,3 +790,74 @@ def test_error_code_from_wire() -> None:
     assert ErrorCode.from_wire(202) is ErrorCode.WRONG_PASSWORD
     assert ErrorCode.from_wire(999) == 999
     assert type(ErrorCode.from_wire(999)) is int
+
+
+# -- issue 5 item 10: nothing but a bounded DecodeError, whatever the input ---------------
+
+_HUGE = 10**4400  # more decimal digits than CPython's int-to-str limit (4,300)
+
+
+def test_a_huge_integer_status_is_a_decode_error() -> None:
+    """Issue 5 item 10: an Ack whose status is an integer of ~4,400 digits (a ~1.8 KB CBOR
+    bignum) raised ValueError (the error message formatted the value in decimal, past
+    CPython's int-to-str limit); it must be one DecodeError with a bounded reason."""
+    data = cbor2.dumps(
+        {0: 1, 1: int(MessageType.EUKEY_ASSIGNMENT_ACK), 2: TXID, 3: "a", 4: "b", 6: {1: _HUGE}},
+        canonical=True,
+    )
+    with pytest.raises(DecodeError) as caught:
+        decode(data)
+    assert len(str(caught.value)) <= 160
+
+
+def test_a_3000_digit_integer_gives_a_bounded_reason() -> None:
+    """Issue 5 item 10/12: a 3,000-digit version used to be quoted whole in the reason
+    (3 KB of peer input per log line); the reason is now bounded."""
+    data = cbor2.dumps({0: 10**2999, 1: 1, 6: {}}, canonical=True)
+    with pytest.raises(DecodeError) as caught:
+        decode(data)
+    assert caught.value.code == ErrorCode.UNSUPPORTED_VERSION
+    assert len(caught.value.reason) <= 160
+
+
+@pytest.mark.parametrize("header_key", [None, 0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("message_type", list(MESSAGE_CLASSES))
+def test_huge_integers_anywhere_are_bounded_decode_errors(
+    message_type: MessageType, header_key: int | None
+) -> None:
+    """Issue 5 item 10: a huge integer in any body field or header slot of any message
+    type is one DecodeError with a reason of at most 160 characters."""
+    cls = MESSAGE_CLASSES[message_type]
+    for _, spec in specs(cls):
+        top: dict[int, Any] = {0: 1, 1: int(message_type), 2: TXID, 3: "a", 4: "b"}
+        top[6] = {spec.key: _HUGE, 99: _HUGE}
+        if header_key is not None:
+            top[header_key] = _HUGE
+        with pytest.raises(DecodeError) as caught:
+            decode(cbor2.dumps(top, canonical=True))
+        assert len(caught.value.reason) <= 160
+
+
+def test_decode_record_raises_only_bounded_decode_errors() -> None:
+    """Issue 5 item 10: decode_record is as strict and as bounded as decode."""
+    for _, spec in specs(KeyBundle):
+        with pytest.raises(DecodeError) as caught:
+            decode_record(KeyBundle, cbor2.dumps({spec.key: _HUGE, 7000: _HUGE}))
+        assert len(caught.value.reason) <= 160
+
+
+def test_an_unexpected_failure_inside_the_decoder_is_a_decode_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 5 item 10: even a bug of ours (any exception inside the decoder) reaches
+    the caller as a DecodeError, never as another class."""
+    import cpns.messages.codec as codec
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("boom " * 1000)
+
+    monkeypatch.setattr(codec, "_fields_from", broken)
+    with pytest.raises(DecodeError, match="RuntimeError"):
+        decode(VALID)
+    with pytest.raises(DecodeError, match="RuntimeError"):
+        decode_record(KeyBundle, cbor2.dumps({1: 1}))

@@ -1,0 +1,203 @@
+"""The protocol endpoint's HTTP edge (cpns.server.app), driven as an ASGI application.
+
+Each test calls the real :class:`CPNSApp` (real service layer over the in-memory store,
+real Digest verifier) with ASGI events, the way uvicorn does: no sockets here; the
+listener and real-TLS behaviour are covered in tests/integration/test_server_limits.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import MutableMapping
+from typing import Any
+
+import cbor2
+import pytest
+from tests.helpers import (
+    FIXED_NOW,
+    GATEWAY_KEYS,
+    PASSWORDS,
+    SERVER_ID,
+    TKS,
+    FixedRandom,
+    cached_password_key,
+)
+
+from cpns.errors import ErrorCode
+from cpns.messages.codec import decode
+from cpns.messages.constants import MessageType
+from cpns.messages.model import ErrorMessage
+from cpns.protocol.digest import DigestServer
+from cpns.protocol.key_assignment import AssignmentPolicy
+from cpns.records import EntityRecord, TKRecord, UserRecord
+from cpns.server.app import CPNSApp
+from cpns.server.service import CPNSService
+from cpns.store.base import WriteTx
+from cpns.store.memory import MemoryStore
+from cpns.types import EntityKind
+
+GW = "gw-alice"
+NONCE_KEY = bytes(range(32))
+TXID = bytes(range(16))
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    """alice with her enrolled PN GW gw-alice, and the TK records of pne-1 and pne-2."""
+    s = MemoryStore()
+
+    def setup(tx: WriteTx) -> None:
+        for user_id, password in PASSWORDS.items():
+            key = cached_password_key(user_id, password)
+            tx.add_user(UserRecord(user_id=user_id, password_key=key, created_at=1))
+        tx.put_entity(
+            EntityRecord(
+                entity_id=GW,
+                kind=EntityKind.PN_GW,
+                owner="alice",
+                eukeys=(GATEWAY_KEYS[GW],),
+                key_index=1,
+            )
+        )
+        tx.put_tks([TKRecord(entity_id=e, tk=tk) for e, tk in TKS.items()])
+
+    s.write(setup)
+    return s
+
+
+def make_app(store: MemoryStore, **digest: Any) -> CPNSApp:
+    rng = FixedRandom(5)
+    service = CPNSService(
+        store=store,
+        policy=AssignmentPolicy(server_id=SERVER_ID),
+        rng=rng,
+        clock=lambda: FIXED_NOW,
+    )
+    verifier = DigestServer(realm="cpns", nonce_key=NONCE_KEY, **digest)
+    return CPNSApp(service=service, store=store, digest=verifier, rng=rng, clock=lambda: FIXED_NOW)
+
+
+class Response:
+    """What the app sent for one request."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[bytes, list[bytes]] = {}
+        self.body = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.headers.get(name)
+        return values[0] if values else None
+
+
+def call(
+    app: CPNSApp,
+    *,
+    method: str = "POST",
+    path: str = "/cpns/v1/messages",
+    body: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    client: tuple[str, int] = ("127.0.0.1", 40000),
+) -> Response:
+    """One request through the ASGI app; the body arrives in one event."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers or [],
+        "client": client,
+    }
+    events = [{"type": "http.request", "body": body, "more_body": False}]
+    out = Response()
+
+    async def receive() -> MutableMapping[str, Any]:
+        if events:
+            return events.pop(0)
+        await asyncio.sleep(3600)  # pragma: no cover - the app never reads past the body
+        return {"type": "http.disconnect"}
+
+    async def send(event: MutableMapping[str, Any]) -> None:
+        if event["type"] == "http.response.start":
+            out.status = event["status"]
+            for name, value in event["headers"]:
+                out.headers.setdefault(name, []).append(value)
+        else:
+            out.body += event.get("body", b"")
+
+    asyncio.run(app(scope, receive, send))
+    return out
+
+
+# -- issue 5 item 10 ---------------------------------------------------------------------
+
+HUGE_STATUS_ACK = cbor2.dumps(
+    {
+        0: 1,
+        1: int(MessageType.EUKEY_ASSIGNMENT_ACK),
+        2: TXID,
+        3: GW,
+        4: SERVER_ID,
+        6: {1: 10**4400},
+    },
+    canonical=True,
+)
+
+
+def test_a_huge_integer_is_a_400_error_message_not_a_500(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 5 item 10: a message with a ~4,400-digit integer (it made the codec raise
+    ValueError: HTTP 500 and a traceback) is answered 400 with an ErrorMessage, and
+    logged in one bounded line."""
+    caplog.set_level(logging.DEBUG, logger="cpns")
+    reply = call(make_app(store), body=HUGE_STATUS_ACK)
+    assert reply.status == 400
+    error = decode(reply.body)
+    assert isinstance(error, ErrorMessage)
+    assert error.status == ErrorCode.MALFORMED_MESSAGE
+    assert all(len(r.getMessage()) < 400 for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_an_unexpected_exception_is_a_clean_500_and_the_app_keeps_serving(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 5 item 10: a bug of ours on one request (any exception in the app) is a clean
+    500 and one bounded log line without a traceback; the next request is served."""
+    app = make_app(store)
+
+    def broken(_: bytes) -> Any:
+        raise RuntimeError("peer bytes \x1b[2J" + "A" * 60_000)
+
+    monkeypatch.setattr(app._service, "parse", broken)
+    caplog.set_level(logging.DEBUG, logger="cpns")
+    enrol = _enrolment()
+    reply = call(app, body=enrol)
+    assert reply.status == 500
+    assert reply.body == b"internal error\n"
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("RuntimeError" in line for line in lines)
+    assert all(len(line) < 400 and "\x1b" not in line for line in lines)
+    assert not any(r.exc_info for r in caplog.records)
+    monkeypatch.undo()
+    assert call(app, method="GET", path="/healthz").status == 200
+
+
+def _enrolment(*, user: str = "alice", password: str | None = None, seed: int = 3) -> bytes:
+    """A UserKeyAssignmentRequest (the open type) as a real PN GW builds it."""
+    from cpns.messages.codec import encode
+    from cpns.protocol.user_key_assignment import UserKeyAssignmentClient
+
+    client = UserKeyAssignmentClient(
+        entity_id="gw-new",
+        entity_kind=EntityKind.PN_GW,
+        server_id=SERVER_ID,
+        rng=FixedRandom(seed),
+    )
+    key = cached_password_key(user, password or PASSWORDS.get(user, "x"))
+    client.start(user_id=user, password_key=key, now=FIXED_NOW)
+    [message] = client.messages_to_send()
+    return encode(message)
