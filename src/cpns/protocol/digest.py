@@ -203,6 +203,12 @@ class AuthChallenge:
     """The token68 form (e.g. Basic credentials), if that is what followed the scheme."""
 
 
+def _cut(value: object) -> str:
+    """A peer-supplied value quoted in a failure reason, at most about 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def _malformed(what: str) -> AuthenticationFailed:
     return AuthenticationFailed("malformed authentication header: " + what)
 
@@ -263,7 +269,7 @@ class _Scanner:
             value = self.value()
             # RFC 9110 §11.2: each parameter name MUST only occur once per challenge.
             if name in params:
-                raise _malformed(f"duplicate parameter {name!r}")
+                raise _malformed(f"duplicate parameter {_cut(name)}")
             params[name] = value
             self.take(_OWS_RE)
             if self.at_end():
@@ -322,7 +328,7 @@ def parse_digest(header: str) -> dict[str, str]:
         raise _malformed("more than one challenge or credentials")
     (only,) = challenges
     if only.scheme != "digest" or only.token68 is not None:
-        raise _malformed(f"scheme {only.scheme!r} is not Digest with auth-params")
+        raise _malformed(f"scheme {_cut(only.scheme)} is not Digest with auth-params")
     return dict(only.params)
 
 
@@ -561,7 +567,7 @@ class DigestServer:
         try:
             algorithm = DigestAlgorithm("MD5" if value is None else value)
         except ValueError:
-            raise AuthenticationFailed(f"unknown algorithm {value!r}") from None
+            raise AuthenticationFailed(f"unknown algorithm {_cut(value)}") from None
         if algorithm not in self.algorithms:
             raise AuthenticationFailed(f"algorithm {algorithm} is not enabled")
         return algorithm

@@ -133,7 +133,7 @@ class CPNSApp:
         except DigestStale:
             return None, [], True
         except AuthenticationFailed as exc:
-            log.info("Digest authentication failed: %s", exc.reason)
+            log.info("Digest authentication failed: %s", peer_text(exc.reason))
             return None, [], False
         return ok.username, [(b"authentication-info", ok.authentication_info.encode())], False
 

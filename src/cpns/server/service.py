@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpns.errors import DecodeError, ErrorCode
+from cpns.logs import peer_text
 from cpns.messages.codec import decode, encode
 from cpns.messages.constants import TXID_LEN
 from cpns.messages.model import (
@@ -132,7 +133,9 @@ class CPNSService:
         try:
             return decode(body)
         except DecodeError as exc:
-            log.info("undecodable request: %s", exc.reason, extra={"status": exc.code.name})
+            log.info(
+                "undecodable request: %s", peer_text(exc.reason), extra={"status": exc.code.name}
+            )
             error = ErrorMessage(
                 txid=bytes(TXID_LEN), src=self.server_id, dst="unknown", status=exc.code
             )

@@ -201,3 +201,67 @@ def _enrolment(*, user: str = "alice", password: str | None = None, seed: int = 
     client.start(user_id=user, password_key=key, now=FIXED_NOW)
     [message] = client.messages_to_send()
     return encode(message)
+
+
+# -- issue 5 item 12 ---------------------------------------------------------------------
+
+_BIG = 60_000
+UNDECODABLE_60K = {
+    "garbage": b"\xff" * _BIG,
+    "unknown-field-key": cbor2.dumps(
+        {0: 1, 1: 10, 2: TXID, 3: "a", 4: "b", 6: {"k" * _BIG: 1}}, canonical=True
+    ),
+    "version-text": cbor2.dumps({0: "v" * _BIG, 1: 10, 6: {}}, canonical=True),
+    "bad-source": cbor2.dumps(
+        {0: 1, 1: 10, 2: TXID, 3: "\u2028\n" * (_BIG // 4), 4: "b", 6: {}}, canonical=True
+    ),
+    "bad-user-id": cbor2.dumps(
+        {
+            0: 1,
+            1: 10,
+            2: TXID,
+            3: "gw-1",
+            4: SERVER_ID,
+            6: {1: "\x1b[2J" * (_BIG // 4), 2: 2, 3: FIXED_NOW, 4: bytes(32), 5: bytes(32)},
+        },
+        canonical=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("body", list(UNDECODABLE_60K.values()), ids=list(UNDECODABLE_60K))
+def test_an_undecodable_60_kb_body_writes_a_few_hundred_bytes_of_log(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    """Issue 5 item 12: an undecodable ~60 KB body wrote ~240 KB of log; now every log
+    line carries at most a bounded, escaped cut of peer input: the whole request writes
+    at most a few hundred bytes of log, with no raw control character."""
+    assert len(body) > 50_000
+    caplog.set_level(logging.DEBUG)
+    reply = call(make_app(store), body=body)
+    assert reply.status in (400, 401)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert len(logged.encode()) <= 400, logged[:500]
+    assert "\x1b" not in logged
+    assert "\u2028" not in logged
+
+
+def test_a_long_digest_header_writes_a_bounded_log_line(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 5 item 12: an Authorization header quoting 4 KB of peer text in a failure
+    reason (unknown algorithm) is logged as a bounded line."""
+    caplog.set_level(logging.DEBUG)
+    header = (
+        'Digest username="gw-alice", realm="cpns", nonce="n", uri="/cpns/v1/whoami", '
+        'response="00", qop=auth, nc=00000001, cnonce="c", algorithm="' + "A" * 3600 + '"'
+    )
+    reply = call(
+        make_app(store),
+        method="GET",
+        path="/cpns/v1/whoami",
+        headers=[(b"authorization", header.encode())],
+    )
+    assert reply.status == 401
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert len(logged.encode()) <= 400, logged[:500]
