@@ -216,13 +216,20 @@ class AttemptGuard:
             return len(audit)
 
         try:
-            return await self._store.write_async(write)
+            rows = await self._store.write_async(write)
         except StoreError as exc:
             log.warning("cannot flush failure counters and audit aggregates: %s", exc)
             self._merge_back(pending, audit)
             return 0
         finally:
             self._inflight, self._inflight_audit = _Pending(), {}
+        if rows:
+            log.info(
+                "%d unauthenticated refusals written as %d audit rows",
+                sum(a.count for a in audit.values()),
+                rows,
+            )
+        return rows
 
     def _merge_back(self, pending: _Pending, audit: dict[_AuditKey, _Aggregate]) -> None:
         for key, count in pending.counts.items():

@@ -37,7 +37,7 @@ from cpns.store.base import WriteTx
 from cpns.store.masterkey import MasterKey
 from cpns.store.sql import SQLStore
 
-__all__ = ["build_app", "init_server", "open_store", "run_server"]
+__all__ = ["build_app", "build_guard", "housekeeping", "init_server", "open_store", "run_server"]
 
 log = logging.getLogger("cpns.server")
 
@@ -157,6 +157,18 @@ def _purge_audit(tx: WriteTx, *, before: int) -> int:
     return tx.purge_audit(before=before)
 
 
+async def housekeeping(
+    store: SQLStore, guard: AttemptGuard, config: ServerConfig, *, now: int
+) -> int:
+    """Flush the guard, purge expired nonces/replies/counters and audit events older than
+    ``audit_retention_days`` (D-SRV-2); return how many rows were purged."""
+    await guard.flush()
+    removed = await asyncio.to_thread(store.purge_expired, now=now)
+    before = now - config.audit_retention_days * 86400
+    removed += await store.write_async(functools.partial(_purge_audit, before=before))
+    return removed
+
+
 async def _purge_loop(
     store: SQLStore, interval: float, *, guard: AttemptGuard, config: ServerConfig
 ) -> None:
@@ -165,13 +177,11 @@ async def _purge_loop(
     last_purge = wall_time()
     while True:
         await asyncio.sleep(config.audit_flush_interval)
-        await guard.flush()
         if wall_time() - last_purge < interval:
+            await guard.flush()
             continue
-        last_purge = now = wall_time()
-        removed = await asyncio.to_thread(store.purge_expired, now=now)
-        before = now - config.audit_retention_days * 86400
-        removed += await store.write_async(functools.partial(_purge_audit, before=before))
+        last_purge = wall_time()
+        removed = await housekeeping(store, guard, config, now=last_purge)
         if removed:
             log.info("purged %d expired nonces, replies and audit events", removed)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from cpns.errors import DecodeError, ErrorCode
 from cpns.logs import peer_text
-from cpns.messages.codec import decode, encode
+from cpns.messages.codec import decode, encode, peek_header
 from cpns.messages.constants import TXID_LEN
 from cpns.messages.model import (
     ErrorMessage,
@@ -74,6 +74,8 @@ class Reply:
     body: bytes
     #: The reply's protocol status, for logs and metrics.
     status: ErrorCode | int
+    #: A short reason for a refusal of undecodable input (sent as ``CPNS-Reason``).
+    reason: str = ""
 
 
 class CPNSService:
@@ -129,17 +131,33 @@ class CPNSService:
         return self._policy.server_id
 
     def parse(self, body: bytes) -> Message | Reply:
-        """Decode a request; a :class:`Reply` (HTTP 400) if it is not a CPNS message."""
+        """Decode a request; a :class:`Reply` (HTTP 400) if it is not a CPNS message.
+
+        The refusal is an ErrorMessage with the decoder's specific code (DecodeError.code),
+        echoing the request's txid and addressed to its source when those two header
+        fields can still be read (best effort, :func:`cpns.messages.codec.peek_header`);
+        else a zero txid and "unknown". The reply's ``reason`` is the decoder's short
+        reason (bounded), sent as the ``CPNS-Reason`` HTTP header.
+        """
         try:
             return decode(body)
         except DecodeError as exc:
+            txid, source = peek_header(body)
             log.info(
                 "undecodable request: %s", peer_text(exc.reason), extra={"status": exc.code.name}
             )
-            error = ErrorMessage(
-                txid=bytes(TXID_LEN), src=self.server_id, dst="unknown", status=exc.code
-            )
-            return Reply(400, encode(error), exc.code)
+            try:
+                error = ErrorMessage(
+                    txid=txid or bytes(TXID_LEN),
+                    src=self.server_id,
+                    dst=source or "unknown",
+                    status=exc.code,
+                )
+            except ValueError:  # a source the model refuses as a destination
+                error = ErrorMessage(
+                    txid=txid or bytes(TXID_LEN), src=self.server_id, dst="unknown", status=exc.code
+                )
+            return Reply(400, encode(error), exc.code, reason=exc.reason)
 
     @staticmethod
     def requires_authentication(message: Message) -> bool:
@@ -202,13 +220,22 @@ class CPNSService:
                 now,
                 "no server procedure starts with this message",
                 source,
+                authenticated=authenticated is not None,
             )
             return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE)
         events = machine.receive(message)
         [reply] = machine.messages_to_send()
         failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
         if failed is not None:
-            await self._audit(message, requester, failed.code, now, failed.reason, source)
+            await self._audit(
+                message,
+                requester,
+                failed.code,
+                now,
+                failed.reason,
+                source,
+                authenticated=authenticated is not None,
+            )
             return self._reply(reply, failed.code)
         reply_bytes = encode(reply)
         try:
@@ -224,7 +251,15 @@ class CPNSService:
                 return self._replay_or_retry(stored, message, digest, requester)
             fresh = self._machine(message, authenticated, now, source)
             fresh.fail(ErrorCode.REPLAY, "random value used concurrently", message)
-            await self._audit(message, requester, ErrorCode.REPLAY, now, "nonce race", source)
+            await self._audit(
+                message,
+                requester,
+                ErrorCode.REPLAY,
+                now,
+                "nonce race",
+                source,
+                authenticated=authenticated is not None,
+            )
             return self._reply(fresh.messages_to_send()[0], ErrorCode.REPLAY)
         if cleared is not None:
             self.guard.forget(cleared)
@@ -324,8 +359,40 @@ class CPNSService:
         now: int,
         reason: str,
         source: str | None,
+        *,
+        authenticated: bool,
     ) -> None:
         name = code.name if isinstance(code, ErrorCode) else str(code)
+        user_id = getattr(message, "user_id", None)
+        procedure = _PROCEDURE.get(type(message), type(message).__name__)
+        if code in _PROOF_FAILURES and user_id is not None and type(message) in _PROCEDURE:
+            # Counted in memory, written in batches by the guard's flush (D-SRV-2).
+            self.guard.failed(procedure, user_id, source, now=now)
+        if not authenticated:
+            # Nobody authenticated this request: it costs no store write and no log line
+            # of its own. It joins the in-memory aggregate of its (procedure, outcome,
+            # source, User ID), written as ONE audit row with a count at the next flush,
+            # so a flood grows the database by its distinct keys, not its requests (D-SRV-2).
+            log.debug(
+                "%s refused for %s: %s (%s)",
+                type(message).__name__,
+                requester,
+                name,
+                reason,
+                extra={"txid": message.txid.hex(), "entity": requester, "status": name},
+            )
+            self.guard.refusal(
+                procedure=procedure,
+                outcome=name,
+                source=source,
+                user_id=user_id,
+                actor=requester,
+                entity_id=getattr(message, "pne_id", None) or message.src,
+                correlation_id=message.txid.hex(),
+                detail=reason,
+                now=now,
+            )
+            return
         log.info(
             "%s refused for %s: %s (%s)",
             type(message).__name__,
@@ -335,10 +402,6 @@ class CPNSService:
             extra={"txid": message.txid.hex(), "entity": requester, "status": name},
         )
         event = _audit_event(message, requester, code, now, reason)
-        user_id = getattr(message, "user_id", None)
-        if code in _PROOF_FAILURES and user_id is not None and type(message) in _PROCEDURE:
-            # Counted in memory, written in batches by the guard's flush (D-SRV-2).
-            self.guard.failed(_PROCEDURE[type(message)], user_id, source, now=now)
         await self._store.write_async(lambda tx: tx.audit(event))
 
 

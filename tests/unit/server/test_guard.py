@@ -5,6 +5,7 @@ with enrolment requests made by the real with-UI client machine."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ from cpns.messages.codec import decode
 from cpns.messages.model import UserKeyAssignmentRequest
 from cpns.protocol.key_assignment import AssignmentPolicy
 from cpns.protocol.user_key_assignment import UserKeyAssignmentClient
-from cpns.records import UserRecord
+from cpns.records import AuditEvent, UserRecord
+from cpns.server.config import ServerConfig
 from cpns.server.guard import AttemptGuard, GuardLimits
+from cpns.server.main import housekeeping
 from cpns.server.service import CPNSService, Reply
 from cpns.store.base import ServerStore, WriteTx
 from cpns.store.masterkey import MasterKey
@@ -182,3 +185,83 @@ def test_flushed_counts_survive_a_restart(tmp_path: Path) -> None:
         again = service(store)
         assert send(again, enrolment(password=PASSWORDS["alice"]), "192.0.2.66") == LIMITED
         assert send(again, enrolment(password=PASSWORDS["alice"]), "198.51.100.7") == ErrorCode.OK
+
+
+# -- cost and growth of unauthenticated refusals (issue 5 item 6, D-SRV-2) --------------------
+
+
+@pytest.fixture
+def sql(tmp_path: Path) -> Iterator[SQLStore]:
+    """A real SQLite store with alice and bob."""
+    key = MasterKey.generate(tmp_path / "master.key")
+    with SQLStore.open(tmp_path / "cpns.db", master_key=key) as s:
+        _users(s)
+        yield s
+
+
+def test_unauthenticated_refusals_cost_no_commit_and_o1_audit_rows(sql: SQLStore) -> None:
+    """Issue 5 item 6, D-SRV-2: 300 bad enrolments (wrong password, unknown users, stale
+    time, TOO_MANY_ATTEMPTS) from 3 sources commit nothing on the request path; one flush
+    writes them in ONE commit as one audit row per (procedure, outcome, source, User ID),
+    whose counts add up to the 300 refusals."""
+    svc = service(sql)
+    commits, rows = sql.write_stats.commits, len(sql.audit_events(limit=10_000))
+    sources = ("192.0.2.1", "192.0.2.2", "192.0.2.3")
+    stale = _at(FIXED_NOW - 3600)
+    for i in range(100):
+        for source in sources:
+            message = enrolment(user="alice" if i % 2 else "nobody")
+            send(svc, stale if i == 50 else message, source)
+    assert sql.write_stats.commits == commits
+    assert len(sql.audit_events(limit=10_000)) == rows
+    written = asyncio.run(svc.flush())
+    assert sql.write_stats.commits == commits + 1
+    new = sql.audit_events(limit=10_000)[: len(sql.audit_events(limit=10_000)) - rows]
+    assert len(new) == written <= 3 * 2 * 3  # sources x users x outcomes
+    assert sum(e.count for e in new) == 300
+    assert {e.source for e in new} == set(sources)
+    assert {e.outcome for e in new} == {"AUTHENTICATION_FAILED", "TOO_MANY_ATTEMPTS", "STALE_TIME"}
+    # Nothing left to write: a second flush is free.
+    assert asyncio.run(svc.flush()) == 0
+    assert sql.write_stats.commits == commits + 1
+
+
+def test_a_real_request_still_commits_its_audit_at_once(sql: SQLStore) -> None:
+    """D-SRV-2: only what nobody authenticated is aggregated: a success is written with its
+    facts in its own commit, before its reply (DESIGN §6)."""
+    svc = service(sql)
+    commits = sql.write_stats.commits
+    assert send(svc, enrolment(password=PASSWORDS["alice"]), "192.0.2.1") == ErrorCode.OK
+    assert sql.write_stats.commits == commits + 1
+    [event] = [e for e in sql.audit_events() if e.outcome == "OK"]
+    assert (event.entity_id, event.count) == ("gw-new", 1)
+
+
+def test_the_aggregate_is_bounded_in_memory(store: MemoryStore) -> None:
+    """D-SRV-2: beyond max_audit_keys distinct aggregates in one interval, further keys
+    fold into one overflow row per (procedure, outcome): memory and rows stay bounded."""
+    limits = GuardLimits(per_source=1000, per_user=1000, max_audit_keys=10)
+    svc = service(store, limits)
+    for i in range(100):
+        assert send(svc, enrolment(user=f"user-{i}"), "192.0.2.9") == FAILED
+    assert asyncio.run(svc.flush()) == 11
+    rows = store.audit_events(limit=1000)
+    [overflow] = [e for e in rows if e.source == "*"]
+    assert overflow.count == 90
+    assert sum(e.count for e in rows) == 100
+
+
+def test_audit_retention_purges_old_rows(sql: SQLStore) -> None:
+    """Issue 5 item 6, D-SRV-2: the server's housekeeping deletes audit events older than
+    audit_retention_days and keeps newer ones."""
+    day = 86400
+    old = AuditEvent(at=FIXED_NOW - 91 * day, actor="x", procedure="p", outcome="OK")
+    recent = AuditEvent(at=FIXED_NOW - 89 * day, actor="y", procedure="p", outcome="OK")
+    sql.write(lambda tx: (tx.audit(old), tx.audit(recent)))
+    config = ServerConfig(audit_retention_days=90)
+    guard = AttemptGuard(sql, LIMITS)
+    removed = asyncio.run(housekeeping(sql, guard, config, now=FIXED_NOW))
+    assert removed >= 1
+    actors = {e.actor for e in sql.audit_events(limit=1000)}
+    assert "x" not in actors
+    assert "y" in actors
