@@ -22,14 +22,24 @@ import cbor2
 
 from cpns.errors import DecodeError, ErrorCode
 from cpns.messages.constants import (
+    ID_PATTERN,
     MAX_MESSAGE_SIZE,
     PROTOCOL_VERSION,
+    TXID_LEN,
     HeaderKey,
     MessageType,
 )
 from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, Message, Record, specs
 
-__all__ = ["MAX_REASON_LEN", "decode", "decode_record", "encode", "encode_record", "to_json"]
+__all__ = [
+    "MAX_REASON_LEN",
+    "decode",
+    "decode_record",
+    "encode",
+    "encode_record",
+    "peek_header",
+    "to_json",
+]
 
 _MAX_DEPTH = 4
 #: Longest error reason the codec produces: a reason may quote the peer's bytes, and one
@@ -236,6 +246,25 @@ def _decode(data: bytes) -> Message:
     message = _build(cls, kwargs)
     _check_canonical(data, message, is_message=True)
     return message
+
+
+def peek_header(data: bytes) -> tuple[bytes | None, str | None]:
+    """Best effort, for the reply to a message :func:`decode` refused: its txid and source.
+
+    Returns ``(txid, src)``, each None unless the bytes are CBOR whose top level is a
+    map holding a well-formed value under that header key (a 16-byte txid, a valid
+    Entity ID). Never raises; reads no more than :func:`decode` would.
+    """
+    try:
+        top = _load(data)
+    except Exception:
+        return None, None
+    if type(top) is not dict:
+        return None, None
+    txid, src = top.get(int(HeaderKey.TXID)), top.get(int(HeaderKey.SOURCE))
+    ok_txid = txid if type(txid) is bytes and len(txid) == TXID_LEN else None
+    ok_src = src if type(src) is str and ID_PATTERN.fullmatch(src) else None
+    return ok_txid, ok_src
 
 
 def decode_record[R: Record](cls: type[R], data: bytes) -> R:

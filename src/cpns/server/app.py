@@ -8,6 +8,12 @@ Routes:
     EUKey (004 §5.x.2); the server proves itself back with ``rspauth`` in
     ``Authentication-Info``. 200 carries the protocol answer (its status inside), 400 an
     ErrorMessage for undecodable bytes, 401 a Digest challenge, 413 an oversize body.
+
+    The 400's ErrorMessage carries the decoder's specific status (``MALFORMED_MESSAGE``
+    100, ``UNSUPPORTED_VERSION`` 101), echoes the request's txid and is addressed to its
+    source when those two header fields can still be read (else a zero txid and
+    ``unknown``); a ``CPNS-Reason`` header gives the decoder's short reason (printable
+    ASCII, at most ~150 characters), for people, not for programs.
 ``GET /cpns/v1/whoami``
     Digest-protected; answers the authenticated Entity ID as JSON. Lets an operator
     check a key with curl, and is what the interop tests use.
@@ -164,7 +170,8 @@ class CPNSApp:
             return
         parsed = self._service.parse(body)
         if isinstance(parsed, Reply):
-            await _respond(send, parsed.http_status, parsed.body, _CBOR)
+            reason = [(b"cpns-reason", peer_text(parsed.reason).encode())] if parsed.reason else []
+            await _respond(send, parsed.http_status, parsed.body, _CBOR, reason)
             return
         entity: str | None = None
         headers: list[tuple[bytes, bytes]] = []
@@ -173,7 +180,10 @@ class CPNSApp:
             if entity is None:
                 await self._challenge(send, stale)
                 return
-        reply = await self._service.handle(parsed, authenticated=entity)
+        client = scope.get("client")
+        reply = await self._service.handle(
+            parsed, authenticated=entity, source=client[0] if client else None
+        )
         await _respond(send, reply.http_status, reply.body, _CBOR, headers)
 
 

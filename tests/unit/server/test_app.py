@@ -265,3 +265,74 @@ def test_a_long_digest_header_writes_a_bounded_log_line(
     assert reply.status == 401
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert len(logged.encode()) <= 400, logged[:500]
+
+
+# -- issue 5 item 15 ---------------------------------------------------------------------
+
+
+def _header_map(**changes: Any) -> dict[int, Any]:
+    top: dict[int, Any] = {
+        0: 1,
+        1: int(MessageType.USER_KEY_ASSIGNMENT_REQUEST),
+        2: TXID,
+        3: "gw-new",
+        4: SERVER_ID,
+        6: {1: "alice", 2: 2, 3: FIXED_NOW, 4: bytes(32), 5: bytes(32)},
+    }
+    for key, value in changes.items():
+        top[int(key.removeprefix("k"))] = value
+    return top
+
+
+@pytest.mark.parametrize(
+    ("top", "code", "reason"),
+    [
+        (_header_map(k0=7), ErrorCode.UNSUPPORTED_VERSION, "unsupported version 7"),
+        (_header_map(k1=99), ErrorCode.MALFORMED_MESSAGE, "unknown message type 99"),
+        (_header_map(k6={1: "alice", 9: 1}), ErrorCode.MALFORMED_MESSAGE, "unknown field key"),
+    ],
+    ids=["version", "type", "field"],
+)
+def test_a_malformed_request_gets_its_code_reason_txid_and_source(
+    store: MemoryStore, top: dict[int, Any], code: ErrorCode, reason: str
+) -> None:
+    """Issue 5 item 15: the refusal of a malformed request carries the decoder's specific
+    code, a short reason (CPNS-Reason header) and, when they can be read, the request's
+    txid and its source as destination (was: code 100, a zero txid, "unknown")."""
+    reply = call(make_app(store), body=cbor2.dumps(top, canonical=True))
+    assert reply.status == 400
+    error = decode(reply.body)
+    assert isinstance(error, ErrorMessage)
+    assert error.status == code
+    assert error.txid == TXID
+    assert error.dst == "gw-new"
+    assert error.src == SERVER_ID
+    header = reply.header(b"cpns-reason")
+    assert header is not None
+    assert reason in header.decode()
+    assert len(header) <= 160
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xff\x00",
+        cbor2.dumps([1, 2, 3]),
+        cbor2.dumps(_header_map(k2=b"short", k3="\n bad id")),
+        cbor2.dumps(_header_map(k2=None, k3="x" * 500), canonical=True) + b"trailing",
+    ],
+    ids=["not-cbor", "not-a-map", "bad-txid-and-source", "trailing-bytes"],
+)
+def test_unreadable_header_fields_fall_back_to_zero_txid_and_unknown(
+    store: MemoryStore, body: bytes
+) -> None:
+    """Issue 5 item 15: when the txid or source cannot be read (not CBOR, not a map,
+    wrong size, not an Entity ID), the refusal uses a zero txid and "unknown"."""
+    reply = call(make_app(store), body=body)
+    assert reply.status == 400
+    error = decode(reply.body)
+    assert isinstance(error, ErrorMessage)
+    assert error.status == ErrorCode.MALFORMED_MESSAGE
+    assert error.txid == bytes(16)
+    assert error.dst == "unknown"
+    assert reply.header(b"cpns-reason")
