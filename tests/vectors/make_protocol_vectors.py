@@ -1,0 +1,620 @@
+"""Generate tests/vectors/protocol_v1.json and the generated blocks of docs/wire.md.
+
+One command regenerates both, from the repository root::
+
+    PYTHONPATH=src python tests/vectors/make_protocol_vectors.py          # write
+    PYTHONPATH=src python tests/vectors/make_protocol_vectors.py --check  # compare only
+
+What it writes (issue 5 item 16): protocol-level known-answer vectors a third party can
+load, made with throwaway inputs written below and the outputs ``cpns`` computes from
+them: every message type as CBOR bytes with its decoded JSON view, every derivation of
+docs/wire.md section 8 with its inputs and intermediate values, HTTP Digest headers, and a
+worked example of a whole EUKey assignment (004 enrolment of the PN GW, then the 003
+assignment of a PNE). Nothing is copied by hand: messages come from
+:mod:`cpns.messages`, derivations from :mod:`cpns.crypto` and :mod:`cpns.protocol`.
+
+docs/wire.md holds blocks between ``<!-- generated: NAME -->`` and ``<!-- end generated
+-->``: the CDDL (:func:`cpns.messages.cddl.render_cddl`), the status table
+(:func:`cpns.messages.cddl.render_status_table`) and the worked example (from the
+vectors). ``tests/unit/test_wire_doc.py`` and ``tests/unit/test_protocol_vectors.py``
+fail when either file differs from what this script would write.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cpns.crypto.hashchain import CHAIN_LABEL, build_chain
+from cpns.crypto.hashing import encode_parts, hash_values, mac
+from cpns.crypto.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R, derive_key, password_key, password_salt
+from cpns.crypto.keywrap import seal
+from cpns.errors import ErrorCode
+from cpns.messages.cddl import render_cddl, render_status_table
+from cpns.messages.codec import encode, encode_record, to_json
+from cpns.messages.model import (
+    ErrorMessage,
+    EUKeyAssignmentAck,
+    EUKeyAssignmentNotification,
+    EUKeyAssignmentRequest,
+    EUKeyAssignmentResponse,
+    KeyBundle,
+    Message,
+    PNEHello,
+    UserKeyAssignmentRequest,
+    UserKeyAssignmentResponse,
+)
+from cpns.protocol import key_assignment as ka
+from cpns.protocol import user_key_assignment as uka
+from cpns.protocol.digest import (
+    NONCE_LABEL,
+    DigestAlgorithm,
+    DigestClient,
+    DigestServer,
+    compute_response,
+)
+from cpns.types import EntityKind
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = Path(__file__).with_name("protocol_v1.json")
+WIRE = ROOT / "docs" / "wire.md"
+
+type Part = bytes | str | int
+
+# -- throwaway inputs (never use them for anything real) ------------------------------------
+
+REALM = "cpns"
+SERVER_ID = "cpns-server"
+USER_ID = "alice"
+PASSWORD = "correct horse battery"
+GATEWAY_ID = "gw-alice"
+PNE_ID = "pne-0001"
+PN_ID = "pn-alice-home"
+NOW = 1_700_000_000
+TK = bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+#: A short chain keeps the file readable; the server's default is 16.
+CHAIN_LEN = 4
+EPOCH = 1
+
+
+def _fill(byte: int, n: int) -> bytes:
+    return bytes([byte]) * n
+
+
+# The random values each party draws, fixed here (a real party draws them from a CSPRNG).
+TXID_004 = _fill(0x10, 16)
+RAND_004 = _fill(0x11, 32)
+RAND_SERVER_004 = _fill(0x12, 32)
+GATEWAY_EUKEY = _fill(0x13, 32)
+NONCE_004 = _fill(0x14, 12)
+TXID_003 = _fill(0x20, 16)
+RAND_PNGW = _fill(0x21, 32)
+RAND_SVR = _fill(0x22, 32)
+NONCE_BUNDLE = _fill(0x23, 12)
+NONCE_NOTIFICATION = _fill(0x24, 12)
+DIGEST_NONCE_KEY = _fill(0x30, 32)
+DIGEST_NONCE_RAND = _fill(0x31, 8)
+DIGEST_CNONCE = _fill(0x32, 16)
+HELLO_TXID = _fill(0x40, 16)
+ERROR_TXID = _fill(0x41, 16)
+
+
+class _Script:
+    """A :class:`cpns.types.Random` handing out fixed values in order."""
+
+    def __init__(self, *values: bytes) -> None:
+        self._values = list(values)
+
+    def token_bytes(self, n: int) -> bytes:
+        value = self._values.pop(0)
+        assert len(value) == n, (len(value), n)
+        return value
+
+
+def part_json(value: Part) -> dict[str, Any]:
+    """A part with its type made explicit (JSON cannot tell bytes from str)."""
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, str):
+        return {"str": value}
+    return {"int": value}
+
+
+def parts_json(values: Iterable[Part]) -> list[dict[str, Any]]:
+    """Several parts."""
+    return [part_json(v) for v in values]
+
+
+def message_json(name: str, message: Message, note: str) -> dict[str, Any]:
+    """One message vector: bytes and the decoded view (secrets shown: they are throwaway)."""
+    return {
+        "name": name,
+        "note": note,
+        "type": int(message.TYPE),
+        "cbor": encode(message).hex(),
+        "decoded": to_json(message, reveal_secrets=True),
+    }
+
+
+def seal_json(
+    secret: bytes, plaintext: bytes, *, purpose: str, context: tuple[Part, ...], nonce: bytes
+) -> dict[str, Any]:
+    """A sealed value with every intermediate: the AES key and the associated data."""
+    return {
+        "secret": secret.hex(),
+        "purpose": purpose,
+        "context": parts_json(context),
+        "nonce": nonce.hex(),
+        "plaintext": plaintext.hex(),
+        "aead_key": derive_key(
+            secret, salt=b"", label="cpns/v1/seal-key", context=(purpose,)
+        ).hex(),
+        "associated_data": (b"\x01" + encode_parts("cpns/v1/seal/" + purpose, context)).hex(),
+        "blob": seal(secret, plaintext, purpose=purpose, context=context, nonce=nonce).hex(),
+    }
+
+
+# -- the worked example: 004 enrolment of the PN GW, then 003 for one PNE -------------------
+
+
+def _enrolment() -> dict[str, Any]:
+    pk = password_key(PASSWORD, realm=REALM, user_id=USER_ID)
+    client = uka.UserKeyAssignmentClient(
+        entity_id=GATEWAY_ID,
+        entity_kind=EntityKind.PN_GW,
+        server_id=SERVER_ID,
+        rng=_Script(TXID_004, RAND_004),
+    )
+    client.start(user_id=USER_ID, password_key=pk, now=NOW)
+    (request,) = client.messages_to_send()
+    assert isinstance(request, UserKeyAssignmentRequest)
+    reply_key = uka._reply_key(pk, request, RAND_SERVER_004)
+    context = uka._context(request)
+    sealed = seal_json(
+        reply_key, GATEWAY_EUKEY, purpose=uka.EUKEY_PURPOSE, context=context, nonce=NONCE_004
+    )
+    response = UserKeyAssignmentResponse(
+        txid=request.txid,
+        src=SERVER_ID,
+        dst=GATEWAY_ID,
+        status=ErrorCode.OK,
+        rand_server=RAND_SERVER_004,
+        sealed_eukey=bytes.fromhex(sealed["blob"]),
+    )
+    events = client.receive(response)
+    assert [type(e).__name__ for e in events] == ["EUKeyReceived"], events
+    return {
+        "inputs": {
+            "realm": REALM,
+            "user_id": USER_ID,
+            "password": PASSWORD,
+            "entity_id": GATEWAY_ID,
+            "entity_kind": int(EntityKind.PN_GW),
+            "server_id": SERVER_ID,
+            "time": NOW,
+            "txid": TXID_004.hex(),
+            "rand": RAND_004.hex(),
+            "rand_server": RAND_SERVER_004.hex(),
+            "eukey": GATEWAY_EUKEY.hex(),
+        },
+        "password_salt": password_salt(REALM, USER_ID).hex(),
+        "password_key": pk.hex(),
+        "auth_data": request.auth_data.hex(),
+        "reply_key": {
+            "salt": (RAND_004 + RAND_SERVER_004).hex(),
+            "info": encode_parts(
+                uka.REPLY_KEY_LABEL, (request.src, request.user_id, request.txid)
+            ).hex(),
+            "key": reply_key.hex(),
+        },
+        "sealed_eukey": sealed,
+        "request": message_json("user_key_assignment_request", request, "PN GW -> server"),
+        "response": message_json("user_key_assignment_response", response, "server -> PN GW"),
+    }
+
+
+def _assignment() -> dict[str, Any]:
+    pk = password_key(PASSWORD, realm=REALM, user_id=USER_ID)
+    code = ka.claim_code(TK, PNE_ID)
+    ckey = ka.claim_key(code)
+    gateway = ka.EUKeyAssignmentGateway(
+        gateway_id=GATEWAY_ID,
+        gateway_eukey=GATEWAY_EUKEY,
+        server_id=SERVER_ID,
+        rng=_Script(RAND_PNGW, TXID_003, NONCE_NOTIFICATION),
+    )
+    gateway.start(pne_id=PNE_ID, user_id=USER_ID, password_key=pk, claim_key=ckey, now=NOW)
+    (request,) = gateway.messages_to_send()
+    assert isinstance(request, EUKeyAssignmentRequest)
+    seed = ka.seed_pne(RAND_SVR, RAND_PNGW)
+    chain = build_chain(seed, CHAIN_LEN)
+    bundle = KeyBundle(tk=TK, eukeys=tuple(chain), epoch=EPOCH)
+    bundle_cbor = encode_record(bundle)
+    bundle_seal = seal_json(
+        GATEWAY_EUKEY,
+        bundle_cbor,
+        purpose=ka.RESPONSE_PURPOSE,
+        context=ka._bundle_context(SERVER_ID, GATEWAY_ID, PNE_ID, TXID_003),
+        nonce=NONCE_BUNDLE,
+    )
+    response = EUKeyAssignmentResponse(
+        txid=TXID_003,
+        src=SERVER_ID,
+        dst=GATEWAY_ID,
+        status=ErrorCode.OK,
+        pne_id=PNE_ID,
+        sealed_bundle=bytes.fromhex(bundle_seal["blob"]),
+    )
+    gateway.receive(response)
+    (notification,) = gateway.messages_to_send()
+    assert isinstance(notification, EUKeyAssignmentNotification)
+    notification_context = ka._notification_context(GATEWAY_ID, PNE_ID, TXID_003, 1, EPOCH)
+    notification_seal = seal_json(
+        TK,
+        chain[0],
+        purpose=ka.NOTIFICATION_PURPOSE,
+        context=notification_context,
+        nonce=NONCE_NOTIFICATION,
+    )
+    assert notification.sealed_eukey == bytes.fromhex(notification_seal["blob"])
+    device = ka.EUKeyAssignmentDevice(entity_id=PNE_ID, tk=TK, rng=_Script())
+    device.receive(notification)
+    (ack,) = device.messages_to_send()
+    assert isinstance(ack, EUKeyAssignmentAck)
+    assert ack.proof is not None
+    events = gateway.receive(ack)
+    assert [type(e).__name__ for e in events] == ["EUKeyDelivered"], events
+    ack_parts: tuple[Part, ...] = (GATEWAY_ID, PNE_ID, TXID_003, 1, EPOCH)
+    return {
+        "inputs": {
+            "realm": REALM,
+            "user_id": USER_ID,
+            "password_key": pk.hex(),
+            "gateway_id": GATEWAY_ID,
+            "gateway_eukey": GATEWAY_EUKEY.hex(),
+            "server_id": SERVER_ID,
+            "pne_id": PNE_ID,
+            "tk": TK.hex(),
+            "time": NOW,
+            "txid": TXID_003.hex(),
+            "rand_pngw": RAND_PNGW.hex(),
+            "rand_svr": RAND_SVR.hex(),
+            "chain_length": CHAIN_LEN,
+            "epoch": EPOCH,
+        },
+        "claim_code": code,
+        "claim_key": ckey.hex(),
+        "auth_data": request.auth_data.hex(),
+        "claim_proof": request.claim_proof.hex(),
+        "seed_pne": seed.hex(),
+        "eukeys": [k.hex() for k in chain],
+        "key_bundle": {"cbor": bundle_cbor.hex(), "epoch": EPOCH},
+        "bundle_seal": bundle_seal,
+        "notification_seal": notification_seal,
+        "ack_proof": {
+            "key": chain[0].hex(),
+            "label": ka.ACK_LABEL,
+            "parts": parts_json(ack_parts),
+            "tag": ack.proof.hex(),
+        },
+        "request": message_json("eukey_assignment_request", request, "PN GW -> server"),
+        "response": message_json("eukey_assignment_response", response, "server -> PN GW"),
+        "notification": message_json(
+            "eukey_assignment_notification", notification, "PN GW -> PNE (PAN frame)"
+        ),
+        "ack": message_json("eukey_assignment_ack", ack, "PNE -> PN GW (PAN frame)"),
+    }
+
+
+def _digest() -> dict[str, Any]:
+    server = DigestServer(realm=REALM, nonce_key=DIGEST_NONCE_KEY)
+    (challenge,) = server.challenge(now=NOW, rng=_Script(DIGEST_NONCE_RAND))
+    client = DigestClient(GATEWAY_ID, GATEWAY_EUKEY.hex())
+    uri = "/cpns/v1/messages"
+    authorization = client.authorization(
+        challenges=[challenge], method="POST", uri=uri, rng=_Script(DIGEST_CNONCE)
+    )
+    ok = server.verify(
+        method="POST",
+        uri=uri,
+        authorization=authorization,
+        lookup={GATEWAY_ID: GATEWAY_EUKEY.hex()}.get,
+        now=NOW + 1,
+    )
+    client.verify_response(ok.authentication_info)
+    tag = mac(DIGEST_NONCE_KEY, NONCE_LABEL, REALM, NOW, DIGEST_NONCE_RAND)
+    nonce = base64.urlsafe_b64encode(NOW.to_bytes(8, "big") + DIGEST_NONCE_RAND + tag).decode()
+    common = {
+        "username": GATEWAY_ID,
+        "realm": REALM,
+        "password": GATEWAY_EUKEY.hex(),
+        "uri": uri,
+        "nonce": nonce,
+        "nc": "00000001",
+        "cnonce": DIGEST_CNONCE.hex(),
+        "qop": "auth",
+    }
+    responses = []
+    for algorithm in (DigestAlgorithm.SHA_256, DigestAlgorithm.MD5):
+        args = {k: v for k, v in common.items()}
+        responses.append(
+            {
+                "algorithm": algorithm.value,
+                **args,
+                "method": "POST",
+                "response": compute_response(algorithm=algorithm, method="POST", **args),
+                "rspauth": compute_response(algorithm=algorithm, method="", **args),
+            }
+        )
+    return {
+        "nonce": {
+            "nonce_key": DIGEST_NONCE_KEY.hex(),
+            "realm": REALM,
+            "issued": NOW,
+            "random": DIGEST_NONCE_RAND.hex(),
+            "label": NONCE_LABEL,
+            "tag": tag.hex(),
+            "nonce": nonce,
+        },
+        "responses": responses,
+        "exchange": {
+            "www_authenticate": challenge,
+            "authorization": authorization,
+            "authentication_info": ok.authentication_info,
+        },
+    }
+
+
+def _primitives() -> dict[str, Any]:
+    label = "cpns/v1/test-vector"
+    parts: list[Part] = [b"\x00\x01\x02", "h\u00e9llo", 0, 2**64 - 1, b""]
+    key = _fill(0x0B, 32)
+    secret = bytes(range(1, 33))
+    salt = _fill(0x11, 32) + _fill(0x22, 32)
+    context: tuple[Part, ...] = ("gw-alice", "alice", _fill(0x33, 16))
+    return {
+        "encode_parts": {
+            "label": label,
+            "parts": parts_json(parts),
+            "encoding": encode_parts(label, parts).hex(),
+        },
+        "hash": {
+            "label": label,
+            "parts": parts_json(parts),
+            "digest": hash_values(label, *parts).hex(),
+        },
+        "mac": {
+            "key": key.hex(),
+            "label": label,
+            "parts": parts_json(parts),
+            "tag": mac(key, label, *parts).hex(),
+        },
+        "hkdf": {
+            "secret": secret.hex(),
+            "salt": salt.hex(),
+            "label": "cpns/v1/test-kdf",
+            "context": parts_json(context),
+            "info": encode_parts("cpns/v1/test-kdf", context).hex(),
+            "length": 42,
+            "okm": derive_key(
+                secret, salt=salt, label="cpns/v1/test-kdf", context=context, length=42
+            ).hex(),
+        },
+        "password_key": {
+            "password": PASSWORD,
+            "realm": REALM,
+            "user_id": USER_ID,
+            "scrypt": {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "dklen": 32},
+            "salt": password_salt(REALM, USER_ID).hex(),
+            "key": password_key(PASSWORD, realm=REALM, user_id=USER_ID).hex(),
+        },
+        "chain": {
+            "label": CHAIN_LABEL,
+            "seed": bytes(range(32)).hex(),
+            "n": 4,
+            "eukeys": [k.hex() for k in build_chain(bytes(range(32)), 4)],
+        },
+        "seal": seal_json(
+            _fill(0x5E, 32),
+            bytes(range(32, 64)),
+            purpose="test/purpose",
+            context=("cpns-server", "gw-alice", 7),
+            nonce=bytes(range(12)),
+        ),
+    }
+
+
+def _other_messages() -> list[dict[str, Any]]:
+    return [
+        message_json(
+            "pne_hello",
+            PNEHello(txid=HELLO_TXID, src=PNE_ID, dst=GATEWAY_ID, has_ui=False, key_index=0),
+            "PNE -> PN GW, first frame on a new PAN connection",
+        ),
+        message_json(
+            "pne_hello_with_pn_id",
+            PNEHello(
+                txid=HELLO_TXID,
+                src=PNE_ID,
+                dst=GATEWAY_ID,
+                pn_id=PN_ID,
+                has_ui=False,
+                key_index=1,
+            ),
+            "the optional PN ID header field present",
+        ),
+        message_json(
+            "error",
+            ErrorMessage(
+                txid=ERROR_TXID, src=SERVER_ID, dst=GATEWAY_ID, status=ErrorCode.MALFORMED_MESSAGE
+            ),
+            "generic error reply to an undecodable or unacceptable message",
+        ),
+        message_json(
+            "eukey_assignment_response_refused",
+            EUKeyAssignmentResponse(
+                txid=TXID_003,
+                src=SERVER_ID,
+                dst=GATEWAY_ID,
+                status=ErrorCode.CLAIM_NOT_PROVEN,
+                pne_id=PNE_ID,
+            ),
+            "a refusal: status only, no sealed bundle",
+        ),
+        message_json(
+            "eukey_assignment_ack_refused",
+            EUKeyAssignmentAck(
+                txid=TXID_003,
+                src=PNE_ID,
+                dst=GATEWAY_ID,
+                status=ErrorCode.AUTHENTICATION_FAILED,
+                key_index=1,
+            ),
+            "the PNE could not open the Notification: no proof",
+        ),
+        message_json(
+            "user_key_assignment_response_refused",
+            UserKeyAssignmentResponse(
+                txid=TXID_004, src=SERVER_ID, dst=GATEWAY_ID, status=ErrorCode.WRONG_PASSWORD
+            ),
+            "a refusal: status only",
+        ),
+    ]
+
+
+def build() -> dict[str, Any]:
+    """Every vector, as the committed JSON holds it."""
+    enrolment = _enrolment()
+    assignment = _assignment()
+    messages = [
+        enrolment["request"],
+        enrolment["response"],
+        assignment["request"],
+        assignment["response"],
+        assignment["notification"],
+        assignment["ack"],
+        *_other_messages(),
+    ]
+    return {
+        "version": 1,
+        "generator": "tests/vectors/make_protocol_vectors.py",
+        "note": "Throwaway inputs; every value is explained in docs/wire.md.",
+        "messages": messages,
+        "primitives": _primitives(),
+        "enrolment_004": enrolment,
+        "assignment_003": assignment,
+        "digest": _digest(),
+    }
+
+
+def render() -> str:
+    """The JSON file's exact text."""
+    return json.dumps(build(), indent=2, ensure_ascii=True) + "\n"
+
+
+# -- docs/wire.md generated blocks ----------------------------------------------------------
+
+_BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
+
+
+def _wrap(text: str, width: int = 88) -> Iterator[str]:
+    for start in range(0, len(text), width):
+        yield text[start : start + width]
+
+
+def _hex_block(title: str, hexstr: str) -> list[str]:
+    return [f"{title} ({len(hexstr) // 2} bytes):", *("    " + line for line in _wrap(hexstr))]
+
+
+def render_example(vectors: dict[str, Any]) -> str:
+    """The worked example of docs/wire.md, from the vectors."""
+    e, a, d = vectors["enrolment_004"], vectors["assignment_003"], vectors["digest"]
+    out = ["```text"]
+    out += [
+        "== 004 enrolment of the PN GW (with UI) ==",
+        f"inputs: user {e['inputs']['user_id']!r}, password {e['inputs']['password']!r}, "
+        f"realm {e['inputs']['realm']!r}, entity {e['inputs']['entity_id']!r} (kind 2), "
+        f"time {e['inputs']['time']}",
+        f"password_salt = {e['password_salt']}",
+        f"password_key  = {e['password_key']}",
+        f"auth_data     = {e['auth_data']}",
+        *_hex_block("UserKeyAssignmentRequest, POST body", e["request"]["cbor"]),
+        f"reply_key     = {e['reply_key']['key']}",
+        f"  salt = rand || rand_server = {e['reply_key']['salt']}",
+        f"aead_key      = {e['sealed_eukey']['aead_key']}",
+        *_hex_block("associated data", e["sealed_eukey"]["associated_data"]),
+        *_hex_block("sealed_eukey", e["sealed_eukey"]["blob"]),
+        *_hex_block("UserKeyAssignmentResponse, 200 body", e["response"]["cbor"]),
+        f"the PN GW's EUKey = {e['inputs']['eukey']}",
+        "",
+        "== HTTP Digest on the 003 request (RFC 7616, SHA-256) ==",
+        "401 WWW-Authenticate: " + d["exchange"]["www_authenticate"],
+        "Authorization: " + d["exchange"]["authorization"],
+        "200 Authentication-Info: " + d["exchange"]["authentication_info"],
+        "",
+        "== 003 assignment of a PNE without UI ==",
+        f"inputs: PNE {a['inputs']['pne_id']!r}, TK {a['inputs']['tk']}, "
+        f"chain length {a['inputs']['chain_length']}, epoch {a['inputs']['epoch']}",
+        f"claim code on the label = {a['claim_code']}",
+        f"claim_key     = {a['claim_key']}",
+        f"auth_data     = {a['auth_data']}",
+        f"claim_proof   = {a['claim_proof']}",
+        *_hex_block("EUKeyAssignmentRequest, POST body", a["request"]["cbor"]),
+        f"SeedPNE       = {a['seed_pne']}",
+        *(f"EUKey_{i + 1}       = {k}" for i, k in enumerate(a["eukeys"])),
+        *_hex_block("KeyBundle (plaintext)", a["key_bundle"]["cbor"]),
+        f"aead_key      = {a['bundle_seal']['aead_key']}",
+        *_hex_block("associated data", a["bundle_seal"]["associated_data"]),
+        *_hex_block("EUKeyAssignmentResponse, 200 body", a["response"]["cbor"]),
+        f"notification aead_key = {a['notification_seal']['aead_key']}",
+        *_hex_block("associated data", a["notification_seal"]["associated_data"]),
+        *_hex_block("EUKeyAssignmentNotification, PAN payload", a["notification"]["cbor"]),
+        f"ack proof     = {a['ack_proof']['tag']}",
+        *_hex_block("EUKeyAssignmentAck, PAN payload", a["ack"]["cbor"]),
+        "```",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _generators(vectors: dict[str, Any]) -> dict[str, Callable[[], str]]:
+    return {
+        "cddl": lambda: "```cddl\n" + render_cddl() + "```\n",
+        "status-codes": render_status_table,
+        "example": lambda: render_example(vectors),
+    }
+
+
+def render_wire(text: str, vectors: dict[str, Any] | None = None) -> str:
+    """``text`` with every generated block of docs/wire.md replaced by its regeneration."""
+    gens = _generators(vectors if vectors is not None else build())
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(2)
+        if name not in gens:
+            raise KeyError(f"docs/wire.md: unknown generated block {name!r}")
+        return match.group(1) + gens[name]() + match.group(4)
+
+    return _BLOCK.sub(fill, text)
+
+
+def main() -> int:
+    """Write both files; with ``--check``, only compare and exit 1 on a difference."""
+    vectors = build()
+    text = json.dumps(vectors, indent=2, ensure_ascii=True) + "\n"
+    wire = WIRE.read_text(encoding="utf-8")
+    new_wire = render_wire(wire, vectors)
+    if "--check" in sys.argv[1:]:
+        same = OUT.exists() and OUT.read_text(encoding="ascii") == text and new_wire == wire
+        return 0 if same else 1
+    OUT.write_text(text, encoding="ascii")
+    WIRE.write_text(new_wire, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
