@@ -665,6 +665,9 @@ class SQLStore:
         self._path = Path(path)
         self._dialect = _SQLITE
         self._sealer = _Sealer(master_key)
+        # Opened in place of a user's sealed password key when the User ID is unknown, so
+        # both lookups cost the same (no user enumeration by timing, issue 5 item 7).
+        self._no_user = self._sealer.seal("users.password_key", bytes(KEY_LEN), ("",))
         self._reply_retention = reply_retention
         self._busy_timeout = busy_timeout
         self._max_batch = max_batch
@@ -841,12 +844,17 @@ class SQLStore:
             assigned_via=assigned_via,
             assigned_at=assigned_at,
             revoked=bool(revoked),
+            epoch=epoch,
         )
 
     def get_user(self, user_id: str) -> UserRecord | None:
         """The user, or None; :class:`StoreError` if its sealed key does not open."""
         rows = self._query(_Q.USER_GET, (user_id,))
-        return self._user(rows[0]) if rows else None
+        if not rows:
+            # The same unseal as for a known user: equal cost, equal answer time.
+            self._sealer.open("users.password_key", self._no_user, ("",))
+            return None
+        return self._user(rows[0])
 
     def get_entity(self, entity_id: str) -> EntityRecord | None:
         """The entity, or None; :class:`StoreError` if its sealed EUKeys do not open."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.helpers import FIXED_NOW, PASSWORDS, SERVER_ID, FixedRandom, cached_password_key
@@ -265,3 +266,50 @@ def test_audit_retention_purges_old_rows(sql: SQLStore) -> None:
     actors = {e.actor for e in sql.audit_events(limit=1000)}
     assert "x" not in actors
     assert "y" in actors
+
+
+# -- an unknown User ID costs what a known one does (issue 5 item 7, enrolment half) ----------
+
+
+def _enrolment_work(sql: SQLStore, monkeypatch: pytest.MonkeyPatch, user: str) -> list[object]:
+    """Every operation one refused enrolment makes: SQL reads, unseals, MACs, reply size."""
+    import cpns.protocol.user_key_assignment as uka
+    import cpns.store.sql as sqlmod
+
+    ops: list[object] = []
+    real_query, real_open, real_verify = SQLStore._query, sqlmod._Sealer.open, uka.verify_mac
+
+    def query(self: SQLStore, statement: str, params: Any) -> list[Any]:
+        ops.append(("sql", statement))
+        return real_query(self, statement, params)
+
+    def unseal(self: Any, column: str, blob: bytes, row: Any) -> bytes:
+        ops.append(("unseal", column, len(blob)))
+        return real_open(self, column, blob, row)
+
+    def verify(key: bytes, tag: bytes, label: str, *parts: Any) -> None:
+        ops.append(("verify_mac", len(key), label))
+        real_verify(key, tag, label, *parts)
+
+    monkeypatch.setattr(SQLStore, "_query", query)
+    monkeypatch.setattr(sqlmod._Sealer, "open", unseal)
+    monkeypatch.setattr(uka, "verify_mac", verify)
+    svc = service(sql)
+    reply = asyncio.run(svc.handle(enrolment(user=user), authenticated=None, source="192.0.2.1"))
+    ops.append(("reply", reply.http_status, len(reply.body), decode(reply.body).status))  # type: ignore[attr-defined]
+    ops.append(("unflushed", svc.guard.unflushed))
+    monkeypatch.undo()
+    return ops
+
+
+def test_unknown_and_existing_user_ids_cost_the_same(
+    sql: SQLStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 5 item 7 (enrolment), D-004-2: a wrong password for an existing User ID and any
+    proof for an unknown one run the same SQL reads, the same unseal of a password key,
+    the same MAC, the same failure counting and audit path, and get replies of one size
+    and status: nothing tells them apart, by answer or by work done."""
+    existing = _enrolment_work(sql, monkeypatch, "alice")
+    unknown = _enrolment_work(sql, monkeypatch, "nobody-at-all")
+    assert ("unseal", "users.password_key", len(sql._no_user)) in existing
+    assert existing == unknown
