@@ -844,7 +844,6 @@ class SQLStore:
             assigned_via=assigned_via,
             assigned_at=assigned_at,
             revoked=bool(revoked),
-            epoch=epoch,
         )
 
     def get_user(self, user_id: str) -> UserRecord | None:
