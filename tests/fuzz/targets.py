@@ -1,0 +1,326 @@
+"""Fuzz targets: one per decoder that reads a peer's (or a file's) bytes (issue 5 item 17).
+
+Each :class:`Target` names the decoder, the one error type it may raise, a seed corpus of
+valid inputs and, where an encoder exists, the re-encoding check: an accepted input must
+re-encode byte for byte (CBOR messages, records, frames) or, for text formats whose
+encoders choose one spelling of many (Digest headers, CSV), parse back to the same value.
+
+A target's ``run(data)`` returns True when the input was accepted, False when it was
+refused with the allowed error, and raises :class:`PropertyViolation` when the decoder
+accepted something that does not round-trip. Any other exception is a finding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cpns.errors import AuthenticationFailed, DecodeError, StoreError
+from cpns.messages.codec import decode, decode_record, encode, encode_record
+from cpns.messages.model import KeyBundle
+from cpns.protocol.digest import (
+    MAX_HEADER_LEN,
+    DigestServer,
+    format_auth_params,
+    format_digest,
+    parse_auth_params,
+    parse_challenges,
+    parse_digest,
+)
+from cpns.server.admin import TKImportError, parse_tk_csv
+from cpns.store.keystore import LocalKeyStore
+from cpns.transport.framing import HEADER_LEN, FrameDecoder, encode_frame
+
+__all__ = ["TARGETS", "PropertyViolation", "Target"]
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "protocol_v1.json"
+
+
+class PropertyViolation(AssertionError):
+    """An accepted input that does not re-encode (or re-parse) to itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One decoder under fuzzing."""
+
+    #: Short name used on the command line and in reports.
+    name: str
+    #: Decode one input; True if accepted, False if refused with ``allowed``.
+    run: Callable[[bytes], bool]
+    #: The decoder's own error type(s): the only exceptions it may raise.
+    allowed: tuple[type[BaseException], ...]
+    #: Valid inputs to start mutating from.
+    seeds: Callable[[], list[bytes]]
+    #: Whether inputs are CBOR (the engine then also mutates their structure).
+    cbor: bool = False
+    #: Extra words the text mutator splices in.
+    dictionary: tuple[bytes, ...] = field(default=())
+
+
+def _vectors() -> dict[str, object]:
+    loaded: dict[str, object] = json.loads(VECTORS.read_text(encoding="ascii"))
+    return loaded
+
+
+def _message_seeds() -> list[bytes]:
+    messages = _vectors()["messages"]
+    assert isinstance(messages, list)
+    return [bytes.fromhex(m["cbor"]) for m in messages]
+
+
+# -- messages -------------------------------------------------------------------------------
+
+
+def _run_message(data: bytes) -> bool:
+    try:
+        message = decode(data)
+    except DecodeError:
+        return False
+    if encode(message) != data:
+        raise PropertyViolation("accepted message does not re-encode byte for byte")
+    return True
+
+
+# -- records (sealed plaintexts) --------------------------------------------------------------
+
+
+def _run_key_bundle(data: bytes) -> bool:
+    try:
+        record = decode_record(KeyBundle, data)
+    except DecodeError:
+        return False
+    if encode_record(record) != data:
+        raise PropertyViolation("accepted KeyBundle does not re-encode byte for byte")
+    return True
+
+
+def _bundle_seeds() -> list[bytes]:
+    assignment = _vectors()["assignment_003"]
+    assert isinstance(assignment, dict)
+    return [bytes.fromhex(assignment["key_bundle"]["cbor"])]
+
+
+class _KeyStoreFile:
+    """A PN GW / PNE key-store file (sealed CBOR map) whose plaintext is the fuzz input.
+
+    The input is sealed under the store's key exactly as :meth:`LocalKeyStore.save` would,
+    so the fuzzer reaches the CBOR decoding behind the seal; ``load`` may raise only
+    :class:`StoreError`.
+    """
+
+    def __init__(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="cpns-fuzz-ks-"))
+        self._store = LocalKeyStore(self._dir / "fuzz.store", b"\x07" * 32)
+
+    def run(self, data: bytes) -> bool:
+        from cpns.crypto.keywrap import seal
+        from cpns.store import keystore
+
+        blob = seal(
+            b"\x07" * 32,
+            data,
+            purpose=keystore._PURPOSE,
+            context=(self._store.path.name,),
+            nonce=b"\x00" * 12,
+        )
+        self._store.path.write_bytes(keystore._MAGIC + blob)
+        try:
+            self._store.load()
+        except StoreError:
+            return False
+        return True
+
+
+def _keystore_seeds() -> list[bytes]:
+    import cbor2
+
+    pne = {
+        "tk": b"\x01" * 32,
+        "eukeys": [b"\x02" * 32, b"\x03" * 32],
+        "key_index": 1,
+        "epoch": 1,
+        "txid": b"\x04" * 16,
+        "stage": "delivered",
+    }
+    return [
+        cbor2.dumps({"entity_id": "gw-alice", "eukey": b"\x05" * 32}, canonical=True),
+        cbor2.dumps(pne, canonical=True),
+        cbor2.dumps({"pnes": {"pne-0001": pne}, "nested": [[1, None, True]]}, canonical=True),
+    ]
+
+
+# -- PAN frames -----------------------------------------------------------------------------
+
+
+def _run_frames(data: bytes) -> bool:
+    """Feed ``data`` in chunks whose sizes come from the data itself (deterministic)."""
+    decoder = FrameDecoder()
+    frames: list[bytes] = []
+    step = 1 + (data[0] % 7 if data else 0)
+    try:
+        for start in range(0, len(data), step):
+            frames += decoder.feed(data[start : start + step])
+    except DecodeError:
+        return False
+    joined = b"".join(encode_frame(f) for f in frames)
+    # What is left is buffered, plus the header of a frame still being read.
+    rest = len(data) - len(joined) - decoder.buffered
+    if not data.startswith(joined) or rest not in (0, HEADER_LEN):
+        raise PropertyViolation("frames do not re-encode to the bytes they came from")
+    return bool(frames)
+
+
+def _frame_seeds() -> list[bytes]:
+    messages = _message_seeds()
+    return [encode_frame(m) for m in messages] + [b"".join(encode_frame(m) for m in messages)]
+
+
+# -- Digest headers ---------------------------------------------------------------------------
+
+_DIGEST = DigestServer(realm="cpns", nonce_key=b"\x30" * 32)
+
+
+def _run_digest(data: bytes) -> bool:
+    """Every Digest header parser on one value (as the HTTP layer decodes it: latin-1)."""
+    text = data.decode("latin-1")
+    accepted = False
+    try:
+        params = parse_digest(text)
+    except AuthenticationFailed:
+        pass
+    else:
+        accepted = True
+        again = format_digest(params)
+        if len(again) <= MAX_HEADER_LEN and parse_digest(again) != params:
+            raise PropertyViolation("Digest credentials do not re-parse to themselves")
+    try:
+        info = parse_auth_params(text)
+    except AuthenticationFailed:
+        pass
+    else:
+        accepted = True
+        again = format_auth_params(info)
+        if len(again) <= MAX_HEADER_LEN and parse_auth_params(again) != info:
+            raise PropertyViolation("auth-params do not re-parse to themselves")
+    try:
+        challenges = parse_challenges(text)
+    except AuthenticationFailed:
+        pass
+    else:
+        accepted = True
+        if not challenges:
+            raise PropertyViolation("parse_challenges accepted a value with no challenge")
+    try:
+        _DIGEST.verify(
+            method="POST",
+            uri="/cpns/v1/messages",
+            authorization=text,
+            # Not the vectors' key: the seed Authorization parses fully but cannot verify.
+            lookup={"gw-alice": "00" * 32}.get,
+            now=1_700_000_001,
+        )
+    except AuthenticationFailed:
+        pass
+    else:
+        raise PropertyViolation("a fuzzed Authorization verified")
+    return accepted
+
+
+def _digest_seeds() -> list[bytes]:
+    digest = _vectors()["digest"]
+    assert isinstance(digest, dict)
+    exchange = digest["exchange"]
+    return [
+        exchange["www_authenticate"].encode(),
+        exchange["authorization"].encode(),
+        exchange["authentication_info"].encode(),
+        b'Basic dXNlcjpwYXNz, Digest realm="x", nonce="y", qop="auth,auth-int"',
+        b'Digest username="a\\"b", realm=cpns, nc=00000001, uri="/x?y=1"',
+    ]
+
+
+_DIGEST_WORDS = (
+    b"Digest ",
+    b'"',
+    b"\\",
+    b",",
+    b"=",
+    b" ",
+    b"\t",
+    b"username=",
+    b"nonce=",
+    b"nc=00000001",
+    b"qop=auth",
+    b"algorithm=SHA-256",
+    b"algorithm=MD5",
+    b"response=",
+    b"userhash=true",
+    b"username*=",
+    b"stale=true",
+    b"\xff",
+    b"\x00",
+    b"==",
+)
+
+
+# -- TK CSV import ----------------------------------------------------------------------------
+
+
+def _run_csv(data: bytes) -> bool:
+    """The TK import parser, on the text import_tk_csv would read (UTF-8, BOM allowed)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return False  # import_tk_csv refuses it with ConfigurationError before parsing
+    try:
+        rows = list(parse_tk_csv(text, source="fuzz.csv"))
+    except TKImportError:
+        return False
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["entity_id", "tk"])
+    writer.writerows([r.record.entity_id, r.record.tk.hex()] for r in rows)
+    again = list(parse_tk_csv(out.getvalue(), source="fuzz.csv"))
+    if [(r.record.entity_id, r.record.tk) for r in again] != [
+        (r.record.entity_id, r.record.tk) for r in rows
+    ]:
+        raise PropertyViolation("imported TK records do not re-parse to themselves")
+    return True
+
+
+def _csv_seeds() -> list[bytes]:
+    return [
+        b"entity_id,tk\npne-0001," + b"00" * 32 + b"\npne-0002," + b"ab" * 16 + b"\n",
+        b"\xef\xbb\xbfEntity_ID , TK,extra\r\n\r\npne-3, " + b"0F" * 64 + b" ,x\r\n",
+        b'entity_id,tk\n"pne-4","' + b"11" * 20 + b'"\n',
+    ]
+
+
+_CSV_WORDS = (b",", b'"', b"\n", b"\r\n", b"\r", b"\x00", b"\xef\xbb\xbf", b" ", b"pne-", b"ff")
+
+
+def _keystore_target() -> Target:
+    store = _KeyStoreFile()
+    return Target("keystore", store.run, (StoreError,), _keystore_seeds, cbor=True, dictionary=())
+
+
+TARGETS: dict[str, Callable[[], Target]] = {
+    "messages": lambda: Target("messages", _run_message, (DecodeError,), _message_seeds, True),
+    "key-bundle": lambda: Target(
+        "key-bundle", _run_key_bundle, (DecodeError,), _bundle_seeds, True
+    ),
+    "keystore": _keystore_target,
+    "frames": lambda: Target("frames", _run_frames, (DecodeError,), _frame_seeds),
+    "digest": lambda: Target(
+        "digest", _run_digest, (AuthenticationFailed,), _digest_seeds, dictionary=_DIGEST_WORDS
+    ),
+    "tk-csv": lambda: Target(
+        "tk-csv", _run_csv, (TKImportError,), _csv_seeds, dictionary=_CSV_WORDS
+    ),
+}
