@@ -15,16 +15,16 @@ gives a timeout, and a clean end of stream between frames is simply ``None``.
 Whatever the codec raises for one payload, :func:`read_message` raises only
 :class:`~cpns.errors.DecodeError`, with a bounded reason: a peer's bytes must never
 surface as another exception type in a daemon or an agent (issue 5 item 10), even if the
-codec itself has a bug. :func:`peer_text` bounds and escapes peer-supplied text before it
-goes into a log line.
+codec itself has a bug. :func:`peer_text` (from :mod:`cpns.logs`) bounds and escapes
+peer-supplied text before it goes into a log line.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
 
 from cpns.errors import DecodeError
+from cpns.logs import PEER_TEXT_MAX, peer_text
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import Message
 from cpns.transport.framing import HEADER_LEN, encode_frame, parse_length
@@ -38,16 +38,8 @@ __all__ = [
     "write_message",
 ]
 
-#: Most characters of peer-supplied text :func:`peer_text` lets into a log line.
-PEER_TEXT_MAX: Final = 120
-
-
-def peer_text(text: str, limit: int = PEER_TEXT_MAX) -> str:
-    """``text`` made safe for one log line: cut to ``limit`` characters (saying how long it
-    was), then every non-printable or non-ASCII character escaped (no forged line breaks,
-    no terminal escapes). The result is at most about ``4 * limit + 30`` characters."""
-    cut = text if len(text) <= limit else f"{text[:limit]}...[{len(text)} chars]"
-    return ascii(cut)[1:-1]
+# PEER_TEXT_MAX and peer_text are cpns.logs' (one rule for peer text in log lines,
+# shared with the server), re-exported for the PAN side.
 
 
 def decode_payload(payload: bytes) -> Message:
