@@ -35,8 +35,10 @@ from cpns.crypto.hashing import encode_parts, hash_values, mac
 from cpns.crypto.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R, derive_key, password_key, password_salt
 from cpns.crypto.keywrap import seal
 from cpns.errors import ErrorCode
+from cpns.messages import constants
 from cpns.messages.cddl import render_cddl, render_status_table
 from cpns.messages.codec import encode, encode_record, to_json
+from cpns.messages.constants import ID_PATTERN, MAX_ID_LEN
 from cpns.messages.model import (
     ErrorMessage,
     EUKeyAssignmentAck,
@@ -581,9 +583,44 @@ def render_example(vectors: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_entity_ids() -> str:
+    """Section 4 of docs/wire.md: the ID syntax and the reserved names, from the constants."""
+    reserved = sorted(getattr(constants, "RESERVED_IDS", ()))
+    names = ", ".join(f"`{r}`" for r in reserved) if reserved else "(none)"
+    return "\n".join(
+        [
+            "Entity IDs (of PNEs, PN GWs and the server), User IDs and PN IDs share one syntax,",
+            "the `cpns-id` rule of section 3:",
+            "",
+            "```text",
+            ID_PATTERN.pattern,
+            "```",
+            "",
+            f"that is 1 to {MAX_ID_LEN} characters of `A-Z a-z 0-9 . _ @ + -`, the first a letter",
+            "or a digit: ASCII only, no space, no `:` (Digest joins username and realm with",
+            "`:`), so no IPv6 literal and no `host:port` is an ID. On the wire IDs are compared",
+            "byte for byte (case-sensitive).",
+            "",
+            "An ID that an entity may *register* (by enrolment, section 3.3, or by a TK import",
+            "at the server) must moreover be:",
+            "",
+            "* in canonical form: lowercase (so no two registered IDs differ only by case; a",
+            "  peer SHOULD lowercase an ID before first use);",
+            "* not the server's own Entity ID (in any case);",
+            f"* not a reserved name: {names}, nor any name ending in `.localhost`;",
+            "* not written like a network address: digits and dots only (`10.0.0.1`, `127.1`).",
+            "",
+            "The server refuses any other ID at enrolment with `INVALID_ENTITY_ID` (section 5).",
+            "`pan` is the destination of a PNEHello (section 6); `unknown` the destination of",
+            "an ErrorMessage answering a message whose source could not be read (section 2.2).",
+        ]
+    ) + "\n"
+
+
 def _generators(vectors: dict[str, Any]) -> dict[str, Callable[[], str]]:
     return {
         "cddl": lambda: "```cddl\n" + render_cddl() + "```\n",
+        "entity-ids": render_entity_ids,
         "status-codes": render_status_table,
         "example": lambda: render_example(vectors),
     }
