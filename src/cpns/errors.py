@@ -82,6 +82,9 @@ class ErrorCode(IntEnum):
     WRONG_ENTITY_KIND = 304
     #: Another assignment of the same entity committed first (racing claims: one winner).
     CLAIM_CONFLICT = 305
+    #: The Entity ID cannot be registered: not in canonical (lowercase) form, reserved, written
+    #: like a network address, or the server's own ID ("Entity ID syntax", D-SRV-3).
+    INVALID_ENTITY_ID = 306
     #: The responder could not complete the step (storage, upstream unreachable).
     INTERNAL_ERROR = 500
     #: The next hop (CPNS Server seen from the PN GW) could not be reached.

@@ -189,3 +189,47 @@ def test_unauth_flood_benchmark_runs() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "refusals/s" in proc.stdout
     assert "per 10k refusals" in proc.stdout
+
+
+# -- Entity ID syntax (issue 5 item 9, D-SRV-3) -------------------------------------------------
+
+
+def test_enrolment_refuses_reserved_and_case_variant_entity_ids(server: Server) -> None:
+    """Issue 5 item 9, D-SRV-3: with alice's right password, enrolment of the server's own
+    Entity ID, an IP address, the PAN address or a case variant of an enrolled ID gets
+    INVALID_ENTITY_ID and registers nothing; the canonical ID enrols."""
+    alice = Source(server, "127.0.0.7")
+    try:
+        assert alice.send(enrolment(password=PASSWORD, entity="gw-alice")) == ErrorCode.OK
+        for entity in ("cpns-server", "127.0.0.1", "pan", "GW-Alice", "GW-ALICE"):
+            status = alice.send(enrolment(password=PASSWORD, entity=entity))
+            assert status == ErrorCode.INVALID_ENTITY_ID, entity
+    finally:
+        alice.close()
+    listed = server.net.cpns(
+        "admin", "entity", "list", "--data-dir", str(server.net.server_dir)
+    ).stdout
+    assert "gw-alice" in listed
+    for entity in ("cpns-server", "127.0.0.1", "GW-Alice", "GW-ALICE"):
+        assert entity not in listed.replace("gw-alice", "")
+
+
+def test_tk_import_refuses_reserved_and_case_variant_entity_ids(server: Server) -> None:
+    """Issue 5 item 9, D-SRV-3: `cpns admin tk import` refuses a record for the server's own
+    ID, an IP address or a case variant of an existing PNE ID, naming the line, and imports
+    nothing of the file (exit 2)."""
+    net = server.net
+    for entity in ("cpns-server", "127.0.0.1", "PNE-1"):
+        csv = net.server_dir.parent / f"bad-{entity}.csv"
+        csv.write_text(f"entity_id,tk\npne-9,{'00' * 32}\n{entity},{'11' * 32}\n")
+        result = net.cpns(
+            "admin", "tk", "import", str(csv), "--data-dir", str(net.server_dir), check=False
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "line 3" in result.stderr
+    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
+    try:
+        ids = {r[0] for r in conn.execute("SELECT entity_id FROM tk_records")}
+    finally:
+        conn.close()
+    assert ids == {"pne-1"}

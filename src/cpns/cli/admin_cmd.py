@@ -58,11 +58,16 @@ def _tk_import(args: argparse.Namespace) -> int:
 
     from cpns.server.admin import import_tk_csv
 
-    _, store = _open(args)
+    config, store = _open(args)
     try:
         with Progress(transient=True, disable=args.quiet) as progress:
             task = progress.add_task(f"importing {args.file.name}", total=None)
-            count = import_tk_csv(store, args.file, progress=lambda n: progress.advance(task, n))
+            count = import_tk_csv(
+                store,
+                args.file,
+                progress=lambda n: progress.advance(task, n),
+                server_id=config.server_id,
+            )
     finally:
         store.close()
     print(f"imported {count} TK record(s) from {args.file}")

@@ -8,12 +8,14 @@ from typing import Final
 
 __all__ = [
     "ID_PATTERN",
+    "RESERVED_IDS",
     "MAX_ID_LEN",
     "MAX_MESSAGE_SIZE",
     "PROTOCOL_VERSION",
     "TXID_LEN",
     "HeaderKey",
     "MessageType",
+    "entity_id_problem",
 ]
 
 #: The only protocol version this implementation speaks.
@@ -24,8 +26,42 @@ MAX_MESSAGE_SIZE: Final = 64 * 1024
 TXID_LEN: Final = 16
 #: Longest Entity ID, User ID or PN ID, in characters.
 MAX_ID_LEN: Final = 128
-#: Entity, User and PN IDs: printable, no spaces, no ':' (Digest user names contain them).
+#: Entity, User and PN IDs on the wire (docs/architecture.md "Entity ID syntax"): 1..128
+#: of ``A-Z a-z 0-9 . _ @ + -``, starting with a letter or digit; no spaces, no ':' (Digest
+#: user names are joined with ':'), so no IPv6 literal and no host:port is an ID. IDs are
+#: compared byte for byte; an ID an entity may REGISTER is also canonical (lowercase) and
+#: not reserved (:func:`entity_id_problem`), so no two registered IDs differ by case.
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}")
+#: Names no entity may register: the PAN address of a PN GW ("pan"), the destination of a
+#: reply to an unreadable request ("unknown"), the audit actor of operator actions
+#: ("admin"), the source recorded for in-process requests ("local"), and host names that
+#: designate this machine. The server's own Entity ID is refused as well (it is
+#: configured, so it is checked by :func:`entity_id_problem`, not listed here).
+RESERVED_IDS: Final = frozenset(
+    {"pan", "unknown", "admin", "local", "localhost", "localhost.localdomain", "ip6-localhost"}
+)
+#: IPv4 literals and anything written like one (digits and dots only: "10.0.0.1", "127.1").
+_ADDRESS_LIKE: Final = re.compile(r"[0-9]+(?:\.[0-9]*)*")
+
+
+def entity_id_problem(entity_id: str, *, server_id: str | None = None) -> str | None:
+    """Why ``entity_id`` cannot be registered (enrolment, TK import), or None if it can.
+
+    A registrable Entity ID matches :data:`ID_PATTERN`, is lowercase (its canonical form),
+    is not in :data:`RESERVED_IDS`, does not look like an IPv4 address, does not end in
+    ".localhost", and is not the server's own Entity ID in any case.
+    """
+    if ID_PATTERN.fullmatch(entity_id) is None:
+        return "not a valid Entity ID"
+    if entity_id != entity_id.lower():
+        return "not in canonical form: Entity IDs are registered in lowercase"
+    if server_id is not None and entity_id == server_id.lower():
+        return "the server's own Entity ID"
+    if entity_id in RESERVED_IDS or entity_id.endswith(".localhost"):
+        return "a reserved name"
+    if _ADDRESS_LIKE.fullmatch(entity_id) is not None:
+        return "written like a network address"
+    return None
 
 
 class HeaderKey(IntEnum):

@@ -31,7 +31,7 @@ from cpns.crypto.hashing import KEY_LEN, Part, mac, verify_mac
 from cpns.crypto.kdf import derive_key
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError, RemoteProtocolError
-from cpns.messages.constants import TXID_LEN
+from cpns.messages.constants import TXID_LEN, entity_id_problem
 from cpns.messages.model import Message, UserKeyAssignmentRequest, UserKeyAssignmentResponse
 from cpns.protocol._checks import check_addressed, check_fresh, check_reply_to
 from cpns.protocol._machine import Event, Machine, NonceConsumed
@@ -139,6 +139,12 @@ class UserKeyAssignmentServer(Machine[ServerState]):
         check_addressed(message, to=self._policy.server_id)
         if message.entity_kind is EntityKind.SERVER:
             raise RemoteProtocolError("a server cannot enrol", code=ErrorCode.WRONG_ENTITY_KIND)
+        # Only a canonical, unreserved Entity ID can be registered ("Entity ID syntax").
+        problem = entity_id_problem(message.src, server_id=self._policy.server_id)
+        if problem is not None:
+            raise RemoteProtocolError(
+                f"Entity ID {message.src!r}: {problem}", code=ErrorCode.INVALID_ENTITY_ID
+            )
         check_fresh(message.time, now=self._now, window=self._policy.time_window)
         check_attempts(look, self._policy, message.user_id)
         # The sender is not authenticated yet, so an unknown user and a wrong password get

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cpns.crypto.kdf import password_key
 from cpns.errors import ConfigurationError
-from cpns.messages.constants import ID_PATTERN
+from cpns.messages.constants import ID_PATTERN, entity_id_problem
 from cpns.records import AuditEvent, EntityRecord, TKRecord, UserRecord
 from cpns.runtime import wall_time
 from cpns.store.base import ServerStore, WriteTx
@@ -90,10 +90,12 @@ class _Row:
     record: TKRecord
 
 
-def parse_tk_csv(text: str, *, source: str) -> Iterator[_Row]:
+def parse_tk_csv(text: str, *, source: str, server_id: str | None = None) -> Iterator[_Row]:
     """Yield validated TK records from CSV text (header ``entity_id,tk``, TK in hex).
 
-    Raises :class:`TKImportError` at the first bad line, naming it.
+    Every Entity ID must be registrable (canonical, not reserved, not ``server_id``:
+    :func:`~cpns.messages.constants.entity_id_problem`). Raises :class:`TKImportError` at
+    the first bad line, naming it.
     """
     reader = _CSVReader(text)
     header = next(reader, None)
@@ -110,8 +112,9 @@ def parse_tk_csv(text: str, *, source: str) -> Iterator[_Row]:
         if len(row) < 2:
             raise TKImportError(line, "expected two columns: entity_id,tk")
         entity_id, tk_hex = row[0].strip(), row[1].strip()
-        if ID_PATTERN.fullmatch(entity_id) is None:
-            raise TKImportError(line, f"{entity_id!r} is not a valid Entity ID")
+        problem = entity_id_problem(entity_id, server_id=server_id)
+        if problem is not None:
+            raise TKImportError(line, f"Entity ID {entity_id!r}: {problem}")
         try:
             tk = bytes.fromhex(tk_hex)
         except ValueError:
@@ -127,7 +130,11 @@ def parse_tk_csv(text: str, *, source: str) -> Iterator[_Row]:
 
 
 def import_tk_csv(
-    store: ServerStore, path: Path, *, progress: Callable[[int], None] | None = None
+    store: ServerStore,
+    path: Path,
+    *,
+    progress: Callable[[int], None] | None = None,
+    server_id: str | None = None,
 ) -> int:
     """Import a manufacturer CSV all or nothing; return the number of records.
 
@@ -140,7 +147,7 @@ def import_tk_csv(
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"cannot read {path}: {exc}") from None
     rows = []
-    for row in parse_tk_csv(text, source=path.name):
+    for row in parse_tk_csv(text, source=path.name, server_id=server_id):
         rows.append(row)
         if progress is not None and len(rows) % 1000 == 0:
             progress(1000)

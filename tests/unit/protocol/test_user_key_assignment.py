@@ -501,3 +501,63 @@ def test_unknown_user_with_a_proof_under_the_dummy_key(world: Directory) -> None
             txid=TXID, src=SERVER_ID, dst=ENTITY, status=ErrorCode.AUTHENTICATION_FAILED
         )
     ]
+
+
+# -- Entity ID syntax (issue 5 item 9, D-SRV-3) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entity",
+    [
+        SERVER_ID,  # the server's own Entity ID
+        SERVER_ID.upper(),  # ... in any case
+        "127.0.0.1",  # an IPv4 literal
+        "10.1.2.3",
+        "127.1",  # written like an address
+        "pan",  # the PN GW's PAN address
+        "unknown",  # the destination of a reply to an unreadable request
+        "localhost",
+        "gw.localhost",
+        "admin",
+        "GW-Alice",  # a case variant of the enrolled gw-alice
+        "Gw-New",  # not canonical (uppercase)
+    ],
+)
+def test_enrolment_refuses_reserved_and_non_canonical_entity_ids(
+    world: Directory, password_key: KeyOf, entity: str
+) -> None:
+    """Issue 5 item 9, D-SRV-3 ("Entity ID syntax"): enrolment refuses the server's own ID,
+    reserved names, address-like names and non-lowercase IDs (so no two registered IDs
+    differ by case) with INVALID_ENTITY_ID, even with the right password, and assigns
+    nothing."""
+    server = new_server(world, policy=AssignmentPolicy(server_id=SERVER_ID))
+    request = make_request(password_key, entity=entity, dst=SERVER_ID)
+    assert server.receive(request) == [FailedWith(ErrorCode.INVALID_ENTITY_ID, "server")]
+    [reply] = server.messages_to_send()
+    assert isinstance(reply, UserKeyAssignmentResponse)
+    assert (reply.status, reply.sealed_eukey) == (ErrorCode.INVALID_ENTITY_ID, None)
+
+
+@pytest.mark.parametrize("entity", ["gw-new", "pne.42", "alice+gw@home", "gw_1", "1-gw", "1.2.3.x"])
+def test_enrolment_accepts_canonical_entity_ids(
+    world: Directory, password_key: KeyOf, entity: str
+) -> None:
+    """D-SRV-3: canonical, unreserved Entity IDs enrol (digits and dots with a letter are not
+    address-like)."""
+    server = new_server(world)
+    server.receive(make_request(password_key, entity=entity))
+    assert server.state is ServerState.DONE
+
+
+@pytest.mark.parametrize(
+    "text", ["host:8443", "::1", "[::1]:80", "fe80::1", "a b", "", "-x", "x" * 129]
+)
+def test_host_port_and_ipv6_literals_are_not_entity_ids(text: str) -> None:
+    """D-SRV-3: ':' (and so host:port, IPv6 literals) is outside the Entity ID syntax: no
+    message can carry such an ID."""
+    from cpns.messages.constants import ID_PATTERN, entity_id_problem
+
+    assert ID_PATTERN.fullmatch(text) is None
+    assert entity_id_problem(text) == "not a valid Entity ID"
+    with pytest.raises(ValueError, match="src"):
+        make_request(lambda u, p: bytes(32), entity=text)

@@ -187,3 +187,32 @@ def test_revoke_and_restore(store: SQLStore) -> None:
     assert sorted(procedures) == ["restore", "revoke"]
     with pytest.raises(ConfigurationError, match="no entity"):
         set_revoked(store, "gw-9", True)
+
+
+# -- Entity ID syntax at TK import (issue 5 item 9, D-SRV-3) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entity_id", "reason"),
+    [
+        ("cpns-server", "server's own"),
+        ("CPNS-Server", "canonical"),
+        ("127.0.0.1", "network address"),
+        ("pan", "reserved"),
+        ("unknown", "reserved"),
+        ("localhost", "reserved"),
+        ("PNE-1", "canonical"),  # a case variant of pne-1 (line 2)
+    ],
+)
+def test_tk_import_refuses_reserved_and_non_canonical_ids(
+    store: SQLStore, tmp_path: Path, entity_id: str, reason: str
+) -> None:
+    """Issue 5 item 9, D-SRV-3: a TK record for the server's own ID, a reserved or
+    address-like name, or a non-lowercase ID (a case variant) is refused with its line,
+    and nothing of the file is imported."""
+    path = write_csv(tmp_path, f"entity_id,tk\npne-1,{TK_A}\n{entity_id},{TK_B}\n")
+    with pytest.raises(TKImportError) as info:
+        import_tk_csv(store, path, server_id="cpns-server")
+    assert info.value.line == 3
+    assert reason in str(info.value)
+    assert store.get_tk("pne-1") is None
