@@ -554,10 +554,19 @@ def render_example(vectors: dict[str, Any]) -> str:
         *_hex_block("UserKeyAssignmentResponse, 200 body", e["response"]["cbor"]),
         f"the PN GW's EUKey = {e['inputs']['eukey']}",
         "",
-        "== HTTP Digest on the 003 request (RFC 7616, SHA-256) ==",
-        "401 WWW-Authenticate: " + d["exchange"]["www_authenticate"],
-        "Authorization: " + d["exchange"]["authorization"],
-        "200 Authentication-Info: " + d["exchange"]["authentication_info"],
+        "== the 003 request over HTTPS, with Digest (RFC 7616, SHA-256) ==",
+        "> POST /cpns/v1/messages HTTP/1.1",
+        "> Content-Type: application/cbor",
+        ">   (body: the EUKeyAssignmentRequest below, no Authorization yet)",
+        "< HTTP/1.1 401 Unauthorized",
+        "< WWW-Authenticate: " + d["exchange"]["www_authenticate"],
+        "> POST /cpns/v1/messages HTTP/1.1  (the same body again, now with)",
+        "> Authorization: " + d["exchange"]["authorization"],
+        "< HTTP/1.1 200 OK",
+        "< Content-Type: application/cbor",
+        "< Authentication-Info: " + d["exchange"]["authentication_info"],
+        "<   (body: the EUKeyAssignmentResponse below)",
+        f"(Digest password = the PN GW's EUKey in hex, nonce issued at {d['nonce']['issued']})",
         "",
         "== 003 assignment of a PNE without UI ==",
         f"inputs: PNE {a['inputs']['pne_id']!r}, TK {a['inputs']['tk']}, "
@@ -575,8 +584,10 @@ def render_example(vectors: dict[str, Any]) -> str:
         *_hex_block("EUKeyAssignmentResponse, 200 body", a["response"]["cbor"]),
         f"notification aead_key = {a['notification_seal']['aead_key']}",
         *_hex_block("associated data", a["notification_seal"]["associated_data"]),
+        f"PAN frame header: {len(a['notification']['cbor']) // 2:08x}",
         *_hex_block("EUKeyAssignmentNotification, PAN payload", a["notification"]["cbor"]),
         f"ack proof     = {a['ack_proof']['tag']}",
+        f"PAN frame header: {len(a['ack']['cbor']) // 2:08x}",
         *_hex_block("EUKeyAssignmentAck, PAN payload", a["ack"]["cbor"]),
         "```",
     ]
@@ -587,34 +598,37 @@ def render_entity_ids() -> str:
     """Section 4 of docs/wire.md: the ID syntax and the reserved names, from the constants."""
     reserved = sorted(getattr(constants, "RESERVED_IDS", ()))
     names = ", ".join(f"`{r}`" for r in reserved) if reserved else "(none)"
-    return "\n".join(
-        [
-            "Entity IDs (of PNEs, PN GWs and the server), User IDs and PN IDs share one syntax,",
-            "the `cpns-id` rule of section 3:",
-            "",
-            "```text",
-            ID_PATTERN.pattern,
-            "```",
-            "",
-            f"that is 1 to {MAX_ID_LEN} characters of `A-Z a-z 0-9 . _ @ + -`, the first a letter",
-            "or a digit: ASCII only, no space, no `:` (Digest joins username and realm with",
-            "`:`), so no IPv6 literal and no `host:port` is an ID. On the wire IDs are compared",
-            "byte for byte (case-sensitive).",
-            "",
-            "An ID that an entity may *register* (by enrolment, section 3.3, or by a TK import",
-            "at the server) must moreover be:",
-            "",
-            "* in canonical form: lowercase (so no two registered IDs differ only by case; a",
-            "  peer SHOULD lowercase an ID before first use);",
-            "* not the server's own Entity ID (in any case);",
-            f"* not a reserved name: {names}, nor any name ending in `.localhost`;",
-            "* not written like a network address: digits and dots only (`10.0.0.1`, `127.1`).",
-            "",
-            "The server refuses any other ID at enrolment with `INVALID_ENTITY_ID` (section 5).",
-            "`pan` is the destination of a PNEHello (section 6); `unknown` the destination of",
-            "an ErrorMessage answering a message whose source could not be read (section 2.2).",
-        ]
-    ) + "\n"
+    return (
+        "\n".join(
+            [
+                "Entity IDs (of PNEs, PN GWs and the server), User IDs and PN IDs share one syntax,",
+                "the `cpns-id` rule of section 3:",
+                "",
+                "```text",
+                ID_PATTERN.pattern,
+                "```",
+                "",
+                f"that is 1 to {MAX_ID_LEN} characters of `A-Z a-z 0-9 . _ @ + -`, the first a letter",
+                "or a digit: ASCII only, no space, no `:` (Digest joins username and realm with",
+                "`:`), so no IPv6 literal and no `host:port` is an ID. On the wire IDs are compared",
+                "byte for byte (case-sensitive).",
+                "",
+                "An ID that an entity may *register* (by enrolment, section 3.3, or by a TK import",
+                "at the server) must moreover be:",
+                "",
+                "* in canonical form: lowercase (so no two registered IDs differ only by case; a",
+                "  peer SHOULD lowercase an ID before first use);",
+                "* not the server's own Entity ID (in any case);",
+                f"* not a reserved name: {names}, nor any name ending in `.localhost`;",
+                "* not written like a network address: digits and dots only (`10.0.0.1`, `127.1`).",
+                "",
+                "The server refuses any other ID at enrolment with `INVALID_ENTITY_ID` (section 5).",
+                "`pan` is the destination of a PNEHello (section 6); `unknown` the destination of",
+                "an ErrorMessage answering a message whose source could not be read (section 2.2).",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _generators(vectors: dict[str, Any]) -> dict[str, Callable[[], str]]:
