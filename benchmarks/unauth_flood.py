@@ -8,6 +8,10 @@ and how much the database grew per 10,000 refusals (deviations D-SRV-2: refusals
 aggregated in memory, not written one row per request). A figure, never a pass/fail.
 
     .venv/bin/python benchmarks/unauth_flood.py --requests 20000 --concurrency 32
+
+``--in-process`` runs the same flood straight into the service layer over a SQLite store
+(no HTTP, no TLS: the server's own cost), then as many correct enrolments, and prints
+refusals/s, store commits per refusal and per real request.
 """
 
 from __future__ import annotations
@@ -93,13 +97,77 @@ async def _flood(
     return time.perf_counter() - started, statuses
 
 
+async def _in_process(requests: int, users: int, sources: int, concurrency: int) -> None:
+    from cpns.protocol.key_assignment import AssignmentPolicy
+    from cpns.records import UserRecord
+    from cpns.server.service import CPNSService
+    from cpns.store.masterkey import MasterKey
+    from cpns.store.sql import SQLStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLStore.open(Path(tmp) / "cpns.db", master_key=MasterKey.generate(Path(tmp) / "k"))
+        good = password_key("bench password", realm="cpns", user_id="bench")
+        store.write(
+            lambda tx: tx.add_user(UserRecord(user_id="bench", password_key=good, created_at=0))
+        )
+        svc = CPNSService(
+            store=store,
+            policy=AssignmentPolicy(server_id="cpns-server"),
+            rng=SystemRandom(),
+            clock=lambda: int(time.time()),
+        )
+        bodies = [decode(b) for b in _bodies(requests, users)]
+        size0, commits0 = _db_bytes(Path(tmp)), store.write_stats.commits
+        statuses: collections.Counter[str] = collections.Counter()
+
+        async def one(i: int) -> None:
+            reply = await svc.handle(bodies[i], authenticated=None, source=f"10.0.{i % sources}.1")
+            statuses[ErrorCode(reply.status).name] += 1
+
+        started = time.perf_counter()
+        for start in range(0, requests, concurrency):
+            await asyncio.gather(
+                *(one(i) for i in range(start, min(start + concurrency, requests)))
+            )
+        await svc.flush()
+        elapsed = time.perf_counter() - started
+        refusal_commits = store.write_stats.commits - commits0
+        grown = _db_bytes(Path(tmp)) - size0
+        print(f"in process: {requests} refusals {dict(statuses)}")
+        print(f"{requests / elapsed:.0f} refusals/s, {refusal_commits} commits in all")
+        print(f"database growth: {grown * 10_000 / requests / 1024:.1f} KiB per 10k refusals")
+        real = min(requests, 2000)
+        commits1 = store.write_stats.commits
+        started = time.perf_counter()
+        for i in range(real):
+            client = UserKeyAssignmentClient(
+                entity_id=f"gw-ok-{i}",
+                entity_kind=EntityKind.PN_GW,
+                server_id="cpns-server",
+                rng=SystemRandom(),
+            )
+            client.start(user_id="bench", password_key=good, now=int(time.time()))
+            [message] = client.messages_to_send()
+            reply = await svc.handle(message, authenticated=None, source="10.9.9.9")
+            assert reply.status is ErrorCode.OK, reply.status
+        elapsed = time.perf_counter() - started
+        per_real = (store.write_stats.commits - commits1) / real
+        print(f"{real} correct enrolments: {real / elapsed:.0f}/s, {per_real:.2f} commits each")
+        print(f"commits per refusal: {refusal_commits / requests:.4f}")
+        store.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--users", type=int, default=60)
     parser.add_argument("--sources", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--in-process", action="store_true", help="service layer, no HTTP")
     args = parser.parse_args()
+    if args.in_process:
+        asyncio.run(_in_process(args.requests, args.users, args.sources, args.concurrency))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         net = LocalDeployment(Path(tmp) / "net")
         with net.running():
