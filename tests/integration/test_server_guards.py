@@ -4,6 +4,7 @@ client are distinct sources."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 import ssl
@@ -173,6 +174,13 @@ def test_a_flood_of_bad_enrolments_grows_the_audit_by_its_keys_not_its_requests(
         conn.close()
     assert _audit_rows(server.db) - before == len(rows) <= 8
     assert sum(r[3] for r in rows) == 200
+    # The operator sees the counts; a purge keeps what is within the retention.
+    data_dir = str(server.net.server_dir)
+    shown = server.net.cpns("admin", "audit", "--limit", "1000", "--data-dir", data_dir).stdout
+    counts = [json.loads(line) for line in shown.splitlines()]
+    assert sum(e["count"] for e in counts if e["source"] == "127.0.0.6") == 200
+    purged = server.net.cpns("admin", "audit", "--purge", "--data-dir", data_dir).stdout
+    assert "purged 0 audit event(s) older than 90 days" in purged
 
 
 def test_unauth_flood_benchmark_runs() -> None:

@@ -150,8 +150,14 @@ def _entity_revoke(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    _, store = _open(args)
+    from cpns.server.admin import purge_audit
+
+    config, store = _open(args)
     try:
+        if args.purge:
+            gone = purge_audit(store, days=config.audit_retention_days)
+            print(f"purged {gone} audit event(s) older than {config.audit_retention_days} days")
+            return 0
         events = store.audit_events(limit=args.limit)
     finally:
         store.close()
@@ -168,6 +174,8 @@ def _audit(args: argparse.Namespace) -> int:
                     "hop": e.hop,
                     "correlation_id": e.correlation_id,
                     "detail": e.detail,
+                    "count": e.count,
+                    "source": e.source,
                 }
             )
         )
@@ -235,4 +243,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     au = groups.add_parser("audit", help="show the newest audit events (JSON lines)")
     add_data_dir(au, "cpns-server")
     au.add_argument("--limit", type=int, default=50)
+    au.add_argument(
+        "--purge",
+        action="store_true",
+        help="delete events older than audit_retention_days instead (the server does it too)",
+    )
     au.set_defaults(func=_audit)

@@ -19,7 +19,14 @@ from cpns.records import AuditEvent, EntityRecord, TKRecord, UserRecord
 from cpns.runtime import wall_time
 from cpns.store.base import ServerStore, WriteTx
 
-__all__ = ["TKImportError", "add_user", "import_tk_csv", "parse_tk_csv", "set_revoked"]
+__all__ = [
+    "TKImportError",
+    "add_user",
+    "import_tk_csv",
+    "parse_tk_csv",
+    "purge_audit",
+    "set_revoked",
+]
 
 
 class TKImportError(ConfigurationError):
@@ -197,3 +204,29 @@ def set_revoked(store: ServerStore, entity_id: str, revoked: bool) -> EntityReco
     result = store.get_entity(entity_id)
     assert result is not None
     return result
+
+
+def purge_audit(store: ServerStore, *, days: int, now: int | None = None) -> int:
+    """Delete audit events older than ``days`` days (retention, D-SRV-2); return how many.
+
+    The purge itself is audited, so the trail says who shortened it and when.
+    """
+    if days < 1:
+        raise ConfigurationError("the audit retention must be at least 1 day")
+    at = wall_time() if now is None else now
+
+    def write(tx: WriteTx) -> int:
+        gone = tx.purge_audit(before=at - days * 86400)
+        tx.audit(
+            AuditEvent(
+                at=at,
+                actor="admin",
+                procedure="audit-purge",
+                outcome="OK",
+                hop="admin",
+                detail=f"{gone} events older than {days} days",
+            )
+        )
+        return gone
+
+    return store.write(write)

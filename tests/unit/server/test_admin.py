@@ -216,3 +216,25 @@ def test_tk_import_refuses_reserved_and_non_canonical_ids(
     assert info.value.line == 3
     assert reason in str(info.value)
     assert store.get_tk("pne-1") is None
+
+
+def test_audit_purge_keeps_the_retention_and_audits_itself(store: SQLStore) -> None:
+    """Issue 5 item 6, D-SRV-2: `cpns admin audit --purge` deletes events older than the
+    retention, keeps newer ones, and records the purge in the trail."""
+    from cpns.records import AuditEvent
+    from cpns.server.admin import purge_audit
+
+    now = 1_700_000_000
+    store.write(
+        lambda tx: (
+            tx.audit(AuditEvent(at=now - 91 * 86400, actor="old", procedure="p", outcome="OK")),
+            tx.audit(AuditEvent(at=now - 89 * 86400, actor="new", procedure="p", outcome="OK")),
+        )
+    )
+    assert purge_audit(store, days=90, now=now) == 1
+    actors = [e.actor for e in store.audit_events()]
+    assert "old" not in actors
+    assert "new" in actors
+    assert store.audit_events()[0].procedure == "audit-purge"
+    with pytest.raises(ConfigurationError):
+        purge_audit(store, days=0)
