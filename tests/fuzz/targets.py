@@ -12,9 +12,11 @@ accepted something that does not round-trip. Any other exception is a finding.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,6 +118,7 @@ class _KeyStoreFile:
 
     def __init__(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="cpns-fuzz-ks-"))
+        atexit.register(shutil.rmtree, self._dir, True)
         self._store = LocalKeyStore(self._dir / "fuzz.store", b"\x07" * 32)
 
     def run(self, data: bytes) -> bool:
