@@ -7,6 +7,7 @@ Nothing here reads the real clock or the OS RNG: every test is reproducible.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import hmac
@@ -22,7 +23,12 @@ from cpns.messages.codec import decode, encode
 from cpns.messages.constants import ID_PATTERN, TXID_LEN
 from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, Message, Record, specs
 from cpns.protocol._machine import Event, Machine, NonceConsumed, ProcedureFailed
-from cpns.protocol.key_assignment import EUKeyChainAssigned, ServerLookups
+from cpns.protocol.key_assignment import (
+    EUKeyChainAssigned,
+    ServerLookups,
+    claim_code,
+    claim_key,
+)
 from cpns.protocol.user_key_assignment import EUKeyAssigned
 from cpns.records import EntityRecord, TKRecord, UserRecord
 from cpns.types import EntityKind
@@ -36,12 +42,16 @@ __all__ = [
     "REALM",
     "SERVER_ID",
     "TKS",
+    "WRONG_CLAIM_CODE",
     "Directory",
     "Exchange",
     "FailedWith",
     "FixedRandom",
     "field_strategy",
     "cached_password_key",
+    "claim_key_for",
+    "ref_claim_code",
+    "ref_claim_proof",
     "ref_encode",
     "ref_hkdf",
     "ref_parts",
@@ -143,6 +153,7 @@ class Directory:
                     key_index=1,
                     assigned_via=event.gateway_id,
                     assigned_at=now,
+                    epoch=event.epoch,
                 )
             elif isinstance(event, EUKeyAssigned):
                 self.entities[event.entity_id] = EntityRecord(
@@ -152,6 +163,7 @@ class Directory:
                     eukeys=(event.eukey,),
                     key_index=1,
                     assigned_at=now,
+                    epoch=event.expected_epoch + 1,
                 )
 
 
@@ -225,6 +237,15 @@ PASSWORDS: Mapping[str, str] = {"alice": "correct horse battery", "bob": "bob's 
 GATEWAY_KEYS: Mapping[str, bytes] = {"gw-alice": bytes([0xA1]) * 32, "gw-bob": bytes([0xB0]) * 32}
 #: Manufacturer Temporary Keys of the PNEs without UI.
 TKS: Mapping[str, bytes] = {"pne-1": bytes(range(32)), "pne-2": bytes(range(100, 116))}
+#: A well-formed claim code that proves no PNE (D-003-10).
+WRONG_CLAIM_CODE = "AAAA-AAAA-AAAA-AAAA"
+
+
+def claim_key_for(pne_id: str) -> bytes:
+    """The claim key of a PNE's label code (its TK from :data:`TKS`; a code proving nothing
+    for a PNE with no TK here)."""
+    tk = TKS.get(pne_id)
+    return claim_key(claim_code(tk, pne_id) if tk is not None else WRONG_CLAIM_CODE)
 
 
 @functools.cache
@@ -267,6 +288,22 @@ def ref_encode(value: bytes | str | int) -> bytes:
 def ref_parts(label: str, *parts: bytes | str | int) -> bytes:
     """The labelled encoding: the label first, encoded like any value."""
     return b"".join(ref_encode(p) for p in (label, *parts))
+
+
+def ref_claim_code(tk: bytes, pne_id: str) -> str:
+    """D-003-10 written out: base32 of the first 10 bytes of HMAC(TK, label, PNE ID), in
+    four dash-separated groups of four."""
+    raw = hmac.new(tk, ref_parts("cpns/v1/003/claim-code", pne_id), hashlib.sha256).digest()
+    text = base64.b32encode(raw[:10]).decode()
+    return "-".join(text[i : i + 4] for i in range(0, 16, 4))
+
+
+def ref_claim_proof(code: str, rand: bytes, time: int, user: str, pne: str, gateway: str) -> bytes:
+    """D-003-10 written out: claim key = SHA-256(label, code without dashes), proof =
+    HMAC(claim key, label, RANDPNGW, Time, User ID, PNE ID, PN GW ID)."""
+    key = hashlib.sha256(ref_parts("cpns/v1/003/claim-key", code.replace("-", ""))).digest()
+    msg = ref_parts("cpns/v1/003/claim-proof", rand, time, user, pne, gateway)
+    return hmac.new(key, msg, hashlib.sha256).digest()
 
 
 def ref_hkdf(ikm: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:

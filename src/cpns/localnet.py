@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpns.errors import TransportError
+from cpns.protocol.key_assignment import claim_code
 from cpns.store.masterkey import write_private_file
 
 __all__ = ["CommandResult", "LocalDeployment"]
@@ -37,6 +38,10 @@ class CommandResult:
     stdout: str
     #: Standard error.
     stderr: str
+
+
+#: A well-formed claim code that proves nothing (for PNEs with no imported TK here).
+_NO_CODE = "AAAA-AAAA-AAAA-AAAA"
 
 
 @dataclass
@@ -58,6 +63,8 @@ class LocalDeployment:
     #: The port the server bound first; a restarted server binds it again, because the
     #: gateways enrolled against that URL.
     _server_port: int | None = None
+    #: The label claim code of every PNE whose TK was imported here (D-003-10).
+    claim_codes: dict[str, str] = field(default_factory=dict)
 
     @property
     def server_dir(self) -> Path:
@@ -217,6 +224,8 @@ class LocalDeployment:
                 "--password-stdin",
                 stdin=password + "\n",
             )
+        for entity_id, tk in tk_records:
+            self.claim_codes[entity_id] = claim_code(tk, entity_id)
         if tk_records:
             csv_path = self.base / "manufacturer-tk.csv"
             lines = ["entity_id,tk", *(f"{e},{tk.hex()}" for e, tk in tk_records)]
@@ -301,8 +310,13 @@ class LocalDeployment:
         name: str = "gw",
         wait: float = 0.0,
         check: bool = False,
+        claim_code: str | None = None,
     ) -> CommandResult:
-        """``cpns gateway assign``: EUKey assignment for a PNE without UI (003)."""
+        """``cpns gateway assign``: EUKey assignment for a PNE without UI (003).
+
+        ``claim_code`` defaults to the label code of the PNE's imported TK, given on
+        standard input after the password."""
+        code = claim_code if claim_code is not None else self.claim_codes.get(pne_id, _NO_CODE)
         return self.cpns(
             "gateway",
             "assign",
@@ -315,7 +329,7 @@ class LocalDeployment:
             "--password-stdin",
             "--wait",
             str(wait),
-            stdin=password + "\n",
+            stdin=password + "\n" + code + "\n",
             check=check,
             timeout=60.0 + wait,
         )

@@ -53,6 +53,9 @@ class EntityRecord:
     assigned_at: int = 0
     #: A revoked entity cannot authenticate.
     revoked: bool = False
+    #: How many times the entity was assigned keys (0 before the first assignment); the
+    #: 003 Notification carries it so a PNE refuses a superseded one (D-003-11).
+    epoch: int = 0
 
     @property
     def eukey(self) -> bytes | None:

@@ -22,7 +22,7 @@ from cpns.crypto.kdf import password_key
 from cpns.errors import ErrorCode
 from cpns.gateway.upstream import ServerClient
 from cpns.messages import EUKeyAssignmentRequest, EUKeyAssignmentResponse, decode
-from cpns.protocol.key_assignment import auth_data
+from cpns.protocol.key_assignment import auth_data, claim_code, claim_key, claim_proof
 from cpns.runtime import SystemRandom, wall_time
 
 pytestmark = pytest.mark.integration
@@ -89,7 +89,7 @@ def _walk_bytes(value: object) -> list[bytes]:
         # D-003-9: a user other than the PN GW's owner, existing or not, is NOT_AUTHORIZED.
         ("pne-1", "mallory", PASSWORD, "NOT_AUTHORIZED"),
         ("pne-1", "alice", "not the password", "WRONG_PASSWORD"),
-        ("pne-unknown", "alice", PASSWORD, "UNKNOWN_ENTITY"),
+        ("pne-unknown", "alice", PASSWORD, "CLAIM_NOT_PROVEN"),
         ("pne-1", "bob", OTHER_PASSWORD, "NOT_AUTHORIZED"),
     ],
 )
@@ -180,8 +180,11 @@ def _client(run: Net, eukey: bytes) -> ServerClient:
     )
 
 
-def _request(*, rand: bytes, time: int, txid: bytes, pne: str = "pne-2") -> EUKeyAssignmentRequest:
+def _request(
+    run: Net, *, rand: bytes, time: int, txid: bytes, pne: str = "pne-2"
+) -> EUKeyAssignmentRequest:
     key = password_key(PASSWORD, realm="cpns", user_id="alice")
+    code = claim_code(run.tk[pne], pne)
     return EUKeyAssignmentRequest(
         txid=txid,
         src="gw-alice",
@@ -192,6 +195,14 @@ def _request(*, rand: bytes, time: int, txid: bytes, pne: str = "pne-2") -> EUKe
         rand_pngw=rand,
         auth_data=auth_data(
             key, rand_pngw=rand, time=time, user_id="alice", pne_id=pne, gateway_id="gw-alice"
+        ),
+        claim_proof=claim_proof(
+            claim_key(code),
+            rand_pngw=rand,
+            time=time,
+            user_id="alice",
+            pne_id=pne,
+            gateway_id="gw-alice",
         ),
     )
 
@@ -207,9 +218,9 @@ def test_stale_time_and_replay_are_refused(running: Net) -> None:
         try:
             now = wall_time()
             rand = rng.token_bytes(32)
-            stale = _request(rand=rng.token_bytes(32), time=now - 3600, txid=rng.token_bytes(16))
-            first = _request(rand=rand, time=now, txid=rng.token_bytes(16))
-            replay = _request(rand=rand, time=now, txid=rng.token_bytes(16))
+            stale = _request(running, rand=rng.token_bytes(32), time=now - 3600, txid=rng.token_bytes(16))
+            first = _request(running, rand=rand, time=now, txid=rng.token_bytes(16))
+            replay = _request(running, rand=rand, time=now, txid=rng.token_bytes(16))
             replies = []
             for message in (stale, first, first, replay):
                 reply = await client.exchange(message)

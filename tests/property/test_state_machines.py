@@ -36,6 +36,7 @@ from tests.helpers import (
     Exchange,
     FixedRandom,
     cached_password_key,
+    claim_key_for,
     field_strategy,
     record_strategy,
     standard_directory,
@@ -91,6 +92,7 @@ def start_gateway(gateway: EUKeyAssignmentGateway) -> None:
         pne_id=PNE,
         user_id=USER,
         password_key=cached_password_key(USER, PASSWORDS[USER]),
+        claim_key=claim_key_for(PNE),
         now=FIXED_NOW,
     )
 

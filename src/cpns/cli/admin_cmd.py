@@ -13,6 +13,7 @@ from typing import Any
 
 from cpns.cli._common import add_data_dir, read_password
 from cpns.errors import ConfigurationError
+from cpns.protocol.key_assignment import claim_code
 from cpns.records import EntityRecord
 
 __all__ = ["register"]
@@ -133,6 +134,8 @@ def _entity_show(args: argparse.Namespace) -> int:
     view["tk_record"] = tk is not None
     if tk is not None and args.show_secrets:
         view["tk"] = tk.tk.hex()
+        # D-003-10: what the manufacturer prints on the PNE's label.
+        view["claim_code"] = claim_code(tk.tk, args.entity_id)
     print(json.dumps(view, indent=2))
     return 0
 

@@ -35,6 +35,7 @@ from cpns.gateway.config import (
     write_config,
 )
 from cpns.gateway.daemon import GatewayDaemon, enroll, offline_status
+from cpns.protocol.key_assignment import claim_key
 from cpns.runtime import run_event_loop
 
 __all__ = ["register"]
@@ -123,16 +124,32 @@ def _run(args: argparse.Namespace) -> int:
     return _EXIT_OK
 
 
+def _read_claim_code(args: argparse.Namespace) -> str:
+    """The claim code from --claim-code, else the next stdin line (with --password-stdin),
+    else a prompt (D-003-10: the claim proves the user holds the PNE's label)."""
+    if args.claim_code is not None:
+        return str(args.claim_code)
+    if args.password_stdin:
+        return sys.stdin.readline().strip()
+    return input("Claim code (from the PNE's label): ")
+
+
 def _assign(args: argparse.Namespace) -> int:
     if args.wait < 0:
         print("cpns gateway assign: --wait must be >= 0", file=sys.stderr)
         return _EXIT_USAGE
     key = _password_key(args)
+    try:
+        claim = claim_key(_read_claim_code(args))
+    except ValueError as exc:
+        print(f"cpns gateway assign: {exc}", file=sys.stderr)
+        return _EXIT_USAGE
     request = {
         "op": "assign",
         "pne_id": args.pne,
         "user_id": args.user,
         "password_key": key.hex(),
+        "claim_key": claim.hex(),
         "wait": args.wait,
     }
     try:
@@ -303,6 +320,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_data_dir(p, _DEFAULT_DIR)
     p.add_argument("--pne", required=True, help="the PNE's Entity ID")
+    p.add_argument(
+        "--claim-code",
+        metavar="CODE",
+        help=(
+            "the claim code printed on the PNE's label (XXXX-XXXX-XXXX-XXXX); without it "
+            "the code is read from the line after the password with --password-stdin, or "
+            "asked for. It proves you hold the device: the Entity ID alone claims nothing"
+        ),
+    )
     _add_password(p)
     p.add_argument(
         "--wait",

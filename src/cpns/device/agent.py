@@ -9,16 +9,18 @@ A PNE without UI leaves the factory holding its Entity ID and its Temporary Key 
 1. connects to the PN GW's PAN port and announces itself with :class:`PNEHello`
    (``dst="pan"``: whichever gateway answers the link; ``key_index`` of the key it holds);
 2. feeds each EUKey Assignment Notification to a fresh :class:`EUKeyAssignmentDevice`
-   built from the store (the key it holds, the transactions already seen), which opens
-   the EUKey with the TK (003 §7.4.2.1.1.3, PNE step 1);
-3. on :class:`EUKeyInstalled` **persists** the EUKey, its index and the txid (appended to
-   a bounded list of seen transactions) **before** sending the Ack (DESIGN §6), so a crash
-   after the Ack can never leave the gateway believing in a key the PNE lost;
+   built from the store (the key it holds, with its txid and assignment epoch), which
+   opens the EUKey with the TK (003 §7.4.2.1.1.3, PNE step 1);
+3. on :class:`EUKeyInstalled` **persists** the EUKey, its index, the txid and the epoch
+   **before** sending the Ack (DESIGN §6), so a crash after the Ack can never leave the
+   gateway believing in a key the PNE lost;
 4. reconnects with capped exponential backoff when the gateway goes away.
 
-A Notification of a transaction already seen is acknowledged again only if it carries the
-key the PNE holds (the gateway lost our Ack), so an old recorded Notification cannot roll
-the PNE back: the machine enforces that, the agent only supplies the history.
+A Notification is installed only if its assignment epoch (sealed with the key by the
+server's numbering, D-003-11) is higher than the one held; the same epoch is acknowledged
+again only if it carries the key the PNE holds (the gateway lost our Ack). So a recorded
+Notification of a superseded assignment cannot roll the PNE back: the machine enforces
+that, the agent only supplies what it holds.
 
 Nothing here logs a key or the TK; :func:`device_status` reports IDs and indexes only.
 """
@@ -41,7 +43,7 @@ from cpns.messages.model import (
     PNEHello,
 )
 from cpns.protocol._machine import ProcedureFailed
-from cpns.protocol.key_assignment import EUKeyAssignmentDevice, EUKeyInstalled
+from cpns.protocol.key_assignment import EUKeyAssignmentDevice, EUKeyInstalled, HeldKey
 from cpns.runtime import SystemRandom, wall_time
 from cpns.store.keystore import LocalKeyStore
 from cpns.transport.stream import peer_text, read_message, write_message
@@ -53,7 +55,6 @@ __all__ = [
     "EXIT_TIMEOUT",
     "EXIT_UNREACHABLE",
     "PAN_ADDRESS",
-    "SEEN_TXIDS_MAX",
     "STORE_NAME",
     "DeviceAgent",
     "device_status",
@@ -66,8 +67,6 @@ log = logging.getLogger("cpns.device")
 STORE_NAME: Final = "device"
 #: Version of the store layout written by this module.
 STORE_VERSION: Final = 1
-#: How many delivering transactions the PNE remembers (replay guard).
-SEEN_TXIDS_MAX: Final = 64
 #: Destination of PNEHello: whichever PN GW answers this link.
 PAN_ADDRESS: Final = "pan"
 
@@ -106,7 +105,7 @@ def init_device(data_dir: Path | str, entity_id: str, tk: bytes, *, force: bool 
                 "key_index": 0,
                 "txid": None,
                 "gateway_id": None,
-                "seen_txids": [],
+                "epoch": 0,
                 "installed_at": 0,
             }
         )
@@ -328,15 +327,16 @@ class DeviceAgent:
 
     def _machine(self) -> EUKeyAssignmentDevice:
         data = self._data
-        current: tuple[bytes, int, bytes] | None = None
+        current: HeldKey | None = None
         if isinstance(data.get("eukey"), bytes) and isinstance(data.get("txid"), bytes):
-            current = (data["txid"], int(data["key_index"]), data["eukey"])
+            current = HeldKey(
+                txid=data["txid"],
+                key_index=int(data["key_index"]),
+                eukey=data["eukey"],
+                epoch=int(data.get("epoch", 0)),
+            )
         return EUKeyAssignmentDevice(
-            entity_id=data["entity_id"],
-            tk=data["tk"],
-            rng=self._rng,
-            current=current,
-            seen_txids=frozenset(data.get("seen_txids", [])),
+            entity_id=data["entity_id"], tk=data["tk"], rng=self._rng, current=current
         )
 
     async def _on_notification(
@@ -381,14 +381,13 @@ class DeviceAgent:
 
     def _persist(self, event: EUKeyInstalled) -> None:
         data = dict(self._data)
-        seen = [t for t in data.get("seen_txids", []) if t != event.txid]
-        seen.append(event.txid)
+        data.pop("seen_txids", None)  # stores written before epochs kept a txid history
         data.update(
             eukey=event.eukey,
             key_index=event.key_index,
             txid=event.txid,
             gateway_id=event.gateway_id,
-            seen_txids=seen[-SEEN_TXIDS_MAX:],
+            epoch=event.epoch,
             installed_at=wall_time(),
         )
         self._store.save(data)

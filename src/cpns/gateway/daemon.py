@@ -709,9 +709,18 @@ class GatewayDaemon:
     # -- 003 PN GW role: request / response ---------------------------------------------
 
     async def assign(
-        self, pne_id: str, user_id: str, password_key: bytes, *, wait: float = 0.0
+        self,
+        pne_id: str,
+        user_id: str,
+        password_key: bytes,
+        *,
+        claim_key: bytes,
+        wait: float = 0.0,
     ) -> AssignResult:
         """Run the 003 PN GW role for ``pne_id``; wait up to ``wait`` s for delivery.
+
+        ``claim_key`` stands for the claim code the user read from the PNE's label
+        (:func:`cpns.protocol.key_assignment.claim_key`, deviations D-003-10).
 
         Never raises for protocol, transport or store failures: they come back as a
         refused :class:`AssignResult` naming the status and the hop.
@@ -725,7 +734,7 @@ class GatewayDaemon:
                     hop="gateway",
                     pne_id=pne_id,
                 )
-        if len(password_key) != 32:
+        if len(password_key) != 32 or len(claim_key) != 32:
             return AssignResult(
                 ok=False,
                 status="MALFORMED_MESSAGE",
@@ -736,7 +745,11 @@ class GatewayDaemon:
         async with self._lock_for(pne_id):
             machine = self._new_machine()
             machine.start(
-                pne_id=pne_id, user_id=user_id, password_key=password_key, now=self._clock()
+                pne_id=pne_id,
+                user_id=user_id,
+                password_key=password_key,
+                claim_key=claim_key,
+                now=self._clock(),
             )
             request = machine.request
             assert request is not None
@@ -905,6 +918,7 @@ class GatewayDaemon:
             "tk": event.tk,
             "eukeys": list(event.eukeys),
             "key_index": event.key_index,
+            "epoch": event.epoch,
             "delivered": False,
             "stored_at": self._clock(),
         }
@@ -992,6 +1006,7 @@ class GatewayDaemon:
                 tk=key_set["tk"],
                 eukeys=tuple(key_set["eukeys"]),
                 key_index=key_set["key_index"],
+                epoch=key_set.get("epoch", 1),
             ),
             txid=key_set["txid"],
         )
@@ -1291,19 +1306,24 @@ class GatewayDaemon:
             if op == "assign":
                 pne_id, user_id = request.get("pne_id"), request.get("user_id")
                 key_hex, wait = request.get("password_key"), request.get("wait", 0)
+                claim_hex = request.get("claim_key")
                 if not (
                     isinstance(pne_id, str)
                     and isinstance(user_id, str)
                     and isinstance(key_hex, str)
+                    and isinstance(claim_hex, str)
                 ):
-                    return bad("assign needs pne_id, user_id and password_key (hex)")
+                    return bad("assign needs pne_id, user_id, password_key and claim_key (hex)")
                 if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
                     return bad("wait must be a non-negative number of seconds")
                 try:
                     password_key = bytes.fromhex(key_hex)
+                    claim = bytes.fromhex(claim_hex)
                 except ValueError:
-                    return bad("password_key must be hex")
-                result = await self.assign(pne_id, user_id, password_key, wait=float(wait))
+                    return bad("password_key and claim_key must be hex")
+                result = await self.assign(
+                    pne_id, user_id, password_key, claim_key=claim, wait=float(wait)
+                )
                 return result.to_json()
         except Exception:  # a control client must never take the daemon down
             log.exception("control op %r failed", op)

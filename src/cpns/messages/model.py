@@ -267,6 +267,9 @@ class EUKeyAssignmentRequest(Message):
     rand_pngw: bytes = f_bytes(4, size=32)
     #: Hash(AuthData), instantiated as an HMAC keyed by Hash(Password) (DESIGN §4).
     auth_data: bytes = f_bytes(5, size=32, secret=True)
+    #: Proof that the user holds the PNE's label claim code: HMAC keyed by the claim key
+    #: over the request's identities and RANDPNGW (ours: deviations D-003-10).
+    claim_proof: bytes = f_bytes(6, size=32, secret=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -295,6 +298,9 @@ class KeyBundle(Record):
     tk: bytes = f_bytes(1, lo=16, hi=64, secret=True)
     #: [EUKey_1, ..., EUKey_n].
     eukeys: tuple[bytes, ...] = f_bytes_list(2, secret=True)
+    #: The PNE's assignment epoch: 1 for its first assignment, +1 for each later one, so a
+    #: PNE can tell a superseded Notification from a newer one (deviations D-003-11).
+    epoch: int = f_int(3, lo=1, hi=2**32 - 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -312,6 +318,8 @@ class EUKeyAssignmentNotification(Message):
     key_index: int = f_int(2, lo=1, hi=1024)
     #: E_TK(EUKey): the EUKey sealed under the TK (present on OK).
     sealed_eukey: bytes | None = f_bytes(3, lo=1, hi=256, optional=True, secret=True)
+    #: The assignment epoch chosen by the server (present on OK; bound into the seal).
+    epoch: int | None = f_int(4, lo=1, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,6 +30,7 @@ Not done here: sockets, HTTP, Digest, storage, clocks, randomness (all injected)
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,10 +68,15 @@ __all__ = [
     "EUKeyInstalled",
     "EUKeySetReceived",
     "GatewayState",
+    "HeldKey",
     "ServerLookups",
     "ServerState",
     "auth_data",
     "check_attempts",
+    "claim_code",
+    "claim_key",
+    "claim_proof",
+    "normalize_claim_code",
     "request_digest",
     "seed_pne",
 ]
@@ -79,6 +85,11 @@ __all__ = [
 AUTH_DATA_LABEL: Final = "cpns/v1/003/auth-data"
 SEED_LABEL: Final = "cpns/v1/003/seed-pne"
 ACK_LABEL: Final = "cpns/v1/003/ack"
+CLAIM_CODE_LABEL: Final = "cpns/v1/003/claim-code"
+CLAIM_KEY_LABEL: Final = "cpns/v1/003/claim-key"
+CLAIM_PROOF_LABEL: Final = "cpns/v1/003/claim-proof"
+#: Characters of a claim code (RFC 4648 base32: 16 characters carry 80 bits).
+CLAIM_CODE_CHARS: Final = 16
 RESPONSE_PURPOSE: Final = "003/response-bundle"
 NOTIFICATION_PURPOSE: Final = "003/notification"
 
@@ -98,6 +109,62 @@ def auth_data(
     return mac(password_key, AUTH_DATA_LABEL, rand_pngw, time, user_id, pne_id, gateway_id)
 
 
+def claim_code(tk: bytes, pne_id: str) -> str:
+    """The claim code printed on a PNE's label: 80 bits of HMAC(TK, label, PNE Entity ID).
+
+    RFC 4648 base32 (``A-Z``, ``2-7``), 16 characters shown as four groups of four
+    (``ABCD-EFGH-IJKL-MNOP``). The manufacturer computes it from the TK it ships in the
+    device and prints it on the label; the server recomputes it from the imported TK
+    record. Holding the label (or the device) is what a claim proves (deviations
+    D-003-10); the Entity ID alone is not enough.
+    """
+    raw = mac(tk, CLAIM_CODE_LABEL, pne_id)[:10]
+    text = base64.b32encode(raw).decode("ascii")
+    return "-".join(text[i : i + 4] for i in range(0, CLAIM_CODE_CHARS, 4))
+
+
+def normalize_claim_code(text: str) -> str:
+    """The canonical form of a typed claim code: 16 base32 characters, upper case.
+
+    Dashes and white space are ignored, lower case is accepted, and the digits a reader
+    may take for letters are read as those letters (0 -> O, 1 -> I, 8 -> B).
+
+    Raises: ValueError: not 16 base32 characters.
+    """
+    cleaned = "".join(text.split()).replace("-", "").upper()
+    cleaned = cleaned.translate(str.maketrans("018", "OIB"))
+    if len(cleaned) != CLAIM_CODE_CHARS or any(c not in _BASE32 for c in cleaned):
+        raise ValueError("a claim code is 16 characters of A-Z and 2-7 (dashes optional)")
+    return cleaned
+
+
+_BASE32: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+
+
+def claim_key(code: str) -> bytes:
+    """The 32-byte key a claim code stands for: Hash(label, canonical code).
+
+    Raises: ValueError: ``code`` is not a claim code (see :func:`normalize_claim_code`).
+    """
+    return hash_values(CLAIM_KEY_LABEL, normalize_claim_code(code))
+
+
+def claim_proof(
+    key: bytes, *, rand_pngw: bytes, time: int, user_id: str, pne_id: str, gateway_id: str
+) -> bytes:
+    """HMAC(claim key, label, RANDPNGW, Time, User ID, PNE ID, PN GW ID) (D-003-10).
+
+    Bound to the request's random value and identities, so a proof seen once cannot be
+    used for another request (the server refuses a RANDPNGW twice).
+    """
+    return mac(key, CLAIM_PROOF_LABEL, rand_pngw, time, user_id, pne_id, gateway_id)
+
+
+#: Stands in for the TK of an Entity ID with no TK record, so that an unknown PNE costs the
+#: same check as a known one and both are refused alike (CLAIM_NOT_PROVEN).
+_NO_TK: Final = bytes(32)
+
+
 def seed_pne(rand_svr: bytes, rand_pngw: bytes) -> bytes:
     """SeedPNE = Hash(RANDSVR, RANDPNGW) (003 §7.4.2.1.1.2 step 4)."""
     return hash_values(SEED_LABEL, rand_svr, rand_pngw)
@@ -113,13 +180,15 @@ def _bundle_context(server_id: str, gateway_id: str, pne_id: str, txid: bytes) -
 
 
 def _notification_context(
-    gateway_id: str, pne_id: str, txid: bytes, index: int
+    gateway_id: str, pne_id: str, txid: bytes, index: int, epoch: int
 ) -> tuple[Part, ...]:
-    return (gateway_id, pne_id, txid, index)
+    return (gateway_id, pne_id, txid, index, epoch)
 
 
-def _ack_proof(eukey: bytes, *, gateway_id: str, pne_id: str, txid: bytes, index: int) -> bytes:
-    return mac(eukey, ACK_LABEL, gateway_id, pne_id, txid, index)
+def _ack_proof(
+    eukey: bytes, *, gateway_id: str, pne_id: str, txid: bytes, index: int, epoch: int
+) -> bytes:
+    return mac(eukey, ACK_LABEL, gateway_id, pne_id, txid, index, epoch)
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -137,6 +206,12 @@ class EUKeyChainAssigned(Event):
     gateway_id: str
     #: [EUKey_1..EUKey_n].
     eukeys: tuple[bytes, ...] = field(repr=False)
+    #: The assignment epoch sealed into the response (D-003-11).
+    epoch: int
+    #: The epoch of the record the check was made against (0: no record): the store
+    #: writes the chain only if the entity is still there (compare and set, so racing
+    #: claims have one winner).
+    expected_epoch: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +228,8 @@ class EUKeySetReceived(Event):
     eukeys: tuple[bytes, ...] = field(repr=False)
     #: The selected EUKey's position (003 §7.4.2.1.1.3 step 2).
     key_index: int
+    #: The assignment epoch the server sealed into the bundle (D-003-11).
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,8 +252,10 @@ class EUKeyInstalled(Event):
     key_index: int
     #: The EUKey.
     eukey: bytes = field(repr=False)
-    #: The transaction that delivered it (remembered to refuse replays).
+    #: The transaction that delivered it (an Ack lost on the way is answered again).
     txid: bytes
+    #: The assignment epoch: a Notification of a lower one is refused (D-003-11).
+    epoch: int
 
 
 # -- server -----------------------------------------------------------------------------------
@@ -332,11 +411,29 @@ class EUKeyAssignmentServer(Machine[ServerState]):
             raise RemoteProtocolError("user is disabled", code=ErrorCode.NOT_AUTHORIZED)
         if look.nonce_used(message.rand_pngw):
             raise RemoteProtocolError("RANDPNGW already used", code=ErrorCode.REPLAY)
-        # Step 6: find TKPNE for the Entity ID.
+        # Step 6: find TKPNE for the Entity ID. The claim must prove the label's code,
+        # derived from that TK (D-003-10): an Entity ID alone releases nothing. An unknown
+        # PNE is checked against a stand-in TK, so both cost the same and read alike.
         tk = look.get_tk(message.pne_id)
+        code = claim_code(tk.tk if tk is not None else _NO_TK, message.pne_id)
+        try:
+            verify_mac(
+                claim_key(code),
+                message.claim_proof,
+                CLAIM_PROOF_LABEL,
+                message.rand_pngw,
+                message.time,
+                message.user_id,
+                message.pne_id,
+                message.src,
+            )
+        except AuthenticationFailed:
+            raise RemoteProtocolError(
+                "claim code not proven", code=ErrorCode.CLAIM_NOT_PROVEN
+            ) from None
         if tk is None:
             raise RemoteProtocolError(
-                f"no TK record for {message.pne_id!r}", code=ErrorCode.UNKNOWN_ENTITY
+                "claim code not proven (no TK record)", code=ErrorCode.CLAIM_NOT_PROVEN
             )
         existing = look.get_entity(message.pne_id)
         if existing is not None:
@@ -351,7 +448,9 @@ class EUKeyAssignmentServer(Machine[ServerState]):
         # Steps 3-4: RANDSVR, SeedPNE and the chain.
         rand_svr = self._rng.token_bytes(32)
         eukeys = tuple(build_chain(seed_pne(rand_svr, message.rand_pngw), policy.chain_length))
-        bundle = encode_record(KeyBundle(tk=tk.tk, eukeys=eukeys))
+        expected_epoch = existing.epoch if existing is not None else 0
+        epoch = expected_epoch + 1
+        bundle = encode_record(KeyBundle(tk=tk.tk, eukeys=eukeys, epoch=epoch))
         sealed = seal(
             gateway.eukey,
             bundle,
@@ -373,7 +472,12 @@ class EUKeyAssignmentServer(Machine[ServerState]):
         return [
             NonceConsumed(nonce=message.rand_pngw, expires_at=message.time + policy.time_window),
             EUKeyChainAssigned(
-                pne_id=message.pne_id, user_id=user.user_id, gateway_id=message.src, eukeys=eukeys
+                pne_id=message.pne_id,
+                user_id=user.user_id,
+                gateway_id=message.src,
+                eukeys=eukeys,
+                epoch=epoch,
+                expected_epoch=expected_epoch,
             ),
         ]
 
@@ -427,8 +531,13 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
         """The request sent (kept so the I/O layer can persist and resend it unchanged)."""
         return self._request
 
-    def start(self, *, pne_id: str, user_id: str, password_key: bytes, now: int) -> None:
-        """Steps 1-4 of 003 §7.4.2.1.1.1: queue the EUKey Assignment Request."""
+    def start(
+        self, *, pne_id: str, user_id: str, password_key: bytes, claim_key: bytes, now: int
+    ) -> None:
+        """Steps 1-4 of 003 §7.4.2.1.1.1: queue the EUKey Assignment Request.
+
+        ``claim_key`` is :func:`claim_key` of the code the user typed from the PNE's label.
+        """
         if self.state is not GatewayState.START:
             raise LocalProtocolError("start() only once, on a new machine")
         rand_pngw = self._rng.token_bytes(32)  # step 2 (stored by the I/O layer with the request)
@@ -442,6 +551,14 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
             rand_pngw=rand_pngw,
             auth_data=auth_data(
                 password_key,
+                rand_pngw=rand_pngw,
+                time=now,
+                user_id=user_id,
+                pne_id=pne_id,
+                gateway_id=self._gateway_id,
+            ),
+            claim_proof=claim_proof(
+                claim_key,
                 rand_pngw=rand_pngw,
                 time=now,
                 user_id=user_id,
@@ -479,12 +596,17 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
                 dst=pending.pne_id,
                 status=ErrorCode.OK,
                 key_index=pending.key_index,
+                epoch=pending.epoch,
                 sealed_eukey=seal(
                     pending.tk,
                     eukey,
                     purpose=NOTIFICATION_PURPOSE,
                     context=_notification_context(
-                        self._gateway_id, pending.pne_id, self._txid, pending.key_index
+                        self._gateway_id,
+                        pending.pne_id,
+                        self._txid,
+                        pending.key_index,
+                        pending.epoch,
                     ),
                     nonce=self._rng.token_bytes(NONCE_LEN),
                 ),
@@ -526,6 +648,7 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
             tk=bundle.tk,
             eukeys=bundle.eukeys,
             key_index=1,
+            epoch=bundle.epoch,
         )
         self._notify()
         return [self._pending]
@@ -554,6 +677,7 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
             pending.pne_id,
             self._txid,
             pending.key_index,
+            pending.epoch,
         )
         return [EUKeyDelivered(pne_id=pending.pne_id, key_index=pending.key_index)]
 
@@ -579,13 +703,30 @@ class DeviceState(Enum):
     FAILED = auto()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldKey:
+    """What a PNE holds from its last 003 assignment (rebuilt from its key store)."""
+
+    #: The transaction that delivered it.
+    txid: bytes
+    #: Its position in the chain.
+    key_index: int
+    #: The EUKey.
+    eukey: bytes = field(repr=False)
+    #: The assignment epoch it came with (0 for a key stored before epochs existed).
+    epoch: int
+
+
 class EUKeyAssignmentDevice(Machine[DeviceState]):
     """PNE role of 003 §7.4.2.1.1.3: open the Notification with the TK, store, acknowledge.
 
-    ``seen_txids`` are transactions that already delivered a key to this PNE: a
-    Notification from one of them is answered again (lost acknowledgement) only if it
-    carries the key the PNE holds, so a recorded old Notification cannot roll the PNE
-    back to an old key.
+    ``current`` is the key the PNE holds, if any. The server numbers a PNE's assignments
+    (the epoch, sealed into the Notification with the key, D-003-11), so the rule is:
+
+    * a higher epoch than the one held: install the key and acknowledge;
+    * the same epoch, transaction and key: acknowledge again (the Ack was lost);
+    * anything else (a lower epoch, or the same epoch with other content): refuse, so a
+      recorded Notification of a superseded assignment cannot roll the PNE back.
     """
 
     HOP: ClassVar[str] = "device"
@@ -596,8 +737,7 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
         entity_id: str,
         tk: bytes,
         rng: Random,
-        current: tuple[bytes, int, bytes] | None = None,
-        seen_txids: frozenset[bytes] = frozenset(),
+        current: HeldKey | None = None,
     ) -> None:
         super().__init__(
             DeviceState.EXPECT_NOTIFICATION, done=DeviceState.DONE, failed=DeviceState.FAILED
@@ -605,8 +745,7 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
         self._entity_id = entity_id
         self._tk = tk
         self._rng = rng
-        self._current = current  # (txid, key_index, eukey) of the key held, if any
-        self._seen = seen_txids
+        self._current = current
 
     def _failure_reply(self, incoming: Message | None, code: ErrorCode) -> Message | None:
         if not isinstance(incoming, EUKeyAssignmentNotification):
@@ -627,20 +766,29 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
             raise RemoteProtocolError(
                 f"notification status {message.status.name}", code=message.status
             )
-        if message.sealed_eukey is None:
-            raise RemoteProtocolError("OK notification without a key")
+        if message.sealed_eukey is None or message.epoch is None:
+            raise RemoteProtocolError("OK notification without a key or an epoch")
         eukey = open_sealed(
             self._tk,
             message.sealed_eukey,
             purpose=NOTIFICATION_PURPOSE,
             context=_notification_context(
-                message.src, self._entity_id, message.txid, message.key_index
+                message.src, self._entity_id, message.txid, message.key_index, message.epoch
             ),
         )
         events: list[Event] = []
-        if message.txid in self._seen or (self._current and self._current[0] == message.txid):
-            if self._current is None or self._current[1:] != (message.key_index, eukey):
-                raise AuthenticationFailed("replayed notification of an older key")
+        held = self._current
+        if held is not None and message.epoch <= held.epoch:
+            same = (
+                message.epoch == held.epoch
+                and message.txid == held.txid
+                and message.key_index == held.key_index
+                and eukey == held.eukey
+            )
+            if not same:
+                raise AuthenticationFailed(
+                    "notification of a superseded assignment", code=ErrorCode.REPLAY
+                )
         else:
             events.append(
                 EUKeyInstalled(
@@ -648,6 +796,7 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
                     key_index=message.key_index,
                     eukey=eukey,
                     txid=message.txid,
+                    epoch=message.epoch,
                 )
             )
         self._send(
@@ -663,6 +812,7 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
                     pne_id=self._entity_id,
                     txid=message.txid,
                     index=message.key_index,
+                    epoch=message.epoch,
                 ),
             )
         )

@@ -92,6 +92,9 @@ class EUKeyAssigned(Event):
     user_id: str
     #: The new EUKey.
     eukey: bytes = field(repr=False)
+    #: Epoch of the record the checks saw (0: none); the store writes only if the entity is
+    #: still at it, so racing first enrolments of one Entity ID have one winner.
+    expected_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,7 +209,11 @@ class UserKeyAssignmentServer(Machine[ServerState]):
         return [
             NonceConsumed(nonce=message.rand, expires_at=message.time + self._policy.time_window),
             EUKeyAssigned(
-                entity_id=message.src, kind=message.entity_kind, user_id=user.user_id, eukey=eukey
+                entity_id=message.src,
+                kind=message.entity_kind,
+                user_id=user.user_id,
+                eukey=eukey,
+                expected_epoch=existing.epoch if existing is not None else 0,
             ),
         ]
 

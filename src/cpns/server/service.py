@@ -41,7 +41,7 @@ from cpns.protocol.key_assignment import (
 from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
 from cpns.records import AuditEvent, EntityRecord, StoredReply
 from cpns.server.guard import AttemptGuard, GuardLimits
-from cpns.store.base import ConflictError, NonceReused, ServerStore, WriteTx
+from cpns.store.base import ClaimConflict, ConflictError, NonceReused, ServerStore, WriteTx
 from cpns.types import EntityKind, Random
 
 __all__ = ["CPNSService", "Reply"]
@@ -244,6 +244,21 @@ class CPNSService:
                     tx, message, requester, digest, reply_bytes, events, now, source
                 )
             )
+        except ClaimConflict:
+            # Another assignment of this entity committed after our checks read it: the
+            # first one wins, this one gets a refusal and no key material (racing claims).
+            fresh = self._machine(message, authenticated, now, source)
+            fresh.fail(ErrorCode.CLAIM_CONFLICT, "another assignment committed first", message)
+            await self._audit(
+                message,
+                requester,
+                ErrorCode.CLAIM_CONFLICT,
+                now,
+                "claim race lost",
+                source,
+                authenticated=authenticated is not None,
+            )
+            return self._reply(fresh.messages_to_send()[0], ErrorCode.CLAIM_CONFLICT)
         except (NonceReused, ConflictError):
             # A concurrent copy of this very request may have won the race: answer as it did.
             stored = self._store.get_reply(requester, message.txid)
@@ -313,7 +328,8 @@ class CPNSService:
                 case NonceConsumed(nonce=nonce, expires_at=expires_at):
                     tx.use_nonce(nonce, expires_at=expires_at)
                 case EUKeyChainAssigned():
-                    tx.put_entity(
+                    # Compare and set: the checks and this write are one atomic step.
+                    tx.assign_entity(
                         EntityRecord(
                             entity_id=event.pne_id,
                             kind=EntityKind.PNE,
@@ -322,10 +338,12 @@ class CPNSService:
                             key_index=1,
                             assigned_via=event.gateway_id,
                             assigned_at=now,
-                        )
+                            epoch=event.epoch,
+                        ),
+                        expected_epoch=event.expected_epoch,
                     )
                 case EUKeyAssigned():
-                    tx.put_entity(
+                    tx.assign_entity(
                         EntityRecord(
                             entity_id=event.entity_id,
                             kind=event.kind,
@@ -333,7 +351,9 @@ class CPNSService:
                             eukeys=(event.eukey,),
                             key_index=1,
                             assigned_at=now,
-                        )
+                            epoch=event.expected_epoch + 1,
+                        ),
+                        expected_epoch=event.expected_epoch,
                     )
         tx.put_reply(
             StoredReply(

@@ -21,6 +21,7 @@ from cpns.records import AuditEvent, EntityRecord, StoredReply, TKRecord, UserRe
 
 __all__ = [
     "AuditEvent",
+    "ClaimConflict",
     "ConflictError",
     "EntityRecord",
     "NonceReused",
@@ -34,6 +35,10 @@ __all__ = [
 
 class ConflictError(StoreError):
     """A unique row already exists (user, entity, TK record)."""
+
+
+class ClaimConflict(ConflictError):
+    """An assignment lost the race: the entity changed after its checks (one winner)."""
 
 
 class NonceReused(StoreError):  # contract name; "Reused" already says error
@@ -53,6 +58,12 @@ class WriteTx(Protocol):
 
     def put_entity(self, entity: EntityRecord) -> None:
         """Insert or replace an entity (by Entity ID)."""
+        ...
+
+    def assign_entity(self, entity: EntityRecord, *, expected_epoch: int) -> None:
+        """Store an assignment (``entity.epoch == expected_epoch + 1``) if the entity is
+        absent or still at ``expected_epoch`` with the same owner and kind and not revoked,
+        in one atomic step; :class:`ClaimConflict` (nothing written) otherwise."""
         ...
 
     def put_tks(self, records: Sequence[TKRecord]) -> None:

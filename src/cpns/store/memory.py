@@ -26,6 +26,7 @@ from cpns.crypto.hashing import KEY_LEN
 from cpns.errors import LocalProtocolError, StoreError
 from cpns.store.base import (
     AuditEvent,
+    ClaimConflict,
     ConflictError,
     EntityRecord,
     NonceReused,
@@ -127,6 +128,21 @@ class _MemoryWriteTx:
         if entity.owner not in t.users:
             raise StoreError(f"entity {entity.entity_id!r}: owner {entity.owner!r} is not a user")
         self._put(t.entities, entity.entity_id, entity)
+
+    def assign_entity(self, entity: EntityRecord, *, expected_epoch: int) -> None:
+        """Store an assignment if the entity is absent or still at ``expected_epoch``
+        with the same owner and kind, not revoked; :class:`ClaimConflict` otherwise."""
+        if entity.epoch != expected_epoch + 1:
+            raise StoreError(f"entity {entity.entity_id!r}: epoch must be expected_epoch + 1")
+        current = self._tables().entities.get(entity.entity_id)
+        if current is not None and (
+            current.epoch != expected_epoch
+            or current.owner != entity.owner
+            or current.kind is not entity.kind
+            or current.revoked
+        ):
+            raise ClaimConflict(f"entity {entity.entity_id!r} changed since it was checked")
+        self.put_entity(entity)
 
     def put_tks(self, records: Sequence[TKRecord]) -> None:
         """Insert TK records; :class:`ConflictError` (and nothing written) on a duplicate."""

@@ -67,6 +67,7 @@ from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, LocalProtocolError, StoreError
 from cpns.store.base import (
     AuditEvent,
+    ClaimConflict,
     ConflictError,
     EntityRecord,
     NonceReused,
@@ -147,17 +148,25 @@ class _Q:
     USER_LIST: Final = (
         "SELECT user_id, password_key_sealed, created_at, disabled FROM users ORDER BY user_id"
     )
-    ENTITY_UPSERT: Final = (
+    _ENTITY_INSERT: Final = (
         "INSERT INTO entities (entity_id, kind, owner, eukeys_sealed, key_index, "
-        "assigned_via, assigned_at, revoked) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "assigned_via, assigned_at, revoked, epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (entity_id) DO UPDATE SET kind = excluded.kind, owner = excluded.owner, "
         "eukeys_sealed = excluded.eukeys_sealed, key_index = excluded.key_index, "
         "assigned_via = excluded.assigned_via, assigned_at = excluded.assigned_at, "
-        "revoked = excluded.revoked"
+        "revoked = excluded.revoked, epoch = excluded.epoch"
+    )
+    ENTITY_UPSERT: Final = _ENTITY_INSERT
+    #: Compare and set of an assignment (D-003-11): the row is written only if it is
+    #: absent or still at the epoch the checks saw, with the same owner and kind and not
+    #: revoked. One statement, so two racing claims cannot both pass.
+    ENTITY_ASSIGN: Final = (
+        _ENTITY_INSERT + " WHERE entities.epoch = ? AND entities.owner = excluded.owner "
+        "AND entities.kind = excluded.kind AND entities.revoked = 0"
     )
     _ENTITY_COLUMNS: Final = (
         "SELECT entity_id, kind, owner, eukeys_sealed, key_index, assigned_via, "
-        "assigned_at, revoked FROM entities"
+        "assigned_at, revoked, epoch FROM entities"
     )
     ENTITY_GET: Final = _ENTITY_COLUMNS + " WHERE entity_id = ?"
     ENTITY_LIST: Final = _ENTITY_COLUMNS + " ORDER BY entity_id"
@@ -435,6 +444,7 @@ class _SQLWriteTx:
             entity.assigned_via,
             entity.assigned_at,
             int(entity.revoked),
+            entity.epoch,
         )
         try:
             self._exec(_Q.ENTITY_UPSERT, params)
@@ -444,6 +454,37 @@ class _SQLWriteTx:
                     f"entity {entity.entity_id!r}: owner {entity.owner!r} is not a user"
                 ) from None
             raise StoreError(f"cannot store entity {entity.entity_id!r}: {exc}") from None
+
+    def assign_entity(self, entity: EntityRecord, *, expected_epoch: int) -> None:
+        """Store an assignment if the entity is absent or still at ``expected_epoch``
+        with the same owner and kind, not revoked; :class:`ClaimConflict` otherwise."""
+        if any(len(k) != KEY_LEN for k in entity.eukeys):
+            raise StoreError(f"EUKeys are {KEY_LEN} bytes (entity {entity.entity_id!r})")
+        if entity.epoch != expected_epoch + 1:
+            raise StoreError(f"entity {entity.entity_id!r}: epoch must be expected_epoch + 1")
+        sealed = self._sealer.seal("entities.eukeys", b"".join(entity.eukeys), (entity.entity_id,))
+        params = (
+            entity.entity_id,
+            int(entity.kind),
+            entity.owner,
+            sealed,
+            entity.key_index,
+            entity.assigned_via,
+            entity.assigned_at,
+            int(entity.revoked),
+            entity.epoch,
+            expected_epoch,
+        )
+        try:
+            cur = self._exec(_Q.ENTITY_ASSIGN, params)
+        except sqlite3.Error as exc:
+            if self._dialect.is_foreign_key_violation(exc):
+                raise StoreError(
+                    f"entity {entity.entity_id!r}: owner {entity.owner!r} is not a user"
+                ) from None
+            raise StoreError(f"cannot store entity {entity.entity_id!r}: {exc}") from None
+        if cur.rowcount != 1:
+            raise ClaimConflict(f"entity {entity.entity_id!r} changed since it was checked")
 
     def put_tks(self, records: Sequence[TKRecord]) -> None:
         """Insert TK records; :class:`ConflictError` (and nothing written) on a duplicate."""
@@ -829,7 +870,7 @@ class SQLStore:
         )
 
     def _entity(self, row: Any) -> EntityRecord:
-        entity_id, kind, owner, sealed, key_index, assigned_via, assigned_at, revoked = row
+        entity_id, kind, owner, sealed, key_index, assigned_via, assigned_at, revoked, epoch = row
         try:
             entity_kind = EntityKind(kind)
         except ValueError:
@@ -844,6 +885,7 @@ class SQLStore:
             assigned_via=assigned_via,
             assigned_at=assigned_at,
             revoked=bool(revoked),
+            epoch=epoch,
         )
 
     def get_user(self, user_id: str) -> UserRecord | None:

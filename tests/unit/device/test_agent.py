@@ -54,14 +54,16 @@ def run[T](coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 3 * WAIT))
 
 
-def key_set(seed: int, *, tk: bytes = TKS[PNE]) -> EUKeySetReceived:
-    """A stored set as the PN GW holds it after the server's response."""
+def key_set(seed: int, *, tk: bytes = TKS[PNE], epoch: int = 1) -> EUKeySetReceived:
+    """A stored set as the PN GW holds it after the server's response (assignment
+    ``epoch`` as the server numbered it)."""
     return EUKeySetReceived(
         pne_id=PNE,
         user_id="alice",
         tk=tk,
         eukeys=tuple(build_chain(bytes([seed]) * 32, 4)),
         key_index=1,
+        epoch=epoch,
     )
 
 
@@ -219,7 +221,7 @@ def test_device_installs_the_key_and_acknowledges(device_dir: Path) -> None:
     assert gateway.hellos[0].key_index == 0
     state = stored(device_dir)
     assert (state["eukey"], state["key_index"], state["txid"]) == (the_set.eukeys[0], 1, txid)
-    assert state["seen_txids"] == [txid]
+    assert state["epoch"] == 1
     # DESIGN §6: the key was on disk when the Ack reached the gateway.
     assert gateway.stores_at_ack[0]["eukey"] == the_set.eukeys[0]
     assert device_status(device_dir)["key_index"] == 1
@@ -242,13 +244,14 @@ def test_device_restarted_before_its_ack_arrived_acknowledges_again(device_dir: 
     assert run(scenario()) == (EXIT_OK, EXIT_OK)
     assert [h.key_index for h in gateway.hellos] == [0, 1]
     assert delivered(gateway) == [EUKeyDelivered(pne_id=PNE, key_index=1)]
-    assert stored(device_dir)["seen_txids"] == [txid]
+    assert (stored(device_dir)["txid"], stored(device_dir)["epoch"]) == (txid, 1)
 
 
 def test_replayed_notification_of_an_older_key_is_refused(device_dir: Path) -> None:
-    """A recorded Notification of an earlier transaction cannot roll the PNE back to an
-    older key: the Ack says AUTHENTICATION_FAILED and the PNE keeps its key."""
-    old, new = (key_set(1), b"\x01" * 16), (key_set(2), b"\x02" * 16)
+    """Issue 5 item 3 / D-003-11: a recorded Notification of a superseded assignment
+    (epoch 1, after the PNE installed epoch 2) cannot roll the PNE back to an older key:
+    the Ack says REPLAY and the PNE keeps its key."""
+    old, new = (key_set(1, epoch=1), b"\x01" * 16), (key_set(2, epoch=2), b"\x02" * 16)
     gateway = FakeGateway([Session(deliver=old), Session(deliver=new), Session(deliver=old)])
 
     async def scenario() -> list[int]:
@@ -260,9 +263,32 @@ def test_replayed_notification_of_an_older_key_is_refused(device_dir: Path) -> N
             return codes
 
     assert run(scenario()) == [EXIT_OK, EXIT_OK, EXIT_REFUSED]
-    assert gateway.acks[-1].status is ErrorCode.AUTHENTICATION_FAILED
+    assert gateway.acks[-1].status is ErrorCode.REPLAY
     assert stored(device_dir)["eukey"] == new[0].eukeys[0]
     assert stored(device_dir)["txid"] == new[1]
+
+
+def test_captured_never_delivered_notification_is_refused_after_reassignment(
+    device_dir: Path,
+) -> None:
+    """Issue 5 item 3 / D-003-11: a Notification captured before it was ever delivered
+    (its txid was never seen by the PNE), replayed after the user re-assigned and the PNE
+    installed the newer key, is refused: the lower epoch gives it away."""
+    captured, newer = (key_set(1, epoch=1), b"\x01" * 16), (key_set(2, epoch=2), b"\x02" * 16)
+    gateway = FakeGateway([Session(deliver=newer), Session(deliver=captured)])
+
+    async def scenario() -> list[int]:
+        async with serving(gateway) as port:
+            codes = []
+            for timeout in (WAIT, 0.5):
+                agent = DeviceAgent(device_dir, "127.0.0.1", port)
+                codes.append(await agent.run(once=True, timeout=timeout))
+            return codes
+
+    assert run(scenario()) == [EXIT_OK, EXIT_REFUSED]
+    assert gateway.acks[-1].status is ErrorCode.REPLAY
+    assert stored(device_dir)["eukey"] == newer[0].eukeys[0]
+    assert stored(device_dir)["epoch"] == 2
 
 
 def test_notification_under_another_tk_is_refused(device_dir: Path) -> None:

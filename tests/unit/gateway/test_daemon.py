@@ -23,7 +23,15 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.helpers import FIXED_NOW, PASSWORDS, SERVER_ID, TKS, Directory, FixedRandom
+from tests.helpers import (
+    FIXED_NOW,
+    PASSWORDS,
+    SERVER_ID,
+    TKS,
+    Directory,
+    FixedRandom,
+    claim_key_for,
+)
 
 from cpns.device.agent import DeviceAgent, device_status, init_device
 from cpns.errors import (
@@ -215,6 +223,7 @@ def assign_op(pne_id: str, key: bytes, *, wait: float = 0.0, user: str = "alice"
         "pne_id": pne_id,
         "user_id": user,
         "password_key": key.hex(),
+        "claim_key": claim_key_for(pne_id).hex(),
         "wait": wait,
     }
 
@@ -493,7 +502,7 @@ def test_lost_response_is_recovered_from_the_servers_stored_reply(
 
 @pytest.mark.parametrize(
     ("pne_id", "password_ok", "status"),
-    [("pne-1", False, "WRONG_PASSWORD"), ("pne-unknown", True, "UNKNOWN_ENTITY")],
+    [("pne-1", False, "WRONG_PASSWORD"), ("pne-unknown", True, "CLAIM_NOT_PROVEN")],
 )
 def test_server_refusal_is_relayed_unchanged(
     enrolled: GatewayConfig,
@@ -1122,6 +1131,7 @@ def _request(txid: bytes = b"\x01" * 16) -> EUKeyAssignmentRequest:
         time=FIXED_NOW,
         rand_pngw=b"\x02" * 32,
         auth_data=b"\x03" * 32,
+        claim_proof=b"\x04" * 32,
     )
 
 

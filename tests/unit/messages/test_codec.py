@@ -115,11 +115,12 @@ GOLDEN: list[tuple[str, Message, str, dict[int, Any]]] = [
             time=1_700_000_000,
             rand_pngw=b"\x55" * 32,
             auth_data=b"\x66" * 32,
+            claim_proof=b"\x77" * 32,
         ),
         "a7000101140250000102030405060708090a0b0c0d0e0f036867772d616c696365046b63706e732d7365727665"
-        "720568706e2e616c69636506a50165706e652d310265616c696365031a6553f1000458205555555555555555"
+        "720568706e2e616c69636506a60165706e652d310265616c696365031a6553f1000458205555555555555555"
         "5555555555555555555555555555555555555555555555550558206666666666666666666666666666666666"
-        "666666666666666666666666666666",
+        "666666666666666666666666666666065820" + "77" * 32,
         {
             0: 1,
             1: 20,
@@ -127,7 +128,14 @@ GOLDEN: list[tuple[str, Message, str, dict[int, Any]]] = [
             3: "gw-alice",
             4: "cpns-server",
             5: "pn.alice",
-            6: {1: "pne-1", 2: "alice", 3: 1_700_000_000, 4: b"\x55" * 32, 5: b"\x66" * 32},
+            6: {
+                1: "pne-1",
+                2: "alice",
+                3: 1_700_000_000,
+                4: b"\x55" * 32,
+                5: b"\x66" * 32,
+                6: b"\x77" * 32,
+            },
         },
     ),
     (
@@ -173,10 +181,18 @@ GOLDEN: list[tuple[str, Message, str, dict[int, Any]]] = [
             status=ErrorCode.OK,
             key_index=1,
             sealed_eukey=b"\x88" * 61,
+            epoch=1,
         ),
-        "a6000101160250000102030405060708090a0b0c0d0e0f036867772d616c6963650465706e652d3106a3010002"
-        "010358" + "3d" + "88" * 61,
-        {0: 1, 1: 22, 2: TXID, 3: "gw-alice", 4: "pne-1", 6: {1: 0, 2: 1, 3: b"\x88" * 61}},
+        "a6000101160250000102030405060708090a0b0c0d0e0f036867772d616c6963650465706e652d3106a4010002"
+        "010358" + "3d" + "88" * 61 + "0401",
+        {
+            0: 1,
+            1: 22,
+            2: TXID,
+            3: "gw-alice",
+            4: "pne-1",
+            6: {1: 0, 2: 1, 3: b"\x88" * 61, 4: 1},
+        },
     ),
     (
         "eukey-assignment-ack-ok",
@@ -214,10 +230,11 @@ GOLDEN: list[tuple[str, Message, str, dict[int, Any]]] = [
     ),
 ]
 
-BUNDLE = KeyBundle(tk=bytes(range(16)), eukeys=(b"\xaa" * 32, b"\xbb" * 32))
+BUNDLE = KeyBundle(tk=bytes(range(16)), eukeys=(b"\xaa" * 32, b"\xbb" * 32), epoch=1)
 BUNDLE_HEX = (
-    "a20150000102030405060708090a0b0c0d0e0f02825820aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    "a30150000102030405060708090a0b0c0d0e0f02825820aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
     "aaaaaaaaaaaaaaaaaaaa5820bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+    "0301"
 )
 
 
@@ -256,12 +273,14 @@ def test_golden_layout(encoding: str, layout: dict[int, Any]) -> None:
 
 
 def test_golden_key_bundle() -> None:
-    """003 §7.4.2.1.1.2 step 7: the sealed KeyBundle plaintext {1: tk, 2: [EUKey_1..n]}."""
+    """003 §7.4.2.1.1.2 step 7: the sealed KeyBundle plaintext {1: tk, 2: [EUKey_1..n],
+    3: epoch} (the epoch: D-003-11)."""
     assert encode_record(BUNDLE).hex() == BUNDLE_HEX
     assert decode_record(KeyBundle, bytes.fromhex(BUNDLE_HEX)) == BUNDLE
     assert cbor2.loads(bytes.fromhex(BUNDLE_HEX)) == {
         1: bytes(range(16)),
         2: [b"\xaa" * 32, b"\xbb" * 32],
+        3: 1,
     }
 
 
@@ -285,7 +304,7 @@ def test_header_keys_are_the_documented_ones() -> None:
 SECRET_FIELDS = {
     UserKeyAssignmentRequest: {"auth_data"},
     UserKeyAssignmentResponse: {"sealed_eukey"},
-    EUKeyAssignmentRequest: {"auth_data"},
+    EUKeyAssignmentRequest: {"auth_data", "claim_proof"},
     EUKeyAssignmentResponse: {"sealed_bundle"},
     EUKeyAssignmentNotification: {"sealed_eukey"},
 }
@@ -397,6 +416,7 @@ BASE_BODY: dict[int, bytes] = {
     3: uint(1_700_000_000),
     4: bstr(b"\x55" * 32),
     5: bstr(b"\x66" * 32),
+    6: bstr(b"\x77" * 32),
 }
 BASE_MESSAGE = EUKeyAssignmentRequest(
     txid=TXID,
@@ -407,6 +427,7 @@ BASE_MESSAGE = EUKeyAssignmentRequest(
     time=1_700_000_000,
     rand_pngw=b"\x55" * 32,
     auth_data=b"\x66" * 32,
+    claim_proof=b"\x77" * 32,
 )
 ACK_BODY: dict[int, bytes] = {1: uint(0), 2: uint(1), 3: bstr(b"\x99" * 32)}
 
@@ -706,7 +727,9 @@ def test_decode_key_bundle_failure(data: bytes) -> None:
 
 def test_key_bundle_with_1024_keys() -> None:
     """KeyBundle: 1024 EUKeys (the longest chain) fit and round-trip."""
-    bundle = KeyBundle(tk=bytes(64), eukeys=tuple(i.to_bytes(32, "big") for i in range(1024)))
+    bundle = KeyBundle(
+        tk=bytes(64), eukeys=tuple(i.to_bytes(32, "big") for i in range(1024)), epoch=2**32 - 1
+    )
     assert decode_record(KeyBundle, encode_record(bundle)) == bundle
 
 
@@ -741,6 +764,7 @@ def test_constructor_refuses_invalid_fields(change: dict[str, Any]) -> None:
         "time": 0,
         "rand_pngw": bytes(32),
         "auth_data": bytes(32),
+        "claim_proof": bytes(32),
     }
     fields.update(change)
     with pytest.raises(ValueError, match=r"\w"):
@@ -774,14 +798,16 @@ def test_specs_are_in_key_order_and_body_excludes_header() -> None:
         "time",
         "rand_pngw",
         "auth_data",
+        "claim_proof",
     ]
-    assert [spec.key for _, spec in specs(EUKeyAssignmentRequest)] == [1, 2, 3, 4, 5]
+    assert [spec.key for _, spec in specs(EUKeyAssignmentRequest)] == [1, 2, 3, 4, 5, 6]
     assert dict(BASE_MESSAGE.body()) == {
         "pne_id": "pne-1",
         "user_id": "alice",
         "time": 1_700_000_000,
         "rand_pngw": b"\x55" * 32,
         "auth_data": b"\x66" * 32,
+        "claim_proof": b"\x77" * 32,
     }
 
 

@@ -23,10 +23,14 @@ from tests.helpers import (
     PASSWORDS,
     SERVER_ID,
     TKS,
+    WRONG_CLAIM_CODE,
     Directory,
     Exchange,
     FailedWith,
     FixedRandom,
+    claim_key_for,
+    ref_claim_code,
+    ref_claim_proof,
     ref_parts,
 )
 
@@ -57,8 +61,12 @@ from cpns.protocol.key_assignment import (
     EUKeyInstalled,
     EUKeySetReceived,
     GatewayState,
+    HeldKey,
     ServerState,
     auth_data,
+    claim_code,
+    claim_key,
+    normalize_claim_code,
     request_digest,
     seed_pne,
 )
@@ -82,9 +90,11 @@ def ref_auth_data(
     return hmac.new(password_key, msg, hashlib.sha256).digest()
 
 
-def ref_ack_proof(eukey: bytes, gateway: str, pne: str, txid: bytes, index: int) -> bytes:
-    """The acknowledgement proof of D-003-4 written out."""
-    msg = ref_parts("cpns/v1/003/ack", gateway, pne, txid, index)
+def ref_ack_proof(
+    eukey: bytes, gateway: str, pne: str, txid: bytes, index: int, epoch: int = 1
+) -> bytes:
+    """The acknowledgement proof of D-003-4 written out (with the epoch of D-003-11)."""
+    msg = ref_parts("cpns/v1/003/ack", gateway, pne, txid, index, epoch)
     return hmac.new(eukey, msg, hashlib.sha256).digest()
 
 
@@ -100,11 +110,16 @@ def make_request(
     rand: bytes = RAND,
     txid: bytes = TXID,
     proof_for: dict[str, Any] | None = None,
+    code: str | None = None,
+    claim_for: dict[str, Any] | None = None,
 ) -> EUKeyAssignmentRequest:
-    """A request whose AuthData is computed independently (``proof_for`` overrides the
-    values the proof covers, to move a proof to another request)."""
+    """A request whose AuthData and claim proof are computed independently (``proof_for``
+    overrides the values the proofs cover, to move a proof to another request; ``code``
+    the claim code typed, by default the one of the PNE's label)."""
     covered = {"rand": rand, "time": time, "user": user, "pne": pne, "gateway": src}
     covered.update(proof_for or {})
+    if code is None:
+        code = ref_claim_code(TKS[pne], pne) if pne in TKS else WRONG_CLAIM_CODE
     return EUKeyAssignmentRequest(
         txid=txid,
         src=src,
@@ -114,6 +129,7 @@ def make_request(
         time=time,
         rand_pngw=rand,
         auth_data=ref_auth_data(key_of(user, password), **covered),
+        claim_proof=ref_claim_proof(code, **{**covered, **(claim_for or {})}),
     )
 
 
@@ -146,12 +162,9 @@ def new_gateway(seed: int = 1, *, gateway_id: str = GW) -> EUKeyAssignmentGatewa
 def new_device(
     *,
     tk: bytes = TKS[PNE],
-    current: tuple[bytes, int, bytes] | None = None,
-    seen: frozenset[bytes] = frozenset(),
+    current: HeldKey | None = None,
 ) -> EUKeyAssignmentDevice:
-    return EUKeyAssignmentDevice(
-        entity_id=PNE, tk=tk, rng=FixedRandom(3), current=current, seen_txids=seen
-    )
+    return EUKeyAssignmentDevice(entity_id=PNE, tk=tk, rng=FixedRandom(3), current=current)
 
 
 def expected_chain(server_seed: int, rand_pngw: bytes, n: int = 16) -> tuple[bytes, ...]:
@@ -189,6 +202,49 @@ def test_seed_pne_vector(vector: dict[str, Any]) -> None:
     assert hashlib.sha256(msg).hexdigest() == vector["seed"]
 
 
+def test_claim_code_matches_the_written_derivation() -> None:
+    """D-003-10: the label's claim code is base32(HMAC(TK, label, PNE ID)[:10]) in four
+    groups of four, computed independently; its key and the proof match too."""
+    for pne_id, tk in TKS.items():
+        code = claim_code(tk, pne_id)
+        assert code == ref_claim_code(tk, pne_id)
+        assert len(code) == 19
+        assert code.count("-") == 3
+    code = claim_code(TKS[PNE], PNE)
+    proof = ref_claim_proof(code, RAND, FIXED_NOW, USER, PNE, GW)
+    request = make_request(lambda u, p: bytes(32), code=code)
+    assert request.claim_proof == proof
+    # Two PNEs, or one PNE under another TK, never share a code.
+    assert claim_code(TKS[PNE], PNE) != claim_code(TKS[PNE], "pne-2")
+    assert claim_code(TKS[PNE], PNE) != claim_code(TKS["pne-2"], PNE)
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        lambda c: c,
+        lambda c: c.lower(),
+        lambda c: c.replace("-", ""),
+        lambda c: " ".join(c.split("-")),
+        lambda c: c.replace("O", "0").replace("I", "1").replace("B", "8"),
+    ],
+    ids=["as-printed", "lower-case", "no-dashes", "spaces", "digits-for-letters"],
+)
+def test_claim_code_typing_is_forgiving(typed: Callable[[str], str]) -> None:
+    """D-003-10: what a user types from a label maps to the same key (case, dashes, spaces
+    and the look-alike digits 0/1/8 do not matter)."""
+    code = "BOIB-ABCD-EFGH-2345"
+    assert claim_key(typed(code)) == claim_key(code)
+    assert normalize_claim_code(typed(code)) == "BOIBABCDEFGH2345"
+
+
+@pytest.mark.parametrize("typed", ["", "ABCD", "ABCD-EFGH-IJKL-MNO9", "ABCD-EFGH-IJKL-MNOPQ"])
+def test_claim_code_of_wrong_shape_is_refused(typed: str) -> None:
+    """D-003-10: anything but 16 base32 characters is a usage error, not a wrong proof."""
+    with pytest.raises(ValueError, match="claim code"):
+        claim_key(typed)
+
+
 def test_request_digest_is_sha256_of_the_encoding(password_key: KeyOf) -> None:
     """D-003-5: a retry is told from a reused txid by the SHA-256 of the request bytes."""
     request = make_request(password_key)
@@ -203,7 +259,11 @@ def test_full_assignment(world: Directory, password_key: KeyOf) -> None:
     ends DONE and reports exactly the facts to persist, in order."""
     gateway, server, device = new_gateway(), new_server(world), new_device()
     gateway.start(
-        pne_id=PNE, user_id=USER, password_key=password_key(USER, PASSWORDS[USER]), now=FIXED_NOW
+        pne_id=PNE,
+        user_id=USER,
+        password_key=password_key(USER, PASSWORDS[USER]),
+        claim_key=claim_key_for(PNE),
+        now=FIXED_NOW,
     )
     request = gateway.request
     assert request is not None
@@ -213,9 +273,22 @@ def test_full_assignment(world: Directory, password_key: KeyOf) -> None:
     eukeys = expected_chain(2, request.rand_pngw)
     assert events == [
         (SERVER_ID, NonceConsumed(nonce=request.rand_pngw, expires_at=FIXED_NOW + 300)),
-        (SERVER_ID, EUKeyChainAssigned(pne_id=PNE, user_id=USER, gateway_id=GW, eukeys=eukeys)),
-        (GW, EUKeySetReceived(pne_id=PNE, user_id=USER, tk=TKS[PNE], eukeys=eukeys, key_index=1)),
-        (PNE, EUKeyInstalled(gateway_id=GW, key_index=1, eukey=eukeys[0], txid=request.txid)),
+        (
+            SERVER_ID,
+            EUKeyChainAssigned(
+                pne_id=PNE, user_id=USER, gateway_id=GW, eukeys=eukeys, epoch=1, expected_epoch=0
+            ),
+        ),
+        (
+            GW,
+            EUKeySetReceived(
+                pne_id=PNE, user_id=USER, tk=TKS[PNE], eukeys=eukeys, key_index=1, epoch=1
+            ),
+        ),
+        (
+            PNE,
+            EUKeyInstalled(gateway_id=GW, key_index=1, eukey=eukeys[0], txid=request.txid, epoch=1),
+        ),
         (GW, EUKeyDelivered(pne_id=PNE, key_index=1)),
     ]
     assert exchange.states() == {SERVER_ID: "DONE", GW: "DONE", PNE: "DONE"}
@@ -234,7 +307,11 @@ def test_request_contents(password_key: KeyOf) -> None:
     RANDPNGW and the AuthData over them; the txid is a fresh 16-byte value."""
     gateway = new_gateway(seed=7)
     gateway.start(
-        pne_id=PNE, user_id=USER, password_key=password_key(USER, PASSWORDS[USER]), now=FIXED_NOW
+        pne_id=PNE,
+        user_id=USER,
+        password_key=password_key(USER, PASSWORDS[USER]),
+        claim_key=claim_key_for(PNE),
+        now=FIXED_NOW,
     )
     twin = FixedRandom(7)
     rand, txid = twin.token_bytes(32), twin.token_bytes(16)
@@ -248,6 +325,7 @@ def test_request_contents(password_key: KeyOf) -> None:
         time=FIXED_NOW,
         rand_pngw=rand,
         auth_data=ref_auth_data(key, rand, FIXED_NOW, USER, PNE, GW),
+        claim_proof=ref_claim_proof(ref_claim_code(TKS[PNE], PNE), rand, FIXED_NOW, USER, PNE, GW),
     )
     assert gateway.messages_to_send() == [expected]
     assert gateway.request == expected
@@ -294,12 +372,17 @@ def test_time_window_edges_accepted(world: Directory, password_key: KeyOf, offse
 
 def test_assigning_again_to_an_owned_pne(world: Directory, password_key: KeyOf) -> None:
     """003 §7.4.2.1.1.2: a PNE already registered to the same user gets a fresh chain."""
-    world.add_entity(PNE, EntityKind.PNE, USER, eukeys=(b"\x01" * 32,), key_index=1)
+    world.add_entity(PNE, EntityKind.PNE, USER, eukeys=(b"\x01" * 32,), key_index=1, epoch=4)
     server = new_server(world)
     events = server.receive(make_request(password_key))
     assert server.state is ServerState.DONE
     assert events[1] == EUKeyChainAssigned(
-        pne_id=PNE, user_id=USER, gateway_id=GW, eukeys=expected_chain(2, RAND)
+        pne_id=PNE,
+        user_id=USER,
+        gateway_id=GW,
+        eukeys=expected_chain(2, RAND),
+        epoch=5,
+        expected_epoch=4,
     )
 
 
@@ -316,7 +399,11 @@ def test_every_accepted_chain_length_is_delivered(
         new_device(),
     )
     gateway.start(
-        pne_id=PNE, user_id=USER, password_key=password_key(USER, PASSWORDS[USER]), now=FIXED_NOW
+        pne_id=PNE,
+        user_id=USER,
+        password_key=password_key(USER, PASSWORDS[USER]),
+        claim_key=claim_key_for(PNE),
+        now=FIXED_NOW,
     )
     events = Exchange({SERVER_ID: server, GW: gateway, PNE: device}).run()
     assert [type(e).__name__ for _, e in events] == [
@@ -379,8 +466,38 @@ SERVER_FAILURES: list[Any] = [
         {},
         ErrorCode.NOT_AUTHORIZED,
     ),
-    ("unknown-entity", None, {"pne": "pne-9"}, {}, ErrorCode.UNKNOWN_ENTITY),
-    ("no-tk-record", lambda w: w.tks.pop(PNE), {}, {}, ErrorCode.UNKNOWN_ENTITY),
+    # D-003-10: an Entity ID alone releases nothing; an unknown PNE reads the same.
+    ("unknown-entity", None, {"pne": "pne-9"}, {}, ErrorCode.CLAIM_NOT_PROVEN),
+    ("no-tk-record", lambda w: w.tks.pop(PNE), {}, {}, ErrorCode.CLAIM_NOT_PROVEN),
+    ("wrong-claim-code", None, {"code": WRONG_CLAIM_CODE}, {}, ErrorCode.CLAIM_NOT_PROVEN),
+    (
+        "claim-code-of-another-pne",
+        None,
+        {"code": ref_claim_code(TKS["pne-2"], "pne-2")},
+        {},
+        ErrorCode.CLAIM_NOT_PROVEN,
+    ),
+    (
+        "claim-proof-for-other-rand",
+        None,
+        {"claim_for": {"rand": b"\x43" * 32}},
+        {},
+        ErrorCode.CLAIM_NOT_PROVEN,
+    ),
+    (
+        "claim-proof-for-other-gateway",
+        None,
+        {"claim_for": {"gateway": "gw-bob"}},
+        {},
+        ErrorCode.CLAIM_NOT_PROVEN,
+    ),
+    (
+        "another-users-gateway-claims-an-unowned-pne",
+        None,
+        {"src": "gw-bob", "user": "bob", "password": PASSWORDS["bob"], "code": WRONG_CLAIM_CODE},
+        {"requester": "gw-bob"},
+        ErrorCode.CLAIM_NOT_PROVEN,
+    ),
     (
         "entity-of-other-user",
         lambda w: w.add_entity(PNE, EntityKind.PNE, "bob"),
@@ -392,7 +509,7 @@ SERVER_FAILURES: list[Any] = [
     (
         "gateway-as-its-own-pne",
         lambda w: w.add_tk(GW, b"\x07" * 32),
-        {"pne": GW},
+        {"pne": GW, "code": ref_claim_code(b"\x07" * 32, GW)},
         {},
         ErrorCode.WRONG_ENTITY_KIND,
     ),
@@ -610,7 +727,11 @@ def test_policy_validation(kw: dict[str, int]) -> None:
 def started(password_key: KeyOf, seed: int = 1) -> EUKeyAssignmentGateway:
     gateway = new_gateway(seed)
     gateway.start(
-        pne_id=PNE, user_id=USER, password_key=password_key(USER, PASSWORDS[USER]), now=FIXED_NOW
+        pne_id=PNE,
+        user_id=USER,
+        password_key=password_key(USER, PASSWORDS[USER]),
+        claim_key=claim_key_for(PNE),
+        now=FIXED_NOW,
     )
     return gateway
 
@@ -644,11 +765,17 @@ def test_gateway_api_misuse(world: Directory, password_key: KeyOf) -> None:
         fresh.renotify()
     gateway = started(password_key)
     with pytest.raises(LocalProtocolError):
-        gateway.start(pne_id=PNE, user_id=USER, password_key=b"k" * 32, now=FIXED_NOW)
+        gateway.start(
+            pne_id=PNE,
+            user_id=USER,
+            password_key=b"k" * 32,
+            claim_key=claim_key_for(PNE),
+            now=FIXED_NOW,
+        )
     with pytest.raises(LocalProtocolError):
         gateway.resume(
             EUKeySetReceived(
-                pne_id=PNE, user_id=USER, tk=TKS[PNE], eukeys=(b"\x01" * 32,), key_index=1
+                pne_id=PNE, user_id=USER, tk=TKS[PNE], eukeys=(b"\x01" * 32,), key_index=1, epoch=1
             ),
             txid=TXID,
         )
@@ -703,7 +830,7 @@ def _reseal(
     return alter
 
 
-BUNDLE = encode_record(KeyBundle(tk=TKS[PNE], eukeys=(b"\x01" * 32,)))
+BUNDLE = encode_record(KeyBundle(tk=TKS[PNE], eukeys=(b"\x01" * 32,), epoch=1))
 
 GATEWAY_RESPONSE_FAILURES: list[Any] = [
     pytest.param(_tamper_bundle, ErrorCode.AUTHENTICATION_FAILED, id="tampered-sealed-bundle"),
@@ -788,13 +915,14 @@ def test_gateway_relays_server_refusal_end_to_end(world: Directory, password_key
         pne_id="pne-9",
         user_id=USER,
         password_key=password_key(USER, PASSWORDS[USER]),
+        claim_key=claim_key_for("pne-9"),
         now=FIXED_NOW,
     )
     device = new_device()
     exchange = Exchange({SERVER_ID: new_server(world), GW: gateway, PNE: device})
     assert exchange.run() == [
-        (SERVER_ID, FailedWith(ErrorCode.UNKNOWN_ENTITY, "server")),
-        (GW, FailedWith(ErrorCode.UNKNOWN_ENTITY, "gateway")),
+        (SERVER_ID, FailedWith(ErrorCode.CLAIM_NOT_PROVEN, "server")),
+        (GW, FailedWith(ErrorCode.CLAIM_NOT_PROVEN, "gateway")),
     ]
     assert exchange.states() == {SERVER_ID: "FAILED", GW: "FAILED", PNE: "EXPECT_NOTIFICATION"}
 
@@ -896,7 +1024,7 @@ def test_renotify_sends_a_fresh_seal_the_device_accepts(
     device = new_device()
     eukey = expected_chain(2, gateway.request.rand_pngw)[0]  # type: ignore[union-attr]
     assert device.receive(second) == [
-        EUKeyInstalled(gateway_id=GW, key_index=1, eukey=eukey, txid=first.txid)
+        EUKeyInstalled(gateway_id=GW, key_index=1, eukey=eukey, txid=first.txid, epoch=1)
     ]
 
 
@@ -916,7 +1044,10 @@ def test_resume_after_restart(world: Directory, password_key: KeyOf) -> None:
     device = new_device()
     exchange = Exchange({GW: resumed, PNE: device})
     assert exchange.run() == [
-        (PNE, EUKeyInstalled(gateway_id=GW, key_index=1, eukey=stored.eukeys[0], txid=txid)),
+        (
+            PNE,
+            EUKeyInstalled(gateway_id=GW, key_index=1, eukey=stored.eukeys[0], txid=txid, epoch=1),
+        ),
         (GW, EUKeyDelivered(pne_id=PNE, key_index=1)),
     ]
     assert exchange.states() == {GW: "DONE", PNE: "DONE"}
@@ -926,12 +1057,19 @@ def test_resume_after_restart(world: Directory, password_key: KeyOf) -> None:
 def test_resume_with_a_later_key(world: Directory, password_key: KeyOf, index: int) -> None:
     """D-003-6: a resumed set whose selected position is i delivers EUKey_i (context binds i)."""
     eukeys = expected_chain(2, RAND)
-    stored = EUKeySetReceived(pne_id=PNE, user_id=USER, tk=TKS[PNE], eukeys=eukeys, key_index=index)
+    stored = EUKeySetReceived(
+        pne_id=PNE, user_id=USER, tk=TKS[PNE], eukeys=eukeys, key_index=index, epoch=1
+    )
     gateway = new_gateway()
     gateway.resume(stored, txid=TXID)
     exchange = Exchange({GW: gateway, PNE: new_device()})
     assert exchange.run() == [
-        (PNE, EUKeyInstalled(gateway_id=GW, key_index=index, eukey=eukeys[index - 1], txid=TXID)),
+        (
+            PNE,
+            EUKeyInstalled(
+                gateway_id=GW, key_index=index, eukey=eukeys[index - 1], txid=TXID, epoch=1
+            ),
+        ),
         (GW, EUKeyDelivered(pne_id=PNE, key_index=index)),
     ]
 
@@ -961,12 +1099,17 @@ def notification(
     index: int = 1,
     eukey: bytes | None = None,
     tk: bytes = TKS[PNE],
+    epoch: int = 1,
     **changes: Any,
 ) -> EUKeyAssignmentNotification:
     """A Notification sealed as the PN GW would (independently of the gateway machine)."""
     key = EUKEYS[index - 1] if eukey is None else eukey
     sealed = seal(
-        tk, key, purpose="003/notification", context=(GW, PNE, txid, index), nonce=bytes(12)
+        tk,
+        key,
+        purpose="003/notification",
+        context=(GW, PNE, txid, index, epoch),
+        nonce=bytes(12),
     )
     fields: dict[str, Any] = {
         "txid": txid,
@@ -975,6 +1118,7 @@ def notification(
         "status": ErrorCode.OK,
         "key_index": index,
         "sealed_eukey": sealed,
+        "epoch": epoch,
     }
     fields.update(changes)
     return EUKeyAssignmentNotification(**fields)
@@ -985,7 +1129,7 @@ def test_device_installs_and_acknowledges() -> None:
     to store, and acknowledges with HMAC(EUKey, PN GW, PNE, txid, index)."""
     device = new_device()
     assert device.receive(notification()) == [
-        EUKeyInstalled(gateway_id=GW, key_index=1, eukey=EUKEYS[0], txid=TXID)
+        EUKeyInstalled(gateway_id=GW, key_index=1, eukey=EUKEYS[0], txid=TXID, epoch=1)
     ]
     assert device.state is DeviceState.DONE
     assert device.messages_to_send() == [
@@ -1009,6 +1153,9 @@ DEVICE_FAILURES: list[Any] = [
     pytest.param({}, {"key_index": 2}, ErrorCode.AUTHENTICATION_FAILED, id="index-altered"),
     pytest.param({}, {"txid": bytes(16)}, ErrorCode.AUTHENTICATION_FAILED, id="txid-altered"),
     pytest.param({}, {"src": "gw-bob"}, ErrorCode.AUTHENTICATION_FAILED, id="from-another-gateway"),
+    # D-003-11: the epoch is bound into the seal; a relay cannot renumber an assignment.
+    pytest.param({}, {"epoch": 7}, ErrorCode.AUTHENTICATION_FAILED, id="epoch-altered"),
+    pytest.param({}, {"epoch": None}, ErrorCode.MALFORMED_MESSAGE, id="ok-without-epoch"),
     pytest.param(
         {}, {"sealed_eukey": b"\x01" * 61}, ErrorCode.AUTHENTICATION_FAILED, id="garbage-seal"
     ),
@@ -1057,11 +1204,16 @@ def test_device_failure_reaches_the_gateway(world: Directory, password_key: KeyO
     assert exchange.states() == {SERVER_ID: "DONE", GW: "FAILED", PNE: "FAILED"}
 
 
-@pytest.mark.parametrize("seen", [frozenset({TXID}), frozenset()])
-def test_redelivery_of_the_held_key_is_reacknowledged(seen: frozenset[bytes]) -> None:
-    """D-003-4 / D-003-8: a re-delivered Notification of the key the PNE holds (same txid: its
-    acknowledgement was lost) is acknowledged again, without a new EUKeyInstalled."""
-    device = new_device(current=(TXID, 1, EUKEYS[0]), seen=seen)
+def held(txid: bytes = TXID, index: int = 1, epoch: int = 1) -> HeldKey:
+    """What a PNE holds after installing EUKey_index of assignment ``epoch``."""
+    return HeldKey(txid=txid, key_index=index, eukey=EUKEYS[index - 1], epoch=epoch)
+
+
+def test_redelivery_of_the_held_key_is_reacknowledged() -> None:
+    """D-003-4 / D-003-11: a re-delivered Notification of the key the PNE holds (same
+    epoch, txid and key: its acknowledgement was lost) is acknowledged again, without a new
+    EUKeyInstalled."""
+    device = new_device(current=held())
     assert device.receive(notification()) == []
     assert device.state is DeviceState.DONE
     assert device.messages_to_send() == [
@@ -1082,35 +1234,95 @@ OLD_TXID = bytes([0xEE]) * 16
 @pytest.mark.parametrize(
     ("current", "message"),
     [
+        # Issue 5 item 3: a Notification captured before delivery, then superseded by a
+        # re-assignment the PNE installed (epoch 2), is refused however it is replayed.
         pytest.param(
-            (TXID, 2, EUKEYS[1]), notification(txid=OLD_TXID, index=1), id="older-key-older-txid"
+            held(txid=TXID, epoch=2),
+            notification(txid=OLD_TXID, index=1, epoch=1),
+            id="superseded-assignment-new-txid",
         ),
         pytest.param(
-            (TXID, 2, EUKEYS[1]), notification(txid=TXID, index=1), id="current-txid-other-key"
+            held(txid=TXID, index=2, epoch=2),
+            notification(txid=OLD_TXID, index=1, epoch=1),
+            id="superseded-assignment-older-key",
         ),
-        pytest.param(None, notification(txid=OLD_TXID, index=1), id="seen-txid-no-key-held"),
+        pytest.param(
+            held(txid=TXID, index=2, epoch=1),
+            notification(txid=TXID, index=1, epoch=1),
+            id="same-epoch-other-key",
+        ),
+        pytest.param(
+            held(txid=TXID, epoch=3),
+            notification(txid=OLD_TXID, index=1, epoch=3),
+            id="same-epoch-other-txid",
+        ),
     ],
 )
 def test_replayed_old_notification_is_refused(
-    current: tuple[bytes, int, bytes] | None, message: EUKeyAssignmentNotification
+    current: HeldKey, message: EUKeyAssignmentNotification
 ) -> None:
-    """D-003-8: a recorded Notification of a transaction that already delivered a key cannot
-    roll the PNE back: AUTHENTICATION_FAILED, FAILED, no key, Ack with that code."""
-    device = new_device(current=current, seen=frozenset({OLD_TXID, TXID}))
-    assert device.receive(message) == [FailedWith(ErrorCode.AUTHENTICATION_FAILED, "device")]
+    """D-003-11: a recorded Notification of a superseded (lower-epoch) assignment, or one
+    of the held epoch with other content, cannot roll the PNE back: REPLAY, FAILED, no
+    key, an Ack with that code and no proof."""
+    device = new_device(current=current)
+    assert device.receive(message) == [FailedWith(ErrorCode.REPLAY, "device")]
     assert device.state is DeviceState.FAILED
     [ack] = device.messages_to_send()
     assert isinstance(ack, EUKeyAssignmentAck)
-    assert (ack.status, ack.proof) == (ErrorCode.AUTHENTICATION_FAILED, None)
+    assert (ack.status, ack.proof) == (ErrorCode.REPLAY, None)
 
 
-def test_new_transaction_installs_the_next_key() -> None:
-    """D-003-8: a Notification of a new transaction (txid not seen) installs its key even
-    when the PNE already holds one."""
-    device = new_device(current=(OLD_TXID, 1, EUKEYS[0]), seen=frozenset({OLD_TXID}))
-    assert device.receive(notification(index=2)) == [
-        EUKeyInstalled(gateway_id=GW, key_index=2, eukey=EUKEYS[1], txid=TXID)
+@pytest.mark.parametrize("held_epoch", [0, 1, 41])
+def test_newer_assignment_installs_its_key(held_epoch: int) -> None:
+    """D-003-11: a Notification of a higher epoch installs its key even when the PNE holds
+    one (epoch 0: a key stored before epochs existed)."""
+    device = new_device(current=held(txid=OLD_TXID, epoch=held_epoch))
+    assert device.receive(notification(index=2, epoch=held_epoch + 1)) == [
+        EUKeyInstalled(gateway_id=GW, key_index=2, eukey=EUKEYS[1], txid=TXID, epoch=held_epoch + 1)
     ]
+
+
+def test_old_notification_replayed_after_reassignment_end_to_end(
+    world: Directory, password_key: KeyOf
+) -> None:
+    """Issue 5 item 3 end to end over the real machines: Notification A (epoch 1) is captured
+    before delivery; the user re-assigns (epoch 2) and the PNE installs it; replaying A is
+    refused and the PNE keeps the key matching the server's current chain."""
+    first = started(password_key)
+    server = new_server(world)
+    [request] = first.messages_to_send()
+    world.apply(server.receive(request))
+    first.receive(*server.messages_to_send())
+    [captured] = first.messages_to_send()
+    assert isinstance(captured, EUKeyAssignmentNotification)
+    assert captured.epoch == 1
+    second = new_gateway(seed=11)
+    second.start(
+        pne_id=PNE,
+        user_id=USER,
+        password_key=password_key(USER, PASSWORDS[USER]),
+        claim_key=claim_key_for(PNE),
+        now=FIXED_NOW,
+    )
+    server = new_server(world, seed=12)
+    [request] = second.messages_to_send()
+    world.apply(server.receive(request))
+    assert world.entities[PNE].epoch == 2
+    second.receive(*server.messages_to_send())
+    [fresh] = second.messages_to_send()
+    device = new_device()
+    [installed] = device.receive(fresh)
+    assert isinstance(installed, EUKeyInstalled)
+    assert installed.epoch == 2
+    holder = HeldKey(
+        txid=installed.txid,
+        key_index=installed.key_index,
+        eukey=installed.eukey,
+        epoch=installed.epoch,
+    )
+    replay = new_device(current=holder)
+    assert replay.receive(captured) == [FailedWith(ErrorCode.REPLAY, "device")]
+    assert holder.eukey == world.entities[PNE].eukeys[0]
 
 
 @pytest.mark.parametrize(

@@ -351,6 +351,7 @@ def test_server_refuses_other_messages(world: Directory, password_key: KeyOf) ->
         time=FIXED_NOW,
         rand_pngw=RAND,
         auth_data=bytes(32),
+        claim_proof=bytes(32),
     )
     assert server.receive(other) == [FailedWith(ErrorCode.UNEXPECTED_MESSAGE, "server")]
     assert server.messages_to_send() == []

@@ -19,6 +19,7 @@ from tests.helpers import (
     TKS,
     FixedRandom,
     cached_password_key,
+    claim_key_for,
 )
 
 from cpns.errors import ErrorCode, StoreError
@@ -82,7 +83,9 @@ def request(*, pne: str = "pne-1", password: str = PASSWORDS["alice"], seed: int
         gateway_id=GW, gateway_eukey=GATEWAY_KEYS[GW], server_id=SERVER_ID, rng=FixedRandom(seed)
     )
     key = cached_password_key("alice", password)
-    gateway.start(pne_id=pne, user_id="alice", password_key=key, now=FIXED_NOW)
+    gateway.start(
+        pne_id=pne, user_id="alice", password_key=key, claim_key=claim_key_for(pne), now=FIXED_NOW
+    )
     [message] = gateway.messages_to_send()
     assert isinstance(message, EUKeyAssignmentRequest)
     return message
@@ -268,6 +271,7 @@ def test_failed_proofs_lock_the_user_out_for_a_while(store: MemoryStore) -> None
         pne_id="pne-1",
         user_id="alice",
         password_key=cached_password_key("alice", PASSWORDS["alice"]),
+        claim_key=claim_key_for("pne-1"),
         now=FIXED_NOW + 60,
     )
     [fresh] = gateway.messages_to_send()
