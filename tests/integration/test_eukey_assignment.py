@@ -218,7 +218,9 @@ def test_stale_time_and_replay_are_refused(running: Net) -> None:
         try:
             now = wall_time()
             rand = rng.token_bytes(32)
-            stale = _request(running, rand=rng.token_bytes(32), time=now - 3600, txid=rng.token_bytes(16))
+            stale = _request(
+                running, rand=rng.token_bytes(32), time=now - 3600, txid=rng.token_bytes(16)
+            )
             first = _request(running, rand=rand, time=now, txid=rng.token_bytes(16))
             replay = _request(running, rand=rand, time=now, txid=rng.token_bytes(16))
             replies = []
