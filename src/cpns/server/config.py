@@ -29,6 +29,10 @@ class ServerConfig:
     realm: str = "cpns"
     #: Digest algorithms offered, most preferred first. "MD5" only for legacy clients.
     digest_algorithms: tuple[str, ...] = ("SHA-256",)
+    #: How many Digest ``nc`` values below the highest seen on a nonce are still accepted
+    #: once each (RFC 7616 §5.4): a client sending concurrent requests on one nonce has them
+    #: arrive out of order. 1 would demand strictly increasing counters.
+    digest_nc_window: int = 64
     #: Accepted clock difference for request Time values, seconds.
     time_window: int = 300
     #: n, the length of a PNE's EUKey chain (003 §7.4.2.1.1.2 step 4).
@@ -50,6 +54,19 @@ class ServerConfig:
     audit_flush_interval: int = 2
     #: Days audit events are kept; older ones are purged by the running server (D-SRV-2).
     audit_retention_days: int = 90
+    #: Seconds from accepting a connection (or from the first byte of a later request on
+    #: it) for the TLS handshake, request line, headers and body to arrive; a connection
+    #: that misses it is closed (slowloris guard).
+    request_timeout: int = 10
+    #: Seconds an idle keep-alive connection is kept open between requests.
+    keep_alive_timeout: int = 30
+    #: Most bytes of request line plus headers; a larger head is answered 431 and closed.
+    max_header_bytes: int = 16384
+    #: Most HTTPS connections open at once; lowered at start to the open-file limit minus
+    #: 64. Connections over a cap are reset on accept, before any TLS work.
+    max_connections: int = 1024
+    #: Most HTTPS connections open at once from one client address.
+    max_connections_per_source: int = 64
     #: SQLite database file.
     database: str = "cpns.db"
     #: Master key file (0600) sealing secrets at rest; CPNS_MASTER_KEY overrides it.
@@ -73,6 +90,8 @@ class ServerConfig:
             raise ValueError("audit_flush_interval must be 1..3600 seconds")
         if not 1 <= self.audit_retention_days <= 36500:
             raise ValueError("audit_retention_days must be 1..36500")
+        if not 1 <= self.digest_nc_window <= 1024:
+            raise ValueError("digest_nc_window must be 1..1024")
         if not self.realm or '"' in self.realm:
             raise ValueError("realm must be non-empty and contain no double quote")
 

@@ -31,6 +31,7 @@ from cpns.runtime import SystemRandom, run_event_loop, wall_time
 from cpns.server.app import CPNSApp
 from cpns.server.config import ServerConfig, load_server_config
 from cpns.server.guard import AttemptGuard, GuardLimits
+from cpns.server.http import ListenerLimits, effective_limits, listener_protocol
 from cpns.server.service import CPNSService
 from cpns.server.tls import generate_self_signed
 from cpns.store.base import WriteTx
@@ -131,10 +132,27 @@ def build_app(
         realm=config.realm,
         nonce_key=nonce_key,
         algorithms=tuple(DigestAlgorithm(a) for a in config.digest_algorithms),
+        nc_window=config.digest_nc_window,
     )
     guard = guard or build_guard(config, store)
     service = CPNSService(store=store, policy=policy, rng=rng, clock=clock, guard=guard)
     return CPNSApp(service=service, store=store, digest=digest, rng=rng, clock=clock)
+
+
+def listener_limits(config: ServerConfig) -> ListenerLimits:
+    """The HTTPS listener's limits from ``server.toml``, the total connection cap lowered
+    to what the open-file limit allows."""
+    try:
+        limits = ListenerLimits(
+            request_timeout=config.request_timeout,
+            keep_alive_timeout=config.keep_alive_timeout,
+            max_header_bytes=config.max_header_bytes,
+            max_connections=config.max_connections,
+            max_connections_per_source=config.max_connections_per_source,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return effective_limits(limits)
 
 
 def _tls_context(config: ServerConfig) -> ssl.SSLContext:
@@ -205,20 +223,20 @@ async def run_server(
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from None
         port = sock.getsockname()[1]
+        # The listener does the TLS handshake itself, after its connection caps admitted
+        # the connection and under its request timeout (cpns.server.http): uvicorn gets a
+        # plain socket and our protocol class.
         uv_config = uvicorn.Config(
             app,
             log_config=None,
             access_log=False,
             lifespan="on",
-            http="httptools",
+            http=listener_protocol(listener_limits(config), _tls_context(config)),
             loop="none",
-            timeout_keep_alive=30,
+            timeout_keep_alive=config.keep_alive_timeout,
             timeout_graceful_shutdown=_SHUTDOWN_GRACE,
-            ssl_certfile=str(config.path(config.cert_file)),
-            ssl_keyfile=str(config.path(config.key_file)),
         )
         uv_config.load()
-        uv_config.ssl = _tls_context(config)
         server = _Server(uv_config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
