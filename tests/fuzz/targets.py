@@ -27,6 +27,7 @@ from cpns.messages.codec import decode, decode_record, encode, encode_record
 from cpns.messages.model import KeyBundle
 from cpns.protocol.digest import (
     MAX_HEADER_LEN,
+    DigestClient,
     DigestServer,
     format_auth_params,
     format_digest,
@@ -187,6 +188,17 @@ def _frame_seeds() -> list[bytes]:
 # -- Digest headers ---------------------------------------------------------------------------
 
 _DIGEST = DigestServer(realm="cpns", nonce_key=b"\x30" * 32)
+_CHALLENGE = 'Digest realm="cpns", qop="auth", algorithm=SHA-256, nonce="n"'
+
+
+class _FixedRandom:
+    """The client's cnonce source: the same 16 bytes each time (determinism)."""
+
+    def token_bytes(self, n: int) -> bytes:
+        return b"\x32" * n
+
+
+_FIXED_RNG = _FixedRandom()
 
 
 def _run_digest(data: bytes) -> bool:
@@ -219,6 +231,20 @@ def _run_digest(data: bytes) -> bool:
         accepted = True
         if not challenges:
             raise PropertyViolation("parse_challenges accepted a value with no challenge")
+    # The PN GW's side: a WWW-Authenticate from the server, then an Authentication-Info.
+    client = DigestClient("gw-alice", "13" * 32)
+    try:
+        client.authorization(challenges=[text], method="POST", uri="/x", rng=_FIXED_RNG)
+    except AuthenticationFailed:
+        client.authorization(challenges=[_CHALLENGE], method="POST", uri="/x", rng=_FIXED_RNG)
+    else:
+        accepted = True
+    try:
+        client.verify_response(text)
+    except AuthenticationFailed:
+        pass
+    else:
+        raise PropertyViolation("a fuzzed Authentication-Info passed the rspauth check")
     try:
         _DIGEST.verify(
             method="POST",
