@@ -141,7 +141,7 @@ def render_cddl() -> str:
         "; CPNS protocol version 1, generated from cpns.messages.model (do not edit).",
         "; Encoding: deterministic CBOR (RFC 8949 section 4.2.1); see 'Strictness'.",
         "",
-        "cpns-message = " + " / ".join(rule_name(MESSAGE_CLASSES[t]) for t in types),
+        "cpns-message = " + "\n  / ".join(rule_name(MESSAGE_CLASSES[t]) for t in types),
         "",
         "header = (",
         f"  {int(HeaderKey.TXID)} => txid,",
