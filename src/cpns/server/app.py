@@ -16,9 +16,32 @@ Routes:
     ASCII, at most ~150 characters), for people, not for programs.
 ``GET /cpns/v1/whoami``
     Digest-protected; answers the authenticated Entity ID as JSON. Lets an operator
-    check a key with curl, and is what the interop tests use.
+    check a key with curl.
 ``GET /healthz``
     Liveness, no authentication.
+
+When the server challenges (``POST /cpns/v1/messages``)
+-------------------------------------------------------
+The challenge comes before the body is decoded, so that a standard Digest client (curl
+``--digest``, which sends its first POST with an empty body) gets its 401 and not a 400.
+In this order, first match wins:
+
+1. An ``Authorization`` header is present: it is verified from the request line and the
+   header alone, before the body is read. Wrong, malformed, unknown entity, replayed
+   ``nc``: 401 with a fresh challenge. Right but the nonce expired: 401 with
+   ``stale=true``. Right: the body is read and decoded; undecodable is 400 (with
+   ``Authentication-Info``), any message is served, the sender being the authenticated
+   entity (for an open type, the message's own proof decides, as without credentials).
+2. No ``Authorization`` header and an empty body: 401 challenge.
+3. No ``Authorization`` header, a body that does not decode: 400 ErrorMessage (a
+   challenge cannot help a client whose bytes are not a CPNS message).
+4. No ``Authorization`` header, the body decodes to an *open* type (only
+   ``UserKeyAssignmentRequest``, whose password proof is inside the message): served.
+5. No ``Authorization`` header, any other type: 401 challenge; the message is not acted on.
+
+A body over 64 KiB is 413 whatever the credentials (once they verified, if present).
+Each 401 carries one ``WWW-Authenticate`` challenge per configured algorithm, all with
+the same fresh nonce.
 
 Only bytes and headers are handled here; the procedures run in
 :class:`~cpns.server.service.CPNSService`.
@@ -83,6 +106,8 @@ class CPNSApp:
 
         try:
             await self._route(scope, receive, tracked_send)
+        except _Disconnected:
+            return  # nobody to answer, nothing acted on
         except Exception as exc:
             # A bug of ours on some input must cost that one request, never the process,
             # and must not print a traceback carrying the peer's bytes (issue 5 item 10):
@@ -164,22 +189,39 @@ class CPNSApp:
         await _respond(send, 200, body, b"application/json", headers)
 
     async def _messages(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        body = await _read_body(receive, MAX_MESSAGE_SIZE)
-        if body is None:
-            await _respond(send, 413, b"message too large\n", b"text/plain")
-            return
-        parsed = self._service.parse(body)
-        if isinstance(parsed, Reply):
-            reason = [(b"cpns-reason", peer_text(parsed.reason).encode())] if parsed.reason else []
-            await _respond(send, parsed.http_status, parsed.body, _CBOR, reason)
-            return
+        """``POST /cpns/v1/messages``: the challenge comes before the body is decoded.
+
+        See "When the server challenges" in the module docstring for the rule.
+        """
         entity: str | None = None
         headers: list[tuple[bytes, bytes]] = []
-        if self._service.requires_authentication(parsed):
+        credentials = _header(scope, b"authorization") is not None
+        if credentials:
+            # Verified from the request line and header alone: a wrong or stale
+            # Authorization is answered before a byte of the body is read.
             entity, headers, stale = self._authenticate(scope)
             if entity is None:
                 await self._challenge(send, stale)
                 return
+        body = await _read_body(receive, MAX_MESSAGE_SIZE)
+        if body is None:
+            await _respond(send, 413, b"message too large\n", b"text/plain")
+            return
+        if not credentials and not body:
+            # The first leg of a standard Digest client (curl --digest sends its POST with
+            # an empty body until it holds a challenge).
+            await self._challenge(send, False)
+            return
+        parsed = self._service.parse(body)
+        if isinstance(parsed, Reply):
+            reason = [(b"cpns-reason", peer_text(parsed.reason).encode())] if parsed.reason else []
+            await _respond(send, parsed.http_status, parsed.body, _CBOR, [*headers, *reason])
+            return
+        if not self._service.requires_authentication(parsed):
+            entity = None  # an open type is served on its own proof, whoever sent it
+        elif entity is None:
+            await self._challenge(send, False)
+            return
         client = scope.get("client")
         reply = await self._service.handle(
             parsed, authenticated=entity, source=client[0] if client else None
@@ -194,14 +236,21 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+class _Disconnected(Exception):
+    """The client went away (or was cut by the listener) before its body was complete."""
+
+
 async def _read_body(receive: ASGIReceive, limit: int) -> bytes | None:
-    """The whole request body, or None once it exceeds ``limit`` bytes."""
+    """The whole request body, or None once it exceeds ``limit`` bytes.
+
+    Raises: _Disconnected: the connection ended first; a partial body is never acted on.
+    """
     chunks: list[bytes] = []
     size = 0
     while True:
         event = await receive()
         if event["type"] == "http.disconnect":
-            return b"".join(chunks)
+            raise _Disconnected
         chunk = event.get("body", b"")
         size += len(chunk)
         if size > limit:

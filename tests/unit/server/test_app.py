@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import cbor2
@@ -27,8 +27,9 @@ from tests.helpers import (
 from cpns.errors import ErrorCode
 from cpns.messages.codec import decode
 from cpns.messages.constants import MessageType
-from cpns.messages.model import ErrorMessage
-from cpns.protocol.digest import DigestServer
+from cpns.messages.model import ErrorMessage, EUKeyAssignmentResponse
+from cpns.protocol import key_assignment as ka
+from cpns.protocol.digest import DigestClient, DigestServer
 from cpns.protocol.key_assignment import AssignmentPolicy
 from cpns.records import EntityRecord, TKRecord, UserRecord
 from cpns.server.app import CPNSApp
@@ -99,6 +100,7 @@ def call(
     body: bytes = b"",
     headers: list[tuple[bytes, bytes]] | None = None,
     client: tuple[str, int] = ("127.0.0.1", 40000),
+    on_receive: Callable[[], None] | None = None,
 ) -> Response:
     """One request through the ASGI app; the body arrives in one event."""
     scope: dict[str, Any] = {
@@ -114,6 +116,8 @@ def call(
     out = Response()
 
     async def receive() -> MutableMapping[str, Any]:
+        if on_receive is not None:
+            on_receive()
         if events:
             return events.pop(0)
         await asyncio.sleep(3600)  # pragma: no cover - the app never reads past the body
@@ -336,3 +340,132 @@ def test_unreadable_header_fields_fall_back_to_zero_txid_and_unknown(
     assert error.txid == bytes(16)
     assert error.dst == "unknown"
     assert reply.header(b"cpns-reason")
+
+
+# -- issue 5 item 14: the challenge comes before the body is decoded -----------------------
+
+
+def _eukey_request(seed: int = 11, pne: str = "pne-1") -> bytes:
+    """An EUKey Assignment Request (needs Digest) as gw-alice's machine builds it."""
+    from cpns.messages.codec import encode
+
+    gateway = ka.EUKeyAssignmentGateway(
+        gateway_id=GW, gateway_eukey=GATEWAY_KEYS[GW], server_id=SERVER_ID, rng=FixedRandom(seed)
+    )
+    start: Any = gateway.start
+    kwargs: dict[str, Any] = {}
+    if hasattr(ka, "claim_key"):  # claim binding (issue 5 item 1): the label's code
+        kwargs["claim_key"] = ka.claim_key(ka.claim_code(TKS[pne], pne))
+    start(
+        pne_id=pne,
+        user_id="alice",
+        password_key=cached_password_key("alice", PASSWORDS["alice"]),
+        now=FIXED_NOW,
+        **kwargs,
+    )
+    [message] = gateway.messages_to_send()
+    return encode(message)
+
+
+def _challenges(reply: Response) -> list[str]:
+    return [v.decode() for v in reply.headers.get(b"www-authenticate", [])]
+
+
+def test_an_empty_body_without_credentials_is_challenged(store: MemoryStore) -> None:
+    """Issue 5 item 14: curl --digest sends its first POST with an empty body; it gets
+    the 401 challenge (was 400: the body was decoded before authentication)."""
+    reply = call(make_app(store), body=b"")
+    assert reply.status == 401
+    assert _challenges(reply)
+    assert _challenges(reply)[0].startswith("Digest ")
+
+
+def test_a_protected_type_without_credentials_is_challenged(store: MemoryStore) -> None:
+    """Issue 5 item 14 / 004 §5.x.2: an EUKey Assignment Request without Authorization is
+    answered with the challenge and not acted on."""
+    reply = call(make_app(store), body=_eukey_request())
+    assert reply.status == 401
+    assert _challenges(reply)
+
+
+def test_the_open_type_is_served_without_credentials(store: MemoryStore) -> None:
+    """Issue 5 item 14: the with-UI enrolment (UserKeyAssignmentRequest) carries its own
+    password proof and is served without Digest."""
+    reply = call(make_app(store), body=_enrolment())
+    assert reply.status == 200
+    assert decode(reply.body).TYPE is MessageType.USER_KEY_ASSIGNMENT_RESPONSE
+
+
+def test_wrong_credentials_are_challenged_before_the_body_is_read(store: MemoryStore) -> None:
+    """Issue 5 item 14: an Authorization header is verified from the request line and the
+    header alone; a wrong one is challenged without reading or decoding the body."""
+    app = make_app(store)
+    first = call(app, body=b"")
+    client = DigestClient(GW, ("ff" * 32))
+    header = client.authorization(
+        challenges=_challenges(first), method="POST", uri="/cpns/v1/messages", rng=FixedRandom(1)
+    )
+    read: list[bool] = []
+    reply = call(
+        app,
+        body=b"\xff not even CBOR",
+        headers=[(b"authorization", header.encode())],
+        on_receive=lambda: read.append(True),
+    )
+    assert reply.status == 401
+    assert read == []
+
+
+def test_curl_style_two_legs_complete_an_exchange(store: MemoryStore) -> None:
+    """Issue 5 item 14: empty first leg -> 401; the second leg with Digest credentials and
+    a real EUKey Assignment Request gets 200, a response with a status, and rspauth."""
+    app = make_app(store)
+    first = call(app, body=b"")
+    client = DigestClient(GW, GATEWAY_KEYS[GW].hex())
+    header = client.authorization(
+        challenges=_challenges(first), method="POST", uri="/cpns/v1/messages", rng=FixedRandom(1)
+    )
+    reply = call(app, body=_eukey_request(), headers=[(b"authorization", header.encode())])
+    assert reply.status == 200
+    info = reply.header(b"authentication-info")
+    assert info is not None
+    client.verify_response(info.decode())
+    answer = decode(reply.body)
+    assert isinstance(answer, EUKeyAssignmentResponse)
+    assert answer.status == ErrorCode.OK
+
+
+def test_undecodable_bytes_without_credentials_are_a_400(store: MemoryStore) -> None:
+    """Issue 5 items 14/15: a non-empty body that is not a CPNS message gets the 400
+    ErrorMessage (a challenge cannot help it), with or without credentials."""
+    assert call(make_app(store), body=b"\xff\xff").status == 400
+
+
+def test_counters_arriving_out_of_order_are_accepted_once(store: MemoryStore) -> None:
+    """Issue 5 item 14 / RFC 7616 §5.4: concurrent requests on one nonce may arrive with
+    nc 3, 1, 2: each is accepted once (no spurious 401); a replayed nc is refused."""
+    app = make_app(store, nc_window=64)
+    first = call(app, method="GET", path="/cpns/v1/whoami")
+    client = DigestClient(GW, GATEWAY_KEYS[GW].hex())
+    rng = FixedRandom(2)
+    headers = [
+        client.authorization(
+            challenges=_challenges(first) if i == 0 else None,
+            method="GET",
+            uri="/cpns/v1/whoami",
+            rng=rng,
+        )
+        for i in range(3)
+    ]
+    for index in (2, 0, 1):
+        reply = call(
+            app,
+            method="GET",
+            path="/cpns/v1/whoami",
+            headers=[(b"authorization", headers[index].encode())],
+        )
+        assert reply.status == 200, index
+    again = call(
+        app, method="GET", path="/cpns/v1/whoami", headers=[(b"authorization", headers[0].encode())]
+    )
+    assert again.status == 401
