@@ -118,7 +118,10 @@ class _KeyStoreFile:
     """
 
     def __init__(self) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="cpns-fuzz-ks-"))
+        # A RAM-backed directory where there is one: the target writes a file per input.
+        shm = Path("/dev/shm")
+        where = str(shm) if shm.is_dir() else None
+        self._dir = Path(tempfile.mkdtemp(prefix="cpns-fuzz-ks-", dir=where))
         atexit.register(shutil.rmtree, self._dir, True)
         self._store = LocalKeyStore(self._dir / "fuzz.store", b"\x07" * 32)
 
