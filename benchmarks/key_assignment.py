@@ -27,9 +27,10 @@ from rich.progress import Progress
 
 from cpns.crypto.kdf import password_key
 from cpns.localnet import LocalDeployment
+from cpns.protocol.key_assignment import claim_key
 
 
-async def _assign(control: Path, pne_id: str, key_hex: str) -> tuple[float, str]:
+async def _assign(control: Path, pne_id: str, key_hex: str, claim_hex: str) -> tuple[float, str]:
     started = time.perf_counter()
     reader, writer = await asyncio.open_unix_connection(str(control))
     try:
@@ -38,6 +39,7 @@ async def _assign(control: Path, pne_id: str, key_hex: str) -> tuple[float, str]
             "pne_id": pne_id,
             "user_id": "bench",
             "password_key": key_hex,
+            "claim_key": claim_hex,
             "wait": 0,
         }
         writer.write(json.dumps(command).encode() + b"\n")
@@ -50,7 +52,12 @@ async def _assign(control: Path, pne_id: str, key_hex: str) -> tuple[float, str]
 
 
 async def _run(
-    control: Path, pnes: list[str], key_hex: str, concurrency: int, progress: Progress
+    control: Path,
+    pnes: list[str],
+    key_hex: str,
+    claims: dict[str, str],
+    concurrency: int,
+    progress: Progress,
 ) -> tuple[list[float], dict[str, int], float]:
     task = progress.add_task("assigning", total=len(pnes))
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -62,7 +69,7 @@ async def _run(
     async def worker() -> None:
         while not queue.empty():
             pne = queue.get_nowait()
-            latency, status = await _assign(control, pne, key_hex)
+            latency, status = await _assign(control, pne, key_hex, claims[pne])
             latencies.append(latency)
             statuses[status] = statuses.get(status, 0) + 1
             progress.advance(task)
@@ -96,9 +103,13 @@ def main() -> int:
             net.start_gateway()
             control = net.gateway_dir() / "control.sock"
             key_hex = password_key(password, realm="cpns", user_id="bench").hex()
-            asyncio.run(_run(control, pnes[: args.warmup], key_hex, args.concurrency, progress))
+            # The claim key of each PNE's label code, as `cpns gateway assign` derives it.
+            claims = {p: claim_key(code).hex() for p, code in net.claim_codes.items()}
+            asyncio.run(
+                _run(control, pnes[: args.warmup], key_hex, claims, args.concurrency, progress)
+            )
             latencies, statuses, elapsed = asyncio.run(
-                _run(control, pnes[args.warmup :], key_hex, args.concurrency, progress)
+                _run(control, pnes[args.warmup :], key_hex, claims, args.concurrency, progress)
             )
     latencies.sort()
     ms = [x * 1000 for x in latencies]
