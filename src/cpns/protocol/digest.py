@@ -34,9 +34,12 @@ Replay (RFC 7616 §5.4, §5.5): each process keeps, per nonce it has accepted, t
 ``nc`` seen (and, if ``nc_window`` > 1, which of the ``nc_window`` values below it were
 seen, the way IPsec's anti-replay window works). The table is bounded and pruned of
 expired nonces; a nonce the table has forgotten while still fresh is answered as stale,
-never as new. The table is per process: with several processes behind one key, a captured
-request could be replayed once at each other process within the nonce lifetime. TLS
-under the Digest exchange keeps requests from being captured in the first place.
+never as new. Each username holds at most ``max_nonces_per_entity`` entries: an entity
+that uses one nonce more forgets its own oldest, so one gateway burning thousands of
+nonces never makes another gateway's nonces stale. The table is per process: with
+several processes behind one key, a captured request could be replayed once at each
+other process within the nonce lifetime. TLS under the Digest exchange keeps requests
+from being captured in the first place.
 
 Deliberately not done: qop=auth-int, the ``-sess`` algorithms (RFC 7616 leaves the A1
 inputs of later requests ambiguous, and the EUKey is already a high-entropy key),
@@ -396,50 +399,69 @@ def _is_quotable(value: str) -> bool:
 
 
 class _NonceCounters:
-    """Per-nonce ``nc`` replay table (RFC 7616 §5.4), bounded.
+    """Per-nonce ``nc`` replay table (RFC 7616 §5.4), bounded in total and per entity.
 
     Not thread-safe, like every core object: the CPNS Server calls it from its one event
     loop thread; a threaded host serialises calls to :meth:`DigestServer.verify` itself.
 
-    Entry per nonce: ``(issued, highest nc, bitmap)`` where bit ``i`` of the bitmap says
-    ``highest - i`` was seen. Any nonce dropped from the table raises ``floor``; an
-    unknown nonce issued at or before ``floor`` may have been used already, so it is
-    answered as stale rather than trusted as new.
+    Entry per nonce: ``(issued, highest nc, bitmap, owner)`` where bit ``i`` of the bitmap
+    says ``highest - i`` was seen and ``owner`` is the username that first used the nonce.
+    Each owner holds at most ``share`` nonces: when one more arrives, that owner's oldest
+    is forgotten and the owner's own floor rises, so one entity burning nonces only ever
+    makes *its own* older nonces stale. A nonce forgotten because the whole table is full
+    (``capacity`` nonces, which takes ``capacity / share`` busy entities) raises the
+    global ``floor``. An unknown nonce issued at or before a floor that applies may have
+    been used already, so it is answered as stale rather than trusted as new.
     """
 
-    def __init__(self, *, window: int, capacity: int) -> None:
+    def __init__(self, *, window: int, capacity: int, share: int) -> None:
         self._window = window
         self._full = (1 << window) - 1
         self._capacity = capacity
-        self._seen: dict[str, tuple[int, int, int]] = {}
+        self._share = min(share, capacity)
+        self._seen: dict[str, tuple[int, int, int, str]] = {}
+        self._owned: dict[str, dict[str, int]] = {}  # owner -> {nonce: issued}
+        self._owner_floor: dict[str, int] = {}
         self._floor = -1
         self._last_prune = 0
 
-    def advance(self, nonce: str, *, issued: int, nc: int, now: int, lifetime: int) -> None:
+    def advance(
+        self, nonce: str, *, issued: int, nc: int, now: int, lifetime: int, owner: str = ""
+    ) -> None:
         known = nonce in self._seen
         if now - self._last_prune >= lifetime or (not known and len(self._seen) >= self._capacity):
             self._prune(now, lifetime)
         entry = self._seen.get(nonce)
         if entry is None:
-            if issued <= self._floor:
+            if issued <= self._floor or issued <= self._owner_floor.get(owner, -1):
                 raise DigestStale("nonce no longer tracked by the replay table")
-            self._seen[nonce] = (issued, nc, 1)
+            owned = self._owned.setdefault(owner, {})
+            if len(owned) >= self._share:
+                self._forget_oldest_of(owner, owned)
+            self._seen[nonce] = (issued, nc, 1, owner)
+            owned[nonce] = issued
             return
-        _, highest, bitmap = entry
+        _, highest, bitmap, first = entry
         if nc > highest:
             shift = nc - highest
             # Never shift by a huge nc: that would build a huge integer.
             bitmap = ((bitmap << shift) | 1) & self._full if shift < self._window else 1
-            self._seen[nonce] = (issued, nc, bitmap)
+            self._seen[nonce] = (issued, nc, bitmap, first)
             return
         offset = highest - nc
         if offset >= self._window or (bitmap >> offset) & 1:
             raise AuthenticationFailed(f"replayed nc {nc:08x} for this nonce")
-        self._seen[nonce] = (issued, highest, bitmap | (1 << offset))
+        self._seen[nonce] = (issued, highest, bitmap | (1 << offset), first)
+
+    def _forget_oldest_of(self, owner: str, owned: dict[str, int]) -> None:
+        oldest = min(owned, key=owned.__getitem__)
+        issued = owned.pop(oldest)
+        self._seen.pop(oldest, None)
+        self._owner_floor[owner] = max(self._owner_floor.get(owner, -1), issued)
 
     def _prune(self, now: int, lifetime: int) -> None:
         self._last_prune = now
-        kept: dict[str, tuple[int, int, int]] = {}
+        kept: dict[str, tuple[int, int, int, str]] = {}
         for nonce, entry in self._seen.items():
             if now - entry[0] < lifetime:
                 kept[nonce] = entry
@@ -451,6 +473,12 @@ class _NonceCounters:
             self._floor = max(self._floor, ordered[cut - 1][1][0])
             kept = dict(ordered[cut:])
         self._seen = kept
+        owned: dict[str, dict[str, int]] = {}
+        for nonce, (issued, _, _, owner) in kept.items():
+            owned.setdefault(owner, {})[nonce] = issued
+        self._owned = owned
+        # A floor older than the lifetime protects nothing: such nonces are stale by age.
+        self._owner_floor = {o: f for o, f in self._owner_floor.items() if now - f < lifetime}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -493,6 +521,12 @@ class DigestServer:
     one nonce over several connections may need a larger window (at most 1024)."""
     max_tracked_nonces: int = 10_000
     """Bound on the replay table (nonces currently in use)."""
+    max_nonces_per_entity: int = 64
+    """Share of the replay table one username may hold: when it uses one more nonce, its
+    own oldest is forgotten (and answered as stale), never another entity's. Forgetting
+    works by issue second, so an entity starting more than this many nonces within one
+    second also sees that second's other new nonces answered as stale (it retries on the
+    next challenge)."""
     _counters: _NonceCounters = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -514,8 +548,14 @@ class DigestServer:
             raise ConfigurationError(f"nc_window must be 1..{_MAX_NC_WINDOW}")
         if self.max_tracked_nonces < 1:
             raise ConfigurationError("max_tracked_nonces must be positive")
+        if self.max_nonces_per_entity < 1:
+            raise ConfigurationError("max_nonces_per_entity must be positive")
         object.__setattr__(self, "algorithms", algorithms)
-        counters = _NonceCounters(window=self.nc_window, capacity=self.max_tracked_nonces)
+        counters = _NonceCounters(
+            window=self.nc_window,
+            capacity=self.max_tracked_nonces,
+            share=self.max_nonces_per_entity,
+        )
         object.__setattr__(self, "_counters", counters)
 
     def _mint_nonce(self, now: int, rng: Random) -> str:
@@ -653,7 +693,12 @@ class DigestServer:
         if age >= self.nonce_lifetime or age < -MAX_CLOCK_SKEW:
             raise DigestStale(f"nonce issued {age}s ago")
         self._counters.advance(
-            nonce, issued=issued, nc=int(nc, 16), now=now, lifetime=self.nonce_lifetime
+            nonce,
+            issued=issued,
+            nc=int(nc, 16),
+            now=now,
+            lifetime=self.nonce_lifetime,
+            owner=username,
         )
 
         rspauth = digest(password, "")  # RFC 7616 §3.5: A2 = ":" request-uri

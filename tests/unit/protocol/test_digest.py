@@ -893,3 +893,86 @@ def test_module_keeps_the_dependency_rule() -> None:
             imported.add(node.module.split(".")[0])
     forbidden = {"time", "os", "secrets", "socket", "ssl", "asyncio", "sqlite3", "random"}
     assert not imported & forbidden
+
+
+def _credentials_of(user: str, nonce: str, nc: str = "00000001") -> str:
+    password = hashlib.sha256(user.encode()).hexdigest()
+    return credentials(nonce, username=user, password=password, nc=nc)
+
+
+def _lookup_any(user: str) -> str | None:
+    return hashlib.sha256(user.encode()).hexdigest()
+
+
+def test_one_entity_burning_nonces_does_not_make_others_stale() -> None:
+    """Issue 5 item 13: one gateway burning 10,001 Digest nonces (each verified once) made
+    every other gateway's nonce stale (the full table dropped its oldest half); now each
+    entity holds a bounded share of the table: the burner only forgets its own oldest
+    nonces, and another gateway keeps counting on its nonce."""
+    server = make_server()
+    other = fresh_nonce(server, now=NOW - 1, seed=99_999)
+    server.verify(
+        method="GET",
+        uri=URI,
+        authorization=_credentials_of("gw-b", other),
+        lookup=_lookup_any,
+        now=NOW - 1,
+    )
+    burned = []
+    for i in range(10_001):
+        now = NOW + i // 40  # 40 a second: 10,001 nonces within one lifetime
+        nonce = fresh_nonce(server, now=now, seed=i)
+        burned.append(nonce)
+        server.verify(
+            method="GET",
+            uri=URI,
+            authorization=_credentials_of("gw-a", nonce),
+            lookup=_lookup_any,
+            now=now,
+        )
+    later = NOW + 251
+    # gw-b's nonce is still tracked: its next count is accepted, a replay still refused.
+    server.verify(
+        method="GET",
+        uri=URI,
+        authorization=_credentials_of("gw-b", other, "00000002"),
+        lookup=_lookup_any,
+        now=later,
+    )
+    with pytest.raises(AuthenticationFailed, match="replayed"):
+        server.verify(
+            method="GET",
+            uri=URI,
+            authorization=_credentials_of("gw-b", other, "00000002"),
+            lookup=_lookup_any,
+            now=later,
+        )
+    # The burner's own oldest nonce was forgotten and is stale; its newest still counts.
+    with pytest.raises(DigestStale):
+        server.verify(
+            method="GET",
+            uri=URI,
+            authorization=_credentials_of("gw-a", burned[0], "00000002"),
+            lookup=_lookup_any,
+            now=later,
+        )
+    server.verify(
+        method="GET",
+        uri=URI,
+        authorization=_credentials_of("gw-a", burned[-1], "00000002"),
+        lookup=_lookup_any,
+        now=later,
+    )
+
+
+def test_the_per_entity_share_is_configurable_and_checked() -> None:
+    """Issue 5 item 13: max_nonces_per_entity bounds one username's entries (here 2)."""
+    server = make_server(max_nonces_per_entity=2)
+    nonces = [fresh_nonce(server, now=NOW + i, seed=i) for i in range(3)]
+    for nonce in nonces:
+        verify(server, credentials(nonce), now=NOW + 2)
+    with pytest.raises(DigestStale):
+        verify(server, credentials(nonces[0], nc="00000002"), now=NOW + 2)
+    verify(server, credentials(nonces[1], nc="00000002"), now=NOW + 2)
+    with pytest.raises(ConfigurationError):
+        make_server(max_nonces_per_entity=0)
