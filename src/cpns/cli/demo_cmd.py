@@ -117,7 +117,10 @@ def _run(args: argparse.Namespace) -> int:
         step(f"PNE [b]{pne_id}[/b] (no UI) powers on with its factory TK and connects")
         net.init_device(pne_id, entity_id=pne_id, tk=tk)
         net.start_device(pne_id, pan_port=pan_port, once=True, timeout=60)
-        step(f"The user asks the PN GW to assign an EUKey to {pne_id} (003 §7.4.2.2)")
+        step(
+            f"The user asks the PN GW to assign an EUKey to {pne_id} (003 §7.4.2.2), typing "
+            f"the claim code from its label, {net.claim_codes[pne_id]} (D-003-10)"
+        )
         result = net.assign(pne_id=pne_id, user_id=user, password=password, wait=30)
         if result.returncode != 0:
             console.print(f"[red]assignment failed:[/red] {result.stdout}{result.stderr}")
