@@ -262,7 +262,11 @@ def test_assignment_003() -> None:
     text = base64.b32encode(raw).decode()
     code = "-".join(text[k : k + 4] for k in range(0, 16, 4))
     assert code == a["claim_code"]
-    normalised = code.replace("-", "").upper().translate(str.maketrans("018", "OIB"))
+    typed = a["claim_code_typed"]
+    normalised = "".join(typed.split()).replace("-", "").upper()
+    normalised = normalised.translate(str.maketrans("018", "OIB"))
+    assert normalised == a["claim_code_normalised"] == code.replace("-", "")
+    assert typed != code
     claim_key = h("cpns/v1/003/claim-key", normalised)
     assert claim_key.hex() == a["claim_key"]
     proof_args = (rand_pngw, i["time"], i["user_id"], pne, gw)

@@ -220,6 +220,12 @@ def _enrolment() -> dict[str, Any]:
     }
 
 
+def _typed(code: str) -> str:
+    """The label's code as a user might type it (normalisation must undo all of this)."""
+    plain = code.replace("-", "").lower().translate(str.maketrans("oib", "018"))
+    return plain[:8] + " " + plain[8:]
+
+
 def _assignment() -> dict[str, Any]:
     pk = password_key(PASSWORD, realm=REALM, user_id=USER_ID)
     code = ka.claim_code(TK, PNE_ID)
@@ -290,6 +296,9 @@ def _assignment() -> dict[str, Any]:
             "epoch": EPOCH,
         },
         "claim_code": code,
+        # How a user may type it: lower case, no dashes, spaces, O/I/B read as 0/1/8.
+        "claim_code_typed": _typed(code),
+        "claim_code_normalised": ka.normalize_claim_code(_typed(code)),
         "claim_key": ckey.hex(),
         "auth_data": request.auth_data.hex(),
         "claim_proof": request.claim_proof.hex(),
@@ -594,40 +603,41 @@ def render_example(vectors: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+_ENTITY_IDS = """\
+Entity IDs (of PNEs, PN GWs and the server), User IDs and PN IDs share one syntax,
+the `cpns-id` rule of section 3:
+
+```text
+{pattern}
+```
+
+that is 1 to {max_len} characters of `A-Z a-z 0-9 . _ @ + -`, the first a letter
+or a digit: ASCII only, no space, no `:` (Digest joins username and realm with
+`:`), so no IPv6 literal and no `host:port` is an ID. On the wire IDs are compared
+byte for byte (case-sensitive).
+
+An ID that an entity may *register* (by enrolment, section 3.3, or by a TK import
+at the server) must moreover be:
+
+* in canonical form: lowercase (so no two registered IDs differ only by case; a
+  peer SHOULD lowercase an ID before first use);
+* not the server's own Entity ID (in any case);
+* not a reserved name: {reserved}, nor any name ending in `.localhost`;
+* not written like a network address: digits and dots only (`10.0.0.1`, `127.1`).
+
+The server refuses any other ID at enrolment with `INVALID_ENTITY_ID` (section 5).
+`pan` is the destination of a PNEHello (section 6); `unknown` the destination of
+an ErrorMessage answering a message whose source could not be read (section 2.2).
+"""
+
+
 def render_entity_ids() -> str:
     """Section 4 of docs/wire.md: the ID syntax and the reserved names, from the constants."""
     reserved = sorted(getattr(constants, "RESERVED_IDS", ()))
-    names = ", ".join(f"`{r}`" for r in reserved) if reserved else "(none)"
-    return (
-        "\n".join(
-            [
-                "Entity IDs (of PNEs, PN GWs and the server), User IDs and PN IDs share one syntax,",
-                "the `cpns-id` rule of section 3:",
-                "",
-                "```text",
-                ID_PATTERN.pattern,
-                "```",
-                "",
-                f"that is 1 to {MAX_ID_LEN} characters of `A-Z a-z 0-9 . _ @ + -`, the first a letter",
-                "or a digit: ASCII only, no space, no `:` (Digest joins username and realm with",
-                "`:`), so no IPv6 literal and no `host:port` is an ID. On the wire IDs are compared",
-                "byte for byte (case-sensitive).",
-                "",
-                "An ID that an entity may *register* (by enrolment, section 3.3, or by a TK import",
-                "at the server) must moreover be:",
-                "",
-                "* in canonical form: lowercase (so no two registered IDs differ only by case; a",
-                "  peer SHOULD lowercase an ID before first use);",
-                "* not the server's own Entity ID (in any case);",
-                f"* not a reserved name: {names}, nor any name ending in `.localhost`;",
-                "* not written like a network address: digits and dots only (`10.0.0.1`, `127.1`).",
-                "",
-                "The server refuses any other ID at enrolment with `INVALID_ENTITY_ID` (section 5).",
-                "`pan` is the destination of a PNEHello (section 6); `unknown` the destination of",
-                "an ErrorMessage answering a message whose source could not be read (section 2.2).",
-            ]
-        )
-        + "\n"
+    return _ENTITY_IDS.format(
+        pattern=ID_PATTERN.pattern,
+        max_len=MAX_ID_LEN,
+        reserved=", ".join(f"`{r}`" for r in reserved) if reserved else "(none)",
     )
 
 
