@@ -71,6 +71,8 @@ type ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 type ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _CBOR = b"application/cbor"
+#: Stands in for the EUKey of an entity that may not log in (same length, same work).
+_NO_KEY = bytes(32)
 
 
 class CPNSApp:
@@ -169,11 +171,17 @@ class CPNSApp:
         return ok.username, [(b"authentication-info", ok.authentication_info.encode())], False
 
     def _lookup_secret(self, username: str) -> str | None:
-        """Digest password of an entity: its EUKey in hex (004 §5.x.2), if it may log in."""
+        """Digest password of an entity: its EUKey in hex (004 §5.x.2), if it may log in.
+
+        One path whatever the answer (issue 5 item 7): the store opens a sealed key for an
+        unknown Entity ID too, the hex encoding is done either way, and the verifier then
+        hashes a dummy password, so a 401 costs the same for a known, a revoked and an
+        unknown Entity ID.
+        """
         entity = self._store.get_entity(username)
-        if entity is None or entity.revoked or entity.eukey is None:
-            return None
-        return entity.eukey.hex()
+        key = entity.eukey if entity is not None and not entity.revoked else None
+        secret = (key if key is not None else _NO_KEY).hex()
+        return secret if key is not None else None
 
     async def _challenge(self, send: ASGISend, stale: bool) -> None:
         values = self._digest.challenge(now=self._clock(), rng=self._rng, stale=stale)

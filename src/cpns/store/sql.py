@@ -709,6 +709,8 @@ class SQLStore:
         # Opened in place of a user's sealed password key when the User ID is unknown, so
         # both lookups cost the same (no user enumeration by timing, issue 5 item 7).
         self._no_user = self._sealer.seal("users.password_key", bytes(KEY_LEN), ("",))
+        # The same for an unknown Entity ID (a Digest 401 must not tell it from a known one).
+        self._no_entity = self._sealer.seal("entities.eukeys", bytes(KEY_LEN), ("",))
         self._reply_retention = reply_retention
         self._busy_timeout = busy_timeout
         self._max_batch = max_batch
@@ -900,7 +902,10 @@ class SQLStore:
     def get_entity(self, entity_id: str) -> EntityRecord | None:
         """The entity, or None; :class:`StoreError` if its sealed EUKeys do not open."""
         rows = self._query(_Q.ENTITY_GET, (entity_id,))
-        return self._entity(rows[0]) if rows else None
+        if not rows:
+            self._sealer.open("entities.eukeys", self._no_entity, ("",))  # equal cost
+            return None
+        return self._entity(rows[0])
 
     def get_tk(self, entity_id: str) -> TKRecord | None:
         """The TK record of a PNE, or None; :class:`StoreError` if the TK does not open."""

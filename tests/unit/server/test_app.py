@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -24,6 +25,7 @@ from tests.helpers import (
     cached_password_key,
 )
 
+import cpns.protocol.digest as digest_module
 from cpns.errors import ErrorCode
 from cpns.messages.codec import decode
 from cpns.messages.constants import MessageType
@@ -34,7 +36,7 @@ from cpns.protocol.key_assignment import AssignmentPolicy
 from cpns.records import EntityRecord, TKRecord, UserRecord
 from cpns.server.app import CPNSApp
 from cpns.server.service import CPNSService
-from cpns.store.base import WriteTx
+from cpns.store.base import ServerStore, WriteTx
 from cpns.store.memory import MemoryStore
 from cpns.types import EntityKind
 
@@ -67,7 +69,7 @@ def store() -> MemoryStore:
     return s
 
 
-def make_app(store: MemoryStore, **digest: Any) -> CPNSApp:
+def make_app(store: ServerStore, **digest: Any) -> CPNSApp:
     rng = FixedRandom(5)
     service = CPNSService(
         store=store,
@@ -469,3 +471,79 @@ def test_counters_arriving_out_of_order_are_accepted_once(store: MemoryStore) ->
         app, method="GET", path="/cpns/v1/whoami", headers=[(b"authorization", headers[0].encode())]
     )
     assert again.status == 401
+
+
+# -- issue 5 item 7 (Digest half): a 401 costs the same for any Entity ID ----------------
+
+
+def test_a_digest_401_does_the_same_work_for_known_revoked_and_unknown_entities(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 5 item 7: the 401 for a wrong Digest response took 60-100 us longer for an
+    existing Entity ID (its sealed EUKey was opened; an unknown one cost a lookup only).
+    Now the sequence of operations is identical for a known, a revoked and an unknown
+    Entity ID: the same store query, one sealed-key opening, the same Digest hashes. Work
+    is compared by counting operations on a real SQLite store; nothing is timed."""
+    from cpns.store import sql
+    from cpns.store.masterkey import MasterKey
+
+    store = sql.SQLStore.open(tmp_path / "cpns.db", master_key=MasterKey(bytes(range(32))))
+
+    def setup(tx: WriteTx) -> None:
+        tx.add_user(UserRecord(user_id="alice", password_key=bytes(32), created_at=1))
+        for entity_id, revoked in (("gw-known", False), ("gw-revok", True)):
+            tx.put_entity(
+                EntityRecord(
+                    entity_id=entity_id,
+                    kind=EntityKind.PN_GW,
+                    owner="alice",
+                    eukeys=(bytes([7]) * 32,),
+                    key_index=1,
+                    revoked=revoked,
+                )
+            )
+
+    store.write(setup)
+    app = make_app(store)
+    trace: list[tuple[str, str]] = []
+    real_open, real_query = sql._Sealer.open, sql.SQLStore._query
+    real_hash = digest_module._hex_hash
+
+    def traced_open(self: Any, label: str, *args: Any) -> Any:
+        trace.append(("open", label))
+        return real_open(self, label, *args)
+
+    def traced_query(self: Any, statement: str, params: Any) -> Any:
+        trace.append(("query", statement))
+        return real_query(self, statement, params)
+
+    def traced_hash(algorithm: Any, text: str) -> str:
+        trace.append(("hash", str(algorithm)))
+        return real_hash(algorithm, text)
+
+    monkeypatch.setattr(sql._Sealer, "open", traced_open)
+    monkeypatch.setattr(sql.SQLStore, "_query", traced_query)
+    monkeypatch.setattr(digest_module, "_hex_hash", traced_hash)
+
+    def attempt(entity_id: str) -> list[tuple[str, str]]:
+        first = call(app, method="GET", path="/cpns/v1/whoami")
+        client = DigestClient(entity_id, "ab" * 32)  # nobody's key: a wrong response
+        header = client.authorization(
+            challenges=_challenges(first),
+            method="GET",
+            uri="/cpns/v1/whoami",
+            rng=FixedRandom(3),
+        )
+        trace.clear()
+        reply = call(
+            app, method="GET", path="/cpns/v1/whoami", headers=[(b"authorization", header.encode())]
+        )
+        assert reply.status == 401
+        return list(trace)
+
+    known = attempt("gw-known")
+    assert ("open", "entities.eukeys") in known
+    assert sum(1 for op, _ in known if op == "hash") == 3
+    assert attempt("gw-unkno") == known
+    assert attempt("gw-revok") == known
+    store.close()
