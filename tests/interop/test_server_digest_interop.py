@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -157,16 +156,12 @@ def _assignment_request(gateway_key: str, *, pne: str = "pne-9") -> bytes:
         server_id="cpns-server",
         rng=SystemRandom(),
     )
-    start: Any = gateway.start
-    kwargs: dict[str, Any] = {}
-    if hasattr(ka, "claim_key"):  # claim binding (issue 5 item 1): the code on the label
-        kwargs["claim_key"] = ka.claim_key(ka.claim_code(PNE_TK, pne))
-    start(
+    gateway.start(
         pne_id=pne,
         user_id="alice",
         password_key=password_key(PASSWORD, realm="cpns", user_id="alice"),
+        claim_key=ka.claim_key(ka.claim_code(PNE_TK, pne)),  # the code on the PNE's label
         now=int(time.time()),
-        **kwargs,
     )
     [message] = gateway.messages_to_send()
     return encode(message)

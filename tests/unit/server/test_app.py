@@ -354,16 +354,12 @@ def _eukey_request(seed: int = 11, pne: str = "pne-1") -> bytes:
     gateway = ka.EUKeyAssignmentGateway(
         gateway_id=GW, gateway_eukey=GATEWAY_KEYS[GW], server_id=SERVER_ID, rng=FixedRandom(seed)
     )
-    start: Any = gateway.start
-    kwargs: dict[str, Any] = {}
-    if hasattr(ka, "claim_key"):  # claim binding (issue 5 item 1): the label's code
-        kwargs["claim_key"] = ka.claim_key(ka.claim_code(TKS[pne], pne))
-    start(
+    gateway.start(
         pne_id=pne,
         user_id="alice",
         password_key=cached_password_key("alice", PASSWORDS["alice"]),
+        claim_key=ka.claim_key(ka.claim_code(TKS[pne], pne)),  # the code on the PNE's label
         now=FIXED_NOW,
-        **kwargs,
     )
     [message] = gateway.messages_to_send()
     return encode(message)
