@@ -52,3 +52,11 @@ def test_store_write_benchmark_runs(tmp_path: Path) -> None:
         str(tmp_path),
     )
     assert "group-commit gain" in out
+
+
+def test_timing_oracle_benchmark_runs() -> None:
+    """Issue 5 item 7: both timing oracles (Digest 401, enrolment refusal) run over real
+    HTTPS and print their medians and differences (figures, not judged)."""
+    out = _run(str(BENCHMARKS / "timing_oracle.py"), "--rounds", "20")
+    assert out.count("median paired difference") == 2
+    assert "('gw-1', 401): 20" in out
