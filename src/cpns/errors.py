@@ -42,7 +42,7 @@ class ErrorCode(IntEnum):
     0 is success; 1xx are message-level faults, 2xx authentication and authorisation
     verdicts, 3xx procedure-specific refusals, 5xx faults of the responder itself.
     The seeds only say "fail status code" (003 §7.4.2.1.1.2 step 2); the values are ours
-    and are listed in docs/errors.md.
+    and are listed, with the comment of each member below, in docs/wire.md section 5.
     """
 
     #: The procedure step succeeded.
