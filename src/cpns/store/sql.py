@@ -709,8 +709,19 @@ class SQLStore:
         # Opened in place of a user's sealed password key when the User ID is unknown, so
         # both lookups cost the same (no user enumeration by timing, issue 5 item 7).
         self._no_user = self._sealer.seal("users.password_key", bytes(KEY_LEN), ("",))
-        # The same for an unknown Entity ID (a Digest 401 must not tell it from a known one).
-        self._no_entity = self._sealer.seal("entities.eukeys", bytes(KEY_LEN), ("",))
+        # The same for an unknown Entity ID (a Digest 401 must not tell it from a known one):
+        # a stand-in row that get_entity decodes exactly as it decodes a found one.
+        self._no_entity_row = (
+            "cpns-no-entity",
+            int(EntityKind.PN_GW),
+            "cpns-no-owner",
+            self._sealer.seal("entities.eukeys", bytes(KEY_LEN), ("cpns-no-entity",)),
+            1,
+            None,
+            0,
+            0,
+            0,
+        )
         self._reply_retention = reply_retention
         self._busy_timeout = busy_timeout
         self._max_batch = max_batch
@@ -903,7 +914,7 @@ class SQLStore:
         """The entity, or None; :class:`StoreError` if its sealed EUKeys do not open."""
         rows = self._query(_Q.ENTITY_GET, (entity_id,))
         if not rows:
-            self._sealer.open("entities.eukeys", self._no_entity, ("",))  # equal cost
+            self._entity(self._no_entity_row)  # the same work as for a known Entity ID
             return None
         return self._entity(rows[0])
 
