@@ -223,6 +223,16 @@ async def run_server(
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from None
         port = sock.getsockname()[1]
+        limits = listener_limits(config)
+        log.info(
+            "HTTPS limits: %d connections (%d per source), request timeout %gs, "
+            "keep-alive %gs, headers %d bytes",
+            limits.max_connections,
+            limits.max_connections_per_source,
+            limits.request_timeout,
+            limits.keep_alive_timeout,
+            limits.max_header_bytes,
+        )
         # The listener does the TLS handshake itself, after its connection caps admitted
         # the connection and under its request timeout (cpns.server.http): uvicorn gets a
         # plain socket and our protocol class.
@@ -231,7 +241,7 @@ async def run_server(
             log_config=None,
             access_log=False,
             lifespan="on",
-            http=listener_protocol(listener_limits(config), _tls_context(config)),
+            http=listener_protocol(limits, _tls_context(config)),
             loop="none",
             timeout_keep_alive=config.keep_alive_timeout,
             timeout_graceful_shutdown=_SHUTDOWN_GRACE,
