@@ -177,7 +177,19 @@ def _oversized_head(net: LocalDeployment, port: int, total: int, results: list[b
         while sent < total:
             readable, _, _ = select.select([conn], [], [], 0)
             if readable:
-                break
+                # The socket is also readable for TLS records that carry no application
+                # data (TLS 1.3 session tickets): stop only on a real answer.
+                conn.setblocking(False)
+                try:
+                    answer = conn.recv(4096)
+                except ssl.SSLWantReadError:
+                    answer = b""
+                except (OSError, ssl.SSLError):
+                    break
+                finally:
+                    conn.setblocking(True)
+                if answer:
+                    break
             try:
                 conn.sendall(chunk)
             except (OSError, ssl.SSLError):
