@@ -247,35 +247,17 @@ class CPNSService:
         except ClaimConflict:
             # Another assignment of this entity committed after our checks read it: the
             # first one wins, this one gets a refusal and no key material (racing claims).
-            fresh = self._machine(message, authenticated, now, source)
-            fresh.fail(ErrorCode.CLAIM_CONFLICT, "another assignment committed first", message)
-            await self._audit(
-                message,
-                requester,
-                ErrorCode.CLAIM_CONFLICT,
-                now,
-                "claim race lost",
-                source,
-                authenticated=authenticated is not None,
+            return await self._lost_race(
+                message, authenticated, requester, now, source, ErrorCode.CLAIM_CONFLICT
             )
-            return self._reply(fresh.messages_to_send()[0], ErrorCode.CLAIM_CONFLICT)
         except (NonceReused, ConflictError):
             # A concurrent copy of this very request may have won the race: answer as it did.
             stored = self._store.get_reply(requester, message.txid)
             if stored is not None:
                 return self._replay_or_retry(stored, message, digest, requester)
-            fresh = self._machine(message, authenticated, now, source)
-            fresh.fail(ErrorCode.REPLAY, "random value used concurrently", message)
-            await self._audit(
-                message,
-                requester,
-                ErrorCode.REPLAY,
-                now,
-                "nonce race",
-                source,
-                authenticated=authenticated is not None,
+            return await self._lost_race(
+                message, authenticated, requester, now, source, ErrorCode.REPLAY
             )
-            return self._reply(fresh.messages_to_send()[0], ErrorCode.REPLAY)
         if cleared is not None:
             self.guard.forget(cleared)
         log.info(
@@ -285,6 +267,28 @@ class CPNSService:
             extra={"txid": message.txid.hex(), "entity": requester, "status": "OK"},
         )
         return Reply(200, reply_bytes, ErrorCode.OK)
+
+    async def _lost_race(
+        self,
+        message: Message,
+        authenticated: str | None,
+        requester: str,
+        now: int,
+        source: str | None,
+        code: ErrorCode,
+    ) -> Reply:
+        """The refusal of a request whose write lost a race (REPLAY: a random value used
+        concurrently; CLAIM_CONFLICT: the entity changed after its checks)."""
+        reason = {
+            ErrorCode.REPLAY: "random value used concurrently",
+            ErrorCode.CLAIM_CONFLICT: "another assignment committed first",
+        }[code]
+        fresh = self._machine(message, authenticated, now, source)
+        fresh.fail(code, reason, message)
+        await self._audit(
+            message, requester, code, now, reason, source, authenticated=authenticated is not None
+        )
+        return self._reply(fresh.messages_to_send()[0], code)
 
     def _replay_or_retry(
         self, stored: StoredReply, message: Message, digest: bytes, requester: str

@@ -432,36 +432,20 @@ class _SQLWriteTx:
 
     def put_entity(self, entity: EntityRecord) -> None:
         """Insert or replace an entity (by Entity ID); StoreError if its owner is unknown."""
-        if any(len(k) != KEY_LEN for k in entity.eukeys):
-            raise StoreError(f"EUKeys are {KEY_LEN} bytes (entity {entity.entity_id!r})")
-        sealed = self._sealer.seal("entities.eukeys", b"".join(entity.eukeys), (entity.entity_id,))
-        params = (
-            entity.entity_id,
-            int(entity.kind),
-            entity.owner,
-            sealed,
-            entity.key_index,
-            entity.assigned_via,
-            entity.assigned_at,
-            int(entity.revoked),
-            entity.epoch,
-        )
-        try:
-            self._exec(_Q.ENTITY_UPSERT, params)
-        except sqlite3.Error as exc:
-            if self._dialect.is_foreign_key_violation(exc):
-                raise StoreError(
-                    f"entity {entity.entity_id!r}: owner {entity.owner!r} is not a user"
-                ) from None
-            raise StoreError(f"cannot store entity {entity.entity_id!r}: {exc}") from None
+        self._write_entity(_Q.ENTITY_UPSERT, entity)
 
     def assign_entity(self, entity: EntityRecord, *, expected_epoch: int) -> None:
         """Store an assignment if the entity is absent or still at ``expected_epoch``
         with the same owner and kind, not revoked; :class:`ClaimConflict` otherwise."""
-        if any(len(k) != KEY_LEN for k in entity.eukeys):
-            raise StoreError(f"EUKeys are {KEY_LEN} bytes (entity {entity.entity_id!r})")
         if entity.epoch != expected_epoch + 1:
             raise StoreError(f"entity {entity.entity_id!r}: epoch must be expected_epoch + 1")
+        if self._write_entity(_Q.ENTITY_ASSIGN, entity, expected_epoch) != 1:
+            raise ClaimConflict(f"entity {entity.entity_id!r} changed since it was checked")
+
+    def _write_entity(self, statement: str, entity: EntityRecord, *extra: Any) -> int:
+        """Run an entity write (its columns, then ``extra`` parameters); the row count."""
+        if any(len(k) != KEY_LEN for k in entity.eukeys):
+            raise StoreError(f"EUKeys are {KEY_LEN} bytes (entity {entity.entity_id!r})")
         sealed = self._sealer.seal("entities.eukeys", b"".join(entity.eukeys), (entity.entity_id,))
         params = (
             entity.entity_id,
@@ -473,18 +457,16 @@ class _SQLWriteTx:
             entity.assigned_at,
             int(entity.revoked),
             entity.epoch,
-            expected_epoch,
+            *extra,
         )
         try:
-            cur = self._exec(_Q.ENTITY_ASSIGN, params)
+            return int(self._exec(statement, params).rowcount)
         except sqlite3.Error as exc:
             if self._dialect.is_foreign_key_violation(exc):
                 raise StoreError(
                     f"entity {entity.entity_id!r}: owner {entity.owner!r} is not a user"
                 ) from None
             raise StoreError(f"cannot store entity {entity.entity_id!r}: {exc}") from None
-        if cur.rowcount != 1:
-            raise ClaimConflict(f"entity {entity.entity_id!r} changed since it was checked")
 
     def put_tks(self, records: Sequence[TKRecord]) -> None:
         """Insert TK records; :class:`ConflictError` (and nothing written) on a duplicate."""
