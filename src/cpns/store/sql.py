@@ -1,4 +1,4 @@
-"""The server store on SQL: SQLite (WAL) today, shaped so PostgreSQL can join later.
+"""The server store on SQL: SQLite (WAL, the default) or PostgreSQL, one implementation.
 
 Theory of operation
 ===================
@@ -33,15 +33,23 @@ SHA-256, never in clear. Random GCM nonces (96 bits) are safe far beyond the num
 rows one server holds; each column has its own HKDF-derived key.
 
 **Portability.** All SQL of the store is in this module. Statements use ``?`` placeholders
-and only portable syntax (``INSERT ... ON CONFLICT ... DO UPDATE``); :class:`_Dialect`
-holds what differs (placeholder style, how to begin a write transaction, how to tell a
-unique from a foreign-key violation). A PostgreSQL back end adds a dialect, a driver
-connect function and its own ``migrations`` DDL (``BYTEA``, identity columns); it is not
-implemented yet.
+and only portable syntax (``INSERT ... ON CONFLICT ... DO UPDATE / DO NOTHING``);
+:class:`_Dialect` holds what differs (placeholder style, how to begin a write transaction,
+where the schema version lives, how to tell a unique from a foreign-key violation, whether
+a failed statement aborts the transaction). :meth:`SQLStore.open` takes a file name
+(SQLite) or a ``postgresql://`` URL (PostgreSQL through psycopg 3, whose connections
+:mod:`cpns.store.postgres` makes look like ``sqlite3`` ones). On PostgreSQL the writer is
+the same thread with the same batches and savepoints; its connection forces
+``synchronous_commit = on``; readers borrow connections from a bounded pool instead of
+holding one per thread. A failed statement aborts a whole PostgreSQL transaction, so
+duplicates are detected with ``ON CONFLICT DO NOTHING`` (rowcount 0) on both engines, and
+the statements that can still fail on a constraint run in their own savepoint there.
 
-**Migrations.** ``migrations/NNNN_name.sql`` files are applied in order inside one
-``BEGIN IMMEDIATE`` transaction, each followed by ``PRAGMA user_version = NNNN``, so two
-processes starting together apply them once, and reopening applies nothing.
+**Migrations.** ``migrations/NNNN_name.sql`` (SQLite) and ``migrations/postgresql/`` (the
+same numbers and names, PostgreSQL DDL) are applied in order inside one write transaction
+(``BEGIN IMMEDIATE`` on SQLite; an advisory lock on PostgreSQL), each followed by recording
+its number (``PRAGMA user_version``; the ``schema_version`` table), so two processes
+starting together apply them once, and reopening applies nothing.
 """
 
 from __future__ import annotations
