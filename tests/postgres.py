@@ -11,7 +11,7 @@ import contextlib
 import secrets
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +33,8 @@ class PGCluster:
 
     directory: Path
     admin_dsn: str
+    #: Databases emptied after their test, ready for the next one.
+    free: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls) -> PGCluster:
@@ -52,13 +54,29 @@ class PGCluster:
 
     @contextlib.contextmanager
     def database(self) -> Iterator[str]:
-        """A new database for the ``with`` block; dropped (connections closed) after it."""
-        name = "t_" + secrets.token_hex(6)
-        self.admin(f"CREATE DATABASE {name}")
+        """An empty database for the ``with`` block.
+
+        Afterwards its connections are ended and its ``public`` schema dropped and made
+        again, and the database serves a later test: DROP DATABASE forces a checkpoint
+        (about a second each), emptying the schema costs milliseconds. Nothing of one test
+        (tables, rows, schema version) is seen by the next.
+        """
+        if self.free:
+            name = self.free.pop()
+        else:
+            name = "t_" + secrets.token_hex(6)
+            self.admin(f"CREATE DATABASE {name}")
+        dsn = with_database(self.admin_dsn, name)
         try:
-            yield with_database(self.admin_dsn, name)
+            yield dsn
         finally:
-            self.admin(f"DROP DATABASE {name} WITH (FORCE)")
+            self.admin(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            raw(dsn, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+            self.free.append(name)
 
 
 def raw(dsn: str, statement: str, params: Any = None) -> list[Any]:
