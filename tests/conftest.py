@@ -4,7 +4,8 @@ cached password keys (STYLE §8). The classes live in :mod:`tests.helpers`."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -16,6 +17,7 @@ from tests.helpers import (
     cached_password_key,
     standard_directory,
 )
+from tests.postgres import PGCluster
 
 # deadline=None: scrypt and the first call of a code path make timings noisy, and a
 # flaky deadline is worse than none. Each property test sets its own max_examples.
@@ -58,3 +60,35 @@ def directory() -> Directory:
 def world(password_key: Callable[[str, str], bytes]) -> Directory:
     """alice with gw-alice, bob with gw-bob, TK records of pne-1 and pne-2."""
     return standard_directory(password_key)
+
+
+# ---------------------------------------------------------------------------------------
+# PostgreSQL: one throwaway cluster per test session, one fresh database per test.
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PGCluster]:
+    """A PostgreSQL cluster on 127.0.0.1, started by scripts/pg-cluster for this session
+    (installed from Debian's packages first if missing) and removed at the end."""
+    cluster = PGCluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: PGCluster) -> Iterator[str]:
+    """The URL (with password) of a new, empty database, dropped after the test."""
+    with pg_cluster.database() as dsn:
+        yield dsn
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a SQLStore lives, once per back end: a SQLite file, or a fresh PostgreSQL
+    database (from ``pg_dsn``, requested only for that parameter)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "cpns.db")
+    else:
+        yield request.getfixturevalue("pg_dsn")

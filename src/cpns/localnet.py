@@ -206,12 +206,16 @@ class LocalDeployment:
         users: Sequence[tuple[str, str]] = (),
         tk_records: Sequence[tuple[str, bytes]] = (),
         digest: Sequence[str] = ("SHA-256",),
+        database: str | None = None,
     ) -> None:
-        """``cpns server init`` on port 0, then add users and import a TK CSV."""
+        """``cpns server init`` on port 0 (``--database``: a PostgreSQL URL instead of the
+        default SQLite file), then add users and import a TK CSV."""
         self.prepare_base()
         args = ["server", "init", "--data-dir", str(self.server_dir), "--port", "0"]
         for algorithm in digest:
             args += ["--digest", algorithm]
+        if database is not None:
+            args += ["--database", database]
         self.cpns(*args)
         for user_id, password in users:
             self.cpns(

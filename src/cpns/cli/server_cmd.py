@@ -12,6 +12,7 @@ __all__ = ["register"]
 
 def _init(args: argparse.Namespace) -> int:
     from cpns.server.main import init_server
+    from cpns.store.postgres import redact_dsn
 
     config = init_server(
         args.data_dir,
@@ -22,8 +23,10 @@ def _init(args: argparse.Namespace) -> int:
         server_id=args.server_id,
         realm=args.realm,
         digest_algorithms=tuple(args.digest),
+        database=args.database,
     )
     print(f"initialised {config.data_dir}")
+    print(f"  database: {redact_dsn(config.store_target())}")
     print(f"  certificate for gateways (--ca): {config.path(config.cert_file)}")
     print(
         f"  master key (keep it safe, outside backups of the database): "
@@ -44,7 +47,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     server = sub.add_parser(
         "server",
         help="run the CPNS Server",
-        description="The CPNS Server: HTTPS endpoint, SQLite store.",
+        description="The CPNS Server: HTTPS endpoint, SQLite or PostgreSQL store.",
     )
     cmds = server.add_subparsers(dest="server_command", metavar="SUBCOMMAND")
     init = cmds.add_parser(
@@ -60,6 +63,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     init.add_argument("--key", type=Path, help="PEM private key for --cert")
     init.add_argument("--server-id", default="cpns-server", help="this server's Entity ID")
     init.add_argument("--realm", default="cpns", help="Digest realm and password salt")
+    init.add_argument(
+        "--database",
+        metavar="URL_OR_FILE",
+        help="postgresql://user:password@host:port/dbname (an existing database; its tables "
+        "are created now), or a SQLite file name in the data directory (default cpns.db)",
+    )
     init.add_argument(
         "--digest",
         action="append",

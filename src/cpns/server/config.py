@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpns.config import load_settings
 from cpns.messages.constants import ID_PATTERN
+from cpns.store.postgres import is_dsn
 
 __all__ = ["ServerConfig", "load_server_config"]
 
@@ -67,8 +68,11 @@ class ServerConfig:
     max_connections: int = 1024
     #: Most HTTPS connections open at once from one client address.
     max_connections_per_source: int = 64
-    #: SQLite database file.
-    database: str = "cpns.db"
+    #: The database: a SQLite file name (relative to ``data_dir``; the default), or a
+    #: PostgreSQL URL ``postgresql://user:password@host:port/dbname``. Kept out of repr
+    #: because a URL may hold a password; ``CPNS_SERVER_DATABASE`` overrides it, and the
+    #: password may instead come from libpq (``PGPASSWORD``, ``~/.pgpass``).
+    database: str = field(default="cpns.db", repr=False)
     #: Master key file (0600) sealing secrets at rest; CPNS_MASTER_KEY overrides it.
     master_key_file: str = "master.key"
     #: TLS certificate (PEM) presented to gateways.
@@ -98,6 +102,12 @@ class ServerConfig:
     def path(self, name: str) -> Path:
         """A configured file name resolved against ``data_dir``."""
         return self.data_dir / name
+
+    def store_target(self) -> str:
+        """What the store opens: the PostgreSQL URL as given, or the SQLite file's path."""
+        if is_dsn(self.database):
+            return self.database
+        return str(self.path(self.database))
 
 
 def load_server_config(data_dir: Path) -> ServerConfig:

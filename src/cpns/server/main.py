@@ -1,9 +1,10 @@
 """``cpns server``: initialise a data directory and run the HTTPS server.
 
-The data directory holds ``server.toml``, the master key (0600), the SQLite database and
-the TLS files. ``init`` creates them; ``run`` opens the store (applying schema
-migrations), wraps it in the service and the ASGI app, and serves it with uvicorn over
-TLS 1.3 only. When the port is 0 the bound port is written to ``server.port``.
+The data directory holds ``server.toml``, the master key (0600), the SQLite database (unless
+``database`` in server.toml is a PostgreSQL URL) and the TLS files. ``init`` creates them;
+``run`` opens the store (applying schema migrations), wraps it in the service and the ASGI
+app, and serves it with uvicorn over TLS 1.3 only. When the port is 0 the bound port is
+written to ``server.port``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from cpns.server.http import ListenerLimits, effective_limits, listener_protocol
 from cpns.server.service import CPNSService
 from cpns.server.tls import generate_self_signed
 from cpns.store.base import WriteTx
-from cpns.store.masterkey import MasterKey
+from cpns.store.masterkey import MasterKey, write_private_file
+from cpns.store.postgres import is_dsn, redact_dsn
 from cpns.store.sql import SQLStore
 
 __all__ = ["build_app", "build_guard", "housekeeping", "init_server", "open_store", "run_server"]
@@ -56,8 +58,14 @@ def init_server(
     server_id: str = "cpns-server",
     realm: str = "cpns",
     digest_algorithms: tuple[str, ...] = ("SHA-256",),
+    database: str | None = None,
 ) -> ServerConfig:
-    """Create a data directory: configuration, master key, TLS files and database."""
+    """Create a data directory: configuration, master key, TLS files and database.
+
+    ``database`` is a PostgreSQL URL (the database must exist; its tables are created
+    now) or a SQLite file name; None keeps the default SQLite file ``cpns.db``. A URL is
+    written to ``server.toml``, which is then 0600 since the URL may hold a password.
+    """
     if (data_dir / "server.toml").exists():
         raise ConfigurationError(f"{data_dir} is already initialised (server.toml exists)")
     if (cert is None) != (key is None):
@@ -74,14 +82,32 @@ def init_server(
     if cert is not None and key is not None:
         settings["cert_file"] = str(cert.resolve())
         settings["key_file"] = str(key.resolve())
+    if database is not None:
+        if "://" in database and not is_dsn(database):
+            raise ConfigurationError(
+                "--database takes a postgresql:// URL or a SQLite file name, got "
+                + redact_dsn(database)
+            )
+        settings["database"] = database
     config = ServerConfig(data_dir=data_dir, **settings)  # type: ignore[arg-type]
     if cert is None:
         generate_self_signed(
             config.path(config.cert_file), config.path(config.key_file), common_name=server_id
         )
     MasterKey.generate(config.path(config.master_key_file))
-    (data_dir / "server.toml").write_text(dump_toml(settings), encoding="utf-8")
-    open_store(config).close()
+    try:
+        # Create the schema before server.toml exists: a database that cannot be reached
+        # leaves no half-initialised directory behind (init can simply be run again).
+        open_store(config).close()
+    except BaseException:
+        created = [config.master_key_file]
+        if cert is None:
+            created += [config.cert_file, config.key_file]
+        for name in created:
+            config.path(name).unlink(missing_ok=True)
+        raise
+    # 0600 from its first byte: a PostgreSQL URL in it may carry a password.
+    write_private_file(data_dir / "server.toml", dump_toml(settings).encode(), overwrite=False)
     return config
 
 
@@ -94,7 +120,7 @@ def master_key(config: ServerConfig) -> MasterKey:
 
 def open_store(config: ServerConfig) -> SQLStore:
     """Open (and migrate) the server database."""
-    return SQLStore.open(config.path(config.database), master_key=master_key(config))
+    return SQLStore.open(config.store_target(), master_key=master_key(config))
 
 
 def build_guard(config: ServerConfig, store: SQLStore) -> AttemptGuard:
@@ -209,6 +235,7 @@ async def run_server(
 ) -> None:
     """Serve until SIGINT/SIGTERM. ``on_ready`` gets the bound port."""
     store = open_store(config)
+    log.info("store: %s %s", store.backend, redact_dsn(config.store_target()))
     try:
         guard = build_guard(config, store)
         app = build_app(config, store, guard=guard)

@@ -1,9 +1,10 @@
 """Persistence: the server store (SQL, in-memory), the master key, local key stores.
 
 Only this package knows SQL or file formats (STYLE §2). The contract is
-:mod:`cpns.store.base`; :class:`SQLStore` is the real server store (SQLite, group commit,
-secrets sealed under a :class:`MasterKey`), :class:`MemoryStore` the one for unit tests,
-and :class:`LocalKeyStore` the sealed, atomically written file of a PN GW or a PNE.
+:mod:`cpns.store.base`; :class:`SQLStore` is the real server store (SQLite or
+PostgreSQL, group commit, secrets sealed under a :class:`MasterKey`), :class:`MemoryStore`
+the one for unit tests, and :class:`LocalKeyStore` the sealed, atomically written file of
+a PN GW or a PNE.
 """
 
 from cpns.errors import StoreError

@@ -1,4 +1,4 @@
-"""The server store on SQL: SQLite (WAL) today, shaped so PostgreSQL can join later.
+"""The server store on SQL: SQLite (WAL, the default) or PostgreSQL, one implementation.
 
 Theory of operation
 ===================
@@ -33,15 +33,23 @@ SHA-256, never in clear. Random GCM nonces (96 bits) are safe far beyond the num
 rows one server holds; each column has its own HKDF-derived key.
 
 **Portability.** All SQL of the store is in this module. Statements use ``?`` placeholders
-and only portable syntax (``INSERT ... ON CONFLICT ... DO UPDATE``); :class:`_Dialect`
-holds what differs (placeholder style, how to begin a write transaction, how to tell a
-unique from a foreign-key violation). A PostgreSQL back end adds a dialect, a driver
-connect function and its own ``migrations`` DDL (``BYTEA``, identity columns); it is not
-implemented yet.
+and only portable syntax (``INSERT ... ON CONFLICT ... DO UPDATE / DO NOTHING``);
+:class:`_Dialect` holds what differs (placeholder style, how to begin a write transaction,
+where the schema version lives, how to tell a unique from a foreign-key violation, whether
+a failed statement aborts the transaction). :meth:`SQLStore.open` takes a file name
+(SQLite) or a ``postgresql://`` URL (PostgreSQL through psycopg 3, whose connections
+:mod:`cpns.store.postgres` makes look like ``sqlite3`` ones). On PostgreSQL the writer is
+the same thread with the same batches and savepoints; its connection forces
+``synchronous_commit = on``; readers borrow connections from a bounded pool instead of
+holding one per thread. A failed statement aborts a whole PostgreSQL transaction, so
+duplicates are detected with ``ON CONFLICT DO NOTHING`` (rowcount 0) on both engines, and
+the statements that can still fail on a constraint run in their own savepoint there.
 
-**Migrations.** ``migrations/NNNN_name.sql`` files are applied in order inside one
-``BEGIN IMMEDIATE`` transaction, each followed by ``PRAGMA user_version = NNNN``, so two
-processes starting together apply them once, and reopening applies nothing.
+**Migrations.** ``migrations/NNNN_name.sql`` (SQLite) and ``migrations/postgresql/`` (the
+same numbers and names, PostgreSQL DDL) are applied in order inside one write transaction
+(``BEGIN IMMEDIATE`` on SQLite; an advisory lock on PostgreSQL), each followed by recording
+its number (``PRAGMA user_version``; the ``schema_version`` table), so two processes
+starting together apply them once, and reopening applies nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +68,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self
+
+import psycopg
 
 from cpns.crypto.hashing import KEY_LEN, Part, hash_values
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
@@ -78,6 +88,7 @@ from cpns.store.base import (
     WriteTx,
 )
 from cpns.store.masterkey import MasterKey
+from cpns.store.postgres import PGConnection, PGReaders, is_dsn, redact_dsn, scrub
 from cpns.types import EntityKind
 
 __all__ = ["SQLStore", "WriteStats", "nonce_digest"]
@@ -86,6 +97,8 @@ _log = logging.getLogger(__name__)
 
 #: Default number of jobs the writer puts in one transaction.
 DEFAULT_MAX_BATCH: Final = 512
+#: Default most read connections of a PostgreSQL store (one process).
+DEFAULT_MAX_READERS: Final = 16
 #: Label of the nonce digest stored in ``nonces.nonce_hash`` (DESIGN §4 labelled hashes).
 NONCE_HASH_LABEL: Final = "cpns/v1/store/nonce"
 _KEY_CHECK_PLAINTEXT: Final = b"cpns store master key check v1"
@@ -101,6 +114,32 @@ def nonce_digest(nonce: bytes) -> bytes:
 # Dialect: the few things that differ between SQL engines.
 
 
+class _Cursor(Protocol):
+    """What the store reads from a cursor of either driver."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Conn(Protocol):
+    """What the store uses of a connection: ``sqlite3.Connection`` or :class:`PGConnection`."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> _Cursor: ...
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]], /) -> _Cursor: ...
+
+    def executescript(self, script: str, /) -> Any: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Dialect:
     """What differs between SQL back ends; every statement below is written for it."""
@@ -111,6 +150,24 @@ class _Dialect:
     begin_write: str
     #: Placeholder of the DB-API driver; statements are written with ``?``.
     placeholder: str
+    #: The driver's base exception class(es).
+    error: tuple[type[Exception], ...]
+    #: Folder of the packaged migrations under ``cpns/store``.
+    migrations: str
+    #: Statements run first in the migration transaction (serialise concurrent migrators).
+    migration_lock: tuple[str, ...]
+    #: Statement reading the schema version (one row, one integer).
+    version_get: str
+    #: Statements recording schema version ``{version}``.
+    version_set: tuple[str, ...]
+    #: Whether a failed statement aborts the whole transaction (PostgreSQL) rather than
+    #: only itself (SQLite): statements that may fail on a constraint then run in their own
+    #: savepoint, so a write function that catches the error can go on writing.
+    errors_abort_transaction: bool
+    #: SQLSTATE (PostgreSQL) or extended result name (SQLite) of a unique violation.
+    unique_violation: tuple[str, ...]
+    #: The same for a foreign-key violation.
+    foreign_key_violation: tuple[str, ...]
 
     def sql(self, statement: str) -> str:
         """``statement`` with its ``?`` placeholders in the driver's style."""
@@ -118,17 +175,54 @@ class _Dialect:
             return statement
         return statement.replace("?", self.placeholder)
 
+    def _code(self, exc: BaseException) -> str:
+        return str(getattr(exc, "sqlite_errorname", None) or getattr(exc, "sqlstate", "") or "")
+
     def is_unique_violation(self, exc: BaseException) -> bool:
         """Whether ``exc`` is a primary-key or unique-constraint violation."""
-        name = getattr(exc, "sqlite_errorname", "")
-        return name in ("SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE")
+        return self._code(exc) in self.unique_violation
 
     def is_foreign_key_violation(self, exc: BaseException) -> bool:
         """Whether ``exc`` is a foreign-key violation."""
-        return getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_FOREIGNKEY"
+        return self._code(exc) in self.foreign_key_violation
 
 
-_SQLITE: Final = _Dialect(name="sqlite", begin_write="BEGIN IMMEDIATE", placeholder="?")
+_SQLITE: Final = _Dialect(
+    name="sqlite",
+    begin_write="BEGIN IMMEDIATE",
+    placeholder="?",
+    error=(sqlite3.Error,),
+    migrations="migrations",
+    migration_lock=(),
+    version_get="PRAGMA user_version",
+    version_set=("PRAGMA user_version = {version}",),
+    errors_abort_transaction=False,
+    unique_violation=("SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"),
+    foreign_key_violation=("SQLITE_CONSTRAINT_FOREIGNKEY",),
+)
+
+#: PostgreSQL (psycopg 3). Transactions are READ COMMITTED; every check-and-write of the
+#: store is one statement (compare and set, ON CONFLICT), which is atomic at that level.
+#: Concurrent migrators queue on a transaction-scoped advisory lock.
+_POSTGRESQL: Final = _Dialect(
+    name="postgresql",
+    begin_write="BEGIN",
+    placeholder="%s",
+    error=(psycopg.Error,),
+    migrations="migrations/postgresql",
+    migration_lock=(
+        "SELECT pg_advisory_xact_lock(7463725301)",
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    ),
+    version_get="SELECT COALESCE(MAX(version), 0) FROM schema_version",
+    version_set=(
+        "DELETE FROM schema_version",
+        "INSERT INTO schema_version (version) VALUES ({version})",
+    ),
+    errors_abort_transaction=True,
+    unique_violation=("23505",),
+    foreign_key_violation=("23503",),
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,8 +232,12 @@ _SQLITE: Final = _Dialect(name="sqlite", begin_write="BEGIN IMMEDIATE", placehol
 class _Q:
     """The statements, in one place (portable SQL, ``?`` placeholders)."""
 
+    #: The inserts below that must not overwrite an existing row report a duplicate by
+    #: inserting nothing (rowcount 0) rather than by an error, which on PostgreSQL would
+    #: abort the whole transaction of the batch.
     USER_INSERT: Final = (
-        "INSERT INTO users (user_id, password_key_sealed, created_at, disabled) VALUES (?, ?, ?, ?)"
+        "INSERT INTO users (user_id, password_key_sealed, created_at, disabled) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO NOTHING"
     )
     USER_SET_KEY: Final = "UPDATE users SET password_key_sealed = ? WHERE user_id = ?"
     USER_GET: Final = (
@@ -179,7 +277,10 @@ class _Q:
         "SELECT entity_id, tk_sealed, source, imported_at FROM tk_records WHERE entity_id = ?"
     )
     TK_EXISTS: Final = "SELECT 1 FROM tk_records WHERE entity_id = ?"
-    NONCE_INSERT: Final = "INSERT INTO nonces (nonce_hash, expires_at) VALUES (?, ?)"
+    NONCE_INSERT: Final = (
+        "INSERT INTO nonces (nonce_hash, expires_at) VALUES (?, ?) "
+        "ON CONFLICT (nonce_hash) DO NOTHING"
+    )
     NONCE_EXISTS: Final = "SELECT 1 FROM nonces WHERE nonce_hash = ?"
     NONCE_PURGE: Final = "DELETE FROM nonces WHERE expires_at < ?"
     AUTH_FAILURE_UPSERT: Final = (
@@ -195,7 +296,7 @@ class _Q:
     AUTH_FAILURE_PURGE: Final = "DELETE FROM auth_failures WHERE expires_at <= ?"
     REPLY_INSERT: Final = (
         "INSERT INTO replies (requester, txid, request_digest, reply_sealed, created_at) "
-        "VALUES (?, ?, ?, ?, ?)"
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (requester, txid) DO NOTHING"
     )
     REPLY_GET: Final = (
         "SELECT requester, txid, request_digest, reply_sealed, created_at FROM replies "
@@ -293,7 +394,7 @@ def _split_eukeys(blob: bytes) -> tuple[bytes, ...]:
 # Connections and migrations.
 
 
-def _connect(path: Path, *, busy_timeout: float, read_only: bool) -> sqlite3.Connection:
+def _connect_sqlite(path: Path, *, busy_timeout: float, read_only: bool) -> sqlite3.Connection:
     """A SQLite connection with the store's settings.
 
     ``autocommit=True`` hands transaction control to us: the writer issues BEGIN
@@ -322,10 +423,13 @@ def _connect(path: Path, *, busy_timeout: float, read_only: bool) -> sqlite3.Con
     return conn
 
 
-def _migrations() -> list[tuple[int, str, str]]:
-    """The packaged migrations as (version, file name, SQL), in order."""
+def _migrations(dialect: _Dialect) -> list[tuple[int, str, str]]:
+    """The packaged migrations of ``dialect`` as (version, file name, SQL), in order."""
     found: list[tuple[int, str, str]] = []
-    for entry in (resources.files("cpns.store") / "migrations").iterdir():
+    folder = resources.files("cpns.store")
+    for part in dialect.migrations.split("/"):
+        folder = folder / part
+    for entry in folder.iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
@@ -336,24 +440,27 @@ def _migrations() -> list[tuple[int, str, str]]:
     return found
 
 
-def _migrate(conn: sqlite3.Connection, dialect: _Dialect, path: Path) -> int:
+def _migrate(conn: _Conn, dialect: _Dialect, where: str) -> int:
     """Bring the schema up to date in one transaction; return the resulting version."""
-    migrations = _migrations()
+    migrations = _migrations(dialect)
     latest = len(migrations)
     conn.execute(dialect.begin_write)
     try:
+        for statement in dialect.migration_lock:
+            conn.execute(statement)
         # Read the version inside the write transaction: a process that started at the
         # same time and migrated first is seen here, so nothing is applied twice.
-        current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        current = int(conn.execute(dialect.version_get).fetchone()[0])
         if current > latest:
             raise StoreError(
-                f"{path} has schema version {current}, newer than this cpns ({latest}); "
+                f"{where} has schema version {current}, newer than this cpns ({latest}); "
                 "upgrade cpns before opening it"
             )
         for version, name, script in migrations[current:]:
-            _log.info("store %s: applying migration %s", path, name)
+            _log.info("store %s: applying migration %s", where, name)
             conn.executescript(script)
-            conn.execute(f"PRAGMA user_version = {version}")
+            for statement in dialect.version_set:
+                conn.execute(statement.format(version=version))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -375,15 +482,15 @@ class _SQLWriteTx:
 
     __slots__ = ("_conn", "_dialect", "_sealer")
 
-    def __init__(self, conn: sqlite3.Connection, dialect: _Dialect, sealer: _Sealer) -> None:
-        self._conn: sqlite3.Connection | None = conn
+    def __init__(self, conn: _Conn, dialect: _Dialect, sealer: _Sealer) -> None:
+        self._conn: _Conn | None = conn
         self._dialect = dialect
         self._sealer = sealer
 
     def _invalidate(self) -> None:
         self._conn = None
 
-    def _live(self) -> sqlite3.Connection:
+    def _live(self) -> _Conn:
         conn = self._conn
         if conn is None:
             raise LocalProtocolError("a WriteTx is only valid inside its write function")
@@ -393,8 +500,17 @@ class _SQLWriteTx:
             raise StoreError("the write transaction was aborted by the database")
         return conn
 
-    def _exec(self, statement: str, params: Sequence[Any]) -> sqlite3.Cursor:
+    def _exec(self, statement: str, params: Sequence[Any]) -> _Cursor:
         return self._live().execute(self._dialect.sql(statement), params)
+
+    def _exec_guarded(self, statement: str, params: Sequence[Any]) -> _Cursor:
+        """:meth:`_exec` for a statement that may fail on a constraint: where a failure
+        aborts the transaction (PostgreSQL) it runs in its own savepoint, so only the
+        statement is undone, as on SQLite."""
+        if not self._dialect.errors_abort_transaction:
+            return self._exec(statement, params)
+        with self._savepoint("stmt"):
+            return self._exec(statement, params)
 
     @contextlib.contextmanager
     def _savepoint(self, name: str) -> Iterator[None]:
@@ -413,19 +529,20 @@ class _SQLWriteTx:
     def add_user(self, user: UserRecord) -> None:
         """Insert a user; :class:`ConflictError` if the User ID exists."""
         sealed = self._sealer.seal("users.password_key", user.password_key, (user.user_id,))
+        params = (user.user_id, sealed, user.created_at, int(user.disabled))
         try:
-            self._exec(_Q.USER_INSERT, (user.user_id, sealed, user.created_at, int(user.disabled)))
-        except sqlite3.Error as exc:
-            if self._dialect.is_unique_violation(exc):
-                raise ConflictError(f"user {user.user_id!r} already exists") from None
+            cur = self._exec(_Q.USER_INSERT, params)
+        except self._dialect.error as exc:
             raise StoreError(f"cannot add user {user.user_id!r}: {exc}") from None
+        if cur.rowcount != 1:
+            raise ConflictError(f"user {user.user_id!r} already exists")
 
     def set_password_key(self, user_id: str, password_key: bytes) -> None:
         """Replace a user's password key; StoreError if the user does not exist."""
         sealed = self._sealer.seal("users.password_key", password_key, (user_id,))
         try:
             cur = self._exec(_Q.USER_SET_KEY, (sealed, user_id))
-        except sqlite3.Error as exc:
+        except self._dialect.error as exc:
             raise StoreError(f"cannot set the password key of {user_id!r}: {exc}") from None
         if cur.rowcount != 1:
             raise StoreError(f"no user {user_id!r}")
@@ -460,8 +577,8 @@ class _SQLWriteTx:
             *extra,
         )
         try:
-            return int(self._exec(statement, params).rowcount)
-        except sqlite3.Error as exc:
+            return int(self._exec_guarded(statement, params).rowcount)
+        except self._dialect.error as exc:
             if self._dialect.is_foreign_key_violation(exc):
                 raise StoreError(
                     f"entity {entity.entity_id!r}: owner {entity.owner!r} is not a user"
@@ -490,7 +607,7 @@ class _SQLWriteTx:
         try:
             with self._savepoint("put_tks"):
                 conn.executemany(self._dialect.sql(_Q.TK_INSERT), rows)
-        except sqlite3.Error as exc:
+        except self._dialect.error as exc:
             if self._dialect.is_unique_violation(exc):
                 # The savepoint undid the rows inserted before the duplicate; name it.
                 for record in records:
@@ -504,11 +621,11 @@ class _SQLWriteTx:
     def use_nonce(self, nonce: bytes, *, expires_at: int) -> None:
         """Record a random value as used; :class:`NonceReused` if it already was."""
         try:
-            self._exec(_Q.NONCE_INSERT, (nonce_digest(nonce), expires_at))
-        except sqlite3.Error as exc:
-            if self._dialect.is_unique_violation(exc):
-                raise NonceReused("the random value was already used (replay)") from None
+            cur = self._exec(_Q.NONCE_INSERT, (nonce_digest(nonce), expires_at))
+        except self._dialect.error as exc:
             raise StoreError(f"cannot record a used nonce: {exc}") from None
+        if cur.rowcount != 1:
+            raise NonceReused("the random value was already used (replay)")
 
     def put_reply(self, reply: StoredReply) -> None:
         """Remember the reply to a transaction.
@@ -521,14 +638,14 @@ class _SQLWriteTx:
         sealed = self._sealer.seal("replies.reply", reply.reply, row)
         params = (reply.requester, reply.txid, reply.request_digest, sealed, reply.created_at)
         try:
-            self._exec(_Q.REPLY_INSERT, params)
-        except sqlite3.Error as exc:
-            if self._dialect.is_unique_violation(exc):
-                raise ConflictError(
-                    f"a reply to transaction {reply.txid.hex()} of {reply.requester!r} "
-                    "is already stored"
-                ) from None
+            cur = self._exec(_Q.REPLY_INSERT, params)
+        except self._dialect.error as exc:
             raise StoreError(f"cannot store a reply: {exc}") from None
+        if cur.rowcount != 1:
+            raise ConflictError(
+                f"a reply to transaction {reply.txid.hex()} of {reply.requester!r} "
+                "is already stored"
+            )
 
     def audit(self, event: AuditEvent) -> None:
         """Append an audit event."""
@@ -547,14 +664,14 @@ class _SQLWriteTx:
         )
         try:
             self._exec(_Q.AUDIT_INSERT, params)
-        except sqlite3.Error as exc:
+        except self._dialect.error as exc:
             raise StoreError(f"cannot append an audit event: {exc}") from None
 
     def set_revoked(self, entity_id: str, revoked: bool) -> None:
         """Revoke or restore an entity; StoreError if it does not exist."""
         try:
             cur = self._exec(_Q.ENTITY_SET_REVOKED, (int(revoked), entity_id))
-        except sqlite3.Error as exc:
+        except self._dialect.error as exc:
             raise StoreError(f"cannot revoke {entity_id!r}: {exc}") from None
         if cur.rowcount != 1:
             raise StoreError(f"no entity {entity_id!r}")
@@ -565,21 +682,21 @@ class _SQLWriteTx:
             raise LocalProtocolError("count must be >= 1")
         try:
             self._exec(_Q.AUTH_FAILURE_UPSERT, (user_id, count, now + window, now))
-        except sqlite3.Error as exc:
+        except self._dialect.error as exc:
             raise StoreError(f"cannot record a failed proof: {exc}") from None
 
     def clear_auth_failures(self, user_id: str) -> None:
         """Forget the failed proofs of ``user_id``."""
         try:
             self._exec(_Q.AUTH_FAILURE_DELETE, (user_id,))
-        except sqlite3.Error as exc:
+        except self._dialect.error as exc:
             raise StoreError(f"cannot clear failed proofs: {exc}") from None
 
     def purge_audit(self, *, before: int) -> int:
         """Delete audit events older than ``before`` (epoch seconds); return how many."""
         try:
             return int(self._exec(_Q.AUDIT_PURGE, (before,)).rowcount)
-        except sqlite3.Error as exc:
+        except self._dialect.error as exc:
             raise StoreError(f"cannot purge audit events: {exc}") from None
 
     def _purge(self, *, nonces_before: int, replies_before: int) -> int:
@@ -587,7 +704,7 @@ class _SQLWriteTx:
             gone = self._exec(_Q.NONCE_PURGE, (nonces_before,)).rowcount
             gone += self._exec(_Q.AUTH_FAILURE_PURGE, (nonces_before,)).rowcount
             gone += self._exec(_Q.REPLY_PURGE, (replies_before,)).rowcount
-        except sqlite3.Error as exc:
+        except self._dialect.error as exc:
             raise StoreError(f"cannot purge expired rows: {exc}") from None
         return gone
 
@@ -664,7 +781,8 @@ class _BatchAbortedError(Exception):
 
 
 class SQLStore:
-    """:class:`~cpns.store.base.ServerStore` on a SQLite file, with group commit.
+    """:class:`~cpns.store.base.ServerStore` on a SQLite file or a PostgreSQL database,
+    with group commit.
 
     Build it with :meth:`open`; call :meth:`close` (or use it as a context manager) to
     drain pending writes and release every connection. ``schema_version`` is the schema
@@ -679,14 +797,25 @@ class SQLStore:
         reply_retention: int = 86400,
         busy_timeout: float = 10.0,
         max_batch: int = DEFAULT_MAX_BATCH,
+        max_readers: int = DEFAULT_MAX_READERS,
     ) -> None:
         """Open (creating and migrating if needed) the store; see :meth:`open`."""
         if reply_retention < 0:
             raise LocalProtocolError("reply_retention must be >= 0 seconds")
         if max_batch < 1:
             raise LocalProtocolError("max_batch must be >= 1")
-        self._path = Path(path)
-        self._dialect = _SQLITE
+        if isinstance(path, str) and is_dsn(path):
+            self._dsn: str | None = path
+            self._path: Path | None = None
+            self._dialect = _POSTGRESQL
+            #: How the database is named in messages and logs (never with its password).
+            self._where = redact_dsn(path)
+        else:
+            self._dsn = None
+            self._path = Path(path)
+            self._dialect = _SQLITE
+            self._where = str(self._path)
+        self._pg_readers: PGReaders | None = None
         self._sealer = _Sealer(master_key)
         # Opened in place of a user's sealed password key when the User ID is unknown, so
         # both lookups cost the same (no user enumeration by timing, issue 5 item 7).
@@ -713,27 +842,35 @@ class SQLStore:
         self._readers: list[sqlite3.Connection] = []
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._stats = WriteStats(commits=0, jobs=0)
+        conn: _Conn
         try:
-            conn = _connect(self._path, busy_timeout=busy_timeout, read_only=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {self._path}: {exc}") from None
+            if self._dsn is not None:
+                conn = PGConnection.connect(self._dsn, timeout=busy_timeout)
+            else:
+                assert self._path is not None
+                conn = _connect_sqlite(self._path, busy_timeout=busy_timeout, read_only=False)
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot open store {self._where}: {self._scrub(exc)}") from None
         try:
-            self.schema_version = _migrate(conn, self._dialect, self._path)
+            self.schema_version = _migrate(conn, self._dialect, self._where)
             self._check_master_key(conn)
-        except sqlite3.Error as exc:
+            if self._dsn is not None:
+                self._pg_readers = PGReaders(self._dsn, max_size=max_readers, timeout=busy_timeout)
+        except self._dialect.error as exc:
             conn.close()
-            raise StoreError(f"cannot initialise store {self._path}: {exc}") from None
+            raise StoreError(f"cannot initialise store {self._where}: {self._scrub(exc)}") from None
         except BaseException:
             conn.close()
             raise
         self._writer_conn = conn
+        name = self._path.name if self._path is not None else self._dialect.name
         self._writer = threading.Thread(
-            target=self._writer_loop, name=f"cpns-store-writer:{self._path.name}", daemon=True
+            target=self._writer_loop, name=f"cpns-store-writer:{name}", daemon=True
         )
         self._writer.start()
         _log.debug(
             "store %s open (schema %d, master key %s)",
-            self._path,
+            self._where,
             self.schema_version,
             self._sealer.key_id,
         )
@@ -747,15 +884,21 @@ class SQLStore:
         reply_retention: int = 86400,
         busy_timeout: float = 10.0,
         max_batch: int = DEFAULT_MAX_BATCH,
+        max_readers: int = DEFAULT_MAX_READERS,
     ) -> SQLStore:
         """Open the store at ``path``, creating the file and applying migrations.
 
         Args:
-            path: the SQLite database file (its directory must exist).
+            path: the SQLite database file (its directory must exist), or a PostgreSQL
+                URL ``postgresql://user:password@host:port/dbname`` (the database must
+                exist; the store creates its tables in it).
             master_key: seals and opens every secret column.
             reply_retention: seconds a stored reply is kept by :meth:`purge_expired`.
-            busy_timeout: seconds to wait for another process's write lock.
+            busy_timeout: seconds to wait for another process's write lock (SQLite) or
+                row lock, and to connect (PostgreSQL).
             max_batch: most jobs committed in one transaction.
+            max_readers: most read connections open at once (PostgreSQL; SQLite opens
+                one per reading thread).
 
         Raises:
             StoreError: the file cannot be opened or migrated, its schema is newer than
@@ -767,11 +910,12 @@ class SQLStore:
             reply_retention=reply_retention,
             busy_timeout=busy_timeout,
             max_batch=max_batch,
+            max_readers=max_readers,
         )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<SQLStore {str(self._path)!r} {state} key={self._sealer.key_id}>"
+        return f"<SQLStore {self._where!r} {state} key={self._sealer.key_id}>"
 
     def __enter__(self) -> Self:
         return self
@@ -786,15 +930,26 @@ class SQLStore:
 
     @property
     def path(self) -> Path:
-        """The database file."""
+        """The database file (SQLite); :class:`StoreError` on PostgreSQL."""
+        if self._path is None:
+            raise StoreError(f"store {self._where} is not a file")
         return self._path
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._dialect.name
+
+    def _scrub(self, exc: BaseException) -> str:
+        """The text of a driver error, without the DSN's password."""
+        return scrub(str(exc), self._dsn) if self._dsn is not None else str(exc)
 
     @property
     def write_stats(self) -> WriteStats:
         """Commits and write functions so far (updated by the writer after each commit)."""
         return self._stats
 
-    def _check_master_key(self, conn: sqlite3.Connection) -> None:
+    def _check_master_key(self, conn: _Conn) -> None:
         """Fail now if the database was sealed under another master key."""
         q = self._dialect.sql
         row = conn.execute(q(_Q.META_GET), ("master_key_check",)).fetchone()
@@ -819,29 +974,30 @@ class SQLStore:
             id_row = conn.execute(q(_Q.META_GET), ("master_key_id",)).fetchone()
             expected = bytes(id_row[0]).decode("ascii", "replace") if id_row else "unknown"
             raise StoreError(
-                f"{self._path} was sealed under master key {expected}, but the key given has "
+                f"{self._where} was sealed under master key {expected}, but the key given has "
                 f"id {self._sealer.key_id}: wrong master key?"
             ) from None
 
     # -- reads ------------------------------------------------------------------------
 
     def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection, opened on first use and tracked for close."""
+        """This thread's read-only SQLite connection, opened on first use, tracked for close."""
         if self._closed:
-            raise StoreError(f"store {self._path} is closed")
+            raise StoreError(f"store {self._where} is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            assert self._path is not None
             try:
-                conn = _connect(self._path, busy_timeout=self._busy_timeout, read_only=True)
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot open store {self._path} for reading: {exc}") from None
+                conn = _connect_sqlite(self._path, busy_timeout=self._busy_timeout, read_only=True)
+            except self._dialect.error as exc:
+                raise StoreError(f"cannot open store {self._where} for reading: {exc}") from None
             with self._lock:
                 closed = self._closed_under_lock()
                 if not closed:
                     self._readers.append(conn)
             if closed:
                 conn.close()
-                raise StoreError(f"store {self._path} is closed")
+                raise StoreError(f"store {self._where} is closed")
             self._local.conn = conn
         return conn
 
@@ -850,10 +1006,16 @@ class SQLStore:
         return self._closed
 
     def _query(self, statement: str, params: Sequence[Any]) -> list[Any]:
+        sql = self._dialect.sql(statement)
         try:
-            return self._reader().execute(self._dialect.sql(statement), params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read store {self._path}: {exc}") from None
+            if self._pg_readers is None:
+                return self._reader().execute(sql, params).fetchall()
+            if self._closed:
+                raise StoreError(f"store {self._where} is closed")
+            with self._pg_readers.connection() as conn:
+                return conn.execute(sql.encode(), params).fetchall()
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot read store {self._where}: {exc}") from None
 
     def _user(self, row: Any) -> UserRecord:
         user_id, sealed, created_at, disabled = row
@@ -966,7 +1128,7 @@ class SQLStore:
             raise LocalProtocolError("write() called from inside a write function")
         with self._lock:
             if self._closed:
-                raise StoreError(f"store {self._path} is closed")
+                raise StoreError(f"store {self._where} is closed")
             self._queue.put(job)
 
     def write[T](self, fn: Callable[[WriteTx], T]) -> T:
@@ -1040,7 +1202,7 @@ class SQLStore:
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+    def _run_batch(self, conn: _Conn, batch: list[_Job]) -> None:
         """One transaction for the whole batch; each caller resolved after the COMMIT."""
         jobs = [job for job in batch if job.start()]
         if not jobs:
@@ -1052,17 +1214,17 @@ class SQLStore:
                 for job in jobs:
                     outcomes.append((job, *self._run_job(conn, job)))
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except self._dialect.error as exc:
                 raise _BatchAbortedError(str(exc)) from exc
         except BaseException as exc:  # never let the writer die with callers waiting
             if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(*self._dialect.error):
                     conn.execute("ROLLBACK")
             if isinstance(exc, _BatchAbortedError):
-                _log.error("store %s: write transaction failed: %s", self._path, exc)
-                reason = f"write transaction on {self._path} failed: {exc}"
+                _log.error("store %s: write transaction failed: %s", self._where, exc)
+                reason = f"write transaction on {self._where} failed: {exc}"
             else:
-                _log.exception("store %s: writer failed", self._path)
+                _log.exception("store %s: writer failed", self._where)
                 reason = f"store writer failed: {exc!r}"
             # Nothing was committed: jobs that raised keep their own error, the rest fail.
             own = {id(job): value for job, ok, value in outcomes if not ok}
@@ -1089,9 +1251,9 @@ class SQLStore:
             try:
                 loop.call_soon_threadsafe(_resolve_async, items)
             except RuntimeError:  # the loop is closed: no one is waiting any more
-                _log.debug("store %s: outcome for a closed event loop dropped", self._path)
+                _log.debug("store %s: outcome for a closed event loop dropped", self._where)
 
-    def _run_job(self, conn: sqlite3.Connection, job: _Job) -> tuple[bool, Any]:
+    def _run_job(self, conn: _Conn, job: _Job) -> tuple[bool, Any]:
         """Run one job in its own savepoint; (True, result) or (False, exception)."""
         conn.execute("SAVEPOINT job")
         tx = _SQLWriteTx(conn, self._dialect, self._sealer)
@@ -1127,6 +1289,8 @@ class SQLStore:
             readers, self._readers = self._readers, []
         for conn in readers:
             conn.close()
+        if self._pg_readers is not None:
+            self._pg_readers.close()
 
 
 if TYPE_CHECKING:

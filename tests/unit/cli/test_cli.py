@@ -12,8 +12,10 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from tests.postgres import raw as pg_raw
 
 from cpns.cli.demo_cmd import _LIFELINE, sequence_diagram
 from cpns.cli.main import EXIT_OK, EXIT_USAGE, main
@@ -21,6 +23,7 @@ from cpns.records import EntityRecord
 from cpns.server.admin import add_user
 from cpns.server.config import load_server_config
 from cpns.server.main import open_store
+from cpns.store.postgres import redact_dsn
 from cpns.types import EntityKind
 
 TK = "ab" * 32
@@ -37,11 +40,15 @@ def quiet_logs() -> Iterator[None]:
     logger.handlers[:] = saved
 
 
-@pytest.fixture
-def server_dir(tmp_path: Path) -> Path:
-    """``cpns server init`` on port 0."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """``cpns server init`` on port 0, on each back end (the default SQLite file, or
+    ``--database`` with a fresh PostgreSQL database): the admin commands work on both."""
     data = tmp_path / "srv"
-    assert main(["server", "init", "--data-dir", str(data), "--port", "0"]) == EXIT_OK
+    argv = ["server", "init", "--data-dir", str(data), "--port", "0"]
+    if request.param == "postgresql":
+        argv += ["--database", request.getfixturevalue("pg_dsn")]
+    assert main(argv) == EXIT_OK
     return data
 
 
@@ -145,6 +152,56 @@ def test_user_add_reads_the_password_from_stdin(
     assert run(capsys, *argv)[:2] == (EXIT_OK, "user alice added\n")
     _, out, _ = run(capsys, "admin", "user", "list", "--data-dir", str(server_dir))
     assert out == "alice\n"
+
+
+def test_server_init_on_postgresql_keeps_the_url_private(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, pg_dsn: str
+) -> None:
+    """``server init --database postgresql://...``: the URL goes into server.toml, which is
+    0600 (the URL holds a password); what init prints shows the URL without its password;
+    the admin commands then write to that database, secrets sealed as on SQLite."""
+    password = urlsplit(pg_dsn).password
+    assert password
+    data = tmp_path / "srv"
+    argv = ["server", "init", "--data-dir", str(data), "--port", "0", "--database", pg_dsn]
+    code, out, err = run(capsys, *argv)
+    assert code == EXIT_OK, err
+    assert password not in out + err
+    assert redact_dsn(pg_dsn) in out
+    toml = data / "server.toml"
+    assert toml.stat().st_mode & 0o777 == 0o600
+    assert load_server_config(data).database == pg_dsn
+    assert not (data / "cpns.db").exists()
+    add = ("admin", "user", "add", "alice", "--data-dir", str(data), "--password-stdin")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+        assert run(capsys, *add)[0] == EXIT_OK
+    [(user_id, sealed)] = pg_raw(pg_dsn, "SELECT user_id, password_key_sealed FROM users")
+    assert user_id == "alice"
+    with open_store(load_server_config(data)) as store:
+        user = store.get_user("alice")
+        assert user is not None
+        assert user.password_key not in sealed
+
+
+def test_server_init_with_an_unreachable_database_leaves_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, pg_dsn: str
+) -> None:
+    """A PostgreSQL URL that does not connect (wrong password) is exit 2 with a message that
+    names the database without any password, and leaves no server.toml or master key, so
+    init can be run again with the right URL."""
+    password = urlsplit(pg_dsn).password
+    assert password
+    wrong = pg_dsn.replace(f":{password}@", ":wrong-password@")
+    data = tmp_path / "srv"
+    argv = ["server", "init", "--data-dir", str(data), "--port", "0", "--database"]
+    code, out, err = run(capsys, *argv, wrong)
+    assert code == EXIT_USAGE
+    assert "127.0.0.1" in err
+    assert "wrong-password" not in out + err
+    assert not (data / "server.toml").exists()
+    assert not (data / "master.key").exists()
+    assert run(capsys, *argv, pg_dsn)[0] == EXIT_OK
 
 
 def test_demo_sequence_diagram_keeps_its_lifelines_straight() -> None:

@@ -172,17 +172,18 @@ def test_a_success_resets_only_its_own_source(store: MemoryStore) -> None:
     assert store.auth_failures(user, now=FIXED_NOW) == 8
 
 
-def test_flushed_counts_survive_a_restart(tmp_path: Path) -> None:
+def test_flushed_counts_survive_a_restart(tmp_path: Path, store_target: str) -> None:
     """D-SRV-1/D-SRV-2: the counters reach the database at a flush, so a restarted server
-    (a fresh guard over the same SQLite file) still refuses the limited source."""
+    (a fresh guard over the same SQLite file or PostgreSQL database) still refuses the
+    limited source."""
     key = MasterKey.generate(tmp_path / "master.key")
-    with SQLStore.open(tmp_path / "cpns.db", master_key=key) as store:
+    with SQLStore.open(store_target, master_key=key) as store:
         _users(store)
         svc = service(store)
         for _ in range(5):
             assert send(svc, enrolment(), "192.0.2.66") == FAILED
         asyncio.run(svc.flush())
-    with SQLStore.open(tmp_path / "cpns.db", master_key=key) as store:
+    with SQLStore.open(store_target, master_key=key) as store:
         again = service(store)
         assert send(again, enrolment(password=PASSWORDS["alice"]), "192.0.2.66") == LIMITED
         assert send(again, enrolment(password=PASSWORDS["alice"]), "198.51.100.7") == ErrorCode.OK
@@ -192,10 +193,10 @@ def test_flushed_counts_survive_a_restart(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def sql(tmp_path: Path) -> Iterator[SQLStore]:
-    """A real SQLite store with alice and bob."""
+def sql(tmp_path: Path, store_target: str) -> Iterator[SQLStore]:
+    """A real store with alice and bob, on each back end (SQLite, PostgreSQL)."""
     key = MasterKey.generate(tmp_path / "master.key")
-    with SQLStore.open(tmp_path / "cpns.db", master_key=key) as s:
+    with SQLStore.open(store_target, master_key=key) as s:
         _users(s)
         yield s
 

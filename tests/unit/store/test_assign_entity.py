@@ -24,14 +24,17 @@ from cpns.types import EntityKind
 KEY = bytes(range(32))
 
 
-@pytest.fixture(params=["memory", "sql"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerStore]:
-    """A store of each implementation with users alice and bob."""
+    """A store of each implementation (SQLStore on both back ends) with users alice and bob."""
     s: ServerStore
     if request.param == "memory":
         s = MemoryStore()
-    else:
+    elif request.param == "sqlite":
         s = SQLStore.open(tmp_path / "cpns.db", master_key=MasterKey(KEY))
+    else:
+        dsn: str = request.getfixturevalue("pg_dsn")
+        s = SQLStore.open(dsn, master_key=MasterKey(KEY))
 
     def users(tx: WriteTx) -> None:
         for name in ("alice", "bob"):

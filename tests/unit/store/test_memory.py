@@ -1,7 +1,8 @@
 """The ServerStore contract (cpns.store.base), checked on MemoryStore and SQLStore alike.
 
-Every test here runs twice through the parametrized ``store`` fixture, so the in-memory
-store that service-layer tests use cannot drift from the real one. SQL-only properties
+Every test here runs three times through the parametrized ``store`` fixture (memory,
+SQLite, PostgreSQL), so neither the in-memory store that service-layer tests use nor the
+PostgreSQL back end can drift from the SQLite one. SQL-only properties
 (sealing, group commit, migrations, several processes) are in test_sql.py.
 """
 
@@ -63,14 +64,18 @@ def reply(txid: bytes = b"\x01" * 16, created_at: int = 100) -> StoredReply:
     )
 
 
-@pytest.fixture(params=["memory", "sql"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerStore]:
-    """A fresh, empty store of each implementation, with a 50-second reply retention."""
+    """A fresh, empty store of each implementation (SQLStore on both back ends), with a
+    50-second reply retention."""
     s: ServerStore
     if request.param == "memory":
         s = MemoryStore(reply_retention=50)
-    else:
+    elif request.param == "sqlite":
         s = SQLStore.open(tmp_path / "cpns.db", master_key=MasterKey(KEY), reply_retention=50)
+    else:
+        dsn: str = request.getfixturevalue("pg_dsn")
+        s = SQLStore.open(dsn, master_key=MasterKey(KEY), reply_retention=50)
     yield s
     s.close()
 
