@@ -159,10 +159,19 @@ def build_app(
         nonce_key=nonce_key,
         algorithms=tuple(DigestAlgorithm(a) for a in config.digest_algorithms),
         nc_window=config.digest_nc_window,
+        # The nc replay guard lives in the database, shared by every server process.
+        nc_in_memory=False,
     )
     guard = guard or build_guard(config, store)
-    service = CPNSService(store=store, policy=policy, rng=rng, clock=clock, guard=guard)
-    return CPNSApp(service=service, store=store, digest=digest, rng=rng, clock=clock)
+    # A PostgreSQL read is a network round trip: off the event loop. A SQLite read is a
+    # page-cache hit, cheaper than handing it to a thread.
+    offload = store.backend == "postgresql"
+    service = CPNSService(
+        store=store, policy=policy, rng=rng, clock=clock, guard=guard, offload_reads=offload
+    )
+    return CPNSApp(
+        service=service, store=store, digest=digest, rng=rng, clock=clock, offload_reads=offload
+    )
 
 
 def listener_limits(config: ServerConfig) -> ListenerLimits:
