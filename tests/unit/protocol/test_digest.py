@@ -469,7 +469,7 @@ def test_check_refuses_a_forged_nonce_before_any_lookup() -> None:
         method="GET", uri=URI, authorization=credentials(fresh_nonce(server)), now=NOW
     )
     assert attempt.username == USER
-    assert "EUKEY" not in repr(attempt) and EUKEY_HEX not in repr(attempt)
+    assert EUKEY_HEX not in repr(attempt)
     ok = server.finish(attempt, password=lookup(attempt.username), now=NOW)
     assert ok.username == USER
     with pytest.raises(AuthenticationFailed, match="unknown"):

@@ -494,7 +494,8 @@ def test_processes_sharing_a_store_refuse_each_others_replays(
     )
     whoami = {"method": "GET", "path": "/cpns/v1/whoami"}
     ok = call(apps[1], **whoami, headers=[(b"authorization", header.encode())])
-    assert ok.status == 200 and b"gw-alice" in ok.body
+    assert ok.status == 200
+    assert b"gw-alice" in ok.body
     for app in apps:
         replay = call(app, **whoami, headers=[(b"authorization", header.encode())])
         assert replay.status == 401

@@ -459,5 +459,6 @@ def test_non_durable_async_writes_commit_like_the_others(store: ServerStore) -> 
         await store.write_async(lambda tx: tx.use_nonce(b"after", expires_at=9))
 
     asyncio.run(main())
-    assert store.nonce_used(b"durable") and store.nonce_used(b"after")
+    assert store.nonce_used(b"durable")
+    assert store.nonce_used(b"after")
     assert store.purge_expired(now=10) == 22
