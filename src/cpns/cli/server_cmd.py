@@ -38,8 +38,9 @@ def _init(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cpns.server.main import serve_forever
 
-    serve_forever(args.data_dir)
-    return 0
+    return serve_forever(
+        args.data_dir, workers=args.workers, listen_fd=args.listen_fd, log_json=args.log_json
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -85,6 +86,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_data_dir(run, "cpns-server")
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N worker processes on one socket under a supervisor that restarts "
+        "a worker that dies (N > 1 needs PostgreSQL; default 1: one process)",
+    )
+    # A worker of --workers: serve on the supervisor's socket (inherited file descriptor).
+    run.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=_run)
 
 
