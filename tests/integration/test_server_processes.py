@@ -74,7 +74,7 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, pg_dsn: str) -> Iterator[Deployment]:
+def pg_deployment(tmp_path: Path, pg_dsn: str) -> Iterator[Deployment]:
     """A server data directory on a fresh PostgreSQL database: alice, and TK records of
     pne-0 ... pne-39. Every process started is stopped afterwards."""
     tks = {f"pne-{i}": bytes([i + 1]) * 32 for i in range(40)}
@@ -176,7 +176,7 @@ def _post(client: httpx.Client, d: Deployment, port: int, body: bytes, auth: str
 
 
 def test_a_procedure_and_its_digest_legs_land_on_different_processes(
-    deployment: Deployment,
+    pg_deployment: Deployment,
 ) -> None:
     """Issue 7 item 2, RFC 7616 §5.4: three processes over one database. The Digest
     challenge comes from the first, the authenticated 003 EUKeyAssignmentRequest is
@@ -184,7 +184,7 @@ def test_a_procedure_and_its_digest_legs_land_on_different_processes(
     the third and the first is refused with a 401 and assigns nothing. The retry of the
     same transaction (next nc) at the third gets the very reply the second stored; the
     gateway's next request on the same nonce is served by the first."""
-    d = deployment
+    d = pg_deployment
     p0, p1, p2 = _side_by_side(d, 3)
     with d.client() as client:
         gw = Gateway(d, "gw-1", _enrol(client, d.url(p0), "gw-1"))
@@ -233,13 +233,13 @@ def _send_together(
 
 
 def test_two_processes_racing_on_one_transaction_store_one_reply(
-    deployment: Deployment,
+    pg_deployment: Deployment,
 ) -> None:
     """Issue 7 item 2 (DESIGN §5): the same 003 request (same txid and body, two nc of
     one nonce) sent at the same instant to two processes, eight times over: both answer
     200 with identical bytes, exactly one reply per transaction is stored, and each PNE
     is assigned once (epoch 1)."""
-    d = deployment
+    d = pg_deployment
     p0, p1 = _side_by_side(d, 2)
     pnes = [f"pne-{i}" for i in range(10, 18)]
     with d.client() as a, d.client() as b:
@@ -285,13 +285,13 @@ def _workers(d: Deployment) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
-def test_sigkill_of_a_worker_loses_nothing_acknowledged(deployment: Deployment) -> None:
+def test_sigkill_of_a_worker_loses_nothing_acknowledged(pg_deployment: Deployment) -> None:
     """Issue 7 item 2, DESIGN §6: ``cpns server run --workers 2``; three gateways assign
     PNEs concurrently; one worker is killed with SIGKILL mid-load. Every assignment a
     gateway got an OK for is in the database with the very EUKeys it received; the
     gateways' retries (same request, reconnecting on a cut connection) all succeed on the
     other worker; the supervisor starts a new worker in the dead one's place."""
-    d = deployment
+    d = pg_deployment
     d.net.start("server", "server", "run", "--data-dir", str(d.net.server_dir), "--workers", "2")
     port = int(d.net.wait_for_file(d.net.server_dir / "server.port", name="server"))
     _wait_healthy(d, port, "server")
