@@ -59,9 +59,9 @@ from typing import Any
 from cpns.errors import AuthenticationFailed
 from cpns.logs import peer_text
 from cpns.messages.constants import MAX_MESSAGE_SIZE
-from cpns.protocol.digest import DigestServer, DigestStale, DigestSuccess, advance_nc
+from cpns.protocol.digest import DigestServer, DigestStale, advance_nc
 from cpns.server.service import CPNSService, Reply
-from cpns.store.base import ServerStore, WriteTx
+from cpns.store.base import ServerStore
 from cpns.types import Random
 
 __all__ = ["CPNSApp"]
@@ -87,8 +87,9 @@ class CPNSApp:
     With a ``digest`` whose ``nc_in_memory`` is False, each accepted (nonce, nc) is
     recorded in the store by compare and set before the request is served, so any server
     process over the same database refuses a replay that another one accepted
-    (:func:`cpns.protocol.digest.advance_nc`). That write is not flushed to disk
-    (``durable=False``): see "What state lives where" in docs/deployment.md.
+    (:func:`cpns.protocol.digest.advance_nc`, ``ServerStore.record_digest_nc``). That
+    write is committed but not flushed to disk: see "What state lives where" in
+    docs/deployment.md.
     """
 
     def __init__(
@@ -183,9 +184,10 @@ class CPNSApp:
                 secret = self._lookup_secret(attempt.username)
             ok = self._digest.finish(attempt, password=secret, now=now)
             if not self._digest.nc_in_memory:
-                await self._store.write_async(
-                    functools.partial(_record_nc, ok=ok, window=self._digest.nc_window),
-                    durable=False,
+                await self._store.record_digest_nc(
+                    ok.nonce,
+                    keep_until=ok.replay_until,
+                    advance=functools.partial(advance_nc, nc=ok.nc, window=self._digest.nc_window),
                 )
         except DigestStale:
             return None, [], True
@@ -259,16 +261,6 @@ class CPNSApp:
             parsed, authenticated=entity, source=client[0] if client else None
         )
         await _respond(send, reply.http_status, reply.body, _CBOR, headers)
-
-
-def _record_nc(tx: WriteTx, *, ok: DigestSuccess, window: int) -> None:
-    """Write function: the compare and set of one accepted (nonce, nc) in the store;
-    AuthenticationFailed (nothing written) if any process already accepted that nc."""
-    tx.advance_digest_nc(
-        ok.nonce,
-        keep_until=ok.replay_until,
-        advance=functools.partial(advance_nc, nc=ok.nc, window=window),
-    )
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

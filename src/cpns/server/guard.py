@@ -220,7 +220,10 @@ class AttemptGuard:
         window = self.limits.window
 
         def write(tx: WriteTx) -> int:
-            for key, count in pending.counts.items():
+            # In key order: two processes flushing the same keys lock their rows in the
+            # same order, so their transactions cannot deadlock (PostgreSQL).
+            for key in sorted(pending.counts):
+                count = pending.counts[key]
                 tx.record_auth_failure(key, now=pending.last[key], window=window, count=count)
             for (procedure, outcome, source, user_id), agg in audit.items():
                 tx.audit(_event(procedure, outcome, source, user_id, agg))

@@ -170,6 +170,19 @@ class ServerStore(Protocol):
         """
         ...
 
+    def record_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> Awaitable[None]:
+        """:meth:`WriteTx.advance_digest_nc` in a transaction of its own, for asyncio
+        callers: committed and visible to every process when it resolves, not necessarily
+        flushed to disk (see ``durable=False`` of :meth:`write_async`); raises what
+        ``advance`` raises (a replayed nc)."""
+        ...
+
     def purge_expired(self, *, now: int) -> int:
         """Delete expired nonces and replies; return how many rows went."""
         ...

@@ -365,6 +365,18 @@ class MemoryStore:
             future.set_exception(exc)
         return future
 
+    def record_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> asyncio.Future[None]:
+        """The compare and set in a write of its own; a done future."""
+        return self.write_async(
+            lambda tx: tx.advance_digest_nc(nonce, keep_until=keep_until, advance=advance)
+        )
+
     def purge_expired(self, *, now: int) -> int:
         """Delete nonces with ``expires_at`` < ``now`` and replies older than the retention."""
         with self._lock:

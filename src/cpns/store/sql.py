@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import queue
 import re
@@ -112,6 +113,37 @@ _CAS_TRIES: Final = 16
 def _bits(bitmap: int) -> bytes:
     """A window bitmap as big-endian bytes (at least one), as ``digest_nc.seen`` holds it."""
     return bitmap.to_bytes(max(1, (bitmap.bit_length() + 7) // 8), "big")
+
+
+def _advance_nc(
+    execute: Callable[[str, Sequence[Any]], Any],
+    nonce: str,
+    *,
+    keep_until: int,
+    advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+) -> None:
+    """The compare and set of a Digest nonce's counter state, over ``execute``.
+
+    Read, ``advance``, then write only if the row is still as read (INSERT ... DO NOTHING
+    for a new nonce, UPDATE ... WHERE old state for a known one). Under SQLite's write lock
+    the first try wins; on PostgreSQL (READ COMMITTED) another process may change the row
+    in between: then the statement touches nothing and the next try reads the state it
+    committed. Whatever ``advance`` raises (a replayed nc) propagates, nothing written.
+    """
+    for _ in range(_CAS_TRIES):
+        row = execute(_Q.DIGEST_NC_GET, (nonce,)).fetchone()
+        if row is None:
+            highest, seen = advance(None)
+            params: tuple[Any, ...] = (nonce, highest, _bits(seen), keep_until)
+            cur = execute(_Q.DIGEST_NC_INSERT, params)
+        else:
+            old = (int(row[0]), int.from_bytes(bytes(row[1]), "big"))
+            highest, seen = advance(old)
+            params = (highest, _bits(seen), keep_until, nonce, old[0], bytes(row[1]))
+            cur = execute(_Q.DIGEST_NC_UPDATE, params)
+        if cur.rowcount == 1:
+            return
+    raise StoreError("Digest nonce count contended too long; try again")
 
 
 def nonce_digest(nonce: bytes) -> bytes:
@@ -219,6 +251,8 @@ _SQLITE: Final = _Dialect(
     relax_in_transaction=None,
 )
 
+_PG_RELAXED_COMMIT: Final = b"SET LOCAL synchronous_commit = off"
+
 #: PostgreSQL (psycopg 3). Transactions are READ COMMITTED; every check-and-write of the
 #: store is one statement (compare and set, ON CONFLICT), which is atomic at that level.
 #: Concurrent migrators queue on a transaction-scoped advisory lock.
@@ -242,7 +276,7 @@ _POSTGRESQL: Final = _Dialect(
     foreign_key_violation=("23503",),
     durability_switch={},
     # The commit is visible at once; its WAL is flushed within wal_writer_delay (x3).
-    relax_in_transaction="SET LOCAL synchronous_commit = off",
+    relax_in_transaction=_PG_RELAXED_COMMIT.decode(),
 )
 
 
@@ -731,31 +765,12 @@ class _SQLWriteTx:
         keep_until: int,
         advance: Callable[[tuple[int, int] | None], tuple[int, int]],
     ) -> None:
-        """Compare and set of a Digest nonce's counter state (see the WriteTx contract).
-
-        Read, ``advance``, then write only if the row is still as read (INSERT ... DO
-        NOTHING for a new nonce, UPDATE ... WHERE old state for a known one). On SQLite
-        the batch holds the write lock, so the first try wins; on PostgreSQL (READ
-        COMMITTED) a concurrent process may change the row in between: then the statement
-        touches nothing and the next try reads the state it committed.
-        """
+        """Compare and set of a Digest nonce's counter state (see the WriteTx contract
+        and :func:`_advance_nc`)."""
         try:
-            for _ in range(_CAS_TRIES):
-                row = self._exec(_Q.DIGEST_NC_GET, (nonce,)).fetchone()
-                if row is None:
-                    highest, seen = advance(None)
-                    params: tuple[Any, ...] = (nonce, highest, _bits(seen), keep_until)
-                    cur = self._exec(_Q.DIGEST_NC_INSERT, params)
-                else:
-                    old = (int(row[0]), int.from_bytes(bytes(row[1]), "big"))
-                    highest, seen = advance(old)
-                    params = (highest, _bits(seen), keep_until, nonce, old[0], bytes(row[1]))
-                    cur = self._exec(_Q.DIGEST_NC_UPDATE, params)
-                if cur.rowcount == 1:
-                    return
+            _advance_nc(self._exec, nonce, keep_until=keep_until, advance=advance)
         except self._dialect.error as exc:
             raise StoreError(f"cannot record a Digest nonce count: {exc}") from None
-        raise StoreError("Digest nonce count contended too long; try again")
 
     def purge_audit(self, *, before: int) -> int:
         """Delete audit events older than ``before`` (epoch seconds); return how many."""
@@ -829,6 +844,16 @@ class _Job:
         # Read without the loop's help: at worst a job cancelled at this very instant
         # still runs and commits, and its outcome is dropped (as after a late cancel).
         return not self.afuture.cancelled()
+
+
+def _tx_advance_nc(
+    tx: WriteTx,
+    *,
+    nonce: str,
+    keep_until: int,
+    advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+) -> None:
+    tx.advance_digest_nc(nonce, keep_until=keep_until, advance=advance)
 
 
 def _resolve_async(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -1241,6 +1266,61 @@ class SQLStore:
         self._submit(job)
         assert job.afuture is not None
         return job.afuture
+
+    async def record_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> None:
+        """Record an accepted Digest (nonce, nc): :meth:`WriteTx.advance_digest_nc` in a
+        transaction of its own, committed (visible to every process) but not waited on to
+        reach the disk; whatever ``advance`` raises (a replayed nc) is raised here.
+
+        SQLite: a ``durable=False`` job of the group-commit writer (the file's write lock
+        makes the compare and set trivially atomic). PostgreSQL: a short transaction on a
+        pooled connection, in a worker thread, touching that one row only: it neither
+        queues behind the writer's batches nor holds the row's lock while a batch runs
+        other jobs, so two processes can never deadlock on two nonces.
+        """
+        if self._pg_readers is None:
+            await self.write_async(
+                functools.partial(
+                    _tx_advance_nc, nonce=nonce, keep_until=keep_until, advance=advance
+                ),
+                durable=False,
+            )
+            return
+        await asyncio.to_thread(self._record_nc_pg, nonce, keep_until, advance)
+
+    def _record_nc_pg(
+        self,
+        nonce: str,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> None:
+        assert self._pg_readers is not None
+        if self._closed:
+            raise StoreError(f"store {self._where} is closed")
+        dialect = self._dialect
+        try:
+            with self._pg_readers.connection() as conn:
+                # The pool's sessions default to read-only: this one transaction writes.
+                conn.execute(b"BEGIN READ WRITE; " + _PG_RELAXED_COMMIT)
+                try:
+                    _advance_nc(
+                        lambda st, params: conn.execute(dialect.sql(st).encode(), params),
+                        nonce,
+                        keep_until=keep_until,
+                        advance=advance,
+                    )
+                except BaseException:
+                    conn.execute(b"ROLLBACK")
+                    raise
+                conn.execute(b"COMMIT")
+        except dialect.error as exc:
+            raise StoreError(f"cannot record a Digest nonce count: {self._scrub(exc)}") from None
 
     def purge_expired(self, *, now: int) -> int:
         """Delete nonces whose ``expires_at`` < ``now`` and replies older than the retention.

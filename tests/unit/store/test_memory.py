@@ -437,6 +437,26 @@ def test_digest_nc_states_are_purged_after_keep_until(store: ServerStore) -> Non
     store.write(lambda tx: tx.advance_digest_nc("n1", keep_until=200, advance=_nc(5)))
 
 
+def test_record_digest_nc_is_the_compare_and_set_in_a_transaction_of_its_own(
+    store: ServerStore,
+) -> None:
+    """record_digest_nc (what the server awaits per authenticated request) applies the
+    window rule like advance_digest_nc, raises on a replay without writing, and its
+    states are purged after keep_until like the others."""
+
+    async def main() -> None:
+        await store.record_digest_nc("n1", keep_until=50, advance=_nc(2))
+        await store.record_digest_nc("n1", keep_until=50, advance=_nc(1))
+        with pytest.raises(AuthenticationFailed, match="replayed"):
+            await store.record_digest_nc("n1", keep_until=50, advance=_nc(2))
+        await store.record_digest_nc("n1", keep_until=50, advance=_nc(3))
+
+    asyncio.run(main())
+    with pytest.raises(AuthenticationFailed):
+        store.write(lambda tx: tx.advance_digest_nc("n1", keep_until=50, advance=_nc(3)))
+    assert store.purge_expired(now=51) == 1
+
+
 def test_non_durable_async_writes_commit_like_the_others(store: ServerStore) -> None:
     """write_async(durable=False) commits atomically and visibly, alone or mixed with
     durable writes in one batch; a failing one still raises to its caller only."""

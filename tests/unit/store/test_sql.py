@@ -659,7 +659,9 @@ def test_two_stores_racing_on_one_digest_nonce_accept_each_nc_once(backend: Back
     """RFC 7616 §5.4 across processes: two stores over one database (two server
     processes) record the same nonce concurrently. Each (nonce, nc) sent to both is
     accepted by exactly one; distinct nc values inside the window are all accepted (the
-    compare and set retries a lost race instead of refusing it)."""
+    compare and set retries a lost race instead of refusing it). Through
+    record_digest_nc, the path the server takes (SQLite: the writer; PostgreSQL: a pooled
+    connection, in parallel)."""
     a = SQLStore.open(backend.target, master_key=KEY, busy_timeout=30)
     b = SQLStore.open(backend.target, master_key=KEY, busy_timeout=30)
     accepted: list[tuple[str, int]] = []
@@ -668,8 +670,12 @@ def test_two_stores_racing_on_one_digest_nonce_accept_each_nc_once(backend: Back
 
     def record(s: SQLStore, nc: int) -> None:
         advance = functools.partial(advance_nc, nc=nc, window=64)
+
+        async def main() -> None:
+            await s.record_digest_nc("nonce", keep_until=9, advance=advance)
+
         try:
-            s.write(lambda tx: tx.advance_digest_nc("nonce", keep_until=9, advance=advance))
+            asyncio.run(main())  # the server's path: record_digest_nc on an event loop
         except AuthenticationFailed:
             with lock:
                 refused.append(("a" if s is a else "b", nc))
