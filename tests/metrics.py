@@ -8,6 +8,7 @@ HTTP and parse it with :mod:`prometheus_client.parser`.
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 
@@ -50,3 +51,10 @@ def scrape(url: str) -> Samples:
     status, body = get(url)
     assert status == 200, body
     return parse(body)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a listener whose port must be configured)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
