@@ -44,7 +44,8 @@ prometheus_client's multiprocess mode:
 2. each worker must be a fresh interpreter (``subprocess``/exec, or the ``spawn`` start
    method; not a bare ``fork`` of a process that imported this module), because
    prometheus_client chooses file-backed values when it is first imported;
-   :func:`multiprocess_dir` tells a worker whether it is in that mode;
+   :func:`multiprocess_dir` tells a worker whether it is in that mode, and
+   :func:`check_worker` raises if the variable came too late for this interpreter;
 3. workers do not serve an operator port; the supervisor calls :func:`serve_operator`
    with ``multiprocess_dir`` set, which collects every worker's files at each scrape;
 4. when a worker exits, the supervisor calls :func:`worker_exited` with its pid, so its
@@ -77,12 +78,14 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client import values as _values
 
 __all__ = [
     "ALL_METRICS",
     "MULTIPROC_ENV",
     "OperatorServer",
     "Readiness",
+    "check_worker",
     "multiprocess_dir",
     "prepare_multiprocess",
     "serve_operator",
@@ -287,6 +290,23 @@ def multiprocess_dir() -> Path | None:
     """The multiprocess directory this process counts into, or None (single process)."""
     value = os.environ.get(MULTIPROC_ENV)
     return Path(value) if value else None
+
+
+def check_worker() -> None:
+    """In a worker: make sure its counts reach the multiprocess directory.
+
+    Raises:
+        RuntimeError: ``PROMETHEUS_MULTIPROC_DIR`` is set but prometheus_client was
+            imported before it was (a ``fork`` of a process that had imported it): this
+            process would count in memory only, and the supervisor's sum would miss it.
+    """
+    if multiprocess_dir() is None:
+        return
+    if not getattr(_values.ValueClass, "_multiprocess", False):
+        raise RuntimeError(
+            f"{MULTIPROC_ENV} is set but prometheus_client was imported before it was: start "
+            "workers as fresh interpreters after prepare_multiprocess (docs/metrics.md)"
+        )
 
 
 def prepare_multiprocess(directory: Path) -> None:

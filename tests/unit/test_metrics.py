@@ -162,3 +162,32 @@ def test_several_worker_processes_are_summed(
     assert value(samples, "cpns_server_pending_procedures") == 1
     assert value(samples, "cpns_store_commit_batch_size_count", backend="sqlite") == 2
     assert value(samples, "cpns_store_commit_batch_size_sum", backend="sqlite") == 7
+
+
+def test_a_worker_that_imported_prometheus_client_too_early_is_caught(tmp_path: Path) -> None:
+    """docs/metrics.md, several processes: a worker whose interpreter imported
+    prometheus_client before PROMETHEUS_MULTIPROC_DIR was set would count in memory only;
+    check_worker says so instead of losing its counts silently. A worker started with the
+    variable already set passes."""
+    env = {k: v for k, v in os.environ.items() if k != metrics.MULTIPROC_ENV}
+    late = (
+        "import os\n"
+        "from cpns import metrics\n"
+        f"os.environ[metrics.MULTIPROC_ENV] = {str(tmp_path)!r}\n"
+        "try:\n"
+        "    metrics.check_worker()\n"
+        "except RuntimeError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    refused = subprocess.run(
+        [sys.executable, "-c", late], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert refused.stdout.startswith("refused: PROMETHEUS_MULTIPROC_DIR is set"), refused
+    fresh = subprocess.run(
+        [sys.executable, "-c", "from cpns import metrics; metrics.check_worker(); print('ok')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, metrics.MULTIPROC_ENV: str(tmp_path)},
+    )
+    assert fresh.stdout == "ok\n", fresh
