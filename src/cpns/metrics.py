@@ -167,6 +167,25 @@ SERVER_PASSWORD_PROOF_FAILURES: Final = Counter(
     ["procedure"],
 )
 
+#: HTTPS connections of the protocol port open now (admitted by the caps).
+SERVER_CONNECTIONS: Final = Gauge(
+    "cpns_server_connections",
+    "HTTPS connections of the protocol port open now.",
+    multiprocess_mode="livesum",
+)
+#: Connections reset on accept because a cap was reached.
+SERVER_CONNECTIONS_REFUSED: Final = Counter(
+    "cpns_server_connections_refused",
+    "HTTPS connections reset on accept, before any TLS work, by the cap reached.",
+    ["reason"],
+)
+#: Connections the listener closed for a limit: handshake failed, request timeout, head.
+SERVER_CONNECTIONS_CLOSED: Final = Counter(
+    "cpns_server_connections_closed",
+    "HTTPS connections closed by the listener's limits, by reason.",
+    ["reason"],
+)
+
 # -- Server store (group commit) --------------------------------------------------------
 
 #: Write functions per committed transaction (the group-commit gain).
@@ -266,6 +285,9 @@ ALL_METRICS: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     SERVER_HTTP_RESPONSES,
     SERVER_DIGEST_FAILURES,
     SERVER_PASSWORD_PROOF_FAILURES,
+    SERVER_CONNECTIONS,
+    SERVER_CONNECTIONS_REFUSED,
+    SERVER_CONNECTIONS_CLOSED,
     STORE_COMMIT_BATCH,
     STORE_COMMIT_DURATION,
     STORE_COMMIT_FAILURES,

@@ -4,12 +4,14 @@ HTTP and parsed with prometheus_client's parser, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.integration.conftest import PASSWORD, _make
+from tests.integration.test_server_limits import _closed_by_server, _refused, _start, _tls
 from tests.metrics import Samples, free_port, get, scrape, value
 from tests.postgres import PGCluster, with_database
 
@@ -173,3 +175,59 @@ def test_readyz_fails_when_postgresql_stops(tmp_path: Path, own_cluster: PGClust
     password = dsn.split("@")[0].rsplit(":", 1)[1]
     assert password not in after[1]
     assert alive == (200, "ok\n")
+
+
+def test_listener_limits_are_counted(tmp_path: Path) -> None:
+    """docs/metrics.md, the HTTPS listener: a connection over the per-source cap counts in
+    cpns_server_connections_refused_total, a TLS handshake with garbage, a silent
+    connection past request_timeout and a head over max_header_bytes each count once in
+    cpns_server_connections_closed_total under their reason; cpns_server_connections
+    follows the open connections (back to 0 once they are closed)."""
+    net = LocalDeployment(tmp_path / "net")
+    with net.running():
+        operator = free_port()
+        port = _start(
+            net,
+            max_connections_per_source=2,
+            request_timeout=10,
+            max_header_bytes=4096,
+            operator_port=operator,
+        )
+        metrics_url = f"http://127.0.0.1:{operator}/metrics"
+        held = [_tls(net, port), _tls(net, port)]
+        try:
+            assert _refused(net, port)
+            during = scrape(metrics_url)
+            big = _tls(net, port, "127.0.0.2")
+            with big:
+                big.sendall(b"GET /" + b"a" * 8192 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                big.settimeout(10)
+                assert big.recv(4096).startswith(b"HTTP/1.1 431 ")
+            with socket.create_connection(
+                ("127.0.0.1", port), timeout=10, source_address=("127.0.0.3", 0)
+            ) as junk:
+                junk.sendall(b"this is not a TLS ClientHello\r\n\r\n")
+                assert _closed_by_server(junk, 10)  # type: ignore[arg-type]
+            # The silent connections are closed by the request timeout.
+            assert all(_closed_by_server(conn, 30) for conn in held)
+        finally:
+            for conn in held:
+                conn.close()
+        after = wait_for(
+            metrics_url,
+            "server",
+            lambda s: value(s, "cpns_server_connections") == 0,
+            net,
+        )
+
+    def closed(reason: str) -> float:
+        return value(after, "cpns_server_connections_closed_total", reason=reason)
+
+    assert value(during, "cpns_server_connections") == 2
+    refused = value(
+        after, "cpns_server_connections_refused_total", reason="max_connections_per_source"
+    )
+    assert refused == 1
+    assert closed("head_too_large") == 1
+    assert closed("tls_handshake_failed") == 1
+    assert closed("request_timeout") == 2
