@@ -160,6 +160,10 @@ class AssignResult:
         }
 
 
+def _nothing_pending() -> float:
+    return 0.0
+
+
 def _code_name(code: ErrorCode | int) -> str:
     return code.name if isinstance(code, ErrorCode) else str(code)
 
@@ -698,6 +702,9 @@ class GatewayDaemon:
         if self._operator is not None:
             await self._operator.close()
             self._operator = None
+        if metrics.multiprocess_dir() is None:  # a stopped daemon's records are not pending
+            metrics.GATEWAY_PENDING_REQUESTS.set_function(_nothing_pending)
+            metrics.GATEWAY_PENDING_DELIVERIES.set_function(_nothing_pending)
         if self._owns_upstream and isinstance(self._upstream, ServerClient):
             await self._upstream.aclose()
             self._upstream = None

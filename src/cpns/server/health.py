@@ -6,6 +6,13 @@ the read may still be stuck (a PostgreSQL server that vanished without closing t
 socket), so probes do not pile up threads: while one read is in flight, later probes wait
 for that same read. A stopping server is not ready either (the load balancer drains it
 before its connections close). See docs/metrics.md.
+
+With several worker processes (``cpns server run --workers N``) the supervisor, not the
+workers, serves the operator port: it calls :func:`cpns.metrics.prepare_multiprocess`
+before starting the workers (so ``PROMETHEUS_MULTIPROC_DIR`` is set in its environment
+too), starts them with ``operator_port = 0``, and calls :func:`start_operator` with a
+store it opened itself: the listener then serves the sum of the workers' metric files
+and probes the shared database.
 """
 
 from __future__ import annotations
