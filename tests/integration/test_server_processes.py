@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.metrics import free_port, get, scrape, value
 from tests.postgres import raw
 
 from cpns.crypto.kdf import password_key
@@ -376,6 +377,41 @@ def test_sigkill_of_a_worker_loses_nothing_acknowledged(pg_deployment: Deploymen
     assert victim not in pids
     assert d.net.stop("server") == 0
     assert "restarting" in d.net.log("server")
+
+
+def test_the_supervisor_serves_the_sum_of_its_workers_metrics(
+    pg_deployment: Deployment,
+) -> None:
+    """docs/metrics.md, several processes: with operator_port set, `--workers 2` binds the
+    operator port once (the workers run with operator_port = 0): /metrics counts the
+    requests of both workers together, /readyz reads the shared database, and a worker's
+    replies are counted wherever they were served."""
+    d = pg_deployment
+    operator = free_port()
+    d.net.start(
+        "server",
+        "server",
+        "run",
+        "--data-dir",
+        str(d.net.server_dir),
+        "--workers",
+        "2",
+        env={"CPNS_SERVER_OPERATOR_PORT": str(operator)},
+    )
+    port = int(d.net.wait_for_file(d.net.server_dir / "server.port", name="server"))
+    _wait_healthy(d, port, "server")
+    d.net.wait_for_file(d.net.server_dir / "operator.port", name="server")
+    requests = 12
+    for _ in range(requests):
+        with d.client() as client:  # a new connection each: both workers get some
+            assert client.get(f"https://localhost:{port}/healthz").status_code == 200
+    base = f"http://127.0.0.1:{operator}"
+    assert get(base + "/readyz")[0] == 200
+    samples = scrape(base + "/metrics")
+    # _wait_healthy's own probes are counted too.
+    served = value(samples, "cpns_server_http_responses_total", route="healthz", code="200")
+    assert served >= requests
+    assert d.net.stop("server") == 0
 
 
 def test_several_workers_on_sqlite_are_refused_clearly(tmp_path: Path) -> None:

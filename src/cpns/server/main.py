@@ -23,6 +23,7 @@ from typing import Final
 
 import uvicorn
 
+from cpns import metrics
 from cpns.config import dump_toml
 from cpns.crypto.kdf import derive_key
 from cpns.errors import ConfigurationError
@@ -338,6 +339,10 @@ def serve_forever(
     """
     config = load_server_config(data_dir)
     if listen_fd is not None:
+        try:
+            metrics.check_worker()
+        except RuntimeError as exc:
+            raise ConfigurationError(str(exc)) from None
         sock = socket.socket(fileno=listen_fd)
         run_event_loop(run_server(config, sock=sock))
         return 0

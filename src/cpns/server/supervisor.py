@@ -20,8 +20,10 @@ any worker, and a worker that dies loses only the requests it had not answered.
 * SIGTERM or SIGINT to the supervisor: it forwards SIGTERM to every worker (each finishes
   its requests in flight and flushes its counters, as a single server does), waits for
   them, and kills those still running after :data:`STOP_TIMEOUT` seconds.
-* The operator endpoint of the group (metrics, health) belongs to the supervisor and is
-  started by :func:`operator_endpoint`, the one place for it.
+* The operator endpoint of the group (metrics summed over the workers, health, readiness
+  on the shared database) belongs to the supervisor and is started by
+  :func:`operator_endpoint`, the one place for it; the workers run with
+  ``operator_port = 0`` (docs/metrics.md).
 
 Several workers need PostgreSQL: over SQLite they would queue on the one file's write
 lock and each fsync its own commits, slower than one process whose group commit shares
@@ -30,22 +32,24 @@ one fsync among all the requests in flight (docs/deployment.md).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Final
 
 from cpns.errors import ConfigurationError
 from cpns.server.config import ServerConfig
 from cpns.store.postgres import is_dsn
 
-__all__ = ["MAX_WORKERS", "operator_endpoint", "supervise"]
+__all__ = ["MAX_WORKERS", "check_workers", "operator_endpoint", "supervise"]
 
 log = logging.getLogger("cpns.server.supervisor")
 
@@ -84,16 +88,45 @@ def check_workers(config: ServerConfig, workers: int) -> None:
         )
 
 
-@contextlib.contextmanager
-def operator_endpoint(config: ServerConfig, *, workers: int) -> Iterator[None]:
+#: The supervisor's multiprocess metrics directory, under the data directory.
+METRICS_DIR: Final = "metrics-workers"
+
+
+@contextlib.asynccontextmanager
+async def operator_endpoint(
+    config: ServerConfig, *, workers: int, stopping: Callable[[], bool]
+) -> AsyncIterator[dict[str, str]]:
     """The operator endpoint (metrics, health) of a group of ``workers`` processes.
 
-    Entered once by the supervisor after the workers started and left after they stopped.
-    No such endpoint is configured in this version, so nothing is served here; a single
-    server process (``--workers 1``) has no supervisor and serves its own.
+    The one place where the supervisor deals with it; entered before the first worker
+    starts and left after the last one stopped. Yields the environment every worker gets:
+    ``operator_port = 0``, so that only the supervisor binds the operator port. When
+    ``operator_port`` is set, the workers count into a fresh multiprocess directory
+    (``<data_dir>/metrics-workers``, :func:`cpns.metrics.prepare_multiprocess`) and the
+    supervisor serves the sum of their metrics and a readiness probe on the shared
+    database (:func:`cpns.server.health.start_operator`, docs/metrics.md).
+
+    Raises: ConfigurationError: the operator port cannot be bound.
     """
-    del config, workers
-    yield
+    from cpns import metrics
+    from cpns.server.health import start_operator, stop_operator
+    from cpns.server.main import open_store
+
+    env = {"CPNS_SERVER_OPERATOR_PORT": "0"}
+    if config.operator_port == 0:
+        yield env
+        return
+    metrics.prepare_multiprocess(config.path(METRICS_DIR))
+    store = await asyncio.to_thread(open_store, config)
+    try:
+        started = await start_operator(config, store, stopping=stopping)
+        try:
+            log.info("operator listener of %d workers started", workers)
+            yield env
+        finally:
+            await stop_operator(started)
+    finally:
+        store.close()
 
 
 def _worker_command(config: ServerConfig, fd: int, *, log_json: bool) -> list[str]:
@@ -110,86 +143,133 @@ def supervise(config: ServerConfig, *, workers: int, log_json: bool = False) -> 
     """
     # Imported here: the supervisor process itself needs none of the server's machinery
     # unless it runs.
+    from cpns.runtime import run_event_loop
     from cpns.server.main import bind_listener, open_store
 
     check_workers(config, workers)
-    open_store(config).close()  # migrations once, and a clear error before any fork
+    open_store(config).close()  # migrations once, and a clear error before any worker
     sock = bind_listener(config)
-    sock.listen(BACKLOG)
-    sock.set_inheritable(True)
-    port = sock.getsockname()[1]
-    stopping = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    running: dict[int, _Worker] = {}
-    delay = 0.0
-
-    def start(slot: int) -> None:
-        # Our own `cpns` with sys.executable; argv holds only the data directory and fd.
-        command = _worker_command(config, sock.fileno(), log_json=log_json)
-        process = subprocess.Popen(command, pass_fds=(sock.fileno(),))  # noqa: S603
-        running[slot] = _Worker(slot, process, time.monotonic())
-        log.info("worker %d started (pid %d)", slot, process.pid)
-
     try:
-        for slot in range(workers):
-            start(slot)
-        (config.data_dir / "server.port").write_text(f"{port}\n")
-        _write_pids(config, running)
-        log.info(
-            "CPNS Server %s: %d workers on https://%s:%d",
-            config.server_id,
-            workers,
-            config.host,
-            port,
-        )
-        with operator_endpoint(config, workers=workers):
-            while not stopping:
-                time.sleep(_POLL)
-                for slot, worker in list(running.items()):
-                    code = worker.process.poll()
-                    if code is None or stopping:
-                        continue
-                    lived = time.monotonic() - worker.started
-                    delay = (
-                        0.0
-                        if lived >= STABLE_AFTER
-                        else min(MAX_RESTART_DELAY, max(0.5, delay * 2))
-                    )
-                    log.warning(
-                        "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
-                        slot,
-                        worker.process.pid,
-                        code,
-                        lived,
-                        delay,
-                    )
-                    _sleep_unless(lambda: stopping, delay)
-                    if not stopping:
-                        start(slot)
-                        _write_pids(config, running)
-            _stop_all(running)
+        sock.listen(BACKLOG)
+        sock.set_inheritable(True)
+        run_event_loop(_Supervisor(config, workers, sock, log_json=log_json).run())
     finally:
-        for worker in running.values():
-            if worker.process.poll() is None:
-                worker.process.kill()
-                worker.process.wait()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         sock.close()
         (config.data_dir / "server.workers").unlink(missing_ok=True)
         log.info("CPNS Server stopped (%d workers)", workers)
     return 0
 
 
-def _sleep_unless(stop: Callable[[], bool], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not stop():
-        time.sleep(min(_POLL, max(0.0, deadline - time.monotonic())))
+class _Supervisor:
+    """The supervisor's event loop: start, watch, restart and stop the workers."""
+
+    def __init__(
+        self, config: ServerConfig, workers: int, sock: socket.socket, *, log_json: bool
+    ) -> None:
+        self._config = config
+        self._workers = workers
+        self._sock = sock
+        self._log_json = log_json
+        self._running: dict[int, _Worker] = {}
+        self._stop = asyncio.Event()
+        self._delay = 0.0
+
+    def _start(self, slot: int, env: dict[str, str]) -> None:
+        fd = self._sock.fileno()
+        # Our own `cpns` with sys.executable; argv holds only the data directory and fd.
+        command = _worker_command(self._config, fd, log_json=self._log_json)
+        process = subprocess.Popen(  # noqa: S603
+            command, pass_fds=(fd,), env={**os.environ, **env}
+        )
+        self._running[slot] = _Worker(slot, process, time.monotonic())
+        log.info("worker %d started (pid %d)", slot, process.pid)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` or until a stop is asked, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def run(self) -> None:
+        config = self._config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            async with operator_endpoint(
+                config, workers=self._workers, stopping=self._stop.is_set
+            ) as env:
+                try:
+                    for slot in range(self._workers):
+                        self._start(slot, env)
+                    port = self._sock.getsockname()[1]
+                    (config.data_dir / "server.port").write_text(f"{port}\n")
+                    _write_pids(config, self._running)
+                    log.info(
+                        "CPNS Server %s: %d workers on https://%s:%d",
+                        config.server_id,
+                        self._workers,
+                        config.host,
+                        port,
+                    )
+                    await self._watch(env)
+                    await self._stop_all()
+                finally:
+                    self._kill_all()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def _watch(self, env: dict[str, str]) -> None:
+        """Restart workers that exit, until a stop is asked."""
+        from cpns import metrics
+
+        while not self._stop.is_set():
+            await self._pause(_POLL)
+            for slot, worker in list(self._running.items()):
+                code = worker.process.poll()
+                if code is None or self._stop.is_set():
+                    continue
+                metrics.worker_exited(worker.process.pid)
+                lived = time.monotonic() - worker.started
+                self._delay = (
+                    0.0
+                    if lived >= STABLE_AFTER
+                    else min(MAX_RESTART_DELAY, max(0.5, self._delay * 2))
+                )
+                log.warning(
+                    "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
+                    slot,
+                    worker.process.pid,
+                    code,
+                    lived,
+                    self._delay,
+                )
+                await self._pause(self._delay)
+                if not self._stop.is_set():
+                    self._start(slot, env)
+                    _write_pids(self._config, self._running)
+
+    async def _stop_all(self) -> None:
+        """SIGTERM to every worker, then wait; SIGKILL to those still up after STOP_TIMEOUT."""
+        for worker in self._running.values():
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and any(
+            w.process.poll() is None for w in self._running.values()
+        ):
+            await asyncio.sleep(_POLL)
+        for worker in self._running.values():
+            if worker.process.poll() is None:
+                log.warning(
+                    "worker %d (pid %d) did not stop; killing it", worker.slot, worker.process.pid
+                )
+
+    def _kill_all(self) -> None:
+        for worker in self._running.values():
+            if worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait()
 
 
 def _write_pids(config: ServerConfig, running: dict[int, _Worker]) -> None:
@@ -199,20 +279,3 @@ def _write_pids(config: ServerConfig, running: dict[int, _Worker]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(lines)
     tmp.replace(path)
-
-
-def _stop_all(running: dict[int, _Worker]) -> None:
-    """SIGTERM to every worker, then wait; SIGKILL to those still up after STOP_TIMEOUT."""
-    for worker in running.values():
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    for worker in running.values():
-        try:
-            worker.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "worker %d (pid %d) did not stop; killing it", worker.slot, worker.process.pid
-            )
-            worker.process.kill()
-            worker.process.wait()

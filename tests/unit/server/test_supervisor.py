@@ -4,6 +4,7 @@ tests/integration/test_server_processes.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,14 @@ def test_a_worker_count_out_of_range_is_refused(tmp_path: Path, workers: int) ->
         check_workers(config(tmp_path, "postgresql://cpns@db.example/cpns"), workers)
 
 
-def test_the_operator_endpoint_hook_is_a_context(tmp_path: Path) -> None:
-    """The supervisor's one place for the operator endpoint is a context entered around
-    the workers' life; it serves nothing in this version."""
-    with operator_endpoint(config(tmp_path), workers=2):
-        pass
+def test_workers_never_bind_the_operator_port(tmp_path: Path) -> None:
+    """docs/metrics.md: the supervisor's operator endpoint gives every worker
+    operator_port = 0 (only the supervisor may bind it); with no operator port configured
+    it serves nothing and prepares no metrics directory."""
+
+    async def main() -> dict[str, str]:
+        async with operator_endpoint(config(tmp_path), workers=2, stopping=lambda: False) as env:
+            return env
+
+    assert asyncio.run(main()) == {"CPNS_SERVER_OPERATOR_PORT": "0"}
+    assert not (tmp_path / "metrics-workers").exists()
