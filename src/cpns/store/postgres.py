@@ -109,6 +109,11 @@ class PGConnection:
         cur.executemany(sql.encode(), rows)
         return cur
 
+    def copy(self, statement: str) -> contextlib.AbstractContextManager[psycopg.Copy]:
+        """``COPY ... FROM STDIN`` (bulk insert, :mod:`cpns.store.bulk`): the copy object,
+        whose ``write_row`` sends one row; the COPY ends when the ``with`` block does."""
+        return self._conn.cursor().copy(statement.encode())
+
     def executescript(self, script: str, /) -> None:
         """Run several statements without parameters (a migration file)."""
         self._conn.execute(script.encode())

@@ -81,9 +81,13 @@ def test_import_stores_every_record_and_reports_progress(store: SQLStore, tmp_pa
     import is audited; the TK is read back exactly (sealed at rest, opened on read)."""
     lines = ["entity_id,tk", *(f"pne-{i},{i:064x}" for i in range(2500))]
     path = write_csv(tmp_path, "\ufeff" + "\n".join(lines) + "\n")  # a BOM is accepted too
-    seen: list[int] = []
-    assert import_tk_csv(store, path, progress=seen.append) == 2500
-    assert sum(seen) == 2500
+    seen: dict[str, int] = {}
+
+    def progress(phase: str, rows: int, total: int) -> None:
+        seen[phase] = seen.get(phase, 0) + rows
+
+    assert import_tk_csv(store, path, progress=progress) == 2500
+    assert seen == {"validating": 2500, "sealing": 2500, "writing": 2500}
     record = store.get_tk("pne-2499")
     assert record is not None
     assert record.tk == (2499).to_bytes(32, "big")
