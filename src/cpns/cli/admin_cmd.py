@@ -140,6 +140,28 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotate(args: argparse.Namespace) -> int:
+    import os
+
+    from cpns.store.rotation import rotate
+
+    config = _config(args)
+    if os.environ.get("CPNS_MASTER_KEY"):
+        raise ConfigurationError(
+            "CPNS_MASTER_KEY is set: rotation replaces the key FILE; re-seal with the key "
+            "in a file (unset CPNS_MASTER_KEY), then hand the new key to the environment"
+        )
+    key_file = config.path(config.master_key_file)
+    with progress_bars(args) as progress:
+        old, new, counts = rotate(config.store_target(), key_file, progress=progress)
+    print(
+        f"master key rotated from {old.key_id} to {new.key_id}: {sum(counts.values())} "
+        f"sealed value(s) re-sealed; {key_file} holds the new key. Back it up now; "
+        "backups made before are sealed under the old key."
+    )
+    return 0
+
+
 def _entity_view(entity: EntityRecord, show_secrets: bool) -> dict[str, object]:
     view: dict[str, object] = {
         "entity_id": entity.entity_id,
@@ -347,6 +369,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rs.add_argument("file", type=Path, help="the backup file")
     add_progress(rs)
     rs.set_defaults(func=_restore)
+
+    mk = groups.add_parser("master-key", help="the master key sealing the database's secrets")
+    mkc = mk.add_subparsers(metavar="SUBCOMMAND")
+    rot = mkc.add_parser(
+        "rotate",
+        help="re-seal every secret under a new master key (stop the server first)",
+        description="Write a new master key beside the old one, re-seal every secret "
+        "under it in one database transaction, then move it over the key file. A crash at "
+        "any point leaves a server that starts with one of the two keys "
+        "(docs/operations.md). Stop every server process of the database first.",
+    )
+    add_data_dir(rot, "cpns-server")
+    add_progress(rot)
+    rot.set_defaults(func=_rotate)
 
     au = groups.add_parser("audit", help="show the newest audit events (JSON lines)")
     add_data_dir(au, "cpns-server")

@@ -27,14 +27,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
+
+import psycopg
 
 from cpns.errors import StoreError
 from cpns.records import AuditEvent, EntityRecord, TKRecord, UserRecord
 from cpns.store.base import ConflictError
-from cpns.store.postgres import PGConnection
+from cpns.store.postgres import PGConnection, is_dsn, redact_dsn, scrub
 from cpns.store.sql import (
     _POSTGRESQL,
     _Q,
@@ -55,6 +59,7 @@ __all__ = [
     "import_users",
     "insert_rows",
     "open_raw",
+    "open_target",
 ]
 
 #: Rows per ``executemany`` call and per progress step.
@@ -103,6 +108,30 @@ def open_raw(store: SQLStore) -> Iterator[RawDB]:
         raise StoreError(f"cannot open store {store._where}: {store._scrub(exc)}") from None
     try:
         yield RawDB(conn, store._dialect, store._where)
+    finally:
+        conn.close()
+
+
+_OPEN_ERRORS: Final[tuple[type[Exception], ...]] = (sqlite3.Error, psycopg.Error)
+
+
+@contextlib.contextmanager
+def open_target(target: str, busy_timeout: float = 10.0) -> Iterator[RawDB]:
+    """A plain write connection to ``target`` (a SQLite file name or a URL), which need
+    not open as a :class:`SQLStore` (restore: its meta rows may be sealed under the key
+    of a fresh ``cpns server init``; rotation: the key is being changed)."""
+    try:
+        if is_dsn(target):
+            conn: Any = PGConnection.connect(target, timeout=busy_timeout)
+            db = RawDB(conn, _POSTGRESQL, redact_dsn(target))
+        else:
+            conn = _connect_sqlite(Path(target), busy_timeout=busy_timeout, read_only=False)
+            db = RawDB(conn, _SQLITE, target)
+    except _OPEN_ERRORS as exc:
+        text = scrub(str(exc), target) if is_dsn(target) else str(exc)
+        raise StoreError(f"cannot open {redact_dsn(target)}: {text}") from None
+    try:
+        yield db
     finally:
         conn.close()
 

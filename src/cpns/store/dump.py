@@ -50,7 +50,6 @@ import contextlib
 import hashlib
 import os
 import secrets
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +61,17 @@ from cpns.errors import ConfigurationError, StoreError
 from cpns.runtime import wall_time
 from cpns.store.bulk import (
     BATCH,
-    POSTGRESQL,
     Progress,
     RawDB,
     ident,
     insert_rows,
     open_raw,
+    open_target,
     write_transaction,
 )
 from cpns.store.masterkey import MasterKey, fsync_directory
-from cpns.store.postgres import PGConnection, is_dsn, redact_dsn, scrub
-from cpns.store.sql import _KEY_CHECK_PLAINTEXT, SQLStore, _connect_sqlite, _migrate, _Sealer
+from cpns.store.postgres import PGConnection, is_dsn, scrub
+from cpns.store.sql import _KEY_CHECK_PLAINTEXT, SQLStore, _migrate, _Sealer
 
 __all__ = ["BackupInfo", "FORMAT_VERSION", "MAGIC", "backup", "read_info", "restore"]
 
@@ -378,31 +377,6 @@ def read_info(path: Path) -> BackupInfo:
 # -- restore --------------------------------------------------------------------------------
 
 
-_OPEN_ERRORS: Final[tuple[type[Exception], ...]] = (sqlite3.Error, *POSTGRESQL.error)
-
-
-@contextlib.contextmanager
-def _raw_target(target: str, busy_timeout: float = 10.0) -> Iterator[RawDB]:
-    """A plain write connection to ``target``, which need not be openable by SQLStore yet
-    (its meta rows may be sealed under the key of a fresh ``cpns server init``)."""
-    from cpns.store.bulk import SQLITE
-
-    try:
-        if is_dsn(target):
-            conn: Any = PGConnection.connect(target, timeout=busy_timeout)
-            db = RawDB(conn, POSTGRESQL, redact_dsn(target))
-        else:
-            conn = _connect_sqlite(Path(target), busy_timeout=busy_timeout, read_only=False)
-            db = RawDB(conn, SQLITE, target)
-    except _OPEN_ERRORS as exc:
-        text = scrub(str(exc), target) if is_dsn(target) else str(exc)
-        raise StoreError(f"cannot open {redact_dsn(target)}: {text}") from None
-    try:
-        yield db
-    finally:
-        conn.close()
-
-
 def _check_key(rows: list[list[Any]], columns: list[str], master_key: MasterKey) -> None:
     meta = {str(r[columns.index("name")]): bytes(r[columns.index("value")]) for r in rows}
     check = meta.get("master_key_check")
@@ -472,7 +446,7 @@ def restore(
                     f"the backup is of a server with {name} {theirs!r}, this one has "
                     f"{mine!r} (server.toml); nothing was restored"
                 )
-        with _raw_target(target) as db:
+        with open_target(target) as db:
             try:
                 latest = _migrate(db.conn, db.dialect, db.where)
                 if int(header["schema_version"]) > latest:
