@@ -510,4 +510,6 @@ def _load(
             raise ConfigurationError("the backup has no meta table; nothing was restored")
         if db.is_postgresql:
             _reset_identities(db)
+    if db.is_postgresql:
+        db.conn.execute("ANALYZE")  # planner statistics for the tables just filled
     return counts
