@@ -7,6 +7,7 @@ server uses; SQLite (WAL) and the store's transactions make that safe while it r
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import csv
 import io
 import multiprocessing
@@ -285,11 +286,16 @@ def import_users_csv(
         todo = [(r.password or "", realm, r.user_id) for r in rows]
         keys = []
         context = multiprocessing.get_context("spawn")  # no fork of a threaded process
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for key in pool.map(_hash_password, todo, chunksize=32):
-                keys.append(key)
-                if progress is not None:
-                    progress("hashing passwords", 1, len(todo))
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for key in pool.map(_hash_password, todo, chunksize=8):
+                    keys.append(key)
+                    if progress is not None:
+                        progress("hashing passwords", 1, len(todo))
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            raise ConfigurationError(
+                f"a password-hashing process died ({exc}); nothing was imported"
+            ) from None
     now = wall_time()
     users = [
         UserRecord(user_id=r.user_id, password_key=k, created_at=now)
