@@ -170,7 +170,9 @@ def import_tk_csv(
     ``progress(phase, rows, total)`` is told of each batch validated, sealed and written.
     """
     text = _read_csv_file(path)
-    lines = text.count("\n") + 1
+    # For the progress bar only: data lines (an exact count of CSV records would need a
+    # second parse).
+    lines = sum(1 for line in text.splitlines()[1:] if line.strip())
     records: list[TKRecord] = []
     for row in parse_tk_csv(text, source=path.name, server_id=server_id):
         records.append(row.record)
