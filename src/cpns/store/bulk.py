@@ -52,6 +52,7 @@ from cpns.store.sql import (
 
 __all__ = [
     "BATCH",
+    "append_audit",
     "Progress",
     "RawDB",
     "import_entities",
@@ -219,6 +220,11 @@ def existing_keys(db: RawDB, table: str, column: str, keys: Sequence[str]) -> li
     return found
 
 
+def append_audit(db: RawDB, event: AuditEvent) -> None:
+    """Append an audit event inside the caller's transaction."""
+    db.conn.execute(db.sql(_Q.AUDIT_INSERT), _audit_row(event))
+
+
 def _audit_row(event: AuditEvent) -> tuple[Any, ...]:
     return (
         event.at,
@@ -271,7 +277,7 @@ def _bulk_write(
                     )
                 count = insert_rows(db, table, columns, rows, progress=progress, total=len(rows))
                 if audit is not None:
-                    db.conn.execute(db.sql(_Q.AUDIT_INSERT), _audit_row(audit))
+                    append_audit(db, audit)
         except db.dialect.error as exc:
             if db.dialect.is_unique_violation(exc):
                 raise ConflictError(

@@ -58,11 +58,13 @@ from typing import IO, Any, Final
 import cbor2
 
 from cpns.errors import ConfigurationError, StoreError
+from cpns.records import AuditEvent
 from cpns.runtime import wall_time
 from cpns.store.bulk import (
     BATCH,
     Progress,
     RawDB,
+    append_audit,
     ident,
     insert_rows,
     open_raw,
@@ -254,6 +256,15 @@ def backup(
             raise ConfigurationError(f"cannot write {path}: {exc}") from None
         raise
     fsync_directory(directory)
+    event = AuditEvent(
+        at=wall_time(),
+        actor="admin",
+        procedure="backup",
+        outcome="OK",
+        hop="admin",
+        detail=f"{sum(counts.values())} rows to {path.name}",
+    )
+    store.write(lambda tx: tx.audit(event))
     return BackupInfo(
         schema_version=version,
         backend=db.dialect.name,
@@ -509,7 +520,20 @@ def _load(
         if "meta" not in counts:
             raise ConfigurationError("the backup has no meta table; nothing was restored")
         if db.is_postgresql:
-            _reset_identities(db)
+            _reset_identities(db)  # before the audit row below takes the next id
+        header = reader.header
+        append_audit(
+            db,
+            AuditEvent(
+                at=wall_time(),
+                actor="admin",
+                procedure="restore",
+                outcome="OK",
+                hop="admin",
+                detail=f"{sum(counts.values())} rows from {reader.path.name} (made at "
+                f"{header.get('created_at')} on {header.get('backend')})",
+            ),
+        )
     if db.is_postgresql:
         db.conn.execute("ANALYZE")  # planner statistics for the tables just filled
     return counts

@@ -37,7 +37,17 @@ from pathlib import Path
 from typing import Any, Final
 
 from cpns.errors import ConfigurationError, StoreError
-from cpns.store.bulk import BATCH, Progress, RawDB, ident, open_target, write_transaction
+from cpns.records import AuditEvent
+from cpns.runtime import wall_time
+from cpns.store.bulk import (
+    BATCH,
+    Progress,
+    RawDB,
+    append_audit,
+    ident,
+    open_target,
+    write_transaction,
+)
 from cpns.store.masterkey import MasterKey, fsync_directory
 from cpns.store.sql import _KEY_CHECK_PLAINTEXT, _Q, SQLStore, _Sealer
 
@@ -183,6 +193,18 @@ def reseal(
                 set_meta = db.sql("UPDATE meta SET value = ? WHERE name = ?")
                 db.conn.execute(set_meta, (sealed_check, "master_key_check"))
                 db.conn.execute(set_meta, (new.key_id.encode(), "master_key_id"))
+                append_audit(
+                    db,
+                    AuditEvent(
+                        at=wall_time(),
+                        actor="admin",
+                        procedure="master-key-rotate",
+                        outcome="OK",
+                        hop="admin",
+                        detail=f"from {old.key_id} to {new.key_id}, "
+                        f"{sum(counts.values())} values re-sealed",
+                    ),
+                )
         except db.dialect.error as exc:
             raise StoreError(f"cannot re-seal {db.where}: {exc}") from None
     return counts

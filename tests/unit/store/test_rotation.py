@@ -41,7 +41,8 @@ def test_rotation_reseals_every_secret_and_swaps_the_key_file(
     store_target: str, key_file: Path
 ) -> None:
     """After rotate: the key file holds a new 0600 key, every secret opens under it and
-    equals what it was, the old key is refused at open, no .new file is left."""
+    equals what it was, the old key is refused at open, no .new file is left; the rotation
+    is audited (key IDs only) in its own transaction."""
     before = filled(store_target, key_file)
     old, new, counts = rotate(store_target, key_file)
     assert old != new
@@ -52,6 +53,9 @@ def test_rotation_reseals_every_secret_and_swaps_the_key_file(
     assert set(counts) == {c.table for c in SEALED}
     with SQLStore.open(store_target, master_key=new) as store:
         assert snapshot(store) == before
+        [event] = store.audit_events(limit=1)
+        assert event.procedure == "master-key-rotate"
+        assert event.detail == f"from {old.key_id} to {new.key_id}, 6 values re-sealed"
     with pytest.raises(StoreError, match="wrong master key"):
         SQLStore.open(store_target, master_key=old)
 
