@@ -92,3 +92,21 @@ def test_user_import_reports_a_bad_line_and_shows_progress_when_asked(
     assert "writing" in err
     with open_store(load_server_config(server_dir)) as store:
         assert [u.user_id for u in store.list_users()] == ["alice", "bob"]
+
+
+def test_an_admin_command_finishes_a_rotation_interrupted_after_its_commit(
+    capsys: pytest.CaptureFixture[str], server_dir: Path
+) -> None:
+    """The server and every admin command open the store through open_store: after a
+    crash between the re-seal commit and the key-file swap, the next one finishes the
+    swap and works."""
+    from cpns.store.rotation import new_key_path, reseal
+
+    config = load_server_config(server_dir)
+    key_file = config.path(config.master_key_file)
+    half = MasterKey.generate(new_key_path(key_file))
+    reseal(config.store_target(), MasterKey.load(key_file), half)  # then the "crash"
+    code, _, err = run(capsys, "admin", "user", "list", "--data-dir", str(server_dir))
+    assert code == EXIT_OK, err
+    assert MasterKey.load(key_file) == half
+    assert not new_key_path(key_file).exists()
