@@ -40,11 +40,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Final, Protocol
 
 import httpx
 
+from cpns import metrics
 from cpns.errors import AuthenticationFailed, ConfigurationError, DecodeError, TransportError
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import ErrorMessage, Message, UserKeyAssignmentRequest
@@ -233,10 +235,23 @@ class ServerClient:
             raise UpstreamAuthFailed("no EUKey: enrol the gateway first", hop="gateway")
         # The most recently used lane first (LIFO): it most likely holds a live nonce.
         lane = await self._lanes.get()
+        kind = message.TYPE.name
+        outcome = "error"
+        started = time.perf_counter()
         try:
-            return await self._exchange_on(lane, body, needs_auth, message)
+            reply = await self._exchange_on(lane, body, needs_auth, message)
+            outcome = "answered"
+            return reply
+        except TransportError:
+            outcome = "unavailable"
+            raise
+        except AuthenticationFailed:
+            outcome = "auth_failed"
+            raise
         finally:
             self._lanes.put_nowait(lane)
+            metrics.GATEWAY_UPSTREAM_DURATION.labels(kind).observe(time.perf_counter() - started)
+            metrics.GATEWAY_UPSTREAM_EXCHANGES.labels(kind, outcome).inc()
 
     async def _exchange_on(
         self, lane: _Lane, body: bytes, needs_auth: bool, message: Message
@@ -266,6 +281,7 @@ class ServerClient:
         last = "no attempt"
         for attempt in range(self._retries + 1):
             if attempt:
+                metrics.GATEWAY_UPSTREAM_RETRIES.inc()
                 await asyncio.sleep(delay)
                 delay *= 2
             headers: dict[str, str] = {}

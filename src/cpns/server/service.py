@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cpns import metrics
 from cpns.errors import DecodeError, ErrorCode
 from cpns.logs import peer_text
 from cpns.messages.codec import decode, encode, peek_header
@@ -146,6 +148,7 @@ class CPNSService:
             log.info(
                 "undecodable request: %s", peer_text(exc.reason), extra={"status": exc.code.name}
             )
+            metrics.SERVER_REQUESTS.labels("undecodable", exc.code.name).inc()
             try:
                 error = ErrorMessage(
                     txid=txid or bytes(TXID_LEN),
@@ -194,7 +197,24 @@ class CPNSService:
         ``source`` is the client's network address (the HTTP layer's peer address): the
         guessing guard counts unauthenticated failures per source (D-SRV-1). An
         authenticated request's source is its Entity ID.
+
+        Counted in :mod:`cpns.metrics`: the request by procedure and reply status, its
+        duration, and the steps in progress.
         """
+        procedure = _PROCEDURE.get(type(message), "unexpected")
+        started = time.perf_counter()
+        metrics.SERVER_PENDING.inc()
+        try:
+            reply = await self._handle(message, authenticated=authenticated, source=source)
+        finally:
+            metrics.SERVER_PENDING.dec()
+            metrics.SERVER_REQUEST_DURATION.labels(procedure).observe(time.perf_counter() - started)
+        metrics.SERVER_REQUESTS.labels(procedure, _status_name(reply.status)).inc()
+        return reply
+
+    async def _handle(
+        self, message: Message, *, authenticated: str | None, source: str | None
+    ) -> Reply:
         now = self._clock()
         if authenticated is not None:
             source = authenticated
@@ -294,6 +314,9 @@ class CPNSService:
         self, stored: StoredReply, message: Message, digest: bytes, requester: str
     ) -> Reply:
         if stored.request_digest == digest:
+            metrics.SERVER_RETRIES_ANSWERED.labels(
+                _PROCEDURE.get(type(message), "unexpected")
+            ).inc()
             log.info(
                 "retry of %s answered from the stored reply",
                 message.txid.hex(),
@@ -389,6 +412,8 @@ class CPNSService:
         name = code.name if isinstance(code, ErrorCode) else str(code)
         user_id = getattr(message, "user_id", None)
         procedure = _PROCEDURE.get(type(message), type(message).__name__)
+        if code in _PROOF_FAILURES and type(message) in _PROCEDURE:
+            metrics.SERVER_PASSWORD_PROOF_FAILURES.labels(procedure).inc()
         if code in _PROOF_FAILURES and user_id is not None and type(message) in _PROCEDURE:
             # Counted in memory, written in batches by the guard's flush (D-SRV-2).
             self.guard.failed(procedure, user_id, source, now=now)
@@ -427,6 +452,11 @@ class CPNSService:
         )
         event = _audit_event(message, requester, code, now, reason)
         await self._store.write_async(lambda tx: tx.audit(event))
+
+
+def _status_name(code: ErrorCode | int) -> str:
+    """A reply status as a metric label: the ErrorCode name (a bounded set)."""
+    return code.name if isinstance(code, ErrorCode) else "UNKNOWN"
 
 
 def _audit_event(
