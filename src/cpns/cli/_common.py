@@ -1,15 +1,17 @@
-"""Helpers shared by the subcommands: reading a password, data directories."""
+"""Helpers shared by the subcommands: reading a password, data directories, progress bars."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cpns.errors import ConfigurationError
 
-__all__ = ["add_data_dir", "read_password"]
+__all__ = ["add_data_dir", "add_progress", "progress_bars", "read_password"]
 
 
 def add_data_dir(parser: argparse.ArgumentParser, default: str) -> None:
@@ -33,3 +35,57 @@ def read_password(from_stdin: bool, *, confirm: bool = False) -> str:
     if not password:
         raise ConfigurationError("empty password")
     return password
+
+
+def add_progress(parser: argparse.ArgumentParser) -> None:
+    """Add ``--progress`` / ``--quiet`` (progress bars on standard error)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress bars on standard error even when it is not a terminal",
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@contextlib.contextmanager
+def progress_bars(args: argparse.Namespace) -> Iterator[Callable[[str, int, int], None]]:
+    """``progress(phase, rows, total)`` drawing one bar per phase on standard error.
+
+    Bars are shown with ``--progress``, or when standard error is a terminal unless
+    ``--quiet``; otherwise the callback does nothing (nothing is written to stderr).
+    """
+    shown = bool(getattr(args, "progress", False)) or (
+        sys.stderr.isatty() and not getattr(args, "quiet", False)
+    )
+    if not shown:
+        yield lambda phase, rows, total: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True, force_terminal=sys.stderr.isatty() or None)
+    tasks: dict[str, TaskID] = {}
+    with Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bars:
+
+        def advance(phase: str, rows: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bars.add_task(phase, total=total or None)
+            bars.advance(tasks[phase], rows)
+
+        yield advance

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cpns.cli._common import add_data_dir, read_password
+from cpns.cli._common import add_data_dir, add_progress, progress_bars, read_password
 from cpns.errors import ConfigurationError
 from cpns.protocol.key_assignment import claim_code
 from cpns.records import EntityRecord
@@ -55,23 +55,110 @@ def _user_list(args: argparse.Namespace) -> int:
 
 
 def _tk_import(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from cpns.server.admin import import_tk_csv
 
     config, store = _open(args)
     try:
-        with Progress(transient=True, disable=args.quiet) as progress:
-            task = progress.add_task(f"importing {args.file.name}", total=None)
-            count = import_tk_csv(
-                store,
-                args.file,
-                progress=lambda n: progress.advance(task, n),
-                server_id=config.server_id,
-            )
+        with progress_bars(args) as progress:
+            count = import_tk_csv(store, args.file, progress=progress, server_id=config.server_id)
     finally:
         store.close()
     print(f"imported {count} TK record(s) from {args.file}")
+    return 0
+
+
+def _user_import(args: argparse.Namespace) -> int:
+    from cpns.server.admin import import_users_csv
+
+    if args.workers is not None and not 1 <= args.workers <= 256:
+        raise ConfigurationError("--workers takes 1 to 256")
+    config, store = _open(args)
+    try:
+        with progress_bars(args) as progress:
+            count = import_users_csv(
+                store, args.file, realm=config.realm, progress=progress, workers=args.workers
+            )
+    finally:
+        store.close()
+    print(f"imported {count} user(s) from {args.file}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from cpns.server.config import load_server_config
+
+    if not (args.data_dir / "server.toml").exists():
+        raise ConfigurationError(
+            f"{args.data_dir} is not a server data directory (run 'cpns server init' first)"
+        )
+    return load_server_config(args.data_dir)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from cpns.store.dump import backup
+
+    config, store = _open(args)
+    try:
+        with progress_bars(args) as progress:
+            info = backup(
+                store,
+                args.file,
+                server_id=config.server_id,
+                realm=config.realm,
+                progress=progress,
+            )
+    finally:
+        store.close()
+    rows = sum(info.rows.values())
+    print(
+        f"backup {args.file}: {rows} row(s) of {len(info.rows)} table(s), schema "
+        f"{info.schema_version}, sealed under master key {info.master_key_id} "
+        "(back the master key up separately: the backup is useless without it)"
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from cpns.server.main import master_key
+    from cpns.store.dump import restore
+
+    config = _config(args)
+    with progress_bars(args) as progress:
+        info = restore(
+            config.store_target(),
+            args.file,
+            master_key=master_key(config),
+            server_id=config.server_id,
+            realm=config.realm,
+            progress=progress,
+        )
+    rows = sum(info.rows.values())
+    print(
+        f"restored {rows} row(s) of {len(info.rows)} table(s) from {args.file} "
+        f"(made on {info.backend}, master key {info.master_key_id})"
+    )
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    import os
+
+    from cpns.store.rotation import rotate
+
+    config = _config(args)
+    if os.environ.get("CPNS_MASTER_KEY"):
+        raise ConfigurationError(
+            "CPNS_MASTER_KEY is set: rotation replaces the key FILE; re-seal with the key "
+            "in a file (unset CPNS_MASTER_KEY), then hand the new key to the environment"
+        )
+    key_file = config.path(config.master_key_file)
+    with progress_bars(args) as progress:
+        old, new, counts = rotate(config.store_target(), key_file, progress=progress)
+    print(
+        f"master key rotated from {old.key_id} to {new.key_id}: {sum(counts.values())} "
+        f"sealed value(s) re-sealed; {key_file} holds the new key. Back it up now; "
+        "backups made before are sealed under the old key."
+    )
     return 0
 
 
@@ -204,6 +291,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="read the password from one line of standard input",
     )
     add.set_defaults(func=_user_add)
+    uimp = user.add_parser(
+        "import",
+        help="register users from CSV (all or nothing)",
+        description="Register many CPNS Users at once. The CSV has a header "
+        "'user_id,password' (passwords, turned into password keys with scrypt in a process "
+        "pool: about 40 ms of CPU each) or 'user_id,password_key' (the 64-hex-digit password "
+        "keys precomputed by the provisioning system, see docs/operations.md; fast). A bad "
+        "line is reported with its number and nothing is imported.",
+    )
+    add_data_dir(uimp, "cpns-server")
+    uimp.add_argument("file", type=Path, help="CSV file")
+    uimp.add_argument(
+        "--workers", type=int, default=None, help="processes hashing passwords (default: CPUs)"
+    )
+    add_progress(uimp)
+    uimp.set_defaults(func=_user_import)
     lst = user.add_parser("list", help="list users")
     add_data_dir(lst, "cpns-server")
     lst.set_defaults(func=_user_list)
@@ -219,7 +322,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_data_dir(imp, "cpns-server")
     imp.add_argument("file", type=Path, help="CSV file")
-    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress(imp)
     imp.set_defaults(func=_tk_import)
 
     ent = groups.add_parser("entity", help="PNEs and PN GWs").add_subparsers(metavar="SUBCOMMAND")
@@ -242,6 +345,44 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     er.add_argument("entity_id")
     er.add_argument("--restore", action="store_true", help="undo a revocation")
     er.set_defaults(func=_entity_revoke)
+
+    bk = groups.add_parser(
+        "backup",
+        help="write a backup of the whole database to a new file",
+        description="Write every table, read from one consistent snapshot, to a new 0600 "
+        "file (never overwritten), with a checksum. Secrets stay sealed under the master "
+        "key, which is NOT in the backup: back it up separately. Safe while the server runs.",
+    )
+    add_data_dir(bk, "cpns-server")
+    bk.add_argument("file", type=Path, help="the backup file to create")
+    add_progress(bk)
+    bk.set_defaults(func=_backup)
+    rs = groups.add_parser(
+        "restore",
+        help="load a backup into the empty database of a new data directory",
+        description="Load a backup made by 'cpns admin backup' (on SQLite or PostgreSQL) "
+        "into the empty database of a data directory made by 'cpns server init', whose "
+        "master key must be the one the backup was sealed under (copy the saved master.key "
+        "in first). All or nothing. Stop the server of that data directory first.",
+    )
+    add_data_dir(rs, "cpns-server")
+    rs.add_argument("file", type=Path, help="the backup file")
+    add_progress(rs)
+    rs.set_defaults(func=_restore)
+
+    mk = groups.add_parser("master-key", help="the master key sealing the database's secrets")
+    mkc = mk.add_subparsers(metavar="SUBCOMMAND")
+    rot = mkc.add_parser(
+        "rotate",
+        help="re-seal every secret under a new master key (stop the server first)",
+        description="Write a new master key beside the old one, re-seal every secret "
+        "under it in one database transaction, then move it over the key file. A crash at "
+        "any point leaves a server that starts with one of the two keys "
+        "(docs/operations.md). Stop every server process of the database first.",
+    )
+    add_data_dir(rot, "cpns-server")
+    add_progress(rot)
+    rot.set_defaults(func=_rotate)
 
     au = groups.add_parser("audit", help="show the newest audit events (JSON lines)")
     add_data_dir(au, "cpns-server")

@@ -121,8 +121,14 @@ def master_key(config: ServerConfig) -> MasterKey:
 
 
 def open_store(config: ServerConfig) -> SQLStore:
-    """Open (and migrate) the server database."""
-    return SQLStore.open(config.store_target(), master_key=master_key(config))
+    """Open (and migrate) the server database; finish a master-key rotation that was
+    interrupted after its commit (cpns.store.rotation)."""
+    from cpns.store.rotation import open_store_rotating
+
+    key = master_key(config)
+    if os.environ.get("CPNS_MASTER_KEY"):
+        return SQLStore.open(config.store_target(), master_key=key)
+    return open_store_rotating(config.store_target(), config.path(config.master_key_file), key)
 
 
 def build_guard(config: ServerConfig, store: SQLStore) -> AttemptGuard:

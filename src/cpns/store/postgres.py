@@ -109,6 +109,19 @@ class PGConnection:
         cur.executemany(sql.encode(), rows)
         return cur
 
+    def copy(self, statement: str) -> contextlib.AbstractContextManager[psycopg.Copy]:
+        """``COPY ... FROM STDIN`` (bulk insert, :mod:`cpns.store.bulk`): the copy object,
+        whose ``write_row`` sends one row; the COPY ends when the ``with`` block does."""
+        return self._conn.cursor().copy(statement.encode())
+
+    def stream(self, statement: str, *, batch: int = 10_000) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query through a server-side cursor, ``batch`` at a time (inside
+        the caller's transaction): a million rows are never held in memory at once."""
+        with self._conn.cursor(name="cpns_stream") as cur:
+            cur.itersize = batch
+            cur.execute(statement.encode())
+            yield from cur
+
     def executescript(self, script: str, /) -> None:
         """Run several statements without parameters (a migration file)."""
         self._conn.execute(script.encode())

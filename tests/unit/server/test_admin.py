@@ -12,7 +12,15 @@ import pytest
 from cpns.crypto.kdf import password_key
 from cpns.errors import ConfigurationError
 from cpns.records import EntityRecord
-from cpns.server.admin import TKImportError, add_user, import_tk_csv, parse_tk_csv, set_revoked
+from cpns.server.admin import (
+    TKImportError,
+    add_user,
+    import_tk_csv,
+    import_users_csv,
+    parse_tk_csv,
+    parse_user_csv,
+    set_revoked,
+)
 from cpns.store import ConflictError
 from cpns.store.masterkey import MasterKey
 from cpns.store.sql import SQLStore
@@ -81,9 +89,13 @@ def test_import_stores_every_record_and_reports_progress(store: SQLStore, tmp_pa
     import is audited; the TK is read back exactly (sealed at rest, opened on read)."""
     lines = ["entity_id,tk", *(f"pne-{i},{i:064x}" for i in range(2500))]
     path = write_csv(tmp_path, "\ufeff" + "\n".join(lines) + "\n")  # a BOM is accepted too
-    seen: list[int] = []
-    assert import_tk_csv(store, path, progress=seen.append) == 2500
-    assert sum(seen) == 2500
+    seen: dict[str, int] = {}
+
+    def progress(phase: str, rows: int, total: int) -> None:
+        seen[phase] = seen.get(phase, 0) + rows
+
+    assert import_tk_csv(store, path, progress=progress) == 2500
+    assert seen == {"validating": 2500, "sealing": 2500, "writing": 2500}
     record = store.get_tk("pne-2499")
     assert record is not None
     assert record.tk == (2499).to_bytes(32, "big")
@@ -238,3 +250,49 @@ def test_audit_purge_keeps_the_retention_and_audits_itself(store: SQLStore) -> N
     assert store.audit_events()[0].procedure == "audit-purge"
     with pytest.raises(ConfigurationError):
         purge_audit(store, days=0)
+
+
+# -- user import -----------------------------------------------------------------------------
+
+
+def test_user_import_hashes_passwords_in_a_process_pool(store: SQLStore, tmp_path: Path) -> None:
+    """``user_id,password``: each password becomes the same scrypt password key that
+    add_user stores (realm and User ID in the salt), computed by worker processes; the
+    import is audited."""
+    path = write_csv(tmp_path, "user_id,password\nalice,correct horse\nbob,battery staple\n")
+    assert import_users_csv(store, path, realm="cpns", workers=2) == 2
+    alice = store.get_user("alice")
+    assert alice is not None
+    assert alice.password_key == password_key("correct horse", realm="cpns", user_id="alice")
+    [event] = [e for e in store.audit_events() if e.procedure == "user-import"]
+    assert event.detail == "2 from acme.csv"
+
+
+def test_user_import_takes_precomputed_password_keys(store: SQLStore, tmp_path: Path) -> None:
+    """``user_id,password_key``: the 64-hex-digit key is stored as given (no hashing)."""
+    key = password_key("correct horse", realm="cpns", user_id="alice")
+    path = write_csv(tmp_path, f"user_id,password_key\nalice,{key.hex()}\n")
+    assert import_users_csv(store, path, realm="cpns") == 1
+    alice = store.get_user("alice")
+    assert alice is not None
+    assert alice.password_key == key
+
+
+USER_CSV_FAILURES = [
+    pytest.param("user_id,secret\nalice,x\n", 1, "header", id="header"),
+    pytest.param("user_id,password\nalice,short\n", 2, "8 characters", id="short-password"),
+    pytest.param("user_id,password_key\nalice,zz\n", 2, "hexadecimal", id="not-hex"),
+    pytest.param("user_id,password_key\nalice,00\n", 2, "1 bytes", id="short-key"),
+    pytest.param("user_id,password\nal ice,long enough\n", 2, "User ID", id="bad-id"),
+    pytest.param("user_id,password\nalice,long enough\nalice,long enough\n", 3, "line 2",
+                 id="duplicate"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "line", "reason"), USER_CSV_FAILURES)
+def test_bad_user_csv_names_its_line(text: str, line: int, reason: str) -> None:
+    """A bad user row is reported with its line number, like a bad TK row."""
+    with pytest.raises(TKImportError) as info:
+        list(parse_user_csv(text))
+    assert info.value.line == line
+    assert reason in str(info.value)
