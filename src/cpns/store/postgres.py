@@ -23,7 +23,7 @@ server's default is (DESIGN §6).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -134,6 +134,12 @@ class PGConnection:
             TransactionStatus.INERROR,
         )
 
+    @property
+    def broken(self) -> bool:
+        """Whether the connection is lost (the server restarted, the network cut it): the
+        writer then opens a new one (issue 7: PostgreSQL restarted under load)."""
+        return self._conn.closed or self._conn.broken
+
     def close(self) -> None:
         """Close the connection (a transaction still open is rolled back by the server)."""
         self._conn.close()
@@ -165,9 +171,35 @@ class PGReaders:
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A read connection for the duration of the ``with`` block."""
-        with self._pool.connection() as conn:
-            yield conn
+        """A pooled connection for the duration of the ``with`` block. If it turns out
+        lost (the database restarted since the pool last used it), the pool drops every
+        idle connection that is lost too before the error goes on, so the next caller
+        gets a live one."""
+        lent: psycopg.Connection[Any] | None = None
+        try:
+            with self._pool.connection() as conn:
+                lent = conn
+                yield conn
+        except psycopg.OperationalError:
+            if lent is not None and lent.broken:
+                self._pool.check()
+            raise
+
+    def read[T](self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run the read ``fn`` on a pooled connection; once more if that connection was
+        lost (a read is idempotent): after a database restart the first read of each
+        pooled connection would otherwise fail."""
+        lent: psycopg.Connection[Any] | None = None
+        try:
+            with self._pool.connection() as conn:
+                lent = conn
+                return fn(conn)
+        except psycopg.OperationalError:
+            if lent is None or not lent.broken:
+                raise
+            self._pool.check()
+        with self.connection() as conn:
+            return fn(conn)
 
     def close(self) -> None:
         """Close every pooled connection."""

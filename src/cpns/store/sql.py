@@ -1116,8 +1116,7 @@ class SQLStore:
                 return self._reader().execute(sql, params).fetchall()
             if self._closed:
                 raise StoreError(f"store {self._where} is closed")
-            with self._pg_readers.connection() as conn:
-                return conn.execute(sql.encode(), params).fetchall()
+            return self._pg_readers.read(lambda c: c.execute(sql.encode(), params).fetchall())
         except self._dialect.error as exc:
             raise StoreError(f"cannot read store {self._where}: {exc}") from None
 
@@ -1394,8 +1393,35 @@ class SQLStore:
                     assert isinstance(item, _Job)
                     batch.append(item)
                 self._run_batch(conn, batch)
+                if isinstance(conn, PGConnection) and conn.broken:
+                    conn = self._reconnect_writer(conn)
         finally:
             conn.close()
+
+    def _reconnect_writer(self, conn: PGConnection) -> PGConnection:
+        """A new writer connection for a lost one (PostgreSQL restarted, failed over).
+
+        One attempt per failed batch: while the database is down every batch fails at
+        once with a :class:`StoreError` (the server answers 503 and its clients retry), and
+        the first batch after it is back runs on a new connection. Nothing is retried
+        here: a batch whose COMMIT was cut may or may not have landed, and the callers'
+        idempotent retries (stored replies keyed by txid) settle it."""
+        assert self._dsn is not None
+        try:
+            fresh = PGConnection.connect(self._dsn, timeout=self._busy_timeout)
+        except self._dialect.error as exc:
+            _log.warning(
+                "store %s: writer connection lost, reconnect failed: %s",
+                self._where,
+                self._scrub(exc),
+            )
+            return conn
+        with contextlib.suppress(*self._dialect.error):
+            conn.close()
+        self._writer_conn = fresh
+        self._writer_durable = True  # a new session starts with synchronous_commit on
+        _log.warning("store %s: writer connection lost; reconnected", self._where)
+        return fresh
 
     def _run_batch(self, conn: _Conn, batch: list[_Job]) -> None:
         """One transaction for the whole batch; each caller resolved after the COMMIT."""

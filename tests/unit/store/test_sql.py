@@ -830,6 +830,29 @@ def test_a_lost_transaction_is_counted_as_a_commit_failure(pg_dsn: str) -> None:
         store.close()
 
 
+def test_the_writer_reconnects_after_postgresql_lost_its_connection(pg_dsn: str) -> None:
+    """Issue 7 (PostgreSQL restarted mid-load: the server recovers by itself): once the
+    database ends the writer's connection, the write in flight fails with StoreError (the
+    server answers 503, its clients retry) and the next write runs on a new connection
+    and is stored; nothing written before is lost."""
+    store = SQLStore.open(pg_dsn, master_key=KEY)
+    try:
+        store.write(lambda tx: tx.use_nonce(b"before", expires_at=10))
+        pg_raw(
+            pg_dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        with pytest.raises(StoreError):
+            store.write(lambda tx: tx.use_nonce(b"lost", expires_at=10))
+        store.write(lambda tx: tx.use_nonce(b"after", expires_at=10))
+        assert store.nonce_used(b"before")
+        assert store.nonce_used(b"after")
+        assert not store.nonce_used(b"lost")
+    finally:
+        store.close()
+
+
 def test_ping_reads_the_store(backend: Backend) -> None:
     """/readyz (docs/metrics.md): ping() succeeds on a reachable store and raises
     StoreError, naming the database without a password, once it cannot be read."""
