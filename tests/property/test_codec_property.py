@@ -154,7 +154,6 @@ def test_every_proper_prefix_is_refused(message: Message) -> None:
             decode(encoded[:length])
 
 
-
 @CODEC
 @given(message=ANY_MESSAGE, flow=st.one_of(st.none(), st.binary(max_size=24), st.text(max_size=8)))
 def test_flow_header_field_is_bounded(message: Message, flow: object) -> None:

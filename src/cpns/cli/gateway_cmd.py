@@ -161,6 +161,8 @@ def _assign(args: argparse.Namespace) -> int:
         print(json.dumps(reply, sort_keys=True))
     status = str(reply.get("status"))
     txid = reply.get("txid") or "-"
+    if reply.get("flow"):
+        txid += f", flow {reply['flow']}"  # the ID to give 'cpns trace'
     if reply.get("ok"):
         if not args.json:
             stage = reply.get("stage")

@@ -45,6 +45,12 @@ undecodable frames or unexpected messages get an :class:`ErrorMessage` and that 
 closed, with one bounded log line (D-PAN-4); nothing a peer sends can stop the daemon.
 
 Logs carry Entity IDs, txids (hex) and status names, never keys, TKs or password keys.
+
+Flows (docs/logging.md): each message sent or received is logged in one structured line
+(:func:`cpns.flow.log_hop`) and carries the flow ID of the flow it belongs to. A PNE's
+PNEHello brings the PNE's flow; an ``assign`` for an attached PNE continues that flow
+(the PNE asked for a key), else the gateway starts one. The flow ID is stored with the
+request and the key set, so a resend or a later delivery carries the same one.
 """
 
 from __future__ import annotations
@@ -72,9 +78,11 @@ from cpns.errors import (
     StoreError,
     TransportError,
 )
+from cpns.flow import flow_bytes, flow_hex, log_hop, message_scope, new_flow, stamp
 from cpns.gateway.config import GatewayConfig
 from cpns.gateway.upstream import HOP as UPSTREAM_HOP
 from cpns.gateway.upstream import ServerClient, Upstream, UpstreamAuthFailed
+from cpns.logs import current_flow, flow_scope
 from cpns.messages.codec import decode, encode
 from cpns.messages.constants import ID_PATTERN, TXID_LEN
 from cpns.messages.model import (
@@ -144,6 +152,8 @@ class AssignResult:
     unverified_acks: int = 0
     #: The status the last of those claimed (e.g. "AUTHENTICATION_FAILED"), or "".
     unverified_status: str = ""
+    #: Flow ID (16 hex digits) of the assignment, for ``cpns trace``; "" if none.
+    flow: str = ""
 
     def to_json(self) -> dict[str, object]:
         """The control-socket reply."""
@@ -156,6 +166,7 @@ class AssignResult:
             "txid": self.txid,
             "unverified_acks": self.unverified_acks,
             "unverified_status": self.unverified_status,
+            "flow": self.flow,
         }
 
 
@@ -260,6 +271,19 @@ async def enroll(
         StoreError: the key store is in use by a running daemon, or cannot be written.
         ConfigurationError: the data directory belongs to another Entity ID.
     """
+    with flow_scope(new_flow()):  # the PN GW starts its own enrolment flow
+        await _enroll(config, user_id, password_key, upstream=upstream, rng=rng, clock=clock)
+
+
+async def _enroll(
+    config: GatewayConfig,
+    user_id: str,
+    password_key: bytes,
+    *,
+    upstream: Upstream | None,
+    rng: Random | None,
+    clock: Callable[[], int],
+) -> None:
     rng = rng if rng is not None else SystemRandom()
     store = LocalKeyStore.open_or_create(config.data_dir, STORE_NAME)
     with store.lock():
@@ -277,6 +301,7 @@ async def enroll(
         )
         machine.start(user_id=user_id, password_key=password_key, now=clock())
         (request,) = machine.messages_to_send()
+        request = stamp(request)
         log.info(
             "enrolling %s for user %s (txid %s)", config.entity_id, user_id, request.txid.hex()
         )
@@ -416,7 +441,9 @@ class _Link:
     async def send(self, message: Message) -> bool:
         """Write one message; False if the peer is gone, or does not read it within the
         write timeout (the link is then closed: a peer that stops reading must not hold
-        our buffers)."""
+        our buffers). It carries the current flow ID unless it has one, and is logged."""
+        message = stamp(message)
+        log_hop(log, "sent", message, "pne")
         async with self._send_lock:
             try:
                 await asyncio.wait_for(write_message(self.writer, message), self._write_timeout)
@@ -467,6 +494,9 @@ class GatewayDaemon:
         #: proofs that did not verify, ignored but counted for the user (D-PAN-2).
         self._unverified: dict[str, tuple[bytes, int, str]] = {}
         self._deliveries: dict[str, EUKeyAssignmentGateway] = {}
+        #: PNE ID -> flow ID (hex) of its latest PNEHello, while it is attached: an
+        #: ``assign`` for it continues that flow.
+        self._hello_flows: dict[str, str] = {}
         self._waiters: dict[str, list[tuple[bytes, asyncio.Future[AssignResult]]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         #: One lock per PNE record file: its writes never overlap (see _save).
@@ -724,7 +754,18 @@ class GatewayDaemon:
 
         Never raises for protocol, transport or store failures: they come back as a
         refused :class:`AssignResult` naming the status and the hop.
+
+        The assignment continues the flow of the PNE's PNEHello when the PNE is attached
+        (it asked for a key), else starts a new flow; the result names it.
         """
+        flow = self._hello_flows.get(pne_id) if pne_id in self._routes else None
+        with flow_scope(flow or new_flow()):
+            result = await self._assign(pne_id, user_id, password_key, claim_key, wait)
+            return dataclasses.replace(result, flow=current_flow() or "")
+
+    async def _assign(
+        self, pne_id: str, user_id: str, password_key: bytes, claim_key: bytes, wait: float
+    ) -> AssignResult:
         for value in (pne_id, user_id):
             if ID_PATTERN.fullmatch(value) is None:
                 return AssignResult(
@@ -751,8 +792,8 @@ class GatewayDaemon:
                 claim_key=claim_key,
                 now=self._clock(),
             )
-            request = machine.request
-            assert request is not None
+            assert machine.request is not None
+            request = stamp(machine.request)  # the stored bytes carry the flow ID
             record = self._pnes().setdefault(pne_id, {})
             previous = record.get("request")
             # Persist the request BEFORE sending it: a restart resends the same bytes.
@@ -836,6 +877,7 @@ class GatewayDaemon:
         """Send the machine's (persisted) request, feed the answer, store, notify."""
         (request,) = machine.messages_to_send()
         assert isinstance(request, EUKeyAssignmentRequest)
+        request = stamp(request)  # the same bytes as stored: the flow is the same
         txid = request.txid.hex()
         assert self._upstream is not None
         try:
@@ -921,6 +963,7 @@ class GatewayDaemon:
             "epoch": event.epoch,
             "delivered": False,
             "stored_at": self._clock(),
+            "flow": flow_bytes(current_flow()),
         }
         record["last_status"] = "OK"
         try:
@@ -977,11 +1020,12 @@ class GatewayDaemon:
                         continue
                     machine = self._new_machine()
                     machine.resend(request)
-                    log.info("resending txid %s for PNE %s", request.txid.hex(), pne_id)
-                    try:
-                        await self._complete_request(pne_id, machine)
-                    except Exception:
-                        log.exception("resend for %s failed", pne_id)
+                    with message_scope(request):
+                        log.info("resending txid %s for PNE %s", request.txid.hex(), pne_id)
+                        try:
+                            await self._complete_request(pne_id, machine)
+                        except Exception:
+                            log.exception("resend for %s failed", pne_id)
             await asyncio.sleep(self._config.retry_interval)
 
     # -- 003 PN GW role: PAN side ----------------------------------------------------
@@ -1018,9 +1062,13 @@ class GatewayDaemon:
         if key_set is None:
             return
         machine = self._delivery_machine(pne_id, key_set)
-        for message in machine.messages_to_send():
-            if await link.send(message):
-                log.info("txid %s: Notification (re)sent to PNE %s", key_set["txid"].hex(), pne_id)
+        # The delivery belongs to the assignment's flow, not to the hello's.
+        with flow_scope(flow_hex(key_set.get("flow")) or current_flow()):
+            for message in machine.messages_to_send():
+                if await link.send(message):
+                    log.info(
+                        "txid %s: Notification (re)sent to PNE %s", key_set["txid"].hex(), pne_id
+                    )
 
     async def _refuse(self, link: _Link, code: ErrorCode, txid: bytes = bytes(TXID_LEN)) -> None:
         await link.send(
@@ -1082,7 +1130,9 @@ class GatewayDaemon:
                 if message is None:
                     break
                 try:
-                    keep = await self._on_pan_message(link, message)
+                    with message_scope(message):
+                        log_hop(log, "received", message, "pne")
+                        keep = await self._on_pan_message(link, message)
                 except Exception as exc:  # one frame never takes the daemon down
                     self._peer_fault(
                         link, f"{message.TYPE.name} not handled ({type(exc).__name__})"
@@ -1150,6 +1200,8 @@ class GatewayDaemon:
                 return False
             link.pne_id = message.src
             links.append(link)
+            if message.flow is not None:
+                self._hello_flows[message.src] = message.flow.hex()
             log.info(
                 "PNE %s attached (holds key index %d; %d link(s))",
                 message.src,
@@ -1173,6 +1225,7 @@ class GatewayDaemon:
             log.info("PNE %s detached (%d link(s) left)", pne_id, len(links))
         if not links:
             self._routes.pop(pne_id, None)
+            self._hello_flows.pop(pne_id, None)
 
     def _note_unverified(self, link: _Link, ack: EUKeyAssignmentAck, why: str) -> None:
         """D-PAN-2: an Ack that proves nothing is logged (within the fault budget),

@@ -46,6 +46,7 @@ from typing import Final, Protocol
 import httpx
 
 from cpns.errors import AuthenticationFailed, ConfigurationError, DecodeError, TransportError
+from cpns.flow import log_hop, stamp
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import ErrorMessage, Message, UserKeyAssignmentRequest
 from cpns.protocol.digest import DigestClient
@@ -226,17 +227,24 @@ class ServerClient:
                 unexpected HTTP status, or sent a body that is not one CPNS message.
             UpstreamAuthFailed: Digest failed (our key refused, or the server's rspauth
                 missing or wrong).
+
+        The message carries the current flow ID (:func:`cpns.flow.stamp`) unless it has
+        one; one log line each records it sent and the reply received.
         """
+        message = stamp(message)
         body = encode(message)
         needs_auth = not isinstance(message, UserKeyAssignmentRequest)
         if needs_auth and not self._enrolled:
             raise UpstreamAuthFailed("no EUKey: enrol the gateway first", hop="gateway")
         # The most recently used lane first (LIFO): it most likely holds a live nonce.
         lane = await self._lanes.get()
+        log_hop(log, "sent", message, "server")
         try:
-            return await self._exchange_on(lane, body, needs_auth, message)
+            reply = await self._exchange_on(lane, body, needs_auth, message)
         finally:
             self._lanes.put_nowait(lane)
+        log_hop(log, "received", reply, "server")
+        return reply
 
     async def _exchange_on(
         self, lane: _Lane, body: bytes, needs_auth: bool, message: Message

@@ -1,9 +1,9 @@
 """Deterministic CBOR in and out (RFC 8949 §4.2), with strict decoding (DESIGN §3).
 
 A message is a CBOR map ``{0: version, 1: type, 2: txid, 3: src, 4: dst, [5: pn_id,]
-6: body, [7: flow]}`` where ``body`` maps each field's small integer key to its value; absent optional
-fields are omitted. Encoding uses core deterministic encoding (shortest forms, definite
-lengths, sorted keys); cbor2's canonical mode produces it.
+6: body, [7: flow]}`` where ``body`` maps each field's small integer key to its value;
+absent optional fields are omitted. Encoding uses core deterministic encoding (shortest
+forms, definite lengths, sorted keys); cbor2's canonical mode produces it.
 
 Decoding is strict: every input is either decoded into a valid message that re-encodes
 to exactly the same bytes, or rejected with one :class:`~cpns.errors.DecodeError`.

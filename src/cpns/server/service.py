@@ -15,13 +15,15 @@ It knows nothing of HTTP or Digest: the caller says which entity authenticated.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cpns.errors import DecodeError, ErrorCode
+from cpns.flow import flow_hex, log_hop, message_scope, stamp
 from cpns.logs import peer_text
 from cpns.messages.codec import decode, encode, peek_header
 from cpns.messages.constants import TXID_LEN
@@ -76,6 +78,8 @@ class Reply:
     status: ErrorCode | int
     #: A short reason for a refusal of undecodable input (sent as ``CPNS-Reason``).
     reason: str = ""
+    #: The reply message, for the log (None for a stored reply sent again).
+    message: Message | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class CPNSService:
@@ -194,12 +198,29 @@ class CPNSService:
         ``source`` is the client's network address (the HTTP layer's peer address): the
         guessing guard counts unauthenticated failures per source (D-SRV-1). An
         authenticated request's source is its Entity ID.
+
+        The request is handled in its flow (docs/logging.md): every log line carries the
+        request's flow ID, the reply echoes it, and one line each logs the request
+        received and the reply sent.
         """
+        with message_scope(message):
+            peer = _peer_party(message)
+            log_hop(log, "received", message, peer)
+            reply = await self._handle(message, authenticated=authenticated, source=source)
+            sent = reply.message if reply.message is not None else decode(reply.body)
+            log_hop(log, "sent", sent, peer)
+            return reply
+
+    async def _handle(
+        self, message: Message, *, authenticated: str | None, source: str | None
+    ) -> Reply:
         now = self._clock()
         if authenticated is not None:
             source = authenticated
         requester = authenticated or message.src
-        digest = hashlib.sha256(encode(message)).digest()
+        # The flow ID is not a security input (docs/wire.md 2.3): a retry is told from a
+        # reused txid by the request without it.
+        digest = hashlib.sha256(encode(dataclasses.replace(message, flow=None))).digest()
         stored = self._store.get_reply(requester, message.txid)
         if stored is not None:
             return self._replay_or_retry(stored, message, digest, requester)
@@ -211,6 +232,7 @@ class CPNSService:
                 txid=message.txid,
                 src=self.server_id,
                 dst=message.src,
+                flow=message.flow,
                 status=ErrorCode.UNEXPECTED_MESSAGE,
             )
             await self._audit(
@@ -222,7 +244,7 @@ class CPNSService:
                 source,
                 authenticated=authenticated is not None,
             )
-            return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE)
+            return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE, message=error)
         events = machine.receive(message)
         [reply] = machine.messages_to_send()
         failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
@@ -237,6 +259,7 @@ class CPNSService:
                 authenticated=authenticated is not None,
             )
             return self._reply(reply, failed.code)
+        reply = stamp(reply)
         reply_bytes = encode(reply)
         try:
             cleared = await self._store.write_async(
@@ -266,7 +289,7 @@ class CPNSService:
             requester,
             extra={"txid": message.txid.hex(), "entity": requester, "status": "OK"},
         )
-        return Reply(200, reply_bytes, ErrorCode.OK)
+        return Reply(200, reply_bytes, ErrorCode.OK, message=reply)
 
     async def _lost_race(
         self,
@@ -310,7 +333,8 @@ class CPNSService:
 
     @staticmethod
     def _reply(message: Message, code: ErrorCode | int) -> Reply:
-        return Reply(200, encode(message), code)
+        message = stamp(message)
+        return Reply(200, encode(message), code, message=message)
 
     def _persist(
         self,
@@ -413,6 +437,7 @@ class CPNSService:
                 actor=requester,
                 entity_id=getattr(message, "pne_id", None) or message.src,
                 correlation_id=message.txid.hex(),
+                flow_id=flow_hex(message.flow),
                 detail=reason,
                 now=now,
             )
@@ -442,5 +467,13 @@ def _audit_event(
         user_id=getattr(message, "user_id", None),
         hop="server",
         correlation_id=message.txid.hex(),
+        flow_id=flow_hex(message.flow),
         detail=detail,
     )
+
+
+def _peer_party(message: Message) -> Literal["gateway", "pne"]:
+    """Who sent a request: a PNE with UI enrolling itself, else a PN GW."""
+    if isinstance(message, UserKeyAssignmentRequest) and message.entity_kind is EntityKind.PNE:
+        return "pne"
+    return "gateway"
