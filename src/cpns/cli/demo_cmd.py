@@ -16,55 +16,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["register"]
+from cpns.cli.diagram import arrow as _arrow
+from cpns.cli.diagram import header, lifelines
+from cpns.cli.diagram import under as _under
 
-#: Column of each party's lifeline in the sequence diagram.
-_LIFELINE: dict[str, int] = {"PNE": 8, "GW": 38, "SRV": 72}
-_WIDTH = _LIFELINE["SRV"] + 1
-
-
-def _lifelines() -> list[str]:
-    line = [" "] * _WIDTH
-    for x in _LIFELINE.values():
-        line[x] = "|"
-    return line
-
-
-def _arrow(src: str, dst: str, label: str, note: str = "") -> str:
-    """One message: an arrow from ``src`` to ``dst`` with ``label`` on it."""
-    left, right = sorted((_LIFELINE[src], _LIFELINE[dst]))
-    body = f" {label} ".center(right - left - 1, "-")
-    body = body[:-1] + ">" if _LIFELINE[src] < _LIFELINE[dst] else "<" + body[1:]
-    line = _lifelines()
-    line[left + 1 : right] = body
-    return ("".join(line) + ("  " + note if note else "")).rstrip()
-
-
-def _under(src: str, dst: str, text: str, note: str = "") -> str:
-    """Text under the arrow between ``src`` and ``dst`` (what the message carries)."""
-    left, right = sorted((_LIFELINE[src], _LIFELINE[dst]))
-    line = _lifelines()
-    line[left + 2 : left + 2 + len(text)] = text
-    assert left + 2 + len(text) < right, text
-    return ("".join(line) + ("  " + note if note else "")).rstrip()
-
-
-def _header(names: dict[str, str]) -> list[str]:
-    rows = []
-    for texts in (("PNE", "PN GW", "CPNS Server"), tuple(names.values())):
-        line = [" "] * (_WIDTH + 12)
-        for (_, x), text in zip(_LIFELINE.items(), texts, strict=True):
-            start = max(0, x - len(text) // 2)
-            line[start : start + len(text)] = text
-        rows.append("".join(line).rstrip())
-    return rows
+__all__ = ["register", "sequence_diagram"]
 
 
 def sequence_diagram(*, pne: str, gw: str, server: str, txid: str, n: int | str) -> str:
     """The flow the demo just ran, drawn the way the seeds draw their figures."""
     rows = [
-        *_header({"PNE": pne, "GW": gw, "SRV": server}),
-        "".join(_lifelines()).rstrip(),
+        *header({"PNE": pne, "GW": gw, "SRV": server}),
+        lifelines(),
         _arrow("GW", "SRV", "TLS 1.3, server certificate", "003 step 0 / 004 §5.x.2"),
         _arrow("GW", "SRV", "HTTP Digest(EUKey_GW)"),
         _arrow("SRV", "GW", "rspauth"),

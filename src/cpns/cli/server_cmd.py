@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-from cpns.cli._common import add_data_dir
+from cpns.cli._common import add_data_dir, add_log_format, log_format_choice
 
 __all__ = ["register"]
 
@@ -36,8 +37,15 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from cpns.server.config import load_server_config
     from cpns.server.main import serve_forever
 
+    if log_format_choice(args) is None and load_server_config(args.data_dir).log_json:
+        # Neither --log-format nor CPNS_LOG_FORMAT: server.toml's log_json decides.
+        from cpns.logs import JSONFormatter
+
+        for handler in logging.getLogger("cpns").handlers:
+            handler.setFormatter(JSONFormatter())
     serve_forever(args.data_dir)
     return 0
 
@@ -84,7 +92,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Serve the CPNS protocol over HTTPS (TLS 1.3).",
     )
     add_data_dir(run, "cpns-server")
-    run.add_argument("--log-json", action="store_true", help="log JSON lines")
+    add_log_format(run)
     run.set_defaults(func=_run)
 
 
