@@ -117,6 +117,18 @@ def _run(args: argparse.Namespace) -> int:
     console.print()
     diagram = sequence_diagram(pne=pne_id, gw=gw_id, server="cpns-server", txid=str(tx)[:12], n=n)
     console.print(diagram, soft_wrap=True, markup=False, highlight=False)
+    flow = next((a.get("flow") for a in audit if a["procedure"] == "eukey-assignment-tk-003"), None)
+    logs = [base / f"{name}.log" for name in (pne_id, "gw", "server")]
+    if flow and all(p.exists() for p in logs):
+        from cpns.cli.trace_cmd import draw, read_lines
+
+        lines = list(read_lines(logs, flow))
+        if lines:
+            console.print(
+                f"\nThe same flow as the three parties logged it "
+                f"(cpns trace {flow} {' '.join(p.name for p in logs)}):"
+            )
+            console.print(draw(flow, lines), soft_wrap=True, markup=False, highlight=False)
     table = Table("party", "what it holds now (no secrets shown)", title="Each party's view")
     for e in server_view:
         table.add_row(
@@ -140,7 +152,9 @@ def _run(args: argparse.Namespace) -> int:
         f"from {dev_view.get('gateway_id')}",
     )
     console.print(table)
-    trail = Table("outcome", "procedure", "actor", "entity", "txid", title="Server audit trail")
+    trail = Table(
+        "outcome", "procedure", "actor", "entity", "txid", "flow", title="Server audit trail"
+    )
     for a in reversed(audit):
         trail.add_row(
             a["outcome"],
@@ -148,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
             a["actor"],
             a["entity"] or "-",
             (a["correlation_id"] or "-")[:12],
+            a.get("flow") or "-",
         )
     console.print(trail)
     if args.dir:
