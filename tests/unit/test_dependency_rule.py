@@ -43,6 +43,8 @@ FORBIDDEN = (
     "cpns.transport",
     "cpns.cli",
     "cpns.runtime",
+    "cpns.metrics",
+    "prometheus_client",
 )
 
 

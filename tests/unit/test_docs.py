@@ -56,6 +56,37 @@ def test_readme_library_example_runs() -> None:
     exec(compile(match.group(1), "README.md", "exec"), {})  # our own README, as printed
 
 
+def _metric_names() -> list[str]:
+    """The exposed name of every metric cpns defines (counters with their ``_total``)."""
+    from prometheus_client import Counter
+
+    from cpns.metrics import ALL_METRICS
+
+    names = []
+    for metric in ALL_METRICS:
+        [family] = metric.describe()
+        names.append(family.name + ("_total" if isinstance(metric, Counter) else ""))
+    return names
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/metrics.md is the metrics reference: every metric cpns registers has a row
+    there (its exposed name in backquotes), and every cpns_ name there is a metric."""
+    text = (DOCS / "metrics.md").read_text(encoding="utf-8")
+    names = _metric_names()
+    assert len(names) == len(set(names)) >= 20
+    missing = [name for name in names if f"| `{name}` |" not in text]
+    assert missing == []
+    mentioned = set(re.findall(r"`(cpns_[a-z_]+)`", text))
+    assert mentioned <= set(names)
+
+
+def test_metrics_doc_is_linked() -> None:
+    """A newcomer finds the metrics reference from the README and the deployment guide."""
+    assert "docs/metrics.md" in (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    assert "(metrics.md)" in (DOCS / "deployment.md").read_text(encoding="utf-8")
+
+
 if __name__ == "__main__":
     for page in sorted((DOCS / "procedures").glob("*.md")):
         page.write_text(render_docs(page.read_text(encoding="utf-8")), encoding="utf-8")

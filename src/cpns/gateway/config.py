@@ -31,6 +31,7 @@ __all__ = [
     "CONTROL_SOCKET",
     "DEFAULT_PAN_PORT",
     "ENV_PREFIX",
+    "OPERATOR_PORT_FILE",
     "PAN_PORT_MEMO",
     "PORT_FILE",
     "GatewayConfig",
@@ -50,6 +51,8 @@ DEFAULT_PAN_PORT: Final = 7700
 #: With ``pan_port = 0`` the daemon binds any free port the first time and remembers it
 #: here; every later start binds the same port again (the file outlives the daemon).
 PAN_PORT_MEMO: Final = "gateway.pan-port"
+#: Where the daemon writes the operator port it bound, when ``operator_port`` is set.
+OPERATOR_PORT_FILE: Final = "operator.port"
 #: The daemon's control socket (JSON lines), inside the data directory.
 CONTROL_SOCKET: Final = "control.sock"
 #: Prefix of the environment overrides.
@@ -99,6 +102,12 @@ class GatewayConfig:
     #: PAN: most links announcing the same PNE ID at once (one real PNE plus reconnections
     #: whose old link is not yet seen dead); a further PNEHello with that ID is refused.
     pan_links_per_pne: int = 4
+    #: Address of the operator listener (/metrics, /healthz, /readyz; plain HTTP, no
+    #: authentication): keep it on loopback or a management network (docs/metrics.md).
+    operator_host: str = "127.0.0.1"
+    #: TCP port of the operator listener; 0 (the default) disables it. The bound port is
+    #: written to ``operator.port``.
+    operator_port: int = 0
 
     def __post_init__(self) -> None:
         for name in ("entity_id", "server_id"):
@@ -107,6 +116,10 @@ class GatewayConfig:
         check_server_url(self.server_url)
         if not 0 <= self.pan_port <= 65535:
             raise ConfigurationError("pan_port must be 0..65535")
+        if not 0 <= self.operator_port <= 65535:
+            raise ConfigurationError("operator_port must be 0..65535 (0: no operator listener)")
+        if self.operator_port and self.operator_port == self.pan_port:
+            raise ConfigurationError("operator_port must differ from pan_port")
         if self.per_try_timeout <= 0 or self.retries < 0 or self.retry_interval <= 0:
             raise ConfigurationError("timeouts and intervals must be positive, retries >= 0")
         for name in ("pan_hello_timeout", "pan_idle_timeout", "pan_frame_timeout"):

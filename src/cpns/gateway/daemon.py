@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from cpns import metrics
 from cpns.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -79,7 +80,7 @@ from cpns.errors import (
     TransportError,
 )
 from cpns.flow import flow_bytes, flow_hex, log_hop, message_scope, new_flow, stamp
-from cpns.gateway.config import GatewayConfig
+from cpns.gateway.config import OPERATOR_PORT_FILE, GatewayConfig
 from cpns.gateway.upstream import HOP as UPSTREAM_HOP
 from cpns.gateway.upstream import ServerClient, Upstream, UpstreamAuthFailed
 from cpns.logs import current_flow, flow_scope
@@ -168,6 +169,10 @@ class AssignResult:
             "unverified_status": self.unverified_status,
             "flow": self.flow,
         }
+
+
+def _nothing_pending() -> float:
+    return 0.0
 
 
 def _code_name(code: ErrorCode | int) -> str:
@@ -487,6 +492,8 @@ class GatewayDaemon:
         self._eukey = b""
         self._pan: asyncio.Server | None = None
         self._control: asyncio.Server | None = None
+        #: The operator listener (/metrics, /healthz, /readyz), if operator_port is set.
+        self._operator: metrics.OperatorServer | None = None
         #: PNE ID -> its live PAN links, oldest first (several: a PNEHello proves nothing,
         #: so a new one never ends an existing link; bounded by pan_links_per_pne).
         self._routes: dict[str, list[_Link]] = {}
@@ -584,16 +591,63 @@ class GatewayDaemon:
             except OSError as exc:  # e.g. a data directory path too long for AF_UNIX
                 raise ConfigurationError(f"cannot create control socket {sock}: {exc}") from None
             os.chmod(sock, 0o600)  # the password key travels here: owner only
+            await self._start_operator()
         except BaseException:
             await self.stop()
             raise
         self._spawn(self._retry_loop())
+        if metrics.multiprocess_dir() is None:  # computed at scrape: single process only
+            metrics.GATEWAY_PENDING_REQUESTS.set_function(self._pending_requests)
+            metrics.GATEWAY_PENDING_DELIVERIES.set_function(self._pending_deliveries)
         log.info(
             "PN GW %s listening on PAN %s:%d, control %s",
             self._config.entity_id,
             self._config.pan_host,
             self.pan_port,
             self._config.control_socket,
+        )
+
+    async def _start_operator(self) -> None:
+        """Start the operator listener if ``operator_port`` is set (ConfigurationError if
+        it cannot be bound); its port goes to ``operator.port``."""
+        host, port = self._config.operator_host, self._config.operator_port
+        if port == 0:
+            return
+        try:
+            self._operator = await metrics.serve_operator(
+                host, port, ready=self._readiness, multiprocess_dir=metrics.multiprocess_dir()
+            )
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen on operator {host}:{port}: {exc.strerror or exc}"
+            ) from None
+        write_private_file(
+            self._config.data_dir / OPERATOR_PORT_FILE,
+            f"{self._operator.port}\n".encode(),
+            overwrite=True,
+        )
+        log.info("operator listener on http://%s:%d", host, self._operator.port)
+
+    async def _readiness(self) -> tuple[bool, str]:
+        """Ready while the PAN listener runs and no stop was asked for."""
+        if not self._started or self._pan is None:
+            return False, "not started"
+        if self._stop_requested.is_set():
+            return False, "stopping"
+        return True, ""
+
+    def _pending_requests(self) -> float:
+        """Stored requests the server has not answered yet (a metric)."""
+        return float(sum(1 for r in list(self._pne_records.values()) if "request" in r))
+
+    def _pending_deliveries(self) -> float:
+        """Stored key sets not yet proven delivered (a metric)."""
+        return float(
+            sum(
+                1
+                for r in list(self._pne_records.values())
+                if r.get("set") is not None and not r["set"].get("delivered")
+            )
         )
 
     def _remembered_pan_port(self) -> int:
@@ -675,6 +729,12 @@ class GatewayDaemon:
             if server is not None:
                 await server.wait_closed()
         self._pan = self._control = None
+        if self._operator is not None:
+            await self._operator.close()
+            self._operator = None
+        if metrics.multiprocess_dir() is None:  # a stopped daemon's records are not pending
+            metrics.GATEWAY_PENDING_REQUESTS.set_function(_nothing_pending)
+            metrics.GATEWAY_PENDING_DELIVERIES.set_function(_nothing_pending)
         if self._owns_upstream and isinstance(self._upstream, ServerClient):
             await self._upstream.aclose()
             self._upstream = None
@@ -874,7 +934,13 @@ class GatewayDaemon:
                 fut.set_result(result)
 
     async def _complete_request(self, pne_id: str, machine: EUKeyAssignmentGateway) -> AssignResult:
-        """Send the machine's (persisted) request, feed the answer, store, notify."""
+        """Send the machine's (persisted) request, feed the answer, store, notify; the
+        outcome is counted in ``cpns_gateway_assignments``."""
+        result = await self._exchange_request(pne_id, machine)
+        metrics.GATEWAY_ASSIGNMENTS.labels(result.status, result.hop or "none").inc()
+        return result
+
+    async def _exchange_request(self, pne_id: str, machine: EUKeyAssignmentGateway) -> AssignResult:
         (request,) = machine.messages_to_send()
         assert isinstance(request, EUKeyAssignmentRequest)
         request = stamp(request)  # the same bytes as stored: the flow is the same
@@ -1082,7 +1148,9 @@ class GatewayDaemon:
 
         Peer-supplied text is cut and escaped (:func:`peer_text`), and these lines share a
         budget (:class:`_LogBudget`): a peer flooding bad frames costs a few log lines,
-        then one summary of how many were left out."""
+        then one summary of how many were left out. Every fault is counted in
+        ``cpns_gateway_pan_peer_faults``, the ones left out of the log too."""
+        metrics.GATEWAY_PAN_FAULTS.inc()
         allowed, dropped = self._fault_log.take(asyncio.get_running_loop().time())
         if not allowed:
             return
@@ -1161,16 +1229,20 @@ class GatewayDaemon:
         """Count a new PAN link against the caps; False (logged within the fault budget)
         when the total or its source address is at its cap (issue 5 item 11)."""
         if self._open_links >= self._max_links:
+            metrics.GATEWAY_PAN_REFUSED.labels("pan_max_links").inc()
             self._peer_fault(link, f"refused: {self._max_links} PAN links open (pan_max_links)")
             return False
         if self._per_source.get(link.peer, 0) >= self._config.pan_max_links_per_source:
+            metrics.GATEWAY_PAN_REFUSED.labels("pan_max_links_per_source").inc()
             self._peer_fault(link, "refused: too many links from this address")
             return False
+        metrics.GATEWAY_PAN_CONNECTIONS.inc()
         self._open_links += 1
         self._per_source[link.peer] = self._per_source.get(link.peer, 0) + 1
         return True
 
     def _release(self, link: _Link) -> None:
+        metrics.GATEWAY_PAN_CONNECTIONS.dec()
         self._open_links -= 1
         left = self._per_source.get(link.peer, 1) - 1
         if left > 0:
@@ -1199,6 +1271,8 @@ class GatewayDaemon:
                 await self._refuse(link, ErrorCode.NOT_AUTHORIZED, message.txid)
                 return False
             link.pne_id = message.src
+            if not links:
+                metrics.GATEWAY_ATTACHED_PNES.inc()
             links.append(link)
             if message.flow is not None:
                 self._hello_flows[message.src] = message.flow.hex()
@@ -1224,8 +1298,9 @@ class GatewayDaemon:
             links.remove(link)
             log.info("PNE %s detached (%d link(s) left)", pne_id, len(links))
         if not links:
-            self._routes.pop(pne_id, None)
             self._hello_flows.pop(pne_id, None)
+            if self._routes.pop(pne_id, None) is not None:
+                metrics.GATEWAY_ATTACHED_PNES.dec()
 
     def _note_unverified(self, link: _Link, ack: EUKeyAssignmentAck, why: str) -> None:
         """D-PAN-2: an Ack that proves nothing is logged (within the fault budget),
@@ -1280,6 +1355,7 @@ class GatewayDaemon:
                     log.error("txid %s: cannot store delivery to %s: %s", txid, pne_id, exc)
                     return True
                 log.info("txid %s: EUKey %d delivered to PNE %s", txid, event.key_index, pne_id)
+                metrics.GATEWAY_DELIVERIES.inc()
                 self._unverified.pop(pne_id, None)
                 self._resolve(
                     pne_id,

@@ -40,11 +40,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Final, Protocol
 
 import httpx
 
+from cpns import metrics
 from cpns.errors import AuthenticationFailed, ConfigurationError, DecodeError, TransportError
 from cpns.flow import log_hop, stamp
 from cpns.messages.codec import decode, encode
@@ -238,11 +240,23 @@ class ServerClient:
             raise UpstreamAuthFailed("no EUKey: enrol the gateway first", hop="gateway")
         # The most recently used lane first (LIFO): it most likely holds a live nonce.
         lane = await self._lanes.get()
+        kind = message.TYPE.name
+        outcome = "error"
+        started = time.perf_counter()
         log_hop(log, "sent", message, "server")
         try:
             reply = await self._exchange_on(lane, body, needs_auth, message)
+            outcome = "answered"
+        except TransportError:
+            outcome = "unavailable"
+            raise
+        except AuthenticationFailed:
+            outcome = "auth_failed"
+            raise
         finally:
             self._lanes.put_nowait(lane)
+            metrics.GATEWAY_UPSTREAM_DURATION.labels(kind).observe(time.perf_counter() - started)
+            metrics.GATEWAY_UPSTREAM_EXCHANGES.labels(kind, outcome).inc()
         log_hop(log, "received", reply, "server")
         return reply
 
@@ -274,6 +288,7 @@ class ServerClient:
         last = "no attempt"
         for attempt in range(self._retries + 1):
             if attempt:
+                metrics.GATEWAY_UPSTREAM_RETRIES.inc()
                 await asyncio.sleep(delay)
                 delay *= 2
             headers: dict[str, str] = {}

@@ -54,6 +54,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from cpns import metrics
 from cpns.errors import AuthenticationFailed
 from cpns.logs import peer_text
 from cpns.messages.constants import MAX_MESSAGE_SIZE
@@ -71,6 +72,8 @@ type ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 type ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _CBOR = b"application/cbor"
+#: Route label of ``cpns_server_http_responses``: the known paths, "other" for the rest.
+_ROUTES = {"/cpns/v1/messages": "messages", "/cpns/v1/whoami": "whoami", "/healthz": "healthz"}
 #: Stands in for the EUKey of an entity that may not log in (same length, same work).
 _NO_KEY = bytes(32)
 
@@ -100,9 +103,12 @@ class CPNSApp:
         if scope["type"] != "http":  # pragma: no cover - websockets are not routed here
             return
         started = False
+        route = _ROUTES.get(scope.get("path", ""), "other")
 
         async def tracked_send(event: MutableMapping[str, Any]) -> None:
             nonlocal started
+            if event["type"] == "http.response.start":
+                metrics.SERVER_HTTP_RESPONSES.labels(route, str(event["status"])).inc()
             started = True
             await send(event)
 
@@ -164,8 +170,10 @@ class CPNSApp:
                 now=self._clock(),
             )
         except DigestStale:
+            metrics.SERVER_DIGEST_FAILURES.labels("stale_nonce").inc()
             return None, [], True
         except AuthenticationFailed as exc:
+            metrics.SERVER_DIGEST_FAILURES.labels(digest_failure_class(exc)).inc()
             log.info("Digest authentication failed: %s", peer_text(exc.reason))
             return None, [], False
         return ok.username, [(b"authentication-info", ok.authentication_info.encode())], False
@@ -235,6 +243,35 @@ class CPNSApp:
             parsed, authenticated=entity, source=client[0] if client else None
         )
         await _respond(send, reply.http_status, reply.body, _CBOR, headers)
+
+
+#: Reason classes of ``cpns_server_digest_failures`` by the start of the verifier's reason
+#: (cpns.protocol.digest); anything else is "bad_parameters".
+_DIGEST_REASONS: tuple[tuple[str, str], ...] = (
+    ("malformed", "malformed"),
+    ("wrong Digest response", "wrong_response"),
+    # Not told apart from a wrong response in the metric either (same class, same code).
+    ("unknown username", "wrong_response"),
+    ("replayed nc", "replayed_nc"),
+    ("nonce is not one of ours", "foreign_nonce"),
+    ("unknown algorithm", "unsupported"),
+    ("algorithm ", "unsupported"),
+    ("userhash", "unsupported"),
+    ("only qop", "unsupported"),
+)
+
+
+def digest_failure_class(exc: AuthenticationFailed) -> str:
+    """The bounded reason class of a failed Digest verification (a metric label):
+    ``stale_nonce`` (DigestStale), ``malformed``, ``wrong_response`` (wrong key or unknown
+    Entity ID: one class), ``replayed_nc``, ``foreign_nonce``, ``unsupported``, or
+    ``bad_parameters``."""
+    if isinstance(exc, DigestStale):
+        return "stale_nonce"
+    for prefix, name in _DIGEST_REASONS:
+        if exc.reason.startswith(prefix):
+            return name
+    return "bad_parameters"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -81,12 +81,26 @@ class ServerConfig:
     key_file: str = "tls/server-key.pem"
     #: Emit JSON log lines.
     log_json: bool = False
+    #: Address of the operator listener (/metrics, /healthz, /readyz; plain HTTP, no
+    #: authentication): keep it on loopback or a management network (docs/metrics.md).
+    operator_host: str = "127.0.0.1"
+    #: TCP port of the operator listener; 0 (the default) disables it. The bound port is
+    #: written to ``operator.port``.
+    operator_port: int = 0
+    #: Seconds the /readyz store read may take before the server is reported not ready.
+    readiness_timeout: int = 2
 
     def __post_init__(self) -> None:
         if ID_PATTERN.fullmatch(self.server_id) is None:
             raise ValueError(f"server_id {self.server_id!r} is not a valid Entity ID")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
+        if not 0 <= self.operator_port <= 65535:
+            raise ValueError("operator_port must be 0..65535 (0: no operator listener)")
+        if self.operator_port and self.operator_port == self.port:
+            raise ValueError("operator_port must differ from port")
+        if not 1 <= self.readiness_timeout <= 60:
+            raise ValueError("readiness_timeout must be 1..60 seconds")
         bad = [a for a in self.digest_algorithms if a not in _ALGORITHMS]
         if bad or not self.digest_algorithms:
             raise ValueError(f"digest_algorithms must be a non-empty list of {_ALGORITHMS}")

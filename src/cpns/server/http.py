@@ -42,6 +42,8 @@ from typing import Any, ClassVar, Final, cast
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from cpns import metrics
+
 __all__ = [
     "ConnectionTracker",
     "ListenerLimits",
@@ -137,6 +139,12 @@ class ConnectionTracker:
             self.total >= self._limits.max_connections
             or current >= self._limits.max_connections_per_source
         ):
+            cap = (
+                "max_connections"
+                if self.total >= self._limits.max_connections
+                else "max_connections_per_source"
+            )
+            metrics.SERVER_CONNECTIONS_REFUSED.labels(cap).inc()
             self.refused += 1
             now = time.monotonic()
             if now - self._last_report >= _REFUSAL_LOG_INTERVAL:
@@ -151,10 +159,12 @@ class ConnectionTracker:
             return False
         self.total += 1
         self.by_source[source] = current + 1
+        metrics.SERVER_CONNECTIONS.inc()
         return True
 
     def release(self, source: str) -> None:
         """Forget one connection from ``source``."""
+        metrics.SERVER_CONNECTIONS.dec()
         self.total -= 1
         left = self.by_source.get(source, 1) - 1
         if left > 0:
@@ -193,6 +203,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed_head = 0
         self._refused = False
         self._early: list[bytes] = []
+        #: Why the listener closed this connection (counted once, first reason wins).
+        self._closed_for: str | None = None
 
     # -- accept, caps, TLS ----------------------------------------------------------------
 
@@ -233,6 +245,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._finish()
             raise
         except Exception:  # handshake failed, timed out, or the peer went away
+            self._closed_by_limit("tls_handshake_failed")
             raw.abort()
             self._finish()
             return
@@ -289,6 +302,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _on_deadline(self) -> None:
         self._deadline = None
+        self._closed_by_limit("request_timeout")
         if self._started:
             self.transport.abort()
         elif self._raw is not None:
@@ -363,12 +377,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.abort()  # a response is under way: no room for a 431
             return
+        self._closed_by_limit("head_too_large")
         log.info(
             "431 to %s: request head over %d bytes", self._source, self.limits.max_header_bytes
         )
         self.transport.write(_431)
         self.transport.close()
         self.loop.call_later(_LINGER, self._cut)
+
+    def _closed_by_limit(self, reason: str) -> None:
+        """Count this connection once in ``cpns_server_connections_closed``."""
+        if self._closed_for is None:
+            self._closed_for = reason
+            metrics.SERVER_CONNECTIONS_CLOSED.labels(reason).inc()
 
     def _cut(self) -> None:
         with contextlib.suppress(Exception):

@@ -32,6 +32,7 @@ from cpns.runtime import SystemRandom, run_event_loop, wall_time
 from cpns.server.app import CPNSApp
 from cpns.server.config import ServerConfig, load_server_config
 from cpns.server.guard import AttemptGuard, GuardLimits
+from cpns.server.health import start_operator, stop_operator
 from cpns.server.http import ListenerLimits, effective_limits, listener_protocol
 from cpns.server.service import CPNSService
 from cpns.server.tls import generate_self_signed
@@ -278,6 +279,7 @@ async def run_server(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        operator = await start_operator(config, store, stopping=lambda: server.should_exit)
         purge = asyncio.create_task(_purge_loop(store, 60.0, guard=guard, config=config))
         (config.data_dir / "server.port").write_text(f"{port}\n")
         log.info("CPNS Server %s listening on https://%s:%d", config.server_id, config.host, port)
@@ -286,6 +288,7 @@ async def run_server(
         try:
             await server.serve(sockets=[sock])
         finally:
+            await stop_operator(operator)
             purge.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purge

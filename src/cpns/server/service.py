@@ -18,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cpns import metrics
 from cpns.errors import DecodeError, ErrorCode
 from cpns.flow import flow_hex, log_hop, message_scope, stamp
 from cpns.logs import peer_text
@@ -150,6 +152,7 @@ class CPNSService:
             log.info(
                 "undecodable request: %s", peer_text(exc.reason), extra={"status": exc.code.name}
             )
+            metrics.SERVER_REQUESTS.labels("undecodable", exc.code.name).inc()
             try:
                 error = ErrorMessage(
                     txid=txid or bytes(TXID_LEN),
@@ -202,11 +205,24 @@ class CPNSService:
         The request is handled in its flow (docs/logging.md): every log line carries the
         request's flow ID, the reply echoes it, and one line each logs the request
         received and the reply sent.
+
+        Counted in :mod:`cpns.metrics`: the request by procedure and reply status, its
+        duration, and the steps in progress.
         """
+        procedure = _PROCEDURE.get(type(message), "unexpected")
+        started = time.perf_counter()
+        metrics.SERVER_PENDING.inc()
         with message_scope(message):
             peer = _peer_party(message)
             log_hop(log, "received", message, peer)
-            reply = await self._handle(message, authenticated=authenticated, source=source)
+            try:
+                reply = await self._handle(message, authenticated=authenticated, source=source)
+            finally:
+                metrics.SERVER_PENDING.dec()
+                metrics.SERVER_REQUEST_DURATION.labels(procedure).observe(
+                    time.perf_counter() - started
+                )
+            metrics.SERVER_REQUESTS.labels(procedure, _status_name(reply.status)).inc()
             sent = reply.message if reply.message is not None else decode(reply.body)
             log_hop(log, "sent", sent, peer)
             return reply
@@ -317,6 +333,9 @@ class CPNSService:
         self, stored: StoredReply, message: Message, digest: bytes, requester: str
     ) -> Reply:
         if stored.request_digest == digest:
+            metrics.SERVER_RETRIES_ANSWERED.labels(
+                _PROCEDURE.get(type(message), "unexpected")
+            ).inc()
             log.info(
                 "retry of %s answered from the stored reply",
                 message.txid.hex(),
@@ -413,6 +432,8 @@ class CPNSService:
         name = code.name if isinstance(code, ErrorCode) else str(code)
         user_id = getattr(message, "user_id", None)
         procedure = _PROCEDURE.get(type(message), type(message).__name__)
+        if code in _PROOF_FAILURES and type(message) in _PROCEDURE:
+            metrics.SERVER_PASSWORD_PROOF_FAILURES.labels(procedure).inc()
         if code in _PROOF_FAILURES and user_id is not None and type(message) in _PROCEDURE:
             # Counted in memory, written in batches by the guard's flush (D-SRV-2).
             self.guard.failed(procedure, user_id, source, now=now)
@@ -452,6 +473,11 @@ class CPNSService:
         )
         event = _audit_event(message, requester, code, now, reason)
         await self._store.write_async(lambda tx: tx.audit(event))
+
+
+def _status_name(code: ErrorCode | int) -> str:
+    """A reply status as a metric label: the ErrorCode name (a bounded set)."""
+    return code.name if isinstance(code, ErrorCode) else "UNKNOWN"
 
 
 def _audit_event(

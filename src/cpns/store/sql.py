@@ -64,6 +64,8 @@ import re
 import secrets
 import sqlite3
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -73,6 +75,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
 import psycopg
 
+from cpns import metrics
 from cpns.crypto.hashing import KEY_LEN, Part, hash_values
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, LocalProtocolError, StoreError
@@ -851,6 +854,10 @@ class SQLStore:
         self._readers: list[sqlite3.Connection] = []
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._stats = WriteStats(commits=0, jobs=0)
+        # Operator metrics of the group commit (docs/metrics.md), bound to this back end.
+        self._m_batch = metrics.STORE_COMMIT_BATCH.labels(self._dialect.name)
+        self._m_duration = metrics.STORE_COMMIT_DURATION.labels(self._dialect.name)
+        self._m_failures = metrics.STORE_COMMIT_FAILURES.labels(self._dialect.name)
         conn: _Conn
         try:
             if self._dsn is not None:
@@ -1130,6 +1137,35 @@ class SQLStore:
             return []
         return [_audit_event(row) for row in self._query(_Q.AUDIT_LIST, (limit,))]
 
+    def ping(self) -> None:
+        """One real read of the database, as a readiness check (``/readyz``).
+
+        SQLite: a fresh read-only connection opens the file (never creating it) and reads
+        the master key id, so a file that went missing or unreadable fails now, not only
+        in the next request. PostgreSQL: the same read on a pooled connection.
+
+        Raises:
+            StoreError: the database cannot be read (the message names it, no password).
+        """
+        if self._closed:
+            raise StoreError(f"store {self._where} is closed")
+        statement = self._dialect.sql(_Q.META_GET)
+        if self._pg_readers is not None:
+            self._query(_Q.META_GET, ("master_key_id",))
+            return
+        assert self._path is not None
+        uri = "file:" + urllib.parse.quote(str(self._path.resolve())) + "?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout, autocommit=True)
+            try:
+                row = conn.execute(statement, ("master_key_id",)).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self._where}: {exc}") from None
+        if row is None:
+            raise StoreError(f"store {self._where} has no master key id (not a cpns store?)")
+
     # -- writes -----------------------------------------------------------------------
 
     def _submit(self, job: _Job) -> None:
@@ -1217,6 +1253,7 @@ class SQLStore:
         if not jobs:
             return
         outcomes: list[tuple[_Job, bool, Any]] = []
+        started = time.perf_counter()
         try:
             try:
                 conn.execute(self._dialect.begin_write)
@@ -1238,7 +1275,10 @@ class SQLStore:
             # Nothing was committed: jobs that raised keep their own error, the rest fail.
             own = {id(job): value for job, ok, value in outcomes if not ok}
             outcomes = [(job, False, own.get(id(job)) or StoreError(reason)) for job in jobs]
+            self._m_failures.inc()
         else:
+            self._m_duration.observe(time.perf_counter() - started)
+            self._m_batch.observe(len(jobs))
             self._stats = WriteStats(
                 commits=self._stats.commits + 1, jobs=self._stats.jobs + len(jobs)
             )

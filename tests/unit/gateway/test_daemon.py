@@ -31,8 +31,10 @@ from tests.helpers import (
     TKS,
     Directory,
     FixedRandom,
+    cached_password_key,
     claim_key_for,
 )
+from tests.metrics import free_port, get, sample, scrape, value
 
 from cpns.device.agent import DeviceAgent, device_status, init_device
 from cpns.errors import (
@@ -547,7 +549,7 @@ def test_garbage_frame_gets_an_error_and_the_daemon_keeps_serving(
                     writer.write(data)
                     await writer.drain()
                     out.append((await receive(reader), await receive(reader)))
-            async with pan_client(gw) as (reader, writer):
+            async with pan_client(gw) as (_, writer):
                 await write_message(writer, hello("pne-2"))
                 await wait_until(lambda: gw.status()["attached"] == ["pne-2"])
         return out
@@ -625,7 +627,7 @@ def test_no_peer_bytes_take_the_gateway_down(
                     writer.write(frame)
                 await writer.drain()
                 error, after = await receive(reader), await receive(reader)
-            async with pan_client(gw) as (reader, writer):
+            async with pan_client(gw) as (_, writer):
                 await write_message(writer, hello("pne-2"))
                 await wait_until(lambda: gw.status()["attached"] == ["pne-2"])
                 return error, after, await control(enrolled, {"op": "status"})
@@ -1516,3 +1518,115 @@ def test_the_gateway_enrolment_is_a_flow_of_its_own(
     assert enrolment.flow is not None
     [audit] = [e for e in server.store.audit_events() if e.procedure == "eukey-assignment-ui-004"]
     assert audit.flow_id == enrolment.flow.hex()
+
+
+# -- operator metrics and listener (docs/metrics.md) -------------------------------------
+
+
+def password_key_of(user_id: str, password: str) -> bytes:
+    return cached_password_key(user_id, password)
+
+
+def test_gateway_metrics_follow_links_assignments_and_deliveries(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes, tmp_path: Path
+) -> None:
+    """docs/metrics.md: the gateway's gauges follow its state (a stored set is a pending
+    delivery until the PNE proves receipt; an attached PNE is one attached PNE and one
+    PAN connection), its counters count assignments by status and hop and proven
+    deliveries; the operator listener serves the same values over HTTP, with /healthz and
+    /readyz 200 while the daemon runs, and closes with the daemon."""
+    device_dir = make_device(tmp_path)
+    config = dataclasses.replace(enrolled, operator_port=free_port())
+    metrics_url = f"http://127.0.0.1:{config.operator_port}"
+    ok_before = sample("cpns_gateway_assignments_total", status="OK", hop="none")
+    delivered_before = sample("cpns_gateway_deliveries_total")
+    links_before = sample("cpns_gateway_pan_connections")
+    attached_before = sample("cpns_gateway_attached_pnes")
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with running_gateway(config, server) as gw:
+            seen["port_file"] = (config.data_dir / "operator.port").read_text().strip()
+            await control(config, assign_op("pne-1", alice_key, wait=0))
+            seen["pending"] = (
+                sample("cpns_gateway_pending_requests"),
+                sample("cpns_gateway_pending_deliveries"),
+            )
+            async with pan_client(gw) as (_, writer):
+                await write_message(writer, hello("pne-2"))
+                await wait_until(lambda: gw.status()["attached"] == ["pne-2"])
+                seen["attached"] = (
+                    sample("cpns_gateway_pan_connections"),
+                    sample("cpns_gateway_attached_pnes"),
+                )
+                seen["scraped"] = await asyncio.to_thread(scrape, metrics_url + "/metrics")
+            await wait_until(lambda: gw.status()["attached"] == [])
+            agent = DeviceAgent(device_dir, "127.0.0.1", gw.pan_port)
+            assert await agent.run(once=True, timeout=WAIT) == 0
+            # Counted once the delivery is stored (the status shows it a moment earlier).
+            await wait_until(
+                lambda: sample("cpns_gateway_deliveries_total") == delivered_before + 1
+            )
+            seen["after"] = (
+                sample("cpns_gateway_pending_deliveries"),
+                sample("cpns_gateway_deliveries_total"),
+            )
+            seen["health"] = await asyncio.to_thread(get, metrics_url + "/healthz")
+            seen["ready"] = await asyncio.to_thread(get, metrics_url + "/readyz")
+        await wait_until(lambda: sample("cpns_gateway_pan_connections") == links_before)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", config.operator_port)
+        return seen
+
+    seen = run(scenario())
+    assert seen["port_file"] == str(config.operator_port)
+    assert seen["pending"] == (0, 1)
+    assert seen["attached"] == (links_before + 1, attached_before + 1)
+    assert value(seen["scraped"], "cpns_gateway_attached_pnes") == attached_before + 1
+    assert value(seen["scraped"], "cpns_gateway_pending_deliveries") == 1
+    assert seen["after"] == (0, delivered_before + 1)
+    assert sample("cpns_gateway_assignments_total", status="OK", hop="none") == ok_before + 1
+    assert sample("cpns_gateway_attached_pnes") == attached_before
+    assert seen["health"] == (200, "ok\n")
+    assert seen["ready"] == (200, "ready\n")
+
+
+def test_server_refusals_are_counted_with_their_hop(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """docs/metrics.md: a refused assignment counts under the relayed status and the hop
+    that decided (here the server: a wrong password)."""
+    before = sample("cpns_gateway_assignments_total", status="WRONG_PASSWORD", hop="server")
+    wrong = password_key_of("alice", "not alice's password")
+
+    async def scenario() -> dict[str, Any]:
+        async with running_gateway(enrolled, server):
+            return await control(enrolled, assign_op("pne-1", wrong))
+
+    assert run(scenario())["status"] == "WRONG_PASSWORD"
+    after = sample("cpns_gateway_assignments_total", status="WRONG_PASSWORD", hop="server")
+    assert after == before + 1
+
+
+def test_operator_port_in_use_is_a_configuration_error(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """A taken operator port stops the start with a clear ConfigurationError (and the
+    daemon releases what it took)."""
+
+    async def scenario() -> None:
+        blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = int(blocker.sockets[0].getsockname()[1])
+        try:
+            daemon = GatewayDaemon(
+                dataclasses.replace(enrolled, operator_port=port), upstream=server
+            )
+            with pytest.raises(ConfigurationError, match="operator"):
+                await daemon.start()
+        finally:
+            blocker.close()
+            await blocker.wait_closed()
+        async with running_gateway(enrolled, server):
+            pass  # the store lock was released
+
+    run(scenario())

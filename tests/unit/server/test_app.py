@@ -24,9 +24,10 @@ from tests.helpers import (
     FixedRandom,
     cached_password_key,
 )
+from tests.metrics import sample
 
 import cpns.protocol.digest as digest_module
-from cpns.errors import ErrorCode
+from cpns.errors import AuthenticationFailed, ErrorCode
 from cpns.messages.codec import decode
 from cpns.messages.constants import MessageType
 from cpns.messages.model import ErrorMessage, EUKeyAssignmentResponse
@@ -34,7 +35,7 @@ from cpns.protocol import key_assignment as ka
 from cpns.protocol.digest import DigestClient, DigestServer
 from cpns.protocol.key_assignment import AssignmentPolicy
 from cpns.records import EntityRecord, TKRecord, UserRecord
-from cpns.server.app import CPNSApp
+from cpns.server.app import CPNSApp, digest_failure_class
 from cpns.server.service import CPNSService
 from cpns.store.base import ServerStore, WriteTx
 from cpns.store.memory import MemoryStore
@@ -543,3 +544,89 @@ def test_a_digest_401_does_the_same_work_for_known_revoked_and_unknown_entities(
     assert attempt("gw-unkno") == known
     assert attempt("gw-revok") == known
     store.close()
+
+
+# -- operator metrics (docs/metrics.md) --------------------------------------------------
+
+
+def test_http_responses_are_counted_by_route_and_status(store: MemoryStore) -> None:
+    """docs/metrics.md: each response of the protocol port counts once in
+    cpns_server_http_responses_total under its route and HTTP status; unknown paths share
+    the route "other" (no label value comes from the request)."""
+    name = "cpns_server_http_responses_total"
+    before = {
+        key: sample(name, route=key[0], code=key[1])
+        for key in [("messages", "401"), ("messages", "200"), ("healthz", "200"), ("other", "404")]
+    }
+    app = make_app(store)
+    call(app, body=b"")
+    call(app, body=_enrolment())
+    call(app, method="GET", path="/healthz")
+    call(app, method="GET", path="/no/such/path/" + "x" * 50)
+    call(app, method="GET", path="/another/unknown")
+    for (route, code), value in before.items():
+        expected = value + (2 if route == "other" else 1)
+        assert sample(name, route=route, code=code) == expected, (route, code)
+
+
+def _digest_failures() -> dict[str, float]:
+    reasons = ["wrong_response", "replayed_nc", "malformed", "stale_nonce", "bad_parameters"]
+    return {r: sample("cpns_server_digest_failures_total", reason=r) for r in reasons}
+
+
+def test_digest_failures_are_counted_by_reason_class(store: MemoryStore) -> None:
+    """docs/metrics.md: a failed Digest verification counts in
+    cpns_server_digest_failures_total under its reason class: a wrong key and an unknown
+    Entity ID are both "wrong_response" (not told apart), a replayed nc "replayed_nc", an
+    unparsable header "malformed"; a success counts nothing."""
+    app = make_app(store)
+    first = call(app, method="GET", path="/cpns/v1/whoami")
+    before = _digest_failures()
+
+    def whoami(client: DigestClient, seed: int) -> tuple[int, str]:
+        header = client.authorization(
+            challenges=_challenges(first),
+            method="GET",
+            uri="/cpns/v1/whoami",
+            rng=FixedRandom(seed),
+        )
+        reply = call(
+            app, method="GET", path="/cpns/v1/whoami", headers=[(b"authorization", header.encode())]
+        )
+        return reply.status, header
+
+    assert whoami(DigestClient(GW, "ff" * 32), 1)[0] == 401
+    assert whoami(DigestClient("gw-nobody", GATEWAY_KEYS[GW].hex()), 2)[0] == 401
+    status, header = whoami(DigestClient(GW, GATEWAY_KEYS[GW].hex()), 3)
+    assert status == 200
+    replay = call(
+        app, method="GET", path="/cpns/v1/whoami", headers=[(b"authorization", header.encode())]
+    )
+    assert replay.status == 401
+    garbage = call(
+        app, method="GET", path="/cpns/v1/whoami", headers=[(b"authorization", b"Digest ,,,=")]
+    )
+    assert garbage.status == 401
+    after = _digest_failures()
+    assert {r: after[r] - before[r] for r in after} == {
+        "wrong_response": 2,
+        "replayed_nc": 1,
+        "malformed": 1,
+        "stale_nonce": 0,
+        "bad_parameters": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (digest_module.DigestStale("nonce expired"), "stale_nonce"),
+        (AuthenticationFailed("nonce is not one of ours"), "foreign_nonce"),
+        (AuthenticationFailed("algorithm MD5 is not enabled"), "unsupported"),
+        (AuthenticationFailed("realm mismatch"), "bad_parameters"),
+    ],
+)
+def test_digest_failure_classes_are_a_fixed_set(error: AuthenticationFailed, expected: str) -> None:
+    """docs/metrics.md: the reason label is one of a fixed set of classes chosen from the
+    verifier's reason, whatever the peer sent."""
+    assert digest_failure_class(error) == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 import resource
 
 import pytest
+from tests.metrics import sample
 
 from cpns.errors import ConfigurationError
 from cpns.server.config import ServerConfig
@@ -73,3 +74,23 @@ def test_server_toml_knobs_reach_the_listener() -> None:
     protocol = listener_protocol(limits, None)
     assert protocol.limits is limits
     assert protocol.tracker is not listener_protocol(limits, None).tracker  # one per listener
+
+
+def test_the_tracker_counts_open_and_refused_connections() -> None:
+    """docs/metrics.md: cpns_server_connections follows admitted and released
+    connections; each refusal counts under the cap that refused it."""
+    open_before = sample("cpns_server_connections")
+    refused = "cpns_server_connections_refused_total"
+    per_source = sample(refused, reason="max_connections_per_source")
+    total = sample(refused, reason="max_connections")
+    tracker = ConnectionTracker(ListenerLimits(max_connections=2, max_connections_per_source=1))
+    assert tracker.admit("10.0.0.1")
+    assert not tracker.admit("10.0.0.1")
+    assert tracker.admit("10.0.0.2")
+    assert not tracker.admit("10.0.0.3")
+    assert sample("cpns_server_connections") == open_before + 2
+    assert sample(refused, reason="max_connections_per_source") == per_source + 1
+    assert sample(refused, reason="max_connections") == total + 1
+    tracker.release("10.0.0.1")
+    tracker.release("10.0.0.2")
+    assert sample("cpns_server_connections") == open_before

@@ -22,6 +22,7 @@ from tests.helpers import (
     cached_password_key,
     claim_key_for,
 )
+from tests.metrics import sample
 
 from cpns.errors import ErrorCode, StoreError
 from cpns.logs import ContextFilter
@@ -360,3 +361,105 @@ def test_the_flow_id_does_not_tell_a_retry_from_a_replay(store: MemoryStore) -> 
     again = handle(service(store), dataclasses.replace(message, flow=b"\x99" * 8))
     assert again.body == first.body
     assert status_of(again) == ErrorCode.OK
+
+
+# -- operator metrics (docs/metrics.md) --------------------------------------------------
+
+TK003 = "eukey-assignment-tk-003"
+
+
+def test_metrics_count_each_request_by_procedure_and_status(store: MemoryStore) -> None:
+    """docs/metrics.md: every answered message counts once in cpns_server_requests_total
+    under its procedure and reply status, and once in the latency histogram; a wrong
+    password also counts as a password-proof failure, a retry as a retry answered."""
+    ok_before = sample("cpns_server_requests_total", procedure=TK003, status="OK")
+    wrong_before = sample("cpns_server_requests_total", procedure=TK003, status="WRONG_PASSWORD")
+    proofs_before = sample("cpns_server_password_proof_failures_total", procedure=TK003)
+    timed_before = sample("cpns_server_request_duration_seconds_count", procedure=TK003)
+    retries_before = sample("cpns_server_retries_answered_total", procedure=TK003)
+    svc = service(store)
+    handle(svc, request(password="not the password", seed=3))
+    message = request()
+    handle(svc, message)
+    handle(svc, message)  # the retry: answered from the stored reply, OK again
+    assert sample("cpns_server_requests_total", procedure=TK003, status="OK") == ok_before + 2
+    assert (
+        sample("cpns_server_requests_total", procedure=TK003, status="WRONG_PASSWORD")
+        == wrong_before + 1
+    )
+    assert sample("cpns_server_password_proof_failures_total", procedure=TK003) == (
+        proofs_before + 1
+    )
+    assert sample("cpns_server_request_duration_seconds_count", procedure=TK003) == (
+        timed_before + 3
+    )
+    assert sample("cpns_server_retries_answered_total", procedure=TK003) == retries_before + 1
+
+
+def test_metrics_count_undecodable_and_unexpected_messages(store: MemoryStore) -> None:
+    """docs/metrics.md: undecodable input counts under procedure "undecodable" with its
+    decode status, a message no procedure starts with under "unexpected"."""
+    bad_before = sample(
+        "cpns_server_requests_total", procedure="undecodable", status="MALFORMED_MESSAGE"
+    )
+    odd_before = sample(
+        "cpns_server_requests_total", procedure="unexpected", status="UNEXPECTED_MESSAGE"
+    )
+    svc = service(store)
+    svc.parse(b"not cbor at all")
+    ack = EUKeyAssignmentAck(
+        txid=b"\x01" * 16, src=GW, dst=SERVER_ID, status=ErrorCode.OK, key_index=1
+    )
+    handle(svc, ack)
+    assert sample(
+        "cpns_server_requests_total", procedure="undecodable", status="MALFORMED_MESSAGE"
+    ) == (bad_before + 1)
+    assert sample(
+        "cpns_server_requests_total", procedure="unexpected", status="UNEXPECTED_MESSAGE"
+    ) == (odd_before + 1)
+
+
+class HeldStore(MemoryStore):
+    """A MemoryStore whose durable writes wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    def write_async[T](self, fn: Callable[[WriteTx], T]) -> asyncio.Future[T]:
+        async def held() -> T:
+            self.waiting.set()
+            await self.release.wait()
+            return await super(HeldStore, self).write_async(fn)
+
+        return asyncio.ensure_future(held())
+
+
+def test_pending_procedures_gauge_counts_steps_in_progress(store: MemoryStore) -> None:
+    """docs/metrics.md: cpns_server_pending_procedures is 1 higher while a step waits for
+    its commit, and back where it was once the reply is ready."""
+    held = HeldStore()
+    users, gw = store.list_users(), store.get_entity(GW)
+    assert gw is not None
+
+    def copy(tx: WriteTx) -> None:
+        for user in users:
+            tx.add_user(user)
+        tx.put_entity(gw)
+        tx.put_tks([TKRecord(entity_id="pne-1", tk=TKS["pne-1"])])
+
+    held.write(copy)
+
+    async def scenario() -> tuple[float, float, float]:
+        before = sample("cpns_server_pending_procedures")
+        task = asyncio.create_task(service(held).handle(request(), authenticated=GW))
+        await held.waiting.wait()
+        during = sample("cpns_server_pending_procedures")
+        held.release.set()
+        reply = await task
+        assert reply.status == ErrorCode.OK
+        return before, during, sample("cpns_server_pending_procedures")
+
+    before, during, after = asyncio.run(scenario())
+    assert (during, after) == (before + 1, before)

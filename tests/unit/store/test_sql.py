@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from tests.metrics import sample
 from tests.postgres import PGCluster
 from tests.postgres import raw as pg_raw
 
@@ -744,3 +745,97 @@ def test_write_from_inside_a_write_function_is_refused(store: SQLStore) -> None:
     with pytest.raises(LocalProtocolError):
         store.write(lambda tx: store.write(lambda tx2: None))
     add_user(store, "alice")
+
+
+# -- operator metrics (docs/metrics.md) --------------------------------------------------
+
+
+def test_group_commit_batches_are_measured(store: SQLStore, backend: Backend) -> None:
+    """docs/metrics.md: each committed transaction of the writer is observed once in
+    cpns_store_commit_batch_size (its number of write functions) and once in
+    cpns_store_commit_duration_seconds, labelled with the back end."""
+    n = 5
+    labels = {"backend": backend.name}
+
+    def batch(suffix: str, **extra: str) -> float:
+        return sample("cpns_store_commit_batch_size" + suffix, **labels, **extra)
+
+    before = (
+        batch("_count"),
+        batch("_sum"),
+        batch("_bucket", le="4.0"),
+        batch("_bucket", le="8.0"),
+    )
+    durations = sample("cpns_store_commit_duration_seconds_count", **labels)
+
+    async def scenario() -> None:
+        running, gate = threading.Event(), threading.Event()
+
+        def hold(tx: WriteTx) -> None:
+            running.set()
+            gate.wait(30)
+
+        # The writer runs the first job alone; the next n queue up behind it and share
+        # the next commit.
+        first = asyncio.ensure_future(store.write_async(hold))
+        await asyncio.to_thread(running.wait, 30)
+        rest = [
+            store.write_async(lambda tx, i=i: tx.use_nonce(f"m{i}".encode(), expires_at=1))
+            for i in range(n)
+        ]
+        gate.set()
+        await asyncio.gather(first, *rest)
+
+    asyncio.run(scenario())
+    after = (batch("_count"), batch("_sum"), batch("_bucket", le="4.0"), batch("_bucket", le="8.0"))
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, n + 1, 1, 2]
+    assert sample("cpns_store_commit_duration_seconds_count", **labels) == durations + 2
+
+
+def test_a_lost_transaction_is_counted_as_a_commit_failure(pg_dsn: str) -> None:
+    """docs/metrics.md: a write transaction the database loses as a whole (here the
+    PostgreSQL server ends the writer's connection) counts once in
+    cpns_store_commit_failures_total and in no batch."""
+    store = SQLStore.open(pg_dsn, master_key=KEY)
+    try:
+        store.write(lambda tx: tx.use_nonce(b"warm", expires_at=1))
+        failures = sample("cpns_store_commit_failures_total", backend="postgresql")
+        batches = sample("cpns_store_commit_batch_size_count", backend="postgresql")
+        pg_raw(
+            pg_dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        with pytest.raises(StoreError):
+            store.write(lambda tx: tx.use_nonce(b"lost", expires_at=1))
+        assert sample("cpns_store_commit_failures_total", backend="postgresql") == failures + 1
+        assert sample("cpns_store_commit_batch_size_count", backend="postgresql") == batches
+    finally:
+        store.close()
+
+
+def test_ping_reads_the_store(backend: Backend) -> None:
+    """/readyz (docs/metrics.md): ping() succeeds on a reachable store and raises
+    StoreError, naming the database without a password, once it cannot be read."""
+    store = SQLStore.open(backend.target, master_key=KEY)
+    try:
+        store.ping()
+    finally:
+        store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.ping()
+
+
+def test_ping_fails_when_the_sqlite_file_is_gone(db: Path) -> None:
+    """/readyz: a SQLite file that disappears under a running store (a volume unmounted)
+    fails the next ping, and the ping does not create an empty file in its place."""
+    store = SQLStore.open(db, master_key=KEY)
+    try:
+        store.ping()
+        for path in db.parent.glob(db.name + "*"):
+            path.rename(path.with_name("moved-" + path.name))
+        with pytest.raises(StoreError, match="cannot read store"):
+            store.ping()
+        assert not db.exists()
+    finally:
+        store.close()
