@@ -443,12 +443,13 @@ class _Link:
         """The PNE ID it announced (already checked by the codec), or ``?``."""
         return self.pne_id or "?"
 
-    async def send(self, message: Message) -> bool:
+    async def send(self, message: Message, *, level: int = logging.INFO) -> bool:
         """Write one message; False if the peer is gone, or does not read it within the
         write timeout (the link is then closed: a peer that stops reading must not hold
-        our buffers). It carries the current flow ID unless it has one, and is logged."""
+        our buffers). It carries the current flow ID unless it has one, and is logged
+        (at ``level``: refusals of a peer's frames at DEBUG, D-PAN-4)."""
         message = stamp(message)
-        log_hop(log, "sent", message, "pne")
+        log_hop(log, "sent", message, "pne", level=level)
         async with self._send_lock:
             try:
                 await asyncio.wait_for(write_message(self.writer, message), self._write_timeout)
@@ -1140,7 +1141,8 @@ class GatewayDaemon:
         await link.send(
             ErrorMessage(
                 txid=txid, src=self._config.entity_id, dst=link.pne_id or PAN_ADDRESS, status=code
-            )
+            ),
+            level=logging.DEBUG,
         )
 
     def _peer_fault(self, link: _Link, what: str, detail: str = "") -> None:
@@ -1199,7 +1201,6 @@ class GatewayDaemon:
                     break
                 try:
                     with message_scope(message):
-                        log_hop(log, "received", message, "pne")
                         keep = await self._on_pan_message(link, message)
                 except Exception as exc:  # one frame never takes the daemon down
                     self._peer_fault(
@@ -1251,7 +1252,21 @@ class GatewayDaemon:
             self._per_source.pop(link.peer, None)
 
     async def _on_pan_message(self, link: _Link, message: Message) -> bool:
-        """Handle one message from a PAN link; False closes the link."""
+        """Handle one message from a PAN link; False closes the link.
+
+        The message's hop line (docs/logging.md) is written at INFO for what the gateway
+        acts on (an accepted PNEHello, an Ack with a proof for an outstanding delivery),
+        at DEBUG for what it refuses or ignores: those already cost a budgeted fault line,
+        and no PAN peer may make the daemon write a line per frame (D-PAN-4)."""
+        accepted = (
+            link.pne_id is None
+            and isinstance(message, PNEHello)
+            and message.dst in (PAN_ADDRESS, self._config.entity_id)
+            and len(self._routes.get(message.src, ())) < self._config.pan_links_per_pne
+        )
+        if not isinstance(message, EUKeyAssignmentAck) or link.pne_id is None:
+            level = logging.INFO if accepted else logging.DEBUG
+            log_hop(log, "received", message, "pne", level=level)
         if link.pne_id is None:
             if not isinstance(message, PNEHello):
                 self._peer_fault(link, f"{message.TYPE.name} before PNEHello")
@@ -1318,6 +1333,16 @@ class GatewayDaemon:
         and the key stays pending (offered again on every attach)."""
         pne_id = link.pne_id
         assert pne_id is not None
+        outstanding = self._pnes().get(pne_id, {}).get("set")
+        acted_on = (
+            ack.src == pne_id
+            and outstanding is not None
+            and outstanding["txid"] == ack.txid
+            and not outstanding["delivered"]
+            and ack.status is ErrorCode.OK
+            and ack.proof is not None
+        )
+        log_hop(log, "received", ack, "pne", level=logging.INFO if acted_on else logging.DEBUG)
         if ack.src != pne_id:
             self._peer_fault(link, "Ack claims to come from another PNE", ack.src)
             await self._refuse(link, ErrorCode.NOT_AUTHORIZED, ack.txid)

@@ -204,7 +204,8 @@ class CPNSService:
 
         The request is handled in its flow (docs/logging.md): every log line carries the
         request's flow ID, the reply echoes it, and one line each logs the request
-        received and the reply sent.
+        received and the reply sent (for an unauthenticated request, written after the
+        outcome, and at DEBUG unless it succeeded: D-SRV-2).
 
         Counted in :mod:`cpns.metrics`: the request by procedure and reply status, its
         duration, and the steps in progress.
@@ -214,7 +215,8 @@ class CPNSService:
         metrics.SERVER_PENDING.inc()
         with message_scope(message):
             peer = _peer_party(message)
-            log_hop(log, "received", message, peer)
+            if authenticated is not None:
+                log_hop(log, "received", message, peer)
             try:
                 reply = await self._handle(message, authenticated=authenticated, source=source)
             finally:
@@ -223,8 +225,15 @@ class CPNSService:
                     time.perf_counter() - started
                 )
             metrics.SERVER_REQUESTS.labels(procedure, _status_name(reply.status)).inc()
-            sent = reply.message if reply.message is not None else decode(reply.body)
-            log_hop(log, "sent", sent, peer)
+            level = logging.INFO
+            if authenticated is None:
+                # Nobody authenticated it: a refusal writes no line of its own (D-SRV-2),
+                # so both hop lines are decided, and written, once the outcome is known.
+                level = logging.INFO if reply.status is ErrorCode.OK else logging.DEBUG
+                log_hop(log, "received", message, peer, level=level)
+            if log.isEnabledFor(level):
+                sent = reply.message if reply.message is not None else decode(reply.body)
+                log_hop(log, "sent", sent, peer, level=level)
             return reply
 
     async def _handle(

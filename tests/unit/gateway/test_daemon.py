@@ -1630,3 +1630,26 @@ def test_operator_port_in_use_is_a_configuration_error(
             pass  # the store lock was released
 
     run(scenario())
+
+
+def test_refused_pan_frames_write_no_info_hop_lines(
+    enrolled: GatewayConfig, server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """D-PAN-4 with docs/logging.md: the hop lines of frames the gateway refuses (here an
+    Ack before any PNEHello, over and over) are DEBUG; at INFO a flood costs only the
+    budgeted fault lines, not a line per frame."""
+    caplog.set_level(logging.INFO, logger="cpns")
+    early_ack = EUKeyAssignmentAck(
+        txid=bytes(16), src="pne-1", dst="gw-alice", status=ErrorCode.OK, key_index=1
+    )
+
+    async def scenario() -> None:
+        async with running_gateway(enrolled, server) as gw:
+            for _ in range(100):
+                async with pan_client(gw) as (reader, writer):
+                    await write_message(writer, early_ack)
+                    await receive(reader)
+
+    run(scenario())
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "message"]
+    assert len(caplog.records) < 50

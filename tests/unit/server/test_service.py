@@ -463,3 +463,19 @@ def test_pending_procedures_gauge_counts_steps_in_progress(store: MemoryStore) -
 
     before, during, after = asyncio.run(scenario())
     assert (during, after) == (before + 1, before)
+
+
+def test_a_refused_unauthenticated_request_writes_no_info_line(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """D-SRV-2 with docs/logging.md: an enrolment nobody authenticated that is refused
+    writes its hop lines at DEBUG only (a flood costs no log line per request); one that
+    succeeds writes both at INFO, received before sent."""
+    caplog.set_level(logging.INFO, logger="cpns")
+    refused = handle(service(store), enrolment("wrong password", seed=5), authenticated=None)
+    assert status_of(refused) == ErrorCode.AUTHENTICATION_FAILED
+    assert not caplog.records
+    ok = handle(service(store), enrolment(PASSWORDS["alice"], seed=6), authenticated=None)
+    assert status_of(ok) == ErrorCode.OK
+    hops = [r.dir for r in caplog.records if getattr(r, "event", None) == "message"]  # type: ignore[attr-defined]
+    assert hops == ["received", "sent"]
