@@ -9,6 +9,9 @@ each. It measures from command to the gateway's answer that the key set is store
 a PNE is not part of it) and prints a figure, never a pass/fail.
 
     .venv/bin/python benchmarks/key_assignment.py --assignments 2000 --concurrency 16
+
+``--database postgresql://...`` runs the server on that (existing, empty) PostgreSQL
+database instead of SQLite (``scripts/pg-cluster start`` makes a throwaway cluster).
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def main() -> int:
     parser.add_argument("--assignments", type=int, default=1000, help="how many (default 1000)")
     parser.add_argument("--concurrency", type=int, default=16, help="commands in flight")
     parser.add_argument("--warmup", type=int, default=50, help="assignments not measured")
+    parser.add_argument(
+        "--database", metavar="URL", help="an empty PostgreSQL database (default: SQLite)"
+    )
     args = parser.parse_args()
     if not 1 <= args.assignments <= 100_000 or not 1 <= args.concurrency <= 256:
         parser.error("--assignments 1..100000, --concurrency 1..256")
@@ -94,7 +100,9 @@ def main() -> int:
         net = LocalDeployment(Path(tmp))
         with net.running(), Progress(transient=True) as progress:
             net.init_server(
-                users=[("bench", password)], tk_records=[(p, secrets.token_bytes(32)) for p in pnes]
+                users=[("bench", password)],
+                tk_records=[(p, secrets.token_bytes(32)) for p in pnes],
+                database=args.database,
             )
             url = net.start_server()
             net.enroll_gateway(
@@ -114,8 +122,9 @@ def main() -> int:
     latencies.sort()
     ms = [x * 1000 for x in latencies]
     q = statistics.quantiles(ms, n=100) if len(ms) >= 2 else ms * 99
+    backend = "PostgreSQL" if args.database else "SQLite"
     print(
-        f"key assignments (003) through one PN GW, one server process, "
+        f"key assignments (003) through one PN GW, one server process on {backend}, "
         f"concurrency {args.concurrency}"
     )
     print(f"  assignments   {len(ms)}  statuses {statuses}")

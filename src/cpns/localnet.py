@@ -59,6 +59,9 @@ class LocalDeployment:
     base: Path
     #: Extra environment for every process.
     env: dict[str, str] = field(default_factory=dict)
+    #: The server's database when :meth:`init_server` is given none: a PostgreSQL URL, or
+    #: None for the default SQLite file.
+    database: str | None = None
     _daemons: dict[str, _Daemon] = field(default_factory=dict)
     #: The port the server bound first; a restarted server binds it again, because the
     #: gateways enrolled against that URL.
@@ -209,7 +212,8 @@ class LocalDeployment:
         database: str | None = None,
     ) -> None:
         """``cpns server init`` on port 0 (``--database``: a PostgreSQL URL instead of the
-        default SQLite file), then add users and import a TK CSV."""
+        default SQLite file; by default :attr:`database`), then add users and import a TK CSV."""
+        database = database if database is not None else self.database
         self.prepare_base()
         args = ["server", "init", "--data-dir", str(self.server_dir), "--port", "0"]
         for algorithm in digest:

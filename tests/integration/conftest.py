@@ -39,10 +39,13 @@ def _make(
     return net, tks
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
-    """An initialised (not started) deployment; every process is stopped afterwards."""
-    net = LocalDeployment(tmp_path / "net")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalDeployment]:
+    """A deployment whose server is not initialised yet, once per back end: its
+    ``init_server`` makes the default SQLite file, or uses a fresh database of the
+    session's PostgreSQL cluster. Every process is stopped afterwards."""
+    database = request.getfixturevalue("pg_dsn") if request.param == "postgresql" else None
+    net = LocalDeployment(tmp_path / "net", database=database)
     with net.running():
         yield net
 

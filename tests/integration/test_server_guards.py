@@ -1,6 +1,7 @@
 """Server guards end to end (issue 5 items 5, 6, 9): a real ``cpns server`` process, real
-TLS, real SQLite; distinct loopback addresses (127.0.0.2, 127.0.0.3, ...) bound by the
-client are distinct sources."""
+TLS, once on SQLite and once on the session's PostgreSQL (the counters and the audit
+aggregates live in the store); distinct loopback addresses (127.0.0.2, 127.0.0.3, ...)
+bound by the client are distinct sources."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.postgres import raw
 
 from cpns.crypto.kdf import password_key
 from cpns.errors import ErrorCode
@@ -36,21 +38,34 @@ _KEYS: dict[tuple[str, str], bytes] = {}
 class Server:
     net: LocalDeployment
     url: str
+    #: The PostgreSQL URL of its database, or None for the default SQLite file.
+    dsn: str | None = None
 
-    @property
-    def db(self) -> Path:
-        return self.net.server_dir / "cpns.db"
+    def query(self, statement: str) -> list[tuple[object, ...]]:
+        """One read-only statement on the server's database, outside the server."""
+        if self.dsn is not None:
+            return [tuple(row) for row in raw(self.dsn, statement)]
+        db = self.net.server_dir / "cpns.db"
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return conn.execute(statement).fetchall()
+        finally:
+            conn.close()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    """A running server with the user alice; default guard limits (5 / 30 / 50)."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """A running server with the user alice; default guard limits (5 / 30 / 50). Once on
+    SQLite, once on a fresh PostgreSQL database."""
+    dsn = request.getfixturevalue("pg_dsn") if request.param == "postgresql" else None
     net = LocalDeployment(tmp_path / "net")
     with net.running():
         net.init_server(
-            users=[("alice", PASSWORD)], tk_records=[("pne-1", secrets.token_bytes(32))]
+            users=[("alice", PASSWORD)],
+            tk_records=[("pne-1", secrets.token_bytes(32))],
+            database=dsn,
         )
-        yield Server(net, net.start_server())
+        yield Server(net, net.start_server(), dsn)
 
 
 def _key(user: str, password: str) -> bytes:
@@ -143,12 +158,8 @@ def test_guessing_one_user_is_bounded_across_sources(server: Server) -> None:
         fresh.close()
 
 
-def _audit_rows(db: Path) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
-    finally:
-        conn.close()
+def _audit_rows(server: Server) -> int:
+    return int(str(server.query("SELECT count(*) FROM audit")[0][0]))
 
 
 def test_a_flood_of_bad_enrolments_grows_the_audit_by_its_keys_not_its_requests(
@@ -157,7 +168,7 @@ def test_a_flood_of_bad_enrolments_grows_the_audit_by_its_keys_not_its_requests(
     """Issue 5 item 6, D-SRV-2: 200 bad enrolments from one source add a handful of audit
     rows (one per procedure, outcome, source and User ID) whose counts add up to 200,
     written by the periodic flush or at the latest when the server stops."""
-    before = _audit_rows(server.db)
+    before = _audit_rows(server)
     flooder = Source(server, "127.0.0.6")
     try:
         statuses = [flooder.send(enrolment(user=f"user-{i % 4}")) for i in range(200)]
@@ -165,15 +176,11 @@ def test_a_flood_of_bad_enrolments_grows_the_audit_by_its_keys_not_its_requests(
         flooder.close()
     assert set(statuses) == {FAILED, LIMITED}
     server.net.stop("server")
-    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
-    try:
-        rows = conn.execute(
-            "SELECT outcome, source, user_id, count FROM audit WHERE source = '127.0.0.6'"
-        ).fetchall()
-    finally:
-        conn.close()
-    assert _audit_rows(server.db) - before == len(rows) <= 8
-    assert sum(r[3] for r in rows) == 200
+    rows = server.query(
+        "SELECT outcome, source, user_id, count FROM audit WHERE source = '127.0.0.6'"
+    )
+    assert _audit_rows(server) - before == len(rows) <= 8
+    assert sum(int(str(r[3])) for r in rows) == 200
     # The operator sees the counts; a purge keeps what is within the retention.
     data_dir = str(server.net.server_dir)
     shown = server.net.cpns("admin", "audit", "--limit", "1000", "--data-dir", data_dir).stdout
@@ -235,9 +242,5 @@ def test_tk_import_refuses_reserved_and_case_variant_entity_ids(server: Server) 
         )
         assert result.returncode == 2, result.stdout + result.stderr
         assert "line 3" in result.stderr
-    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
-    try:
-        ids = {r[0] for r in conn.execute("SELECT entity_id FROM tk_records")}
-    finally:
-        conn.close()
+    ids = {r[0] for r in server.query("SELECT entity_id FROM tk_records")}
     assert ids == {"pne-1"}

@@ -3,6 +3,11 @@
 Real sockets on loopback, real TLS 1.3, the server as its own process. Distinct loopback
 addresses (127.0.0.2, ...) stand for distinct clients. Every test is bounded in the
 number of connections and in time; none asserts a duration.
+
+These run on the default SQLite store only: every limit here acts in the listener, before
+a request reaches the application or the store, so the back end cannot change them (the
+store-facing server tests, test_server_guards.py and the ``running`` fixture's, run on
+both back ends).
 """
 
 from __future__ import annotations

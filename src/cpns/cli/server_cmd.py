@@ -40,14 +40,17 @@ def _run(args: argparse.Namespace) -> int:
     from cpns.server.config import load_server_config
     from cpns.server.main import serve_forever
 
-    if log_format_choice(args) is None and load_server_config(args.data_dir).log_json:
-        # Neither --log-format nor CPNS_LOG_FORMAT: server.toml's log_json decides.
+    choice = log_format_choice(args)
+    # Neither --log-format nor CPNS_LOG_FORMAT: server.toml's log_json decides.
+    log_json = choice == "json" or (choice is None and load_server_config(args.data_dir).log_json)
+    if log_json and choice is None:
         from cpns.logs import JSONFormatter
 
         for handler in logging.getLogger("cpns").handlers:
             handler.setFormatter(JSONFormatter())
-    serve_forever(args.data_dir)
-    return 0
+    return serve_forever(
+        args.data_dir, workers=args.workers, listen_fd=args.listen_fd, log_json=log_json
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,6 +96,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_data_dir(run, "cpns-server")
     add_log_format(run)
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N worker processes on one socket under a supervisor that restarts "
+        "a worker that dies (N > 1 needs PostgreSQL; default 1: one process)",
+    )
+    # A worker of --workers: serve on the supervisor's socket (inherited file descriptor).
+    run.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=_run)
 
 

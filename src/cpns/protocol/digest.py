@@ -30,16 +30,25 @@ older than ``nonce_lifetime`` is *stale*: if the response is otherwise right,
 :class:`DigestStale` tells the HTTP layer to answer 401 with ``stale=true`` so the client
 retries with a fresh nonce without treating the key as wrong (RFC 7616 §3.3, "stale").
 
-Replay (RFC 7616 §5.4, §5.5): each process keeps, per nonce it has accepted, the highest
-``nc`` seen (and, if ``nc_window`` > 1, which of the ``nc_window`` values below it were
-seen, the way IPsec's anti-replay window works). The table is bounded and pruned of
-expired nonces; a nonce the table has forgotten while still fresh is answered as stale,
-never as new. Each username holds at most ``max_nonces_per_entity`` entries: an entity
-that uses one nonce more forgets its own oldest, so one gateway burning thousands of
-nonces never makes another gateway's nonces stale. The table is per process: with
-several processes behind one key, a captured request could be replayed once at each
-other process within the nonce lifetime. TLS under the Digest exchange keeps requests
-from being captured in the first place.
+Replay (RFC 7616 §5.4, §5.5): per nonce, the highest ``nc`` accepted (and, if
+``nc_window`` > 1, which of the ``nc_window`` values below it were seen, the way IPsec's
+anti-replay window works) is the nonce's *counter state*; :func:`advance_nc` is the one
+rule that moves it forward or refuses a replayed ``nc``. Where that state lives is the
+host's choice (``nc_in_memory``):
+
+* In memory (the default): each :class:`DigestServer` keeps a bounded table pruned of
+  expired nonces; a nonce the table has forgotten while still fresh is answered as
+  stale, never as new. Each username holds at most ``max_nonces_per_entity`` entries: an
+  entity that uses one nonce more forgets its own oldest, so one gateway burning
+  thousands of nonces never makes another gateway's nonces stale. Such a table is per
+  process: with several processes behind one key, a captured request could be replayed
+  once at each other process within the nonce lifetime.
+* With the host (``nc_in_memory=False``, what the CPNS Server does): :meth:`DigestServer.verify`
+  keeps no state; each :class:`DigestSuccess` names the ``nonce`` and ``nc`` to record and
+  how long to keep them (``replay_until``), and the host applies :func:`advance_nc` to
+  the nonce's state in a shared database as one compare-and-set. The request counts as
+  authenticated only once the host has recorded it; a replayed ``nc`` raises there. Every
+  process over that database then refuses a replay that any of them accepted.
 
 Deliberately not done: qop=auth-int, the ``-sess`` algorithms (RFC 7616 leaves the A1
 inputs of later requests ambiguous, and the EUKey is already a high-entropy key),
@@ -69,10 +78,13 @@ __all__ = [
     "NONCE_LABEL",
     "AuthChallenge",
     "DigestAlgorithm",
+    "DigestAttempt",
     "DigestClient",
     "DigestServer",
     "DigestStale",
     "DigestSuccess",
+    "NcState",
+    "advance_nc",
     "compute_response",
     "format_auth_params",
     "format_digest",
@@ -398,6 +410,36 @@ def _is_quotable(value: str) -> bool:
     return bool(_PRINTABLE_RE.fullmatch(value))
 
 
+#: A nonce's counter state: (highest ``nc`` accepted, bitmap of the window below it).
+type NcState = tuple[int, int]
+
+
+def advance_nc(state: NcState | None, *, nc: int, window: int) -> NcState:
+    """The counter state of a nonce after accepting ``nc`` (RFC 7616 §5.4 replay rule).
+
+    ``state`` is None for a nonce never used. Bit ``i`` of the bitmap says ``highest - i``
+    was seen; an ``nc`` above the highest moves the window up, one inside the window that
+    was not seen yet is accepted once, anything else is a replay.
+
+    Params: state: the current state or None. nc: the request's count (>= 1). window:
+    ``nc_window`` (1 means nc must strictly increase).
+    Returns: the new state, to be stored in place of ``state``.
+    Raises: AuthenticationFailed: ``nc`` was already seen, or fell out of the window.
+    """
+    if state is None:
+        return nc, 1
+    highest, bitmap = state
+    if nc > highest:
+        shift = nc - highest
+        # Never shift by a huge nc: that would build a huge integer.
+        full = (1 << window) - 1
+        return nc, (((bitmap << shift) | 1) & full if shift < window else 1)
+    offset = highest - nc
+    if offset >= window or (bitmap >> offset) & 1:
+        raise AuthenticationFailed(f"replayed nc {nc:08x} for this nonce")
+    return highest, bitmap | (1 << offset)
+
+
 class _NonceCounters:
     """Per-nonce ``nc`` replay table (RFC 7616 §5.4), bounded in total and per entity.
 
@@ -416,7 +458,6 @@ class _NonceCounters:
 
     def __init__(self, *, window: int, capacity: int, share: int) -> None:
         self._window = window
-        self._full = (1 << window) - 1
         self._capacity = capacity
         self._share = min(share, capacity)
         self._seen: dict[str, tuple[int, int, int, str]] = {}
@@ -442,16 +483,8 @@ class _NonceCounters:
             owned[nonce] = issued
             return
         _, highest, bitmap, first = entry
-        if nc > highest:
-            shift = nc - highest
-            # Never shift by a huge nc: that would build a huge integer.
-            bitmap = ((bitmap << shift) | 1) & self._full if shift < self._window else 1
-            self._seen[nonce] = (issued, nc, bitmap, first)
-            return
-        offset = highest - nc
-        if offset >= self._window or (bitmap >> offset) & 1:
-            raise AuthenticationFailed(f"replayed nc {nc:08x} for this nonce")
-        self._seen[nonce] = (issued, highest, bitmap | (1 << offset), first)
+        highest, bitmap = advance_nc((highest, bitmap), nc=nc, window=self._window)
+        self._seen[nonce] = (issued, highest, bitmap, first)
 
     def _forget_oldest_of(self, owner: str, owned: dict[str, int]) -> None:
         oldest = min(owned, key=owned.__getitem__)
@@ -491,15 +524,38 @@ class DigestSuccess:
     """The algorithm the client used."""
     authentication_info: str
     """Value of the ``Authentication-Info`` response header: qop, rspauth, cnonce, nc."""
+    nonce: str
+    """The nonce the client used (the key of its counter state, see :func:`advance_nc`)."""
+    nc: int
+    """The request's ``nc``: with ``nc_in_memory=False``, the host records it."""
+    replay_until: int
+    """Until when (seconds) the nonce's counter state must be kept: after that the nonce
+    is stale by age on every process (lifetime plus the clock skew allowed)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class DigestAttempt:
+    """An ``Authorization`` header that passed every check made before the user lookup
+    (syntax, realm, algorithm, uri, the nonce's MAC): see :meth:`DigestServer.check`."""
+
+    username: str
+    """The username to look up (the Entity ID the client claims)."""
+    _params: Mapping[str, str] = field(repr=False)
+    _algorithm: DigestAlgorithm = field(repr=False)
+    _method: str = field(repr=False)
+    _uri: str = field(repr=False)
+    _issued: int = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class DigestServer:
     """The Digest verifier of the CPNS Server (004 §5.x.2, RFC 7616 §3.3-§3.5).
 
-    The configuration is frozen; the only state is the in-memory ``nc`` replay table,
-    which is not thread-safe (a threaded host serialises :meth:`verify`). Several
-    processes sharing ``nonce_key`` (and ``realm``) accept each other's nonces.
+    The configuration is frozen; the only state is the in-memory ``nc`` replay table
+    (none with ``nc_in_memory=False``), which is not thread-safe (a threaded host
+    serialises :meth:`verify`). Several processes sharing ``nonce_key`` (and ``realm``)
+    accept each other's nonces, and with ``nc_in_memory=False`` and one shared record of
+    counter states they refuse each other's replays too.
 
     Raises: ConfigurationError: on construction, for an invalid field.
     """
@@ -527,6 +583,10 @@ class DigestServer:
     works by issue second, so an entity starting more than this many nonces within one
     second also sees that second's other new nonces answered as stale (it retries on the
     next challenge)."""
+    nc_in_memory: bool = True
+    """Keep the ``nc`` replay table in this object (one process). False: keep nothing;
+    the host records each success's (``nonce``, ``nc``) with :func:`advance_nc` in state
+    shared by all its processes, and treats a replay found there as a failure."""
     _counters: _NonceCounters = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -623,6 +683,9 @@ class DigestServer:
     ) -> DigestSuccess:
         """Verify an ``Authorization`` header (RFC 7616 §3.4) and build the rspauth (§3.5).
 
+        The same as :meth:`check`, then ``lookup(attempt.username)``, then :meth:`finish`;
+        a host whose lookup must not block calls those three itself.
+
         Params: method: the request method, as on the request line. uri: the
         request-target exactly as on the request line (RFC 7616 §3.4.6 requires the
         header's ``uri`` to match it). authorization: the header value. lookup: maps a
@@ -636,7 +699,19 @@ class DigestServer:
             AuthenticationFailed: anything else; the reason is for logs only. An
                 unknown user and a wrong response raise the same class and code.
 
-        State: on success the nonce's ``nc`` is recorded; nothing changes on failure.
+        State: on success the nonce's ``nc`` is recorded (``nc_in_memory``); nothing
+        changes on failure.
+        """
+        attempt = self.check(method=method, uri=uri, authorization=authorization, now=now)
+        return self.finish(attempt, password=lookup(attempt.username), now=now)
+
+    def check(self, *, method: str, uri: str, authorization: str, now: int) -> DigestAttempt:
+        """Everything :meth:`verify` checks before it looks the user up.
+
+        Params: as :meth:`verify`.
+        Returns: the attempt, whose ``username`` the host looks up.
+        Raises: AuthenticationFailed: malformed, wrong realm, algorithm, qop, nc, uri or
+        opaque, or a nonce that is not ours (forged nonces stop here, before any lookup).
         """
         _check_now(now)
         params = parse_digest(authorization)
@@ -646,8 +721,7 @@ class DigestServer:
         missing = [name for name in _REQUIRED if name not in params]
         if missing:
             raise AuthenticationFailed("missing Digest parameters: " + ", ".join(missing))
-        username, nonce, nc, cnonce = (params[n] for n in ("username", "nonce", "nc", "cnonce"))
-        response = params["response"]
+        nc, cnonce, response = params["nc"], params["cnonce"], params["response"]
         if params["realm"] != self.realm:
             raise AuthenticationFailed("realm mismatch")
         algorithm = self._algorithm(params.get("algorithm"))
@@ -664,7 +738,25 @@ class DigestServer:
             raise AuthenticationFailed("opaque mismatch")
         if len(response) != _HEX_LEN[algorithm] or not _HEX_RE.fullmatch(response):
             raise AuthenticationFailed("response is not a digest of the right length")
-        issued = self._open_nonce(nonce)  # forged nonces stop here, before any lookup
+        issued = self._open_nonce(params["nonce"])
+        return DigestAttempt(
+            username=params["username"],
+            _params=params,
+            _algorithm=algorithm,
+            _method=method,
+            _uri=uri,
+            _issued=issued,
+        )
+
+    def finish(self, attempt: DigestAttempt, *, password: str | None, now: int) -> DigestSuccess:
+        """Judge an attempt of :meth:`check` with the looked-up password (None: unknown).
+
+        Raises: as :meth:`verify`.
+        """
+        _check_now(now)
+        params, algorithm, uri = attempt._params, attempt._algorithm, attempt._uri
+        username, nonce, nc, cnonce = (params[n] for n in ("username", "nonce", "nc", "cnonce"))
+        issued = attempt._issued
 
         def digest(secret: str, request_method: str) -> str:
             return compute_response(
@@ -679,9 +771,8 @@ class DigestServer:
                 cnonce=cnonce,
             )
 
-        password = lookup(username)
-        expected = digest(_DUMMY_PASSWORD if password is None else password, method)
-        matched = hmac.compare_digest(expected, response.lower())
+        expected = digest(_DUMMY_PASSWORD if password is None else password, attempt._method)
+        matched = hmac.compare_digest(expected, params["response"].lower())
         if password is None:
             raise AuthenticationFailed("unknown username")
         if not matched:
@@ -692,14 +783,15 @@ class DigestServer:
         age = now - issued
         if age >= self.nonce_lifetime or age < -MAX_CLOCK_SKEW:
             raise DigestStale(f"nonce issued {age}s ago")
-        self._counters.advance(
-            nonce,
-            issued=issued,
-            nc=int(nc, 16),
-            now=now,
-            lifetime=self.nonce_lifetime,
-            owner=username,
-        )
+        if self.nc_in_memory:
+            self._counters.advance(
+                nonce,
+                issued=issued,
+                nc=int(nc, 16),
+                now=now,
+                lifetime=self.nonce_lifetime,
+                owner=username,
+            )
 
         rspauth = digest(password, "")  # RFC 7616 §3.5: A2 = ":" request-uri
         info = {"qop": "auth", "rspauth": rspauth, "cnonce": cnonce, "nc": nc}
@@ -707,6 +799,9 @@ class DigestServer:
             username=username,
             algorithm=algorithm,
             authentication_info=format_auth_params(info, tokens=_INFO_TOKENS),
+            nonce=nonce,
+            nc=int(nc, 16),
+            replay_until=issued + self.nonce_lifetime + MAX_CLOCK_SKEW,
         )
 
 

@@ -49,6 +49,8 @@ Only bytes and headers are handled here; the procedures run in
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -58,7 +60,7 @@ from cpns import metrics
 from cpns.errors import AuthenticationFailed
 from cpns.logs import peer_text
 from cpns.messages.constants import MAX_MESSAGE_SIZE
-from cpns.protocol.digest import DigestServer, DigestStale
+from cpns.protocol.digest import DigestServer, DigestStale, advance_nc
 from cpns.server.service import CPNSService, Reply
 from cpns.store.base import ServerStore
 from cpns.types import Random
@@ -79,7 +81,19 @@ _NO_KEY = bytes(32)
 
 
 class CPNSApp:
-    """ASGI callable serving the CPNS protocol endpoint."""
+    """ASGI callable serving the CPNS protocol endpoint.
+
+    ``offload_reads``: run the store reads of a request (the Digest secret lookup) in a
+    worker thread, for a store whose reads are network round trips (PostgreSQL), so that
+    they never block the event loop; SQLite reads are cheaper than the hand-off.
+
+    With a ``digest`` whose ``nc_in_memory`` is False, each accepted (nonce, nc) is
+    recorded in the store by compare and set before the request is served, so any server
+    process over the same database refuses a replay that another one accepted
+    (:func:`cpns.protocol.digest.advance_nc`, ``ServerStore.record_digest_nc``). That
+    write is committed but not flushed to disk: see "What state lives where" in
+    docs/deployment.md.
+    """
 
     def __init__(
         self,
@@ -89,12 +103,14 @@ class CPNSApp:
         digest: DigestServer,
         rng: Random,
         clock: Callable[[], int],
+        offload_reads: bool = False,
     ) -> None:
         self._service = service
         self._store = store
         self._digest = digest
         self._rng = rng
         self._clock = clock
+        self._offload_reads = offload_reads
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "lifespan":
@@ -153,7 +169,9 @@ class CPNSApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _authenticate(self, scope: Scope) -> tuple[str | None, list[tuple[bytes, bytes]], bool]:
+    async def _authenticate(
+        self, scope: Scope
+    ) -> tuple[str | None, list[tuple[bytes, bytes]], bool]:
         """Verify Digest: (entity, extra response headers, stale) - entity None on failure."""
         header = _header(scope, b"authorization")
         if header is None:
@@ -161,14 +179,22 @@ class CPNSApp:
         uri = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
             uri += "?" + scope["query_string"].decode("latin-1")
+        now = self._clock()
         try:
-            ok = self._digest.verify(
-                method=scope["method"],
-                uri=uri,
-                authorization=header,
-                lookup=self._lookup_secret,
-                now=self._clock(),
+            attempt = self._digest.check(
+                method=scope["method"], uri=uri, authorization=header, now=now
             )
+            if self._offload_reads:
+                secret = await asyncio.to_thread(self._lookup_secret, attempt.username)
+            else:
+                secret = self._lookup_secret(attempt.username)
+            ok = self._digest.finish(attempt, password=secret, now=now)
+            if not self._digest.nc_in_memory:
+                await self._store.record_digest_nc(
+                    ok.nonce,
+                    keep_until=ok.replay_until,
+                    advance=functools.partial(advance_nc, nc=ok.nc, window=self._digest.nc_window),
+                )
         except DigestStale:
             metrics.SERVER_DIGEST_FAILURES.labels("stale_nonce").inc()
             return None, [], True
@@ -197,7 +223,7 @@ class CPNSApp:
         await _respond(send, 401, b"Digest authentication required\n", b"text/plain", headers)
 
     async def _whoami(self, scope: Scope, send: ASGISend) -> None:
-        entity, headers, stale = self._authenticate(scope)
+        entity, headers, stale = await self._authenticate(scope)
         if entity is None:
             await self._challenge(send, stale)
             return
@@ -215,7 +241,7 @@ class CPNSApp:
         if credentials:
             # Verified from the request line and header alone: a wrong or stale
             # Authorization is answered before a byte of the body is read.
-            entity, headers, stale = self._authenticate(scope)
+            entity, headers, stale = await self._authenticate(scope)
             if entity is None:
                 await self._challenge(send, stale)
                 return

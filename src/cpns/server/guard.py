@@ -17,10 +17,20 @@ few seconds by the server and at shutdown): the counters added to the store's, a
 audit row per (procedure, outcome, source, User ID) with the number of refusals it stands
 for. A flood costs O(distinct keys per flush interval) rows, not O(requests).
 
-Several server processes sharing one database each hold their own unflushed counts, so
-until a flush the limits are multiplied by the number of processes at most.
+**Several processes (issue 7 item 2).** Each server process adds its counts to the
+database's at each flush and judges a proof by the database total plus its own unflushed
+counts; it never sees another process's unflushed counts. With N processes, limit L
+and flush interval F (``audit_flush_interval``, 2 s by default), the failures accepted
+for one key therefore stay below ``L + (N - 1) * r * F``, where ``r`` is the rate at which
+one process receives failing proofs for that key, and never above ``N * L`` (each process
+stops on its own at L). For the guessing bound L3 = 50 that is at most 50 + a few
+seconds' worth of guesses per extra process; see docs/deployment.md.
 
-Everything here runs on the server's event loop thread (no locking).
+Everything here runs on the server's event loop thread, except :meth:`AttemptGuard.refused`,
+which a service that hands its store reads to a worker thread (PostgreSQL) calls there:
+it only reads the counters, one dictionary lookup at a time, and :meth:`flush` makes the
+counts it takes away visible as in flight before it removes them, so such a reader may
+count a failure twice for an instant, never miss one.
 """
 
 from __future__ import annotations
@@ -207,12 +217,16 @@ class AttemptGuard:
         if not self._pending.counts and not self._audit:
             return 0
         pending, audit = self._pending, self._audit
-        self._pending, self._audit = _Pending(), {}
+        # In flight first, then taken away: a reader on another thread never misses them.
         self._inflight, self._inflight_audit = pending, audit
+        self._pending, self._audit = _Pending(), {}
         window = self.limits.window
 
         def write(tx: WriteTx) -> int:
-            for key, count in pending.counts.items():
+            # In key order: two processes flushing the same keys lock their rows in the
+            # same order, so their transactions cannot deadlock (PostgreSQL).
+            for key in sorted(pending.counts):
+                count = pending.counts[key]
                 tx.record_auth_failure(key, now=pending.last[key], window=window, count=count)
             for (procedure, outcome, source, user_id), agg in audit.items():
                 tx.audit(_event(procedure, outcome, source, user_id, agg))

@@ -23,6 +23,7 @@ from typing import Final
 
 import uvicorn
 
+from cpns import metrics
 from cpns.config import dump_toml
 from cpns.crypto.kdf import derive_key
 from cpns.errors import ConfigurationError
@@ -160,10 +161,19 @@ def build_app(
         nonce_key=nonce_key,
         algorithms=tuple(DigestAlgorithm(a) for a in config.digest_algorithms),
         nc_window=config.digest_nc_window,
+        # The nc replay guard lives in the database, shared by every server process.
+        nc_in_memory=False,
     )
     guard = guard or build_guard(config, store)
-    service = CPNSService(store=store, policy=policy, rng=rng, clock=clock, guard=guard)
-    return CPNSApp(service=service, store=store, digest=digest, rng=rng, clock=clock)
+    # A PostgreSQL read is a network round trip: off the event loop. A SQLite read is a
+    # page-cache hit, cheaper than handing it to a thread.
+    offload = store.backend == "postgresql"
+    service = CPNSService(
+        store=store, policy=policy, rng=rng, clock=clock, guard=guard, offload_reads=offload
+    )
+    return CPNSApp(
+        service=service, store=store, digest=digest, rng=rng, clock=clock, offload_reads=offload
+    )
 
 
 def listener_limits(config: ServerConfig) -> ListenerLimits:
@@ -231,25 +241,43 @@ async def _purge_loop(
             log.info("purged %d expired nonces, replies and audit events", removed)
 
 
+def bind_listener(config: ServerConfig) -> socket.socket:
+    """The server's TCP socket, bound to the configured host and port (not listening yet).
+
+    Raises: ConfigurationError: the address cannot be bound (in use, not local, ...).
+    """
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(
+            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        ) from None
+    return sock
+
+
 async def run_server(
-    config: ServerConfig, *, on_ready: Callable[[int], None] | None = None
+    config: ServerConfig,
+    *,
+    on_ready: Callable[[int], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. ``on_ready`` gets the bound port."""
+    """Serve until SIGINT/SIGTERM. ``on_ready`` gets the bound port.
+
+    ``sock``: a socket a supervisor bound (and shares with its other workers,
+    :mod:`cpns.server.supervisor`); the port file is then the supervisor's to write.
+    """
     store = open_store(config)
     log.info("store: %s %s", store.backend, redact_dsn(config.store_target()))
     try:
         guard = build_guard(config, store)
         app = build_app(config, store, guard=guard)
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((config.host, config.port))
-        except OSError as exc:
-            sock.close()
-            raise ConfigurationError(
-                f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
-            ) from None
+        worker = sock is not None
+        if sock is None:
+            sock = bind_listener(config)
         port = sock.getsockname()[1]
         limits = listener_limits(config)
         log.info(
@@ -281,7 +309,8 @@ async def run_server(
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         operator = await start_operator(config, store, stopping=lambda: server.should_exit)
         purge = asyncio.create_task(_purge_loop(store, 60.0, guard=guard, config=config))
-        (config.data_dir / "server.port").write_text(f"{port}\n")
+        if not worker:
+            (config.data_dir / "server.port").write_text(f"{port}\n")
         log.info("CPNS Server %s listening on https://%s:%d", config.server_id, config.host, port)
         if on_ready is not None:
             loop.call_later(0.05, on_ready, port)
@@ -299,7 +328,27 @@ async def run_server(
         log.info("CPNS Server stopped")
 
 
-def serve_forever(data_dir: Path) -> None:
-    """Entry point of ``cpns server run``."""
+def serve_forever(
+    data_dir: Path, *, workers: int = 1, listen_fd: int | None = None, log_json: bool = False
+) -> int:
+    """Entry point of ``cpns server run``; returns the exit code.
+
+    ``workers`` > 1: a supervisor and that many worker processes on one socket
+    (:mod:`cpns.server.supervisor`). ``listen_fd``: this process is such a worker, serving
+    on the supervisor's socket inherited as that file descriptor.
+    """
     config = load_server_config(data_dir)
+    if listen_fd is not None:
+        try:
+            metrics.check_worker()
+        except RuntimeError as exc:
+            raise ConfigurationError(str(exc)) from None
+        sock = socket.socket(fileno=listen_fd)
+        run_event_loop(run_server(config, sock=sock))
+        return 0
+    if workers != 1:
+        from cpns.server.supervisor import supervise
+
+        return supervise(config, workers=workers, log_json=log_json)
     run_event_loop(run_server(config))
+    return 0

@@ -15,6 +15,7 @@ It knows nothing of HTTP or Digest: the caller says which entity authenticated.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -95,7 +96,12 @@ class CPNSService:
         rng: Random,
         clock: Callable[[], int],
         guard: AttemptGuard | None = None,
+        offload_reads: bool = False,
     ) -> None:
+        #: Run each request's store reads (reply lookup, the procedure with its lookups) in
+        #: a worker thread: for a store whose reads are network round trips (PostgreSQL),
+        #: so the event loop never waits on one. SQLite reads are cheaper than the hand-off.
+        self._offload_reads = offload_reads
         self._store = store
         self._policy = policy
         self._rng = rng
@@ -126,6 +132,12 @@ class CPNSService:
             nonce_used=self._store.nonce_used,
             auth_failures=failures,
         )
+
+    async def _read[T](self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, in a worker thread if reads are offloaded (``offload_reads``)."""
+        if self._offload_reads:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     async def flush(self) -> int:
         """Write the guard's counters and audit aggregates (see :mod:`cpns.server.guard`)."""
@@ -246,7 +258,7 @@ class CPNSService:
         # The flow ID is not a security input (docs/wire.md 2.3): a retry is told from a
         # reused txid by the request without it.
         digest = hashlib.sha256(encode(dataclasses.replace(message, flow=None))).digest()
-        stored = self._store.get_reply(requester, message.txid)
+        stored = await self._read(self._store.get_reply, requester, message.txid)
         if stored is not None:
             return self._replay_or_retry(stored, message, digest, requester)
         try:
@@ -270,7 +282,8 @@ class CPNSService:
                 authenticated=authenticated is not None,
             )
             return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE, message=error)
-        events = machine.receive(message)
+        # The procedure reads the store through its lookups (and the guard's counters).
+        events = await self._read(machine.receive, message)
         [reply] = machine.messages_to_send()
         failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
         if failed is not None:
@@ -300,7 +313,7 @@ class CPNSService:
             )
         except (NonceReused, ConflictError):
             # A concurrent copy of this very request may have won the race: answer as it did.
-            stored = self._store.get_reply(requester, message.txid)
+            stored = await self._read(self._store.get_reply, requester, message.txid)
             if stored is not None:
                 return self._replay_or_retry(stored, message, digest, requester)
             return await self._lost_race(

@@ -100,6 +100,22 @@ class WriteTx(Protocol):
         """Forget the failures of ``user_id`` (after a successful proof)."""
         ...
 
+    def advance_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> None:
+        """Compare and set of a Digest nonce's counter state (highest nc, window bitmap).
+
+        ``advance`` maps the current state (None if the nonce was never used) to the new
+        one, or raises (a replayed ``nc``: nothing is written, the error goes to the
+        caller). The read and the write are one atomic step against every other process
+        over the same database. The row is purged after ``keep_until``.
+        """
+        ...
+
 
 class ServerStore(Protocol):
     """What the server's service layer and the admin CLI need from persistence."""
@@ -144,8 +160,27 @@ class ServerStore(Protocol):
         """Run ``fn`` in one durable transaction (group-committed); return its result."""
         ...
 
-    def write_async[T](self, fn: Callable[[WriteTx], T]) -> Awaitable[T]:
-        """:meth:`write` for asyncio callers: does not block the event loop."""
+    def write_async[T](self, fn: Callable[[WriteTx], T], *, durable: bool = True) -> Awaitable[T]:
+        """:meth:`write` for asyncio callers: does not block the event loop.
+
+        ``durable=False``: the commit is atomic and visible to every reader at once but
+        need not be flushed to disk before the caller resumes (a crash of the database
+        machine may lose the last fraction of a second of such writes). Only for state
+        whose loss is harmless, such as the Digest ``nc`` replay guard.
+        """
+        ...
+
+    def record_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> Awaitable[None]:
+        """:meth:`WriteTx.advance_digest_nc` in a transaction of its own, for asyncio
+        callers: committed and visible to every process when it resolves, not necessarily
+        flushed to disk (see ``durable=False`` of :meth:`write_async`); raises what
+        ``advance`` raises (a replayed nc)."""
         ...
 
     def purge_expired(self, *, now: int) -> int:

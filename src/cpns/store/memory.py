@@ -46,7 +46,16 @@ _MISSING: Final = object()
 class _Tables:
     """The rows of the store."""
 
-    __slots__ = ("audit", "auth_failures", "entities", "nonces", "replies", "tks", "users")
+    __slots__ = (
+        "audit",
+        "auth_failures",
+        "digest_nc",
+        "entities",
+        "nonces",
+        "replies",
+        "tks",
+        "users",
+    )
 
     def __init__(self) -> None:
         self.users: dict[str, UserRecord] = {}
@@ -58,6 +67,8 @@ class _Tables:
         self.audit: list[AuditEvent] = []
         #: User ID -> (failed proofs, expires_at).
         self.auth_failures: dict[str, tuple[int, int]] = {}
+        #: Digest nonce -> (highest nc, window bitmap, keep_until).
+        self.digest_nc: dict[str, tuple[int, int, int]] = {}
 
 
 class _MemoryWriteTx:
@@ -191,6 +202,19 @@ class _MemoryWriteTx:
             t.audit[:] = kept
             self._undo.append(lambda: t.audit.__setitem__(slice(None), old))
         return gone
+
+    def advance_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> None:
+        """Compare and set of a Digest nonce's counter state (see the WriteTx contract)."""
+        t = self._tables()
+        row = t.digest_nc.get(nonce)
+        highest, bitmap = advance(None if row is None else (row[0], row[1]))
+        self._put(t.digest_nc, nonce, (highest, bitmap, keep_until))
 
     def clear_auth_failures(self, user_id: str) -> None:
         """Forget the failed proofs of ``user_id``."""
@@ -329,14 +353,29 @@ class MemoryStore:
             tx._end(commit=True)
             return result
 
-    def write_async[T](self, fn: Callable[[WriteTx], T]) -> asyncio.Future[T]:
-        """:meth:`write` for asyncio callers; runs at once and returns a done future."""
+    def write_async[T](
+        self, fn: Callable[[WriteTx], T], *, durable: bool = True
+    ) -> asyncio.Future[T]:
+        """:meth:`write` for asyncio callers; runs at once and returns a done future
+        (``durable`` makes no difference in memory)."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         try:
             future.set_result(self.write(fn))
         except Exception as exc:
             future.set_exception(exc)
         return future
+
+    def record_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> asyncio.Future[None]:
+        """The compare and set in a write of its own; a done future."""
+        return self.write_async(
+            lambda tx: tx.advance_digest_nc(nonce, keep_until=keep_until, advance=advance)
+        )
 
     def purge_expired(self, *, now: int) -> int:
         """Delete nonces with ``expires_at`` < ``now`` and replies older than the retention."""
@@ -352,7 +391,10 @@ class MemoryStore:
             failures = [u for u, (_, exp) in t.auth_failures.items() if exp <= now]
             for u in failures:
                 del t.auth_failures[u]
-            return len(nonces) + len(replies) + len(failures)
+            counters = [c for c, (_, _, until) in t.digest_nc.items() if until < now]
+            for c in counters:
+                del t.digest_nc[c]
+            return len(nonces) + len(replies) + len(failures) + len(counters)
 
     def close(self) -> None:
         """Mark the store closed; later calls raise :class:`StoreError`."""

@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import queue
 import re
@@ -107,6 +108,46 @@ DEFAULT_MAX_READERS: Final = 16
 NONCE_HASH_LABEL: Final = "cpns/v1/store/nonce"
 _KEY_CHECK_PLAINTEXT: Final = b"cpns store master key check v1"
 _MIGRATION_NAME: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+#: Compare-and-set attempts of one Digest nc update before giving up.
+_CAS_TRIES: Final = 16
+
+
+def _bits(bitmap: int) -> bytes:
+    """A window bitmap as big-endian bytes (at least one), as ``digest_nc.seen`` holds it."""
+    return bitmap.to_bytes(max(1, (bitmap.bit_length() + 7) // 8), "big")
+
+
+def _advance_nc(
+    execute: Callable[[str, Sequence[Any]], Any],
+    nonce: str,
+    *,
+    keep_until: int,
+    advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+) -> None:
+    """The compare and set of a Digest nonce's counter state, over ``execute``.
+
+    Read, ``advance``, then write only if the row is still as read (INSERT ... DO NOTHING
+    for a new nonce, UPDATE ... WHERE old state for a known one). Under SQLite's write lock
+    the first try wins; on PostgreSQL (READ COMMITTED) another process may change the row
+    in between: then the statement touches nothing and the next try reads the state it
+    committed. Whatever ``advance`` raises (a replayed nc) propagates, nothing written.
+    """
+    for _ in range(_CAS_TRIES):
+        row = execute(_Q.DIGEST_NC_GET, (nonce,)).fetchone()
+        if row is None:
+            highest, seen = advance(None)
+            params: tuple[Any, ...] = (nonce, highest, _bits(seen), keep_until)
+            cur = execute(_Q.DIGEST_NC_INSERT, params)
+        else:
+            old = (int(row[0]), int.from_bytes(bytes(row[1]), "big"))
+            highest, seen = advance(old)
+            params = (highest, _bits(seen), keep_until, nonce, old[0], bytes(row[1]))
+            cur = execute(_Q.DIGEST_NC_UPDATE, params)
+        if cur.rowcount == 1:
+            return
+    raise StoreError("Digest nonce count contended too long; try again")
 
 
 def nonce_digest(nonce: bytes) -> bytes:
@@ -172,6 +213,11 @@ class _Dialect:
     unique_violation: tuple[str, ...]
     #: The same for a foreign-key violation.
     foreign_key_violation: tuple[str, ...]
+    #: Statements run before ``begin_write`` to make the next commits flushed to disk
+    #: (``[True]``) or only atomic (``[False]``), when the batch's need changes.
+    durability_switch: dict[bool, str]
+    #: Statement run right after ``begin_write`` in a batch that need not be flushed.
+    relax_in_transaction: str | None
 
     def sql(self, statement: str) -> str:
         """``statement`` with its ``?`` placeholders in the driver's style."""
@@ -203,7 +249,13 @@ _SQLITE: Final = _Dialect(
     errors_abort_transaction=False,
     unique_violation=("SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"),
     foreign_key_violation=("SQLITE_CONSTRAINT_FOREIGNKEY",),
+    # NORMAL in WAL mode: the commit is atomic and survives a crash of the process, and
+    # the next FULL commit fsyncs it along with its own frames.
+    durability_switch={True: "PRAGMA synchronous = FULL", False: "PRAGMA synchronous = NORMAL"},
+    relax_in_transaction=None,
 )
+
+_PG_RELAXED_COMMIT: Final = b"SET LOCAL synchronous_commit = off"
 
 #: PostgreSQL (psycopg 3). Transactions are READ COMMITTED; every check-and-write of the
 #: store is one statement (compare and set, ON CONFLICT), which is atomic at that level.
@@ -226,6 +278,9 @@ _POSTGRESQL: Final = _Dialect(
     errors_abort_transaction=True,
     unique_violation=("23505",),
     foreign_key_violation=("23503",),
+    durability_switch={},
+    # The commit is visible at once; its WAL is flushed within wal_writer_delay (x3).
+    relax_in_transaction=_PG_RELAXED_COMMIT.decode(),
 )
 
 
@@ -307,6 +362,17 @@ class _Q:
         "WHERE requester = ? AND txid = ?"
     )
     REPLY_PURGE: Final = "DELETE FROM replies WHERE created_at < ?"
+    DIGEST_NC_GET: Final = "SELECT highest, seen FROM digest_nc WHERE nonce = ?"
+    DIGEST_NC_INSERT: Final = (
+        "INSERT INTO digest_nc (nonce, highest, seen, keep_until) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (nonce) DO NOTHING"
+    )
+    #: Compare and set: written only if the state is still the one read.
+    DIGEST_NC_UPDATE: Final = (
+        "UPDATE digest_nc SET highest = ?, seen = ?, keep_until = ? "
+        "WHERE nonce = ? AND highest = ? AND seen = ?"
+    )
+    DIGEST_NC_PURGE: Final = "DELETE FROM digest_nc WHERE keep_until < ?"
     AUDIT_INSERT: Final = (
         "INSERT INTO audit (at, actor, procedure, outcome, entity_id, user_id, hop, "
         "correlation_id, detail, count, source, flow_id) "
@@ -704,6 +770,20 @@ class _SQLWriteTx:
         except self._dialect.error as exc:
             raise StoreError(f"cannot clear failed proofs: {exc}") from None
 
+    def advance_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> None:
+        """Compare and set of a Digest nonce's counter state (see the WriteTx contract
+        and :func:`_advance_nc`)."""
+        try:
+            _advance_nc(self._exec, nonce, keep_until=keep_until, advance=advance)
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot record a Digest nonce count: {exc}") from None
+
     def purge_audit(self, *, before: int) -> int:
         """Delete audit events older than ``before`` (epoch seconds); return how many."""
         try:
@@ -715,6 +795,7 @@ class _SQLWriteTx:
         try:
             gone = self._exec(_Q.NONCE_PURGE, (nonces_before,)).rowcount
             gone += self._exec(_Q.AUTH_FAILURE_PURGE, (nonces_before,)).rowcount
+            gone += self._exec(_Q.DIGEST_NC_PURGE, (nonces_before,)).rowcount
             gone += self._exec(_Q.REPLY_PURGE, (replies_before,)).rowcount
         except self._dialect.error as exc:
             raise StoreError(f"cannot purge expired rows: {exc}") from None
@@ -748,13 +829,18 @@ class _Job:
     :meth:`SQLStore._deliver`).
     """
 
-    __slots__ = ("afuture", "fn", "future", "loop")
+    __slots__ = ("afuture", "durable", "fn", "future", "loop")
 
     def __init__(
-        self, fn: Callable[[WriteTx], Any], loop: asyncio.AbstractEventLoop | None = None
+        self,
+        fn: Callable[[WriteTx], Any],
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
         self.fn = fn
         self.loop = loop
+        self.durable = durable
         self.future: concurrent.futures.Future[Any] | None = None
         self.afuture: asyncio.Future[Any] | None = None
         if loop is None:
@@ -770,6 +856,16 @@ class _Job:
         # Read without the loop's help: at worst a job cancelled at this very instant
         # still runs and commits, and its outcome is dropped (as after a late cancel).
         return not self.afuture.cancelled()
+
+
+def _tx_advance_nc(
+    tx: WriteTx,
+    *,
+    nonce: str,
+    keep_until: int,
+    advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+) -> None:
+    tx.advance_digest_nc(nonce, keep_until=keep_until, advance=advance)
 
 
 def _resolve_async(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -879,6 +975,7 @@ class SQLStore:
             conn.close()
             raise
         self._writer_conn = conn
+        self._writer_durable = True
         name = self._path.name if self._path is not None else self._dialect.name
         self._writer = threading.Thread(
             target=self._writer_loop, name=f"cpns-store-writer:{name}", daemon=True
@@ -1194,7 +1291,9 @@ class SQLStore:
         result: T = job.future.result()
         return result
 
-    def write_async[T](self, fn: Callable[[WriteTx], T]) -> asyncio.Future[T]:
+    def write_async[T](
+        self, fn: Callable[[WriteTx], T], *, durable: bool = True
+    ) -> asyncio.Future[T]:
         """:meth:`write` for asyncio callers: the returned future resolves after the commit.
 
         Call it from a coroutine (it needs the running loop). The event loop is never
@@ -1202,11 +1301,71 @@ class SQLStore:
         with ONE ``call_soon_threadsafe``, however many jobs the commit held. Cancelling
         the future before the writer picks the job up drops the job; once it has run, it
         commits regardless.
+
+        ``durable=False`` (state whose loss is harmless, e.g. the Digest nc guard): the
+        commit is atomic and visible at once but not waited on to reach the disk
+        (SQLite ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit = off`` for that
+        transaction). A batch holding any durable job is durable as a whole.
         """
-        job = _Job(fn, asyncio.get_running_loop())
+        job = _Job(fn, asyncio.get_running_loop(), durable=durable)
         self._submit(job)
         assert job.afuture is not None
         return job.afuture
+
+    async def record_digest_nc(
+        self,
+        nonce: str,
+        *,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> None:
+        """Record an accepted Digest (nonce, nc): :meth:`WriteTx.advance_digest_nc` in a
+        transaction of its own, committed (visible to every process) but not waited on to
+        reach the disk; whatever ``advance`` raises (a replayed nc) is raised here.
+
+        SQLite: a ``durable=False`` job of the group-commit writer (the file's write lock
+        makes the compare and set trivially atomic). PostgreSQL: a short transaction on a
+        pooled connection, in a worker thread, touching that one row only: it neither
+        queues behind the writer's batches nor holds the row's lock while a batch runs
+        other jobs, so two processes can never deadlock on two nonces.
+        """
+        if self._pg_readers is None:
+            await self.write_async(
+                functools.partial(
+                    _tx_advance_nc, nonce=nonce, keep_until=keep_until, advance=advance
+                ),
+                durable=False,
+            )
+            return
+        await asyncio.to_thread(self._record_nc_pg, nonce, keep_until, advance)
+
+    def _record_nc_pg(
+        self,
+        nonce: str,
+        keep_until: int,
+        advance: Callable[[tuple[int, int] | None], tuple[int, int]],
+    ) -> None:
+        assert self._pg_readers is not None
+        if self._closed:
+            raise StoreError(f"store {self._where} is closed")
+        dialect = self._dialect
+        try:
+            with self._pg_readers.connection() as conn:
+                # The pool's sessions default to read-only: this one transaction writes.
+                conn.execute(b"BEGIN READ WRITE; " + _PG_RELAXED_COMMIT)
+                try:
+                    _advance_nc(
+                        lambda st, params: conn.execute(dialect.sql(st).encode(), params),
+                        nonce,
+                        keep_until=keep_until,
+                        advance=advance,
+                    )
+                except BaseException:
+                    conn.execute(b"ROLLBACK")
+                    raise
+                conn.execute(b"COMMIT")
+        except dialect.error as exc:
+            raise StoreError(f"cannot record a Digest nonce count: {self._scrub(exc)}") from None
 
     def purge_expired(self, *, now: int) -> int:
         """Delete nonces whose ``expires_at`` < ``now`` and replies older than the retention.
@@ -1256,7 +1415,7 @@ class SQLStore:
         started = time.perf_counter()
         try:
             try:
-                conn.execute(self._dialect.begin_write)
+                self._begin(conn, durable=any(job.durable for job in jobs))
                 for job in jobs:
                     outcomes.append((job, *self._run_job(conn, job)))
                 conn.execute("COMMIT")
@@ -1283,6 +1442,16 @@ class SQLStore:
                 commits=self._stats.commits + 1, jobs=self._stats.jobs + len(jobs)
             )
         self._deliver(outcomes)
+
+    def _begin(self, conn: _Conn, *, durable: bool) -> None:
+        """Begin the batch's transaction, flushed at commit or (``durable=False``) not."""
+        switch = self._dialect.durability_switch
+        if switch and durable != self._writer_durable:
+            conn.execute(switch[durable])
+            self._writer_durable = durable
+        conn.execute(self._dialect.begin_write)
+        if not durable and self._dialect.relax_in_transaction is not None:
+            conn.execute(self._dialect.relax_in_transaction)
 
     def _deliver(self, outcomes: list[tuple[_Job, bool, Any]]) -> None:
         """Resolve every caller of a batch: threads directly, each event loop in one call."""

@@ -19,6 +19,8 @@ from cpns.protocol.digest import (
     DigestServer,
     DigestStale,
     DigestSuccess,
+    NcState,
+    advance_nc,
     compute_response,
     format_auth_params,
     format_digest,
@@ -419,6 +421,59 @@ def test_nc_window_accepts_out_of_order_once() -> None:
     with pytest.raises(AuthenticationFailed, match="replayed"):  # now outside the window
         verify(server, credentials(nonce, nc="00000005"))
     verify(server, credentials(nonce, nc="00000006"))
+
+
+def test_advance_nc_is_the_one_window_rule() -> None:
+    """RFC 7616 §5.4: advance_nc moves a nonce's state up, accepts an unseen nc inside the
+    window once, and refuses a seen one or one below the window; the state a host stores
+    is exactly what the in-memory table keeps."""
+    state: NcState = advance_nc(None, nc=3, window=4)
+    assert state == (3, 0b1)
+    state = advance_nc(state, nc=5, window=4)
+    assert state == (5, 0b101)
+    state = advance_nc(state, nc=4, window=4)
+    assert state == (5, 0b111)
+    for replayed in (5, 4, 3, 1):  # seen, seen, seen, below the window
+        with pytest.raises(AuthenticationFailed, match="replayed"):
+            advance_nc(state, nc=replayed, window=4)
+    assert advance_nc(state, nc=2, window=4) == (5, 0b1111)
+    assert advance_nc(state, nc=0xFFFFFFFF, window=4) == (0xFFFFFFFF, 1)  # a huge jump
+    with pytest.raises(AuthenticationFailed, match="replayed"):
+        advance_nc((7, 1), nc=6, window=1)
+
+
+def test_a_host_kept_replay_guard_gets_what_to_record() -> None:
+    """nc_in_memory=False: the verifier keeps no counter (the same header verifies twice);
+    each success names the nonce, the nc and how long to keep them (lifetime + skew), and
+    a host applying advance_nc to one shared state refuses the replay."""
+    server = make_server(nc_in_memory=False, nonce_lifetime=300)
+    nonce = fresh_nonce(server, now=NOW - 10)
+    header = credentials(nonce, nc="00000002")
+    first, second = verify(server, header), verify(server, header)
+    assert (first.nonce, first.nc) == (nonce, 2) == (second.nonce, second.nc)
+    assert first.replay_until == NOW - 10 + 300 + MAX_CLOCK_SKEW
+    shared: dict[str, NcState] = {}
+    shared[nonce] = advance_nc(shared.get(nonce), nc=first.nc, window=server.nc_window)
+    with pytest.raises(AuthenticationFailed, match="replayed"):
+        advance_nc(shared.get(nonce), nc=second.nc, window=server.nc_window)
+
+
+def test_check_refuses_a_forged_nonce_before_any_lookup() -> None:
+    """check() runs every test that needs no user lookup (a forged nonce stops there), and
+    check + finish with the looked-up password is verify."""
+    server = make_server()
+    forged = fresh_nonce(make_server(nonce_key=bytes(32)))
+    with pytest.raises(AuthenticationFailed):
+        server.check(method="GET", uri=URI, authorization=credentials(forged), now=NOW)
+    attempt = server.check(
+        method="GET", uri=URI, authorization=credentials(fresh_nonce(server)), now=NOW
+    )
+    assert attempt.username == USER
+    assert EUKEY_HEX not in repr(attempt)
+    ok = server.finish(attempt, password=lookup(attempt.username), now=NOW)
+    assert ok.username == USER
+    with pytest.raises(AuthenticationFailed, match="unknown"):
+        server.finish(attempt, password=None, now=NOW)
 
 
 def test_failures_do_not_advance_nc() -> None:

@@ -70,16 +70,24 @@ def store() -> MemoryStore:
     return s
 
 
-def make_app(store: ServerStore, **digest: Any) -> CPNSApp:
+def make_app(store: ServerStore, *, offload_reads: bool = False, **digest: Any) -> CPNSApp:
     rng = FixedRandom(5)
     service = CPNSService(
         store=store,
         policy=AssignmentPolicy(server_id=SERVER_ID),
         rng=rng,
         clock=lambda: FIXED_NOW,
+        offload_reads=offload_reads,
     )
     verifier = DigestServer(realm="cpns", nonce_key=NONCE_KEY, **digest)
-    return CPNSApp(service=service, store=store, digest=verifier, rng=rng, clock=lambda: FIXED_NOW)
+    return CPNSApp(
+        service=service,
+        store=store,
+        digest=verifier,
+        rng=rng,
+        clock=lambda: FIXED_NOW,
+        offload_reads=offload_reads,
+    )
 
 
 class Response:
@@ -468,6 +476,32 @@ def test_counters_arriving_out_of_order_are_accepted_once(store: MemoryStore) ->
         app, method="GET", path="/cpns/v1/whoami", headers=[(b"authorization", headers[0].encode())]
     )
     assert again.status == 401
+
+
+@pytest.mark.parametrize("offload_reads", [False, True])
+def test_processes_sharing_a_store_refuse_each_others_replays(
+    store: MemoryStore, offload_reads: bool
+) -> None:
+    """Issue 7 item 2 / RFC 7616 §5.4: with the nc guard in the store (nc_in_memory=False),
+    a challenge from one app (process) is answered at a second, and the same (nonce, nc)
+    replayed at a third is refused; the next nc is accepted anywhere. The same with the
+    store reads handed to a worker thread (offload_reads, as on PostgreSQL)."""
+    apps = [make_app(store, nc_in_memory=False, offload_reads=offload_reads) for _ in range(3)]
+    first = call(apps[0], method="GET", path="/cpns/v1/whoami")
+    client = DigestClient(GW, GATEWAY_KEYS[GW].hex())
+    rng = FixedRandom(2)
+    header = client.authorization(
+        challenges=_challenges(first), method="GET", uri="/cpns/v1/whoami", rng=rng
+    )
+    whoami = {"method": "GET", "path": "/cpns/v1/whoami"}
+    ok = call(apps[1], **whoami, headers=[(b"authorization", header.encode())])
+    assert ok.status == 200
+    assert b"gw-alice" in ok.body
+    for app in apps:
+        replay = call(app, **whoami, headers=[(b"authorization", header.encode())])
+        assert replay.status == 401
+    after = client.authorization(method="GET", uri="/cpns/v1/whoami", rng=rng)
+    assert call(apps[2], **whoami, headers=[(b"authorization", after.encode())]).status == 200
 
 
 # -- issue 5 item 7 (Digest half): a 401 costs the same for any Entity ID ----------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,45 @@ def test_success_persists_every_fact_with_the_reply(store: MemoryStore) -> None:
     assert stored.reply == reply.body
     [audit] = [e for e in store.audit_events() if e.procedure == "eukey-assignment-tk-003"]
     assert (audit.outcome, audit.entity_id, audit.actor) == ("OK", "pne-1", GW)
+
+
+def test_offloaded_reads_run_off_the_event_loop_with_the_same_outcome(
+    store: MemoryStore,
+) -> None:
+    """Issue 7 item 1: with offload_reads (PostgreSQL), every store read of a request runs
+    in a worker thread, never on the event loop's thread, and the request is served as
+    without it (OK, facts stored); its retry is answered from the stored reply."""
+    loop_threads: set[int] = set()
+    read_threads: set[int] = set()
+    original = store.get_entity
+
+    def get_entity(entity_id: str) -> Any:
+        read_threads.add(threading.get_ident())
+        return original(entity_id)
+
+    store.get_entity = get_entity  # type: ignore[method-assign]
+    svc = CPNSService(
+        store=store,
+        policy=AssignmentPolicy(server_id=SERVER_ID),
+        rng=FixedRandom(7),
+        clock=lambda: FIXED_NOW,
+        offload_reads=True,
+    )
+    message = request()
+
+    async def main() -> tuple[Reply, Reply]:
+        loop_threads.add(threading.get_ident())
+        return (
+            await svc.handle(message, authenticated=GW),
+            await svc.handle(message, authenticated=GW),
+        )
+
+    first, again = asyncio.run(main())
+    assert status_of(first) == ErrorCode.OK
+    assert again == first
+    assert read_threads
+    assert not read_threads & loop_threads
+    assert store.get_entity("pne-1") is not None
 
 
 def test_a_retry_gets_the_same_reply_and_assigns_nothing_new(store: MemoryStore) -> None:

@@ -9,12 +9,14 @@ PostgreSQL back end can drift from the SQLite one. SQL-only properties
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from cpns.errors import LocalProtocolError, StoreError
+from cpns.errors import AuthenticationFailed, LocalProtocolError, StoreError
+from cpns.protocol.digest import advance_nc
 from cpns.store import (
     AuditEvent,
     ConflictError,
@@ -412,3 +414,89 @@ def test_purge_drops_expired_auth_failures(store: ServerStore) -> None:
     store.write(lambda tx: tx.record_auth_failure("bob", now=0, window=100))
     assert store.purge_expired(now=10) == 1
     assert store.auth_failures("bob", now=10) == 1
+
+
+def _nc(nc: int, window: int = 4) -> Callable[[tuple[int, int] | None], tuple[int, int]]:
+    return functools.partial(advance_nc, nc=nc, window=window)
+
+
+def test_digest_nc_is_a_compare_and_set_kept_until_its_nonce_is_stale(
+    store: ServerStore,
+) -> None:
+    """RFC 7616 §5.4 in the store: advance_digest_nc applies the window rule to the stored
+    state; a replayed nc raises with nothing written (the rest of the transaction goes on);
+    states are per nonce; purge drops a state only after keep_until."""
+    store.write(lambda tx: tx.advance_digest_nc("n1", keep_until=100, advance=_nc(1)))
+    store.write(lambda tx: tx.advance_digest_nc("n1", keep_until=100, advance=_nc(3)))
+    store.write(lambda tx: tx.advance_digest_nc("n2", keep_until=100, advance=_nc(3)))
+
+    def replay_then_go_on(tx: WriteTx) -> None:
+        with pytest.raises(AuthenticationFailed, match="replayed"):
+            tx.advance_digest_nc("n1", keep_until=100, advance=_nc(3))
+        tx.advance_digest_nc("n1", keep_until=100, advance=_nc(2))  # in the window, unseen
+
+    store.write(replay_then_go_on)
+    for replayed in (1, 2, 3):
+        with pytest.raises(AuthenticationFailed, match="replayed"):
+            store.write(
+                lambda tx, nc=replayed: tx.advance_digest_nc("n1", keep_until=100, advance=_nc(nc))
+            )
+    store.write(lambda tx: tx.advance_digest_nc("n2", keep_until=100, advance=_nc(2)))
+
+
+def test_digest_nc_states_are_purged_after_keep_until(store: ServerStore) -> None:
+    """A nonce's counter state is deleted by purge_expired once keep_until has passed
+    (its nonce is then stale by age everywhere), never before."""
+    store.write(lambda tx: tx.advance_digest_nc("n1", keep_until=100, advance=_nc(5)))
+    assert store.purge_expired(now=100) == 0
+    with pytest.raises(AuthenticationFailed):
+        store.write(lambda tx: tx.advance_digest_nc("n1", keep_until=100, advance=_nc(5)))
+    assert store.purge_expired(now=101) == 1
+    store.write(lambda tx: tx.advance_digest_nc("n1", keep_until=200, advance=_nc(5)))
+
+
+def test_record_digest_nc_is_the_compare_and_set_in_a_transaction_of_its_own(
+    store: ServerStore,
+) -> None:
+    """record_digest_nc (what the server awaits per authenticated request) applies the
+    window rule like advance_digest_nc, raises on a replay without writing, and its
+    states are purged after keep_until like the others."""
+
+    async def main() -> None:
+        await store.record_digest_nc("n1", keep_until=50, advance=_nc(2))
+        await store.record_digest_nc("n1", keep_until=50, advance=_nc(1))
+        with pytest.raises(AuthenticationFailed, match="replayed"):
+            await store.record_digest_nc("n1", keep_until=50, advance=_nc(2))
+        await store.record_digest_nc("n1", keep_until=50, advance=_nc(3))
+
+    asyncio.run(main())
+    with pytest.raises(AuthenticationFailed):
+        store.write(lambda tx: tx.advance_digest_nc("n1", keep_until=50, advance=_nc(3)))
+    assert store.purge_expired(now=51) == 1
+
+
+def test_non_durable_async_writes_commit_like_the_others(store: ServerStore) -> None:
+    """write_async(durable=False) commits atomically and visibly, alone or mixed with
+    durable writes in one batch; a failing one still raises to its caller only."""
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(
+                store.write_async(
+                    lambda tx, i=i: tx.advance_digest_nc(f"n{i}", keep_until=9, advance=_nc(1)),
+                    durable=i % 2 == 0,
+                )
+                for i in range(20)
+            ),
+            store.write_async(lambda tx: tx.use_nonce(b"durable", expires_at=9)),
+        )
+        with pytest.raises(AuthenticationFailed):
+            await store.write_async(
+                lambda tx: tx.advance_digest_nc("n3", keep_until=9, advance=_nc(1)), durable=False
+            )
+        await store.write_async(lambda tx: tx.use_nonce(b"after", expires_at=9))
+
+    asyncio.run(main())
+    assert store.nonce_used(b"durable")
+    assert store.nonce_used(b"after")
+    assert store.purge_expired(now=10) == 22

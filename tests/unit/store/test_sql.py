@@ -10,6 +10,7 @@ purge) is checked on every implementation in test_memory.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import secrets
@@ -30,7 +31,8 @@ from tests.postgres import PGCluster
 from tests.postgres import raw as pg_raw
 
 import cpns.store
-from cpns.errors import LocalProtocolError, StoreError
+from cpns.errors import AuthenticationFailed, LocalProtocolError, StoreError
+from cpns.protocol.digest import advance_nc
 from cpns.store import (
     AuditEvent,
     ConflictError,
@@ -178,6 +180,7 @@ def test_migrations_create_the_schema_and_reopen_is_idempotent(backend: Backend)
         "audit",
         "meta",
         "auth_failures",
+        "digest_nc",
     } <= tables
     assert backend.schema_version() == LATEST
     with SQLStore.open(backend.target, master_key=KEY) as s:
@@ -680,6 +683,51 @@ def test_two_stores_on_one_database_share_rows(backend: Backend) -> None:
             assert len(s.audit_events(limit=1000)) == 200
         with pytest.raises(NonceReused):
             b.write(lambda tx: tx.use_nonce(b"a1-1", expires_at=1))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_two_stores_racing_on_one_digest_nonce_accept_each_nc_once(backend: Backend) -> None:
+    """RFC 7616 §5.4 across processes: two stores over one database (two server
+    processes) record the same nonce concurrently. Each (nonce, nc) sent to both is
+    accepted by exactly one; distinct nc values inside the window are all accepted (the
+    compare and set retries a lost race instead of refusing it). Through
+    record_digest_nc, the path the server takes (SQLite: the writer; PostgreSQL: a pooled
+    connection, in parallel)."""
+    a = SQLStore.open(backend.target, master_key=KEY, busy_timeout=30)
+    b = SQLStore.open(backend.target, master_key=KEY, busy_timeout=30)
+    accepted: list[tuple[str, int]] = []
+    refused: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def record(s: SQLStore, nc: int) -> None:
+        advance = functools.partial(advance_nc, nc=nc, window=64)
+
+        async def main() -> None:
+            await s.record_digest_nc("nonce", keep_until=9, advance=advance)
+
+        try:
+            asyncio.run(main())  # the server's path: record_digest_nc on an event loop
+        except AuthenticationFailed:
+            with lock:
+                refused.append(("a" if s is a else "b", nc))
+        else:
+            with lock:
+                accepted.append(("a" if s is a else "b", nc))
+
+    try:
+        threads = [
+            threading.Thread(target=record, args=(s, nc)) for nc in range(1, 41) for s in (a, b)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(nc for _, nc in accepted) == list(range(1, 41))
+        assert sorted(nc for _, nc in refused) == list(range(1, 41))
+        [(highest,)] = backend.raw("SELECT highest FROM digest_nc WHERE nonce = 'nonce'")
+        assert highest == 40
     finally:
         a.close()
         b.close()
