@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from cpns.crypto.kdf import password_key
 from cpns.messages.codec import decode, encode
-from cpns.messages.constants import ID_PATTERN, TXID_LEN
+from cpns.messages.constants import FLOW_LEN, ID_PATTERN, TXID_LEN
 from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, Message, Record, specs
 from cpns.protocol._machine import Event, Machine, NonceConsumed, ProcedureFailed
 from cpns.protocol.key_assignment import (
@@ -377,6 +377,7 @@ def record_strategy[R: Record](cls: type[R], **fixed: Any) -> st.SearchStrategy[
             src=IDS,
             dst=IDS,
             pn_id=st.one_of(st.none(), IDS),
+            flow=st.one_of(st.none(), st.binary(min_size=FLOW_LEN, max_size=FLOW_LEN)),
         )
     for name, spec in specs(cls):
         kwargs[name] = field_strategy(spec)

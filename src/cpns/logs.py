@@ -1,4 +1,12 @@
-"""Logging set-up for the three programs: plain or JSON lines (DESIGN §7).
+"""Logging set-up for the three programs: plain or JSON lines (docs/logging.md).
+
+Every line names its *party* (``server``, ``gateway``, ``pne``, or ``cli`` for the other
+commands) and, while a flow is being handled, its *flow ID* (the correlation ID carried in
+the messages, header key 7 of docs/wire.md). The I/O shells set the flow with
+:func:`flow_scope` (a context variable, so concurrent requests in one process keep
+theirs); :class:`ContextFilter` copies it, and the party, onto each record; the
+formatters write them. Structured extras (``extra={...}``) become JSON fields, or
+``key=value`` pairs after the message in text mode.
 
 Nothing here redacts: the rule is that key material never reaches a log call. The
 message model hides secret fields from ``repr`` and :func:`cpns.messages.to_json`
@@ -12,12 +20,37 @@ write kilobytes of log or forge a line break.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Final, Literal, TextIO
 
-__all__ = ["PEER_TEXT_MAX", "peer_text", "setup_logging"]
+__all__ = [
+    "LOG_FORMATS",
+    "PARTIES",
+    "PEER_TEXT_MAX",
+    "ContextFilter",
+    "JSONFormatter",
+    "TextFormatter",
+    "current_flow",
+    "flow_scope",
+    "peer_text",
+    "setup_logging",
+]
+
+#: Accepted values of ``--log-format`` and ``CPNS_LOG_FORMAT``.
+LOG_FORMATS: Final = ("text", "json")
+#: What the ``party`` field says: the program that wrote the line.
+PARTIES: Final = ("server", "gateway", "pne", "cli")
+
+type LogFormat = Literal["text", "json"]
+
+#: The flow (correlation) ID being handled in this context, as 16 hex digits, or None.
+_FLOW: ContextVar[str | None] = ContextVar("cpns_flow", default=None)
 
 #: Most characters of one piece of peer input that :func:`peer_text` lets into a log line.
 PEER_TEXT_MAX = 120
@@ -41,30 +74,119 @@ def peer_text(value: object, limit: int = PEER_TEXT_MAX) -> str:
     return f"{escaped[:limit]}...[{len(text)} chars]"
 
 
-class _JSONFormatter(logging.Formatter):
+def current_flow() -> str | None:
+    """The flow ID (hex) of the flow being handled in this context, or None."""
+    return _FLOW.get()
+
+
+@contextlib.contextmanager
+def flow_scope(flow: str | None) -> Iterator[None]:
+    """Log every line inside the block with ``flow`` (hex; None: no flow).
+
+    A context variable: each asyncio task (each request, each PAN link) has its own.
+    """
+    token = _FLOW.set(flow)
+    try:
+        yield
+    finally:
+        _FLOW.reset(token)
+
+
+#: LogRecord attributes that are not structured extras.
+_STANDARD: Final = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))
+) | {"message", "asctime", "party", "flow", "taskName"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, object]:
+    """The structured extras of ``record`` (``extra={...}``), JSON-ready."""
+    out: dict[str, object] = {}
+    for key, value in vars(record).items():
+        if key in _STANDARD or key.startswith("_"):
+            continue
+        if not isinstance(value, str | int | float | bool) and value is not None:
+            value = str(value)
+        out[key] = value
+    return out
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    """RFC 3339 UTC with milliseconds: ``2026-12-02T04:05:06.789Z``."""
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z"
+    )
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``party`` and the context's ``flow`` to every record a handler writes.
+
+    A record that already has a ``flow`` (``extra={"flow": ...}``) keeps it.
+    """
+
+    def __init__(self, party: str) -> None:
+        super().__init__()
+        self.party = party
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.party = self.party
+        if getattr(record, "flow", None) is None:
+            record.flow = _FLOW.get()
+        return True
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, party, logger, msg, flow (when known), the
+    structured extras, and exc (a traceback) when there is one."""
+
     def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+        out: dict[str, object] = {
+            "ts": _timestamp(record),
             "level": record.levelname.lower(),
+            "party": getattr(record, "party", "cli"),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("txid", "entity", "status", "hop"):
-            if hasattr(record, key):
-                out[key] = getattr(record, key)
+        flow = getattr(record, "flow", None)
+        if flow is not None:
+            out["flow"] = flow
+        for key, value in _extras(record).items():
+            out.setdefault(key, value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, sort_keys=True)
+        return json.dumps(out)
 
 
-def setup_logging(*, json_lines: bool = False, level: str = "INFO") -> None:
-    """Route the ``cpns`` loggers to stderr, as text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    if json_lines:
-        handler.setFormatter(_JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+class TextFormatter(logging.Formatter):
+    """``ts LEVEL party logger: msg [flow=... key=value ...]`` (same ts as JSON)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = {}
+        flow = getattr(record, "flow", None)
+        if flow is not None:
+            pairs["flow"] = flow
+        pairs.update(_extras(record))
+        tail = " [" + " ".join(f"{k}={v}" for k, v in pairs.items()) + "]" if pairs else ""
+        line = (
+            f"{_timestamp(record)} {record.levelname} {getattr(record, 'party', 'cli')} "
+            f"{record.name}: {record.getMessage()}{tail}"
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(
+    *,
+    json_lines: bool = False,
+    level: str = "INFO",
+    party: str = "cli",
+    stream: TextIO | None = None,
+) -> None:
+    """Route the ``cpns`` loggers to stderr (or ``stream``), as text or JSON lines."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JSONFormatter() if json_lines else TextFormatter())
+    handler.addFilter(ContextFilter(party))
     root = logging.getLogger("cpns")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

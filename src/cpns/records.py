@@ -122,3 +122,6 @@ class AuditEvent:
     count: int = 1
     #: Network source (client address) of an unauthenticated request, if known.
     source: str | None = None
+    #: Flow ID (16 hex digits) of the flow the event belongs to, when its message carried
+    #: one (docs/logging.md; not a security input). For an aggregated row: the first one's.
+    flow_id: str | None = None

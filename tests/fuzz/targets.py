@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cpns.errors import AuthenticationFailed, DecodeError, StoreError
 from cpns.messages.codec import decode, decode_record, encode, encode_record
+from cpns.messages.constants import FLOW_LEN
 from cpns.messages.model import KeyBundle
 from cpns.protocol.digest import (
     MAX_HEADER_LEN,
@@ -87,6 +88,8 @@ def _run_message(data: bytes) -> bool:
         return False
     if encode(message) != data:
         raise PropertyViolation("accepted message does not re-encode byte for byte")
+    if message.flow is not None and len(message.flow) != FLOW_LEN:
+        raise PropertyViolation("accepted a flow ID that is not 8 bytes")
     return True
 
 
@@ -343,7 +346,15 @@ def _keystore_target() -> Target:
 
 
 TARGETS: dict[str, Callable[[], Target]] = {
-    "messages": lambda: Target("messages", _run_message, (DecodeError,), _message_seeds, True),
+    "messages": lambda: Target(
+        "messages",
+        _run_message,
+        (DecodeError,),
+        _message_seeds,
+        True,
+        # Header key 7 (flow ID) with a 7-, 8- and 9-byte string head: the size edges.
+        dictionary=(b"\x07\x47", b"\x07\x48", b"\x07\x49"),
+    ),
     "key-bundle": lambda: Target(
         "key-bundle", _run_key_bundle, (DecodeError,), _bundle_seeds, True
     ),

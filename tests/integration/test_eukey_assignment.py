@@ -301,21 +301,38 @@ def test_server_down_then_restarted_loses_nothing(running: Net) -> None:
 
 
 def test_no_secret_in_any_log(running: Net) -> None:
-    """DESIGN §5 / STYLE §4: logs carry key IDs, never keys: after a full run no log file
-    contains the TK, an EUKey or the password, in hex or raw."""
+    """DESIGN §5 / STYLE §4: logs carry key IDs, never keys: after a full run with text
+    logs and another with JSON logs (docs/logging.md: every structured field written), no
+    log file contains the TK, an EUKey or the password, in hex or raw."""
     net = running.net
-    net.init_device("pne-1", entity_id="pne-1", tk=running.tk["pne-1"])
-    net.start_device("pne-1", pan_port=running.pan_port, once=True, timeout=60)
-    assert net.assign(pne_id="pne-1", user_id="alice", password=PASSWORD, wait=30).returncode == 0
-    assert net.wait("pne-1", timeout=60) == 0
-    shown = json.loads(
-        net.cpns(
-            "admin", "entity", "show", "pne-1", "--show-secrets", "--data-dir", str(net.server_dir)
-        ).stdout
-    )
-    secrets_hex = [running.tk["pne-1"].hex(), *shown["eukeys"], _gateway_key(running).hex()]
+    secrets_hex = [_gateway_key(running).hex()]
+    pan_port = running.pan_port
+    for pne, log_format in (("pne-1", "text"), ("pne-2", "json")):
+        if log_format == "json":  # the same programs again, now writing JSON lines
+            net.stop("gw")
+            net.stop("server")
+            net.env["CPNS_LOG_FORMAT"] = "json"
+            net.start_server()
+            pan_port = net.start_gateway()
+        net.init_device(pne, entity_id=pne, tk=running.tk[pne])
+        net.start_device(pne, pan_port=pan_port, once=True, timeout=60)
+        assert net.assign(pne_id=pne, user_id="alice", password=PASSWORD, wait=30).returncode == 0
+        assert net.wait(pne, timeout=60) == 0
+        shown = json.loads(
+            net.cpns(
+                "admin", "entity", "show", pne, "--show-secrets", "--data-dir", str(net.server_dir)
+            ).stdout
+        )
+        secrets_hex += [running.tk[pne].hex(), *shown["eukeys"]]
     net.stop_all()
-    logs = "".join(net.log(name) for name in ("server", "gw", "pne-1"))
+    json_lines = [
+        json.loads(line)
+        for name in ("server", "gw", "pne-2")
+        for line in net.log(name).splitlines()
+        if line.startswith("{")
+    ]
+    assert any(line.get("event") == "message" for line in json_lines)
+    logs = "".join(net.log(name) for name in ("server", "gw", "pne-1", "pne-2"))
     assert logs, "the daemons wrote no logs at all"
     for value in secrets_hex:
         assert value not in logs

@@ -87,13 +87,16 @@ def test_device_init_keeps_the_tk_off_the_command_line(tmp_path: Path) -> None:
 
 def test_demo_keeps_its_directory_and_tk_csv_private(tmp_path: Path) -> None:
     """Issue 5 item 13: ``cpns demo --dir`` runs the whole flow and leaves its directory
-    0700 and its TK CSV 0600."""
+    0700 and its TK CSV 0600; it draws the flow from the parties' logs too."""
     base = tmp_path / "demo"
     net = LocalDeployment(tmp_path / "unused")
     result = net.cpns("demo", "--dir", str(base), timeout=180.0, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert _mode(base) == 0o700
     assert _mode(base / "manufacturer-tk.csv") == 0o600
+    # docs/logging.md: the demo also draws its flow as the three programs logged it.
+    assert "as the three parties logged it" in result.stdout
+    assert "EUKeyAssignmentAck" in result.stdout
 
 
 def test_restarted_gateway_listens_on_the_same_pan_port_and_the_pne_reconnects(

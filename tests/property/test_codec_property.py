@@ -6,6 +6,7 @@ message type is covered without editing this file.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import cbor2
@@ -151,3 +152,20 @@ def test_every_proper_prefix_is_refused(message: Message) -> None:
     for length in lengths:
         with pytest.raises(DecodeError):
             decode(encoded[:length])
+
+
+@CODEC
+@given(message=ANY_MESSAGE, flow=st.one_of(st.none(), st.binary(max_size=24), st.text(max_size=8)))
+def test_flow_header_field_is_bounded(message: Message, flow: object) -> None:
+    """docs/wire.md section 2: the optional flow ID (header key 7) is exactly 8 bytes; any
+    other value (another size, text, null) is refused, and an 8-byte one decodes to the
+    same message with that flow and nothing else changed."""
+    top = cbor2.loads(encode(message))
+    top[7] = flow
+    data = cbor2.dumps(top, canonical=True)
+    if type(flow) is bytes and len(flow) == 8:
+        decoded = decodes_exactly(data)
+        assert decoded == dataclasses.replace(message, flow=flow)
+    else:
+        with pytest.raises(DecodeError):
+            decode(data)

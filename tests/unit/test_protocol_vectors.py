@@ -143,8 +143,11 @@ def test_the_file_is_what_the_generator_writes() -> None:
 
 
 def test_every_message_type_has_a_vector() -> None:
-    """Issue 5 item 16: every message type is published as bytes."""
+    """Issue 5 item 16: every message type is published as bytes; the optional header
+    fields (PN ID, flow ID) each appear in at least one vector."""
     assert {v["type"] for v in VECTORS["messages"]} == {int(t) for t in MessageType}
+    assert any("pn_id" in v["decoded"] for v in VECTORS["messages"])
+    assert any("flow" in v["decoded"] for v in VECTORS["messages"])
 
 
 @pytest.mark.parametrize("vector", VECTORS["messages"], ids=lambda v: v["name"])
@@ -162,6 +165,7 @@ def test_message_vectors_decode_re_encode_and_match_their_json(vector: dict[str,
     assert top[3] == vector["decoded"]["src"]
     assert top[4] == vector["decoded"]["dst"]
     assert top.get(5) == vector["decoded"].get("pn_id")
+    assert (top[7].hex() if 7 in top else None) == vector["decoded"].get("flow")
     assert cbor2.dumps(top, canonical=True) == data
 
 

@@ -104,6 +104,8 @@ DIGEST_NONCE_RAND = _fill(0x31, 8)
 DIGEST_CNONCE = _fill(0x32, 16)
 HELLO_TXID = _fill(0x40, 16)
 ERROR_TXID = _fill(0x41, 16)
+#: A flow (correlation) ID, header key 7 (docs/wire.md section 2.3).
+FLOW_ID = bytes.fromhex("f10ef10ef10ef10e")
 
 
 class _Script:
@@ -458,6 +460,29 @@ def _other_messages() -> list[dict[str, Any]]:
                 key_index=1,
             ),
             "the optional PN ID header field present",
+        ),
+        message_json(
+            "pne_hello_with_flow",
+            PNEHello(
+                txid=HELLO_TXID,
+                src=PNE_ID,
+                dst=GATEWAY_ID,
+                flow=FLOW_ID,
+                has_ui=False,
+                key_index=0,
+            ),
+            "the optional flow ID header field present (not a security input)",
+        ),
+        message_json(
+            "error_with_flow",
+            ErrorMessage(
+                txid=ERROR_TXID,
+                src=GATEWAY_ID,
+                dst=PNE_ID,
+                flow=FLOW_ID,
+                status=ErrorCode.UNEXPECTED_MESSAGE,
+            ),
+            "an error reply echoing the flow ID of the message it answers",
         ),
         message_json(
             "error",

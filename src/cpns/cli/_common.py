@@ -1,17 +1,64 @@
-"""Helpers shared by the subcommands: reading a password, data directories, progress bars."""
+"""Helpers shared by the subcommands: reading a password, data directories, progress
+bars, log format."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import getpass
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cpns.errors import ConfigurationError
 
-__all__ = ["add_data_dir", "add_progress", "progress_bars", "read_password"]
+__all__ = [
+    "LOG_FORMAT_ENV",
+    "add_data_dir",
+    "add_log_format",
+    "add_progress",
+    "log_format_choice",
+    "progress_bars",
+    "read_password",
+]
+
+#: Environment variable choosing the log format when no flag does (``text`` or ``json``).
+LOG_FORMAT_ENV = "CPNS_LOG_FORMAT"
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    """Add ``--log-format text|json`` (and its older spelling ``--log-json``)."""
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help=f"log lines as text (the default) or one JSON object per line; "
+        f"default from ${LOG_FORMAT_ENV} (docs/logging.md)",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_const",
+        const="json",
+        dest="log_format",
+        help="same as --log-format json",
+    )
+
+
+def log_format_choice(args: argparse.Namespace) -> str | None:
+    """The log format chosen by flag, else by ``$CPNS_LOG_FORMAT``; None if neither.
+
+    Raises:
+        ConfigurationError: the environment variable holds something else.
+    """
+    flag = getattr(args, "log_format", None)
+    if flag is not None:
+        return str(flag)
+    env = os.environ.get(LOG_FORMAT_ENV, "").strip().lower()
+    if not env:
+        return None
+    if env not in ("text", "json"):
+        raise ConfigurationError(f"{LOG_FORMAT_ENV} must be 'text' or 'json', not {env!r}")
+    return env
 
 
 def add_data_dir(parser: argparse.ArgumentParser, default: str) -> None:

@@ -239,6 +239,16 @@ def _entity_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flow_arg(text: str) -> str:
+    """A flow ID argument: 16 hex digits (any case), normalised to lowercase."""
+    from cpns.flow import flow_bytes
+
+    value = text.strip().lower()
+    if flow_bytes(value) is None:
+        raise argparse.ArgumentTypeError(f"not a flow ID (16 hex digits): {text!r}")
+    return value
+
+
 def _audit(args: argparse.Namespace) -> int:
     from cpns.server.admin import purge_audit
 
@@ -251,6 +261,8 @@ def _audit(args: argparse.Namespace) -> int:
         events = store.audit_events(limit=args.limit)
     finally:
         store.close()
+    if args.flow is not None:
+        events = [e for e in events if e.flow_id == args.flow]
     for e in events:
         print(
             json.dumps(
@@ -263,6 +275,7 @@ def _audit(args: argparse.Namespace) -> int:
                     "user": e.user_id,
                     "hop": e.hop,
                     "correlation_id": e.correlation_id,
+                    "flow": e.flow_id,
                     "detail": e.detail,
                     "count": e.count,
                     "source": e.source,
@@ -387,6 +400,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     au = groups.add_parser("audit", help="show the newest audit events (JSON lines)")
     add_data_dir(au, "cpns-server")
     au.add_argument("--limit", type=int, default=50)
+    au.add_argument(
+        "--flow",
+        type=_flow_arg,
+        metavar="ID",
+        help="only the events of this flow (16 hex digits, as in the logs; among the newest "
+        "--limit events)",
+    )
     au.add_argument(
         "--purge",
         action="store_true",

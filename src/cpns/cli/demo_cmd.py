@@ -16,55 +16,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["register"]
+from cpns.cli.diagram import arrow as _arrow
+from cpns.cli.diagram import header, lifelines
+from cpns.cli.diagram import under as _under
 
-#: Column of each party's lifeline in the sequence diagram.
-_LIFELINE: dict[str, int] = {"PNE": 8, "GW": 38, "SRV": 72}
-_WIDTH = _LIFELINE["SRV"] + 1
-
-
-def _lifelines() -> list[str]:
-    line = [" "] * _WIDTH
-    for x in _LIFELINE.values():
-        line[x] = "|"
-    return line
-
-
-def _arrow(src: str, dst: str, label: str, note: str = "") -> str:
-    """One message: an arrow from ``src`` to ``dst`` with ``label`` on it."""
-    left, right = sorted((_LIFELINE[src], _LIFELINE[dst]))
-    body = f" {label} ".center(right - left - 1, "-")
-    body = body[:-1] + ">" if _LIFELINE[src] < _LIFELINE[dst] else "<" + body[1:]
-    line = _lifelines()
-    line[left + 1 : right] = body
-    return ("".join(line) + ("  " + note if note else "")).rstrip()
-
-
-def _under(src: str, dst: str, text: str, note: str = "") -> str:
-    """Text under the arrow between ``src`` and ``dst`` (what the message carries)."""
-    left, right = sorted((_LIFELINE[src], _LIFELINE[dst]))
-    line = _lifelines()
-    line[left + 2 : left + 2 + len(text)] = text
-    assert left + 2 + len(text) < right, text
-    return ("".join(line) + ("  " + note if note else "")).rstrip()
-
-
-def _header(names: dict[str, str]) -> list[str]:
-    rows = []
-    for texts in (("PNE", "PN GW", "CPNS Server"), tuple(names.values())):
-        line = [" "] * (_WIDTH + 12)
-        for (_, x), text in zip(_LIFELINE.items(), texts, strict=True):
-            start = max(0, x - len(text) // 2)
-            line[start : start + len(text)] = text
-        rows.append("".join(line).rstrip())
-    return rows
+__all__ = ["register", "sequence_diagram"]
 
 
 def sequence_diagram(*, pne: str, gw: str, server: str, txid: str, n: int | str) -> str:
     """The flow the demo just ran, drawn the way the seeds draw their figures."""
     rows = [
-        *_header({"PNE": pne, "GW": gw, "SRV": server}),
-        "".join(_lifelines()).rstrip(),
+        *header({"PNE": pne, "GW": gw, "SRV": server}),
+        lifelines(),
         _arrow("GW", "SRV", "TLS 1.3, server certificate", "003 step 0 / 004 §5.x.2"),
         _arrow("GW", "SRV", "HTTP Digest(EUKey_GW)"),
         _arrow("SRV", "GW", "rspauth"),
@@ -154,6 +117,18 @@ def _run(args: argparse.Namespace) -> int:
     console.print()
     diagram = sequence_diagram(pne=pne_id, gw=gw_id, server="cpns-server", txid=str(tx)[:12], n=n)
     console.print(diagram, soft_wrap=True, markup=False, highlight=False)
+    flow = next((a.get("flow") for a in audit if a["procedure"] == "eukey-assignment-tk-003"), None)
+    logs = [base / f"{name}.log" for name in (pne_id, "gw", "server")]
+    if flow and all(p.exists() for p in logs):
+        from cpns.cli.trace_cmd import draw, read_lines
+
+        lines = list(read_lines(logs, flow))
+        if lines:
+            console.print(
+                f"\nThe same flow as the three parties logged it "
+                f"(cpns trace {flow} {' '.join(p.name for p in logs)}):"
+            )
+            console.print(draw(flow, lines), soft_wrap=True, markup=False, highlight=False)
     table = Table("party", "what it holds now (no secrets shown)", title="Each party's view")
     for e in server_view:
         table.add_row(
@@ -177,7 +152,9 @@ def _run(args: argparse.Namespace) -> int:
         f"from {dev_view.get('gateway_id')}",
     )
     console.print(table)
-    trail = Table("outcome", "procedure", "actor", "entity", "txid", title="Server audit trail")
+    trail = Table(
+        "outcome", "procedure", "actor", "entity", "txid", "flow", title="Server audit trail"
+    )
     for a in reversed(audit):
         trail.add_row(
             a["outcome"],
@@ -185,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
             a["actor"],
             a["entity"] or "-",
             (a["correlation_id"] or "-")[:12],
+            a.get("flow") or "-",
         )
     console.print(trail)
     if args.dir:

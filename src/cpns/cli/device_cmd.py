@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from cpns.cli._common import add_data_dir
+from cpns.cli._common import add_data_dir, add_log_format
 from cpns.device.agent import DeviceAgent, device_status, init_device
 from cpns.errors import ConfigurationError
 from cpns.runtime import run_event_loop
@@ -228,7 +228,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--timeout", type=float, metavar="S", help="give up after S seconds (default: never)"
     )
-    p.add_argument("--log-json", action="store_true", help="log JSON lines")
+    add_log_format(p)
     p.set_defaults(func=_run)
 
     p = cmds.add_parser(

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
-from cpns.cli._common import add_data_dir, read_password
+from cpns.cli._common import add_data_dir, add_log_format, read_password
 from cpns.crypto.kdf import password_key
 from cpns.errors import ConfigurationError
 from cpns.gateway.config import (
@@ -161,6 +161,8 @@ def _assign(args: argparse.Namespace) -> int:
         print(json.dumps(reply, sort_keys=True))
     status = str(reply.get("status"))
     txid = reply.get("txid") or "-"
+    if reply.get("flow"):
+        txid += f", flow {reply['flow']}"  # the ID to give 'cpns trace'
     if reply.get("ok"):
         if not args.json:
             stage = reply.get("stage")
@@ -282,6 +284,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "at the first start and kept for every later start)",
     )
     _add_password(p)
+    add_log_format(p)
     p.set_defaults(func=_enroll)
 
     p = cmds.add_parser(
@@ -302,7 +305,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="override the configured PAN TCP port for this run (0: the remembered free port)",
     )
     p.add_argument("--pan-host", help="override the PAN listen address")
-    p.add_argument("--log-json", action="store_true", help="log JSON lines")
+    add_log_format(p)
     p.set_defaults(func=_run)
 
     p = cmds.add_parser(

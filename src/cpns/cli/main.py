@@ -29,10 +29,13 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_UNREACHABLE = 4
 
+#: The ``party`` field of the log lines each command group writes (docs/logging.md).
+_PARTY = {"server": "server", "admin": "server", "gateway": "gateway", "device": "pne"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render docs/cli.md)."""
-    from cpns.cli import admin_cmd, demo_cmd, server_cmd
+    from cpns.cli import admin_cmd, demo_cmd, server_cmd, trace_cmd
 
     parser = argparse.ArgumentParser(
         prog="cpns",
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         device_cmd.register(sub)
     demo_cmd.register(sub)
+    trace_cmd.register(sub)
     return parser
 
 
@@ -71,11 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if not logging.getLogger("cpns").handlers:
+        from cpns.cli._common import log_format_choice
         from cpns.logs import setup_logging
 
+        try:
+            log_format = log_format_choice(args)
+        except ConfigurationError as exc:
+            print(f"cpns: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         setup_logging(
-            json_lines=bool(getattr(args, "log_json", False)),
+            json_lines=log_format == "json",
             level="DEBUG" if args.verbose else "INFO",
+            party=_PARTY.get(str(args.command), "cli"),
         )
     try:
         return int(args.func(args))

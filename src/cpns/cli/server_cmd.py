@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-from cpns.cli._common import add_data_dir
+from cpns.cli._common import add_data_dir, add_log_format, log_format_choice
 
 __all__ = ["register"]
 
@@ -36,10 +37,19 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from cpns.server.config import load_server_config
     from cpns.server.main import serve_forever
 
+    choice = log_format_choice(args)
+    # Neither --log-format nor CPNS_LOG_FORMAT: server.toml's log_json decides.
+    log_json = choice == "json" or (choice is None and load_server_config(args.data_dir).log_json)
+    if log_json and choice is None:
+        from cpns.logs import JSONFormatter
+
+        for handler in logging.getLogger("cpns").handlers:
+            handler.setFormatter(JSONFormatter())
     return serve_forever(
-        args.data_dir, workers=args.workers, listen_fd=args.listen_fd, log_json=args.log_json
+        args.data_dir, workers=args.workers, listen_fd=args.listen_fd, log_json=log_json
     )
 
 
@@ -85,7 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Serve the CPNS protocol over HTTPS (TLS 1.3).",
     )
     add_data_dir(run, "cpns-server")
-    run.add_argument("--log-json", action="store_true", help="log JSON lines")
+    add_log_format(run)
     run.add_argument(
         "--workers",
         type=int,

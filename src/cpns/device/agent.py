@@ -23,6 +23,11 @@ Notification of a superseded assignment cannot roll the PNE back: the machine en
 that, the agent only supplies what it holds.
 
 Nothing here logs a key or the TK; :func:`device_status` reports IDs and indexes only.
+
+Flows (docs/logging.md): each ``run`` starts one flow: its flow ID is drawn at the start,
+carried in every PNEHello of the run (the PN GW continues it when the user assigns a key
+to this PNE), and every message sent or received is logged in one structured line. An
+Ack echoes the flow ID of the Notification it answers.
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from cpns.errors import ConfigurationError, DecodeError, ErrorCode, StoreError
+from cpns.flow import log_hop, message_scope, new_flow, stamp
+from cpns.logs import flow_scope
 from cpns.messages.constants import ID_PATTERN, TXID_LEN
 from cpns.messages.model import (
     ErrorMessage,
     EUKeyAssignmentAck,
     EUKeyAssignmentNotification,
+    Message,
     PNEHello,
 )
 from cpns.protocol._machine import ProcedureFailed
@@ -186,6 +194,8 @@ class DeviceAgent:
         self._store = LocalKeyStore.open_or_create(self._data_dir, STORE_NAME)
         self._data: dict[str, Any] = {}
         self._stop = asyncio.Event()
+        #: Flow ID (hex) of the current run, carried in its PNEHellos.
+        self._flow = new_flow()
 
     def __repr__(self) -> str:
         return f"<DeviceAgent {str(self._data_dir)!r} -> {self._host}:{self._port}>"
@@ -206,7 +216,8 @@ class DeviceAgent:
         """
         progress = _Progress()
         self._stop.clear()
-        with self._store.lock():
+        self._flow = new_flow()  # this PNE starts a flow: one per run
+        with self._store.lock(), flow_scope(self._flow):
             self._data = _load(self._store)
             serve = asyncio.ensure_future(self._serve(once, progress))
             stop = asyncio.ensure_future(self._stop.wait())
@@ -298,9 +309,10 @@ class DeviceAgent:
             dst=PAN_ADDRESS,
             has_ui=False,
             key_index=int(self._data.get("key_index", 0)),
+            flow=bytes.fromhex(self._flow),
         )
         try:
-            await write_message(writer, hello)
+            await _send(writer, hello)
             log.info("PNE %s attached to %s:%d", entity_id, self._host, self._port)
             while True:
                 try:
@@ -311,16 +323,20 @@ class DeviceAgent:
                 if message is None:
                     log.info("gateway closed the PAN link")
                     return False
-                if isinstance(message, EUKeyAssignmentNotification):
-                    session.useful = True
-                    if await self._on_notification(writer, message, progress) and once:
-                        return True
-                elif isinstance(message, ErrorMessage):
-                    log.warning(
-                        "gateway reported %s (txid %s)", message.status.name, message.txid.hex()
-                    )
-                else:
-                    log.warning("ignoring unexpected %s from the gateway", message.TYPE.name)
+                with message_scope(message):
+                    log_hop(log, "received", message, "gateway")
+                    if isinstance(message, EUKeyAssignmentNotification):
+                        session.useful = True
+                        if await self._on_notification(writer, message, progress) and once:
+                            return True
+                    elif isinstance(message, ErrorMessage):
+                        log.warning(
+                            "gateway reported %s (txid %s)",
+                            message.status.name,
+                            message.txid.hex(),
+                        )
+                    else:
+                        log.warning("ignoring unexpected %s from the gateway", message.TYPE.name)
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.info("PAN link lost: %s", exc)
             return False
@@ -366,7 +382,7 @@ class DeviceAgent:
                 log.warning("txid %s: Notification refused: %s (%s)", txid, name, event.reason)
         acked = False
         for out in machine.messages_to_send():
-            await write_message(writer, out)
+            await _send(writer, out)
             if isinstance(out, EUKeyAssignmentAck) and out.status is ErrorCode.OK:
                 acked = True
         if acked:
@@ -392,3 +408,10 @@ class DeviceAgent:
         )
         self._store.save(data)
         self._data = data
+
+
+async def _send(writer: asyncio.StreamWriter, message: Message) -> None:
+    """Write one message to the gateway in the current flow, and log it."""
+    message = stamp(message)
+    log_hop(log, "sent", message, "gateway")
+    await write_message(writer, message)

@@ -45,6 +45,12 @@ undecodable frames or unexpected messages get an :class:`ErrorMessage` and that 
 closed, with one bounded log line (D-PAN-4); nothing a peer sends can stop the daemon.
 
 Logs carry Entity IDs, txids (hex) and status names, never keys, TKs or password keys.
+
+Flows (docs/logging.md): each message sent or received is logged in one structured line
+(:func:`cpns.flow.log_hop`) and carries the flow ID of the flow it belongs to. A PNE's
+PNEHello brings the PNE's flow; an ``assign`` for an attached PNE continues that flow
+(the PNE asked for a key), else the gateway starts one. The flow ID is stored with the
+request and the key set, so a resend or a later delivery carries the same one.
 """
 
 from __future__ import annotations
@@ -73,9 +79,11 @@ from cpns.errors import (
     StoreError,
     TransportError,
 )
+from cpns.flow import flow_bytes, flow_hex, log_hop, message_scope, new_flow, stamp
 from cpns.gateway.config import OPERATOR_PORT_FILE, GatewayConfig
 from cpns.gateway.upstream import HOP as UPSTREAM_HOP
 from cpns.gateway.upstream import ServerClient, Upstream, UpstreamAuthFailed
+from cpns.logs import current_flow, flow_scope
 from cpns.messages.codec import decode, encode
 from cpns.messages.constants import ID_PATTERN, TXID_LEN
 from cpns.messages.model import (
@@ -145,6 +153,8 @@ class AssignResult:
     unverified_acks: int = 0
     #: The status the last of those claimed (e.g. "AUTHENTICATION_FAILED"), or "".
     unverified_status: str = ""
+    #: Flow ID (16 hex digits) of the assignment, for ``cpns trace``; "" if none.
+    flow: str = ""
 
     def to_json(self) -> dict[str, object]:
         """The control-socket reply."""
@@ -157,6 +167,7 @@ class AssignResult:
             "txid": self.txid,
             "unverified_acks": self.unverified_acks,
             "unverified_status": self.unverified_status,
+            "flow": self.flow,
         }
 
 
@@ -265,6 +276,19 @@ async def enroll(
         StoreError: the key store is in use by a running daemon, or cannot be written.
         ConfigurationError: the data directory belongs to another Entity ID.
     """
+    with flow_scope(new_flow()):  # the PN GW starts its own enrolment flow
+        await _enroll(config, user_id, password_key, upstream=upstream, rng=rng, clock=clock)
+
+
+async def _enroll(
+    config: GatewayConfig,
+    user_id: str,
+    password_key: bytes,
+    *,
+    upstream: Upstream | None,
+    rng: Random | None,
+    clock: Callable[[], int],
+) -> None:
     rng = rng if rng is not None else SystemRandom()
     store = LocalKeyStore.open_or_create(config.data_dir, STORE_NAME)
     with store.lock():
@@ -282,6 +306,7 @@ async def enroll(
         )
         machine.start(user_id=user_id, password_key=password_key, now=clock())
         (request,) = machine.messages_to_send()
+        request = stamp(request)
         log.info(
             "enrolling %s for user %s (txid %s)", config.entity_id, user_id, request.txid.hex()
         )
@@ -418,10 +443,13 @@ class _Link:
         """The PNE ID it announced (already checked by the codec), or ``?``."""
         return self.pne_id or "?"
 
-    async def send(self, message: Message) -> bool:
+    async def send(self, message: Message, *, level: int = logging.INFO) -> bool:
         """Write one message; False if the peer is gone, or does not read it within the
         write timeout (the link is then closed: a peer that stops reading must not hold
-        our buffers)."""
+        our buffers). It carries the current flow ID unless it has one, and is logged
+        (at ``level``: refusals of a peer's frames at DEBUG, D-PAN-4)."""
+        message = stamp(message)
+        log_hop(log, "sent", message, "pne", level=level)
         async with self._send_lock:
             try:
                 await asyncio.wait_for(write_message(self.writer, message), self._write_timeout)
@@ -474,6 +502,9 @@ class GatewayDaemon:
         #: proofs that did not verify, ignored but counted for the user (D-PAN-2).
         self._unverified: dict[str, tuple[bytes, int, str]] = {}
         self._deliveries: dict[str, EUKeyAssignmentGateway] = {}
+        #: PNE ID -> flow ID (hex) of its latest PNEHello, while it is attached: an
+        #: ``assign`` for it continues that flow.
+        self._hello_flows: dict[str, str] = {}
         self._waiters: dict[str, list[tuple[bytes, asyncio.Future[AssignResult]]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         #: One lock per PNE record file: its writes never overlap (see _save).
@@ -784,7 +815,18 @@ class GatewayDaemon:
 
         Never raises for protocol, transport or store failures: they come back as a
         refused :class:`AssignResult` naming the status and the hop.
+
+        The assignment continues the flow of the PNE's PNEHello when the PNE is attached
+        (it asked for a key), else starts a new flow; the result names it.
         """
+        flow = self._hello_flows.get(pne_id) if pne_id in self._routes else None
+        with flow_scope(flow or new_flow()):
+            result = await self._assign(pne_id, user_id, password_key, claim_key, wait)
+            return dataclasses.replace(result, flow=current_flow() or "")
+
+    async def _assign(
+        self, pne_id: str, user_id: str, password_key: bytes, claim_key: bytes, wait: float
+    ) -> AssignResult:
         for value in (pne_id, user_id):
             if ID_PATTERN.fullmatch(value) is None:
                 return AssignResult(
@@ -811,8 +853,8 @@ class GatewayDaemon:
                 claim_key=claim_key,
                 now=self._clock(),
             )
-            request = machine.request
-            assert request is not None
+            assert machine.request is not None
+            request = stamp(machine.request)  # the stored bytes carry the flow ID
             record = self._pnes().setdefault(pne_id, {})
             previous = record.get("request")
             # Persist the request BEFORE sending it: a restart resends the same bytes.
@@ -902,6 +944,7 @@ class GatewayDaemon:
     async def _exchange_request(self, pne_id: str, machine: EUKeyAssignmentGateway) -> AssignResult:
         (request,) = machine.messages_to_send()
         assert isinstance(request, EUKeyAssignmentRequest)
+        request = stamp(request)  # the same bytes as stored: the flow is the same
         txid = request.txid.hex()
         assert self._upstream is not None
         try:
@@ -987,6 +1030,7 @@ class GatewayDaemon:
             "epoch": event.epoch,
             "delivered": False,
             "stored_at": self._clock(),
+            "flow": flow_bytes(current_flow()),
         }
         record["last_status"] = "OK"
         try:
@@ -1043,11 +1087,12 @@ class GatewayDaemon:
                         continue
                     machine = self._new_machine()
                     machine.resend(request)
-                    log.info("resending txid %s for PNE %s", request.txid.hex(), pne_id)
-                    try:
-                        await self._complete_request(pne_id, machine)
-                    except Exception:
-                        log.exception("resend for %s failed", pne_id)
+                    with message_scope(request):
+                        log.info("resending txid %s for PNE %s", request.txid.hex(), pne_id)
+                        try:
+                            await self._complete_request(pne_id, machine)
+                        except Exception:
+                            log.exception("resend for %s failed", pne_id)
             await asyncio.sleep(self._config.retry_interval)
 
     # -- 003 PN GW role: PAN side ----------------------------------------------------
@@ -1084,15 +1129,20 @@ class GatewayDaemon:
         if key_set is None:
             return
         machine = self._delivery_machine(pne_id, key_set)
-        for message in machine.messages_to_send():
-            if await link.send(message):
-                log.info("txid %s: Notification (re)sent to PNE %s", key_set["txid"].hex(), pne_id)
+        # The delivery belongs to the assignment's flow, not to the hello's.
+        with flow_scope(flow_hex(key_set.get("flow")) or current_flow()):
+            for message in machine.messages_to_send():
+                if await link.send(message):
+                    log.info(
+                        "txid %s: Notification (re)sent to PNE %s", key_set["txid"].hex(), pne_id
+                    )
 
     async def _refuse(self, link: _Link, code: ErrorCode, txid: bytes = bytes(TXID_LEN)) -> None:
         await link.send(
             ErrorMessage(
                 txid=txid, src=self._config.entity_id, dst=link.pne_id or PAN_ADDRESS, status=code
-            )
+            ),
+            level=logging.DEBUG,
         )
 
     def _peer_fault(self, link: _Link, what: str, detail: str = "") -> None:
@@ -1150,7 +1200,8 @@ class GatewayDaemon:
                 if message is None:
                     break
                 try:
-                    keep = await self._on_pan_message(link, message)
+                    with message_scope(message):
+                        keep = await self._on_pan_message(link, message)
                 except Exception as exc:  # one frame never takes the daemon down
                     self._peer_fault(
                         link, f"{message.TYPE.name} not handled ({type(exc).__name__})"
@@ -1201,7 +1252,21 @@ class GatewayDaemon:
             self._per_source.pop(link.peer, None)
 
     async def _on_pan_message(self, link: _Link, message: Message) -> bool:
-        """Handle one message from a PAN link; False closes the link."""
+        """Handle one message from a PAN link; False closes the link.
+
+        The message's hop line (docs/logging.md) is written at INFO for what the gateway
+        acts on (an accepted PNEHello, an Ack with a proof for an outstanding delivery),
+        at DEBUG for what it refuses or ignores: those already cost a budgeted fault line,
+        and no PAN peer may make the daemon write a line per frame (D-PAN-4)."""
+        accepted = (
+            link.pne_id is None
+            and isinstance(message, PNEHello)
+            and message.dst in (PAN_ADDRESS, self._config.entity_id)
+            and len(self._routes.get(message.src, ())) < self._config.pan_links_per_pne
+        )
+        if not isinstance(message, EUKeyAssignmentAck) or link.pne_id is None:
+            level = logging.INFO if accepted else logging.DEBUG
+            log_hop(log, "received", message, "pne", level=level)
         if link.pne_id is None:
             if not isinstance(message, PNEHello):
                 self._peer_fault(link, f"{message.TYPE.name} before PNEHello")
@@ -1224,6 +1289,8 @@ class GatewayDaemon:
             if not links:
                 metrics.GATEWAY_ATTACHED_PNES.inc()
             links.append(link)
+            if message.flow is not None:
+                self._hello_flows[message.src] = message.flow.hex()
             log.info(
                 "PNE %s attached (holds key index %d; %d link(s))",
                 message.src,
@@ -1245,8 +1312,10 @@ class GatewayDaemon:
         if link in links:
             links.remove(link)
             log.info("PNE %s detached (%d link(s) left)", pne_id, len(links))
-        if not links and self._routes.pop(pne_id, None) is not None:
-            metrics.GATEWAY_ATTACHED_PNES.dec()
+        if not links:
+            self._hello_flows.pop(pne_id, None)
+            if self._routes.pop(pne_id, None) is not None:
+                metrics.GATEWAY_ATTACHED_PNES.dec()
 
     def _note_unverified(self, link: _Link, ack: EUKeyAssignmentAck, why: str) -> None:
         """D-PAN-2: an Ack that proves nothing is logged (within the fault budget),
@@ -1264,6 +1333,16 @@ class GatewayDaemon:
         and the key stays pending (offered again on every attach)."""
         pne_id = link.pne_id
         assert pne_id is not None
+        outstanding = self._pnes().get(pne_id, {}).get("set")
+        acted_on = (
+            ack.src == pne_id
+            and outstanding is not None
+            and outstanding["txid"] == ack.txid
+            and not outstanding["delivered"]
+            and ack.status is ErrorCode.OK
+            and ack.proof is not None
+        )
+        log_hop(log, "received", ack, "pne", level=logging.INFO if acted_on else logging.DEBUG)
         if ack.src != pne_id:
             self._peer_fault(link, "Ack claims to come from another PNE", ack.src)
             await self._refuse(link, ErrorCode.NOT_AUTHORIZED, ack.txid)

@@ -48,6 +48,7 @@ import httpx
 
 from cpns import metrics
 from cpns.errors import AuthenticationFailed, ConfigurationError, DecodeError, TransportError
+from cpns.flow import log_hop, stamp
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import ErrorMessage, Message, UserKeyAssignmentRequest
 from cpns.protocol.digest import DigestClient
@@ -228,7 +229,11 @@ class ServerClient:
                 unexpected HTTP status, or sent a body that is not one CPNS message.
             UpstreamAuthFailed: Digest failed (our key refused, or the server's rspauth
                 missing or wrong).
+
+        The message carries the current flow ID (:func:`cpns.flow.stamp`) unless it has
+        one; one log line each records it sent and the reply received.
         """
+        message = stamp(message)
         body = encode(message)
         needs_auth = not isinstance(message, UserKeyAssignmentRequest)
         if needs_auth and not self._enrolled:
@@ -238,10 +243,10 @@ class ServerClient:
         kind = message.TYPE.name
         outcome = "error"
         started = time.perf_counter()
+        log_hop(log, "sent", message, "server")
         try:
             reply = await self._exchange_on(lane, body, needs_auth, message)
             outcome = "answered"
-            return reply
         except TransportError:
             outcome = "unavailable"
             raise
@@ -252,6 +257,8 @@ class ServerClient:
             self._lanes.put_nowait(lane)
             metrics.GATEWAY_UPSTREAM_DURATION.labels(kind).observe(time.perf_counter() - started)
             metrics.GATEWAY_UPSTREAM_EXCHANGES.labels(kind, outcome).inc()
+        log_hop(log, "received", reply, "server")
+        return reply
 
     async def _exchange_on(
         self, lane: _Lane, body: bytes, needs_auth: bool, message: Message

@@ -21,6 +21,7 @@ from enum import IntEnum
 
 from cpns.errors import ErrorCode
 from cpns.messages.constants import (
+    FLOW_LEN,
     ID_PATTERN,
     PROTOCOL_VERSION,
     TXID_LEN,
@@ -148,9 +149,11 @@ def render_cddl() -> str:
         f"  {int(HeaderKey.SOURCE)} => cpns-id,  ; source Entity ID",
         f"  {int(HeaderKey.DESTINATION)} => cpns-id,  ; destination Entity ID",
         f"  ? {int(HeaderKey.PN_ID)} => cpns-id,  ; PN ID",
+        f"  ? {int(HeaderKey.FLOW)} => flow-id,  ; flow (correlation) ID, not a security input",
         ")",
         "",
         f"txid = bstr .size {TXID_LEN}",
+        f"flow-id = bstr .size {FLOW_LEN}",
         f"cpns-id = tstr .regexp {_text(ID_PATTERN.pattern)}",
     ]
     for mtype in types:

@@ -1,9 +1,9 @@
 """Deterministic CBOR in and out (RFC 8949 §4.2), with strict decoding (DESIGN §3).
 
 A message is a CBOR map ``{0: version, 1: type, 2: txid, 3: src, 4: dst, [5: pn_id,]
-6: body}`` where ``body`` maps each field's small integer key to its value; absent optional
-fields are omitted. Encoding uses core deterministic encoding (shortest forms, definite
-lengths, sorted keys); cbor2's canonical mode produces it.
+6: body, [7: flow]}`` where ``body`` maps each field's small integer key to its value;
+absent optional fields are omitted. Encoding uses core deterministic encoding (shortest
+forms, definite lengths, sorted keys); cbor2's canonical mode produces it.
 
 Decoding is strict: every input is either decoded into a valid message that re-encodes
 to exactly the same bytes, or rejected with one :class:`~cpns.errors.DecodeError`.
@@ -128,6 +128,8 @@ def encode(message: Message) -> bytes:
     }
     if message.pn_id is not None:
         top[HeaderKey.PN_ID] = message.pn_id
+    if message.flow is not None:
+        top[HeaderKey.FLOW] = message.flow
     return _dumps({int(k): v for k, v in top.items()})
 
 
@@ -243,6 +245,10 @@ def _decode(data: bytes) -> Message:
         kwargs["pn_id"] = top[HeaderKey.PN_ID]
         if kwargs["pn_id"] is None:
             raise DecodeError("pn_id: null is not allowed")
+    if HeaderKey.FLOW in top:
+        kwargs["flow"] = top[HeaderKey.FLOW]
+        if kwargs["flow"] is None:
+            raise DecodeError("flow: null is not allowed")
     message = _build(cls, kwargs)
     _check_canonical(data, message, is_message=True)
     return message
@@ -301,6 +307,8 @@ def to_json(message: Message, *, reveal_secrets: bool = False) -> dict[str, obje
     }
     if message.pn_id is not None:
         out["pn_id"] = message.pn_id
+    if message.flow is not None:
+        out["flow"] = message.flow.hex()
     for name, spec in specs(type(message)):
         value = getattr(message, name)
         if value is not None:

@@ -12,6 +12,7 @@ __all__ = [
     "MAX_ID_LEN",
     "MAX_MESSAGE_SIZE",
     "PROTOCOL_VERSION",
+    "FLOW_LEN",
     "TXID_LEN",
     "HeaderKey",
     "MessageType",
@@ -24,6 +25,9 @@ PROTOCOL_VERSION: Final = 1
 MAX_MESSAGE_SIZE: Final = 64 * 1024
 #: Transaction IDs are 16 random bytes (DESIGN §5: every exchange carries one).
 TXID_LEN: Final = 16
+#: Flow (correlation) IDs are 8 random bytes chosen by the party that starts a flow; logs
+#: show them as 16 hex digits. Not a security input: nothing is decided on them.
+FLOW_LEN: Final = 8
 #: Longest Entity ID, User ID or PN ID, in characters.
 MAX_ID_LEN: Final = 128
 #: Entity, User and PN IDs on the wire (docs/architecture.md "Entity ID syntax"): 1..128
@@ -74,6 +78,7 @@ class HeaderKey(IntEnum):
     DESTINATION = 4  #: destination Entity ID
     PN_ID = 5  #: PN ID, where the procedure has one (optional)
     BODY = 6  #: the typed body, a map with small integer keys
+    FLOW = 7  #: flow (correlation) ID, 8 bytes (optional; for logs and traces only)
 
 
 class MessageType(IntEnum):

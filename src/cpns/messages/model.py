@@ -18,7 +18,7 @@ from enum import IntEnum
 from typing import Any, ClassVar, Final, Literal
 
 from cpns.errors import ErrorCode
-from cpns.messages.constants import ID_PATTERN, TXID_LEN, MessageType
+from cpns.messages.constants import FLOW_LEN, ID_PATTERN, TXID_LEN, MessageType
 from cpns.types import EntityKind
 
 __all__ = [
@@ -191,10 +191,16 @@ class Message(Record):
     dst: str
     #: PN ID, where the procedure has one.
     pn_id: str | None = None
+    #: Flow (correlation) ID: 8 random bytes chosen by the party that started the flow,
+    #: echoed by every reply and carried by every message of the flow. For logs and
+    #: traces only: no check, MAC or decision depends on it (docs/logging.md).
+    flow: bytes | None = None
 
     def __post_init__(self) -> None:
         if type(self.txid) is not bytes or len(self.txid) != TXID_LEN:
             raise ValueError("txid: expected 16 bytes")
+        if self.flow is not None and (type(self.flow) is not bytes or len(self.flow) != FLOW_LEN):
+            raise ValueError(f"flow: expected {FLOW_LEN} bytes")
         for name in ("src", "dst"):
             value = getattr(self, name)
             if type(value) is not str or ID_PATTERN.fullmatch(value) is None:

@@ -87,6 +87,7 @@ class _Aggregate:
     correlation_id: str | None
     detail: str
     count: int = 1
+    flow_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -177,6 +178,7 @@ class AttemptGuard:
         correlation_id: str | None,
         detail: str,
         now: int,
+        flow_id: str | None = None,
     ) -> None:
         """Note one unauthenticated refusal in the audit aggregate (written at flush)."""
         key: _AuditKey = (procedure, outcome, source or LOCAL_SOURCE, user_id)
@@ -194,6 +196,7 @@ class AttemptGuard:
                 entity_id=entity_id,
                 correlation_id=correlation_id,
                 detail=detail,
+                flow_id=flow_id,
             )
         else:
             agg.count += 1
@@ -276,4 +279,5 @@ def _event(
         detail=detail,
         count=agg.count,
         source=source,
+        flow_id=agg.flow_id,
     )

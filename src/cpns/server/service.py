@@ -16,15 +16,17 @@ It knows nothing of HTTP or Digest: the caller says which entity authenticated.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cpns import metrics
 from cpns.errors import DecodeError, ErrorCode
+from cpns.flow import flow_hex, log_hop, message_scope, stamp
 from cpns.logs import peer_text
 from cpns.messages.codec import decode, encode, peek_header
 from cpns.messages.constants import TXID_LEN
@@ -79,6 +81,8 @@ class Reply:
     status: ErrorCode | int
     #: A short reason for a refusal of undecodable input (sent as ``CPNS-Reason``).
     reason: str = ""
+    #: The reply message, for the log (None for a stored reply sent again).
+    message: Message | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class CPNSService:
@@ -210,19 +214,39 @@ class CPNSService:
         guessing guard counts unauthenticated failures per source (D-SRV-1). An
         authenticated request's source is its Entity ID.
 
+        The request is handled in its flow (docs/logging.md): every log line carries the
+        request's flow ID, the reply echoes it, and one line each logs the request
+        received and the reply sent (for an unauthenticated request, written after the
+        outcome, and at DEBUG unless it succeeded: D-SRV-2).
+
         Counted in :mod:`cpns.metrics`: the request by procedure and reply status, its
         duration, and the steps in progress.
         """
         procedure = _PROCEDURE.get(type(message), "unexpected")
         started = time.perf_counter()
         metrics.SERVER_PENDING.inc()
-        try:
-            reply = await self._handle(message, authenticated=authenticated, source=source)
-        finally:
-            metrics.SERVER_PENDING.dec()
-            metrics.SERVER_REQUEST_DURATION.labels(procedure).observe(time.perf_counter() - started)
-        metrics.SERVER_REQUESTS.labels(procedure, _status_name(reply.status)).inc()
-        return reply
+        with message_scope(message):
+            peer = _peer_party(message)
+            if authenticated is not None:
+                log_hop(log, "received", message, peer)
+            try:
+                reply = await self._handle(message, authenticated=authenticated, source=source)
+            finally:
+                metrics.SERVER_PENDING.dec()
+                metrics.SERVER_REQUEST_DURATION.labels(procedure).observe(
+                    time.perf_counter() - started
+                )
+            metrics.SERVER_REQUESTS.labels(procedure, _status_name(reply.status)).inc()
+            level = logging.INFO
+            if authenticated is None:
+                # Nobody authenticated it: a refusal writes no line of its own (D-SRV-2),
+                # so both hop lines are decided, and written, once the outcome is known.
+                level = logging.INFO if reply.status is ErrorCode.OK else logging.DEBUG
+                log_hop(log, "received", message, peer, level=level)
+            if log.isEnabledFor(level):
+                sent = reply.message if reply.message is not None else decode(reply.body)
+                log_hop(log, "sent", sent, peer, level=level)
+            return reply
 
     async def _handle(
         self, message: Message, *, authenticated: str | None, source: str | None
@@ -231,7 +255,9 @@ class CPNSService:
         if authenticated is not None:
             source = authenticated
         requester = authenticated or message.src
-        digest = hashlib.sha256(encode(message)).digest()
+        # The flow ID is not a security input (docs/wire.md 2.3): a retry is told from a
+        # reused txid by the request without it.
+        digest = hashlib.sha256(encode(dataclasses.replace(message, flow=None))).digest()
         stored = await self._read(self._store.get_reply, requester, message.txid)
         if stored is not None:
             return self._replay_or_retry(stored, message, digest, requester)
@@ -243,6 +269,7 @@ class CPNSService:
                 txid=message.txid,
                 src=self.server_id,
                 dst=message.src,
+                flow=message.flow,
                 status=ErrorCode.UNEXPECTED_MESSAGE,
             )
             await self._audit(
@@ -254,7 +281,7 @@ class CPNSService:
                 source,
                 authenticated=authenticated is not None,
             )
-            return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE)
+            return Reply(200, encode(error), ErrorCode.UNEXPECTED_MESSAGE, message=error)
         # The procedure reads the store through its lookups (and the guard's counters).
         events = await self._read(machine.receive, message)
         [reply] = machine.messages_to_send()
@@ -270,6 +297,7 @@ class CPNSService:
                 authenticated=authenticated is not None,
             )
             return self._reply(reply, failed.code)
+        reply = stamp(reply)
         reply_bytes = encode(reply)
         try:
             cleared = await self._store.write_async(
@@ -299,7 +327,7 @@ class CPNSService:
             requester,
             extra={"txid": message.txid.hex(), "entity": requester, "status": "OK"},
         )
-        return Reply(200, reply_bytes, ErrorCode.OK)
+        return Reply(200, reply_bytes, ErrorCode.OK, message=reply)
 
     async def _lost_race(
         self,
@@ -346,7 +374,8 @@ class CPNSService:
 
     @staticmethod
     def _reply(message: Message, code: ErrorCode | int) -> Reply:
-        return Reply(200, encode(message), code)
+        message = stamp(message)
+        return Reply(200, encode(message), code, message=message)
 
     def _persist(
         self,
@@ -451,6 +480,7 @@ class CPNSService:
                 actor=requester,
                 entity_id=getattr(message, "pne_id", None) or message.src,
                 correlation_id=message.txid.hex(),
+                flow_id=flow_hex(message.flow),
                 detail=reason,
                 now=now,
             )
@@ -485,5 +515,13 @@ def _audit_event(
         user_id=getattr(message, "user_id", None),
         hop="server",
         correlation_id=message.txid.hex(),
+        flow_id=flow_hex(message.flow),
         detail=detail,
     )
+
+
+def _peer_party(message: Message) -> Literal["gateway", "pne"]:
+    """Who sent a request: a PNE with UI enrolling itself, else a PN GW."""
+    if isinstance(message, UserKeyAssignmentRequest) and message.entity_kind is EntityKind.PNE:
+        return "pne"
+    return "gateway"

@@ -49,7 +49,8 @@ the statements that can still fail on a constraint run in their own savepoint th
 same numbers and names, PostgreSQL DDL) are applied in order inside one write transaction
 (``BEGIN IMMEDIATE`` on SQLite; an advisory lock on PostgreSQL), each followed by recording
 its number (``PRAGMA user_version``; the ``schema_version`` table), so two processes
-starting together apply them once, and reopening applies nothing.
+starting together apply them once, and reopening applies nothing. Numbers increase but may
+have gaps (each change takes its own number); every one above the recorded version runs.
 """
 
 from __future__ import annotations
@@ -374,11 +375,12 @@ class _Q:
     DIGEST_NC_PURGE: Final = "DELETE FROM digest_nc WHERE keep_until < ?"
     AUDIT_INSERT: Final = (
         "INSERT INTO audit (at, actor, procedure, outcome, entity_id, user_id, hop, "
-        "correlation_id, detail, count, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "correlation_id, detail, count, source, flow_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     )
     AUDIT_LIST: Final = (
         "SELECT at, actor, procedure, outcome, entity_id, user_id, hop, correlation_id, "
-        "detail, count, source FROM audit ORDER BY id DESC LIMIT ?"
+        "detail, count, source, flow_id FROM audit ORDER BY id DESC LIMIT ?"
     )
     AUDIT_PURGE: Final = "DELETE FROM audit WHERE at < ?"
     META_GET: Final = "SELECT value FROM meta WHERE name = ?"
@@ -437,6 +439,7 @@ def _audit_event(row: Any) -> AuditEvent:
         detail,
         count,
         source,
+        flow_id,
     ) = row
     return AuditEvent(
         at=at,
@@ -450,6 +453,7 @@ def _audit_event(row: Any) -> AuditEvent:
         detail=detail,
         count=count,
         source=source,
+        flow_id=flow_id,
     )
 
 
@@ -504,15 +508,17 @@ def _migrations(dialect: _Dialect) -> list[tuple[int, str, str]]:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise StoreError(f"packaged migrations are not numbered 1..n: {versions}")
+    # Numbers only increase; a gap is allowed (migrations are written on branches in
+    # parallel, each taking its own number), a duplicate is not.
+    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+        raise StoreError(f"packaged migrations are not uniquely numbered from 1: {versions}")
     return found
 
 
 def _migrate(conn: _Conn, dialect: _Dialect, where: str) -> int:
     """Bring the schema up to date in one transaction; return the resulting version."""
     migrations = _migrations(dialect)
-    latest = len(migrations)
+    latest = migrations[-1][0] if migrations else 0
     conn.execute(dialect.begin_write)
     try:
         for statement in dialect.migration_lock:
@@ -525,7 +531,9 @@ def _migrate(conn: _Conn, dialect: _Dialect, where: str) -> int:
                 f"{where} has schema version {current}, newer than this cpns ({latest}); "
                 "upgrade cpns before opening it"
             )
-        for version, name, script in migrations[current:]:
+        for version, name, script in migrations:
+            if version <= current:
+                continue
             _log.info("store %s: applying migration %s", where, name)
             conn.executescript(script)
             for statement in dialect.version_set:
@@ -730,6 +738,7 @@ class _SQLWriteTx:
             event.detail,
             event.count,
             event.source,
+            event.flow_id,
         )
         try:
             self._exec(_Q.AUDIT_INSERT, params)

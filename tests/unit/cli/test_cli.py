@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 from tests.postgres import raw as pg_raw
 
-from cpns.cli.demo_cmd import _LIFELINE, sequence_diagram
+from cpns.cli.demo_cmd import sequence_diagram
+from cpns.cli.diagram import LIFELINE as _LIFELINE
 from cpns.cli.main import EXIT_OK, EXIT_USAGE, main
 from cpns.records import EntityRecord
 from cpns.server.admin import add_user

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import ssl
 import struct
 import time
@@ -46,6 +47,7 @@ from cpns.errors import (
 from cpns.gateway.config import GatewayConfig, load_config, write_config
 from cpns.gateway.daemon import GatewayDaemon, enroll, offline_status
 from cpns.gateway.upstream import ServerClient, UpstreamAuthFailed, tls_context
+from cpns.logs import ContextFilter, JSONFormatter, TextFormatter
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import (
     ErrorMessage,
@@ -1115,10 +1117,19 @@ def test_logs_never_carry_keys(
 
     run(scenario())
     assert "delivered" in caplog.text
+    # The same records as the programs write them: JSON lines (every structured field) and
+    # text lines with their key=value tail (docs/logging.md).
+    context = ContextFilter("gateway")
+    formatted = []
+    for record in caplog.records:
+        context.filter(record)
+        formatted += [JSONFormatter().format(record), TextFormatter().format(record)]
+    written = "\n".join([caplog.text, *formatted])
+    assert '"event": "message"' in written
     chain = server.eukeys("pne-1")
     for secret in (TKS["pne-1"], *chain, gateway_store(enrolled)["eukey"], alice_key):
-        assert secret.hex()[:16] not in caplog.text
-        assert repr(secret)[2:18] not in caplog.text
+        assert secret.hex()[:16] not in written
+        assert repr(secret)[2:18] not in written
 
 
 # -- the server link (HTTPS + Digest) --------------------------------------------------------
@@ -1428,6 +1439,87 @@ def test_writes_of_one_pne_record_never_overlap(
     assert spans == ["start pne-1", "end pne-1", "start pne-1", "end pne-1"]
 
 
+# -- flows (docs/logging.md) -----------------------------------------------------------------
+
+
+def test_an_assignment_continues_the_flow_the_pne_started(
+    enrolled: GatewayConfig,
+    server: FakeServer,
+    alice_key: bytes,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The PNE starts the flow (its PNEHello carries a flow ID); an assign for the attached
+    PNE continues it: the request the server receives, the Notification and the Ack all
+    carry the same ID, the control reply names it, and the gateway's hop lines carry it."""
+    caplog.set_level(logging.INFO, logger="cpns")
+    device_dir = make_device(tmp_path)
+
+    async def scenario() -> dict[str, Any]:
+        async with running_gateway(enrolled, server) as gw:
+            agent = DeviceAgent(device_dir, "127.0.0.1", gw.pan_port, backoff=0.02)
+            device = asyncio.create_task(agent.run(once=True, timeout=WAIT))
+            await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
+            reply = await control(enrolled, assign_op("pne-1", alice_key, wait=WAIT))
+            assert await asyncio.wait_for(device, WAIT) == 0
+            return reply
+
+    reply = run(scenario())
+    hello = [
+        r
+        for r in caplog.records
+        if getattr(r, "type", None) == "PNE_HELLO" and getattr(r, "dir", None) == "sent"
+    ]
+    flow = hello[0].flow  # type: ignore[attr-defined]
+    assert reply["flow"] == flow
+    request = decode(server.received[-1])
+    assert isinstance(request, EUKeyAssignmentRequest)
+    assert request.flow == bytes.fromhex(flow)
+    hops = {
+        (r.name, r.dir, r.type): r.flow  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "event", None) == "message"
+    }
+    for end in ("cpns.gateway", "cpns.device"):
+        for direction in ("sent", "received"):
+            for mtype in ("EUKEY_ASSIGNMENT_NOTIFICATION", "EUKEY_ASSIGNMENT_ACK"):
+                if (end, direction, mtype) in hops:
+                    assert hops[(end, direction, mtype)] == flow
+    assert hops[("cpns.gateway", "received", "EUKEY_ASSIGNMENT_ACK")] == flow
+    assert hops[("cpns.device", "received", "EUKEY_ASSIGNMENT_NOTIFICATION")] == flow
+
+
+def test_an_assignment_for_an_absent_pne_starts_its_own_flow(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes
+) -> None:
+    """No PNE attached: the gateway starts the flow; the stored request (resent as is)
+    and the one the server gets carry it, and the control reply names it."""
+
+    async def scenario() -> dict[str, Any]:
+        async with running_gateway(enrolled, server):
+            return await control(enrolled, assign_op("pne-1", alice_key))
+
+    reply = run(scenario())
+    assert re.fullmatch(r"[0-9a-f]{16}", reply["flow"])
+    request = decode(server.received[-1])
+    assert isinstance(request, EUKeyAssignmentRequest)
+    assert request.flow == bytes.fromhex(reply["flow"])
+    stored = gateway_store(enrolled)["pnes"]["pne-1"]["set"]
+    assert stored["flow"] == request.flow
+
+
+def test_the_gateway_enrolment_is_a_flow_of_its_own(
+    enrolled: GatewayConfig, server: FakeServer
+) -> None:
+    """The PN GW starts the flow of its own enrolment (004): its request carries a flow ID
+    and the server's audit record of the enrolment stores it."""
+    enrolment = decode(server.received[0])
+    assert isinstance(enrolment, UserKeyAssignmentRequest)
+    assert enrolment.flow is not None
+    [audit] = [e for e in server.store.audit_events() if e.procedure == "eukey-assignment-ui-004"]
+    assert audit.flow_id == enrolment.flow.hex()
+
+
 # -- operator metrics and listener (docs/metrics.md) -------------------------------------
 
 
@@ -1538,3 +1630,26 @@ def test_operator_port_in_use_is_a_configuration_error(
             pass  # the store lock was released
 
     run(scenario())
+
+
+def test_refused_pan_frames_write_no_info_hop_lines(
+    enrolled: GatewayConfig, server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """D-PAN-4 with docs/logging.md: the hop lines of frames the gateway refuses (here an
+    Ack before any PNEHello, over and over) are DEBUG; at INFO a flood costs only the
+    budgeted fault lines, not a line per frame."""
+    caplog.set_level(logging.INFO, logger="cpns")
+    early_ack = EUKeyAssignmentAck(
+        txid=bytes(16), src="pne-1", dst="gw-alice", status=ErrorCode.OK, key_index=1
+    )
+
+    async def scenario() -> None:
+        async with running_gateway(enrolled, server) as gw:
+            for _ in range(100):
+                async with pan_client(gw) as (reader, writer):
+                    await write_message(writer, early_ack)
+                    await receive(reader)
+
+    run(scenario())
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "message"]
+    assert len(caplog.records) < 50

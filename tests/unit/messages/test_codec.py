@@ -3,6 +3,7 @@ failure table (DESIGN §3, STYLE §3 and §8)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from typing import Any
@@ -285,8 +286,8 @@ def test_golden_key_bundle() -> None:
 
 
 def test_header_keys_are_the_documented_ones() -> None:
-    """DESIGN §3: header keys 0..6 in this order."""
-    assert [int(k) for k in HeaderKey] == list(range(7))
+    """DESIGN §3: header keys 0..7 in this order (7: the optional flow ID, docs/wire.md)."""
+    assert [int(k) for k in HeaderKey] == list(range(8))
     assert [k.name for k in HeaderKey] == [
         "VERSION",
         "TYPE",
@@ -295,7 +296,24 @@ def test_header_keys_are_the_documented_ones() -> None:
         "DESTINATION",
         "PN_ID",
         "BODY",
+        "FLOW",
     ]
+
+
+def test_flow_id_round_trips_under_header_key_7_and_shows_as_hex() -> None:
+    """docs/wire.md section 2: the flow ID travels as header key 7 (8 bytes, after the
+    body in deterministic order), decodes to the same message and shows as 16 hex digits
+    in the JSON view; without it the encoding has no key 7."""
+    flow = bytes.fromhex("0123456789abcdef")
+    message = decode(VALID)
+    with_flow = dataclasses.replace(message, flow=flow)
+    data = encode(with_flow)
+    assert (VALID[0], data[0]) == (0xA6, 0xA7)  # a map of 6 entries, now 7
+    assert data.endswith(b"\x07\x48" + flow)
+    assert decode(data) == with_flow
+    assert to_json(with_flow)["flow"] == "0123456789abcdef"
+    assert "flow" not in to_json(message)
+    assert 7 not in cbor2.loads(VALID)
 
 
 # -- JSON view ----------------------------------------------------------------------------------
@@ -539,7 +557,13 @@ FAILURES: list[Any] = [
     # Header.
     pytest.param(array([uint(1)]), MALFORMED, id="top-level-array"),
     pytest.param(uint(1), MALFORMED, id="top-level-int"),
-    pytest.param(build(header={7: uint(0)}), MALFORMED, id="unknown-header-key"),
+    pytest.param(build(header={8: uint(0)}), MALFORMED, id="unknown-header-key"),
+    pytest.param(build(header={7: bstr(bytes(7))}), MALFORMED, id="short-flow"),
+    pytest.param(build(header={7: bstr(bytes(9))}), MALFORMED, id="long-flow"),
+    pytest.param(build(header={7: bstr(bytes(16))}), MALFORMED, id="txid-sized-flow"),
+    pytest.param(build(header={7: tstr("0123456789abcdef")}), MALFORMED, id="text-flow"),
+    pytest.param(build(header={7: uint(1)}), MALFORMED, id="int-flow"),
+    pytest.param(build(header={7: NULL}), MALFORMED, id="null-flow"),
     pytest.param(cmap([(tstr("0"), uint(1))]), MALFORMED, id="text-header-key"),
     pytest.param(cmap([(nint(-1), uint(1))]), MALFORMED, id="negative-header-key"),
     pytest.param(build(header={0: uint(2)}), UNSUPPORTED, id="version-2"),
@@ -744,6 +768,9 @@ def test_key_bundle_with_1024_keys() -> None:
         {"src": "a b"},
         {"dst": 5},
         {"pn_id": ""},
+        {"flow": b"\x00" * 7},
+        {"flow": "0123456789abcdef"},
+        {"flow": bytearray(8)},
         {"time": True},
         {"time": -1},
         {"time": 1.0},

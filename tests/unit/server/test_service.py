@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from tests.helpers import (
 from tests.metrics import sample
 
 from cpns.errors import ErrorCode, StoreError
+from cpns.logs import ContextFilter
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import (
     ErrorMessage,
@@ -350,6 +352,57 @@ def test_failed_enrolments_do_not_lock_out_the_users_gateway(store: MemoryStore)
     assert status_of(handle(svc, request(seed=35))) == ErrorCode.OK
 
 
+FLOW = bytes.fromhex("0123456789abcdef")
+
+
+def test_the_reply_echoes_the_flow_and_every_line_and_the_audit_carry_it(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/logging.md: a request carrying a flow ID is handled in that flow: the reply
+    echoes the ID, every log line written while handling it carries it (the received and
+    sent lines among them), and the audit record stores it."""
+    caplog.set_level(logging.DEBUG, logger="cpns")
+    caplog.handler.addFilter(ContextFilter("server"))
+    message = dataclasses.replace(request(), flow=FLOW)
+    reply = handle(service(store), message)
+    assert decode(reply.body).flow == FLOW
+    lines = [r for r in caplog.records if r.name.startswith("cpns.server")]
+    assert lines
+    assert {getattr(r, "flow", None) for r in lines} == {FLOW.hex()}
+    hops = [(r.dir, r.type) for r in lines if getattr(r, "event", None) == "message"]  # type: ignore[attr-defined]
+    assert hops == [
+        ("received", "EUKEY_ASSIGNMENT_REQUEST"),
+        ("sent", "EUKEY_ASSIGNMENT_RESPONSE"),
+    ]
+    [audit] = [e for e in store.audit_events() if e.procedure == "eukey-assignment-tk-003"]
+    assert audit.flow_id == FLOW.hex()
+
+
+def test_a_refusal_echoes_the_flow_and_its_audit_stores_it(store: MemoryStore) -> None:
+    """A refused request (wrong password) is answered in its flow and audited with it; a
+    request without a flow ID gets a reply without one and an audit row without one."""
+    wrong = dataclasses.replace(request(password="not alice's"), flow=FLOW)
+    reply = handle(service(store), wrong)
+    assert status_of(reply) == ErrorCode.WRONG_PASSWORD
+    assert decode(reply.body).flow == FLOW
+    [audit] = store.audit_events()
+    assert audit.flow_id == FLOW.hex()
+    plain = handle(service(store), request(pne="pne-2", seed=3))
+    assert decode(plain.body).flow is None
+    assert store.audit_events()[0].flow_id is None
+
+
+def test_the_flow_id_does_not_tell_a_retry_from_a_replay(store: MemoryStore) -> None:
+    """docs/wire.md 2.3: the flow ID is not a security input. The same request under
+    another flow ID is still a retry (the stored reply, nothing assigned again), never a
+    REPLAY."""
+    message = dataclasses.replace(request(), flow=FLOW)
+    first = handle(service(store), message)
+    again = handle(service(store), dataclasses.replace(message, flow=b"\x99" * 8))
+    assert again.body == first.body
+    assert status_of(again) == ErrorCode.OK
+
+
 # -- operator metrics (docs/metrics.md) --------------------------------------------------
 
 TK003 = "eukey-assignment-tk-003"
@@ -450,3 +503,19 @@ def test_pending_procedures_gauge_counts_steps_in_progress(store: MemoryStore) -
 
     before, during, after = asyncio.run(scenario())
     assert (during, after) == (before + 1, before)
+
+
+def test_a_refused_unauthenticated_request_writes_no_info_line(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """D-SRV-2 with docs/logging.md: an enrolment nobody authenticated that is refused
+    writes its hop lines at DEBUG only (a flood costs no log line per request); one that
+    succeeds writes both at INFO, received before sent."""
+    caplog.set_level(logging.INFO, logger="cpns")
+    refused = handle(service(store), enrolment("wrong password", seed=5), authenticated=None)
+    assert status_of(refused) == ErrorCode.AUTHENTICATION_FAILED
+    assert not caplog.records
+    ok = handle(service(store), enrolment(PASSWORDS["alice"], seed=6), authenticated=None)
+    assert status_of(ok) == ErrorCode.OK
+    hops = [r.dir for r in caplog.records if getattr(r, "event", None) == "message"]  # type: ignore[attr-defined]
+    assert hops == ["received", "sent"]

@@ -263,6 +263,24 @@ def test_audit_events_newest_first_with_limit(store: ServerStore) -> None:
     assert store.audit_events(limit=0) == []
 
 
+def test_audit_events_keep_their_flow_id(store: ServerStore) -> None:
+    """docs/logging.md: an audit event stores the flow ID of its flow (16 hex digits) and
+    reads it back; an event without one reads back with None."""
+    with_flow = AuditEvent(
+        at=1,
+        actor="gw-1",
+        procedure="eukey-assignment-tk-003",
+        outcome="OK",
+        correlation_id="ab" * 16,
+        flow_id="0123456789abcdef",
+    )
+    without = AuditEvent(at=2, actor="admin", procedure="user-add", outcome="OK")
+    store.write(lambda tx: [tx.audit(with_flow), tx.audit(without)])
+    assert store.audit_events() == [without, with_flow]
+    assert store.audit_events()[1].flow_id == "0123456789abcdef"
+    assert store.audit_events()[0].flow_id is None
+
+
 def test_write_is_all_or_nothing(store: ServerStore) -> None:
     """A write function that raises leaves no trace, and its exception reaches the caller."""
 

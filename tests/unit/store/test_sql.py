@@ -156,8 +156,11 @@ def add_user(store: SQLStore, user_id: str, password_key: bytes = b"P" * 32) -> 
     )
 
 
-#: Schema version after every packaged migration (0001_init.sql ... 000n_*.sql).
-LATEST = len(list((Path(cpns.store.__file__).parent / "migrations").glob("0*.sql")))
+#: Schema version after every packaged migration (0001_init.sql ... 000n_*.sql): the
+#: highest number (numbers may have gaps).
+LATEST = max(
+    int(p.name[:4]) for p in (Path(cpns.store.__file__).parent / "migrations").glob("0*.sql")
+)
 
 
 def test_migrations_create_the_schema_and_reopen_is_idempotent(backend: Backend) -> None:
@@ -230,6 +233,35 @@ def test_a_version_1_database_is_migrated_in_place(backend: Backend) -> None:
         assert (event.actor, event.count, event.source) == ("admin", 1, None)
         add_user(s, "alice")
         assert [u.user_id for u in s.list_users()] == ["alice"]
+
+
+def test_an_audit_flow_id_of_another_length_is_refused_by_the_schema(backend: Backend) -> None:
+    """0006_flow_id.sql: the audit table's flow_id column holds 16 hex digits or NULL; the
+    schema refuses any other length (StoreError from the store)."""
+    with SQLStore.open(backend.target, master_key=KEY) as s:
+        bad = AuditEvent(at=1, actor="x", procedure="p", outcome="OK", flow_id="abc")
+        with pytest.raises(StoreError):
+            s.write(lambda tx: tx.audit(bad))
+        assert s.audit_events() == []
+
+
+def test_migration_numbers_may_have_gaps(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Migrations written in parallel take their own numbers: a gap in the packaged numbers
+    is accepted, every migration above the recorded version runs, and the version recorded
+    is the highest number."""
+    import cpns.store.sql as sql
+
+    real = sql._migrations
+
+    def with_gap(dialect: Any) -> list[tuple[int, str, str]]:
+        found = real(dialect)
+        return [*found, (LATEST + 5, f"{LATEST + 5:04d}_gap.sql", "CREATE TABLE gap (x INTEGER)")]
+
+    monkeypatch.setattr(sql, "_migrations", with_gap)
+    with SQLStore.open(backend.target, master_key=KEY) as s:
+        assert s.schema_version == LATEST + 5
+    assert "gap" in backend.tables()
+    assert backend.schema_version() == LATEST + 5
 
 
 def test_newer_schema_is_refused(backend: Backend) -> None:
