@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import secrets
 import statistics
 import sys
@@ -26,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from loadgen import assign
 from rich.progress import Progress
 
 from cpns.crypto.kdf import password_key
@@ -35,23 +35,8 @@ from cpns.protocol.key_assignment import claim_key
 
 async def _assign(control: Path, pne_id: str, key_hex: str, claim_hex: str) -> tuple[float, str]:
     started = time.perf_counter()
-    reader, writer = await asyncio.open_unix_connection(str(control))
-    try:
-        command = {
-            "op": "assign",
-            "pne_id": pne_id,
-            "user_id": "bench",
-            "password_key": key_hex,
-            "claim_key": claim_hex,
-            "wait": 0,
-        }
-        writer.write(json.dumps(command).encode() + b"\n")
-        await writer.drain()
-        answer = json.loads(await asyncio.wait_for(reader.readline(), 60))
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return time.perf_counter() - started, str(answer.get("status"))
+    status = await assign(control, pne_id, "bench", key_hex, claim_hex)
+    return time.perf_counter() - started, status
 
 
 async def _run(

@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,10 +44,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from loadgen import Load, Tally, children, percentiles_ms, rss_kib
 
 from cpns.crypto.kdf import password_key
 from cpns.localnet import LocalDeployment
@@ -58,123 +56,6 @@ from cpns.protocol.key_assignment import claim_key
 ROOT = Path(__file__).resolve().parent.parent
 PG_CLUSTER = ROOT / "scripts" / "pg-cluster"
 USER = "soak"
-
-
-@dataclass
-class Tally:
-    """What the users saw, second by second."""
-
-    started: float = field(default_factory=time.monotonic)
-    statuses: Counter[str] = field(default_factory=Counter)
-    latencies: list[float] = field(default_factory=list)
-    acknowledged: list[str] = field(default_factory=list)
-    #: (second since start, status) of every answer that was not OK.
-    failures: list[tuple[float, str]] = field(default_factory=list)
-    in_flight: int = 0
-    skipped: int = 0
-
-
-async def _assign(control: Path, pne_id: str, key_hex: str, claim_hex: str) -> str:
-    reader, writer = await asyncio.open_unix_connection(str(control))
-    try:
-        command = {
-            "op": "assign",
-            "pne_id": pne_id,
-            "user_id": USER,
-            "password_key": key_hex,
-            "claim_key": claim_hex,
-            "wait": 0,
-        }
-        writer.write(json.dumps(command).encode() + b"\n")
-        await writer.drain()
-        answer = json.loads(await asyncio.wait_for(reader.readline(), 120))
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return str(answer.get("status"))
-
-
-class Load:
-    """Hands out fresh PNE IDs and sends their assignments round-robin over the gateways."""
-
-    def __init__(self, controls: list[Path], key_hex: str, claims: dict[str, str]) -> None:
-        self._controls = controls
-        self._key_hex = key_hex
-        self._claims = claims
-        self._pnes = iter(sorted(claims))
-        self._turn = 0
-
-    def next_pne(self) -> str | None:
-        return next(self._pnes, None)
-
-    async def one(self, tally: Tally, pne: str) -> None:
-        control = self._controls[self._turn % len(self._controls)]
-        self._turn += 1
-        tally.in_flight += 1
-        started = time.monotonic()
-        try:
-            status = await _assign(control, pne, self._key_hex, self._claims[pne])
-        except (OSError, TimeoutError, ValueError) as exc:
-            status = f"client:{type(exc).__name__}"
-        finally:
-            tally.in_flight -= 1
-        tally.statuses[status] += 1
-        if status == "OK":
-            tally.latencies.append(time.monotonic() - started)
-            tally.acknowledged.append(pne)
-        else:
-            tally.failures.append((started - tally.started, status))
-
-    async def closed_loop(self, seconds: float, concurrency: int) -> Tally:
-        tally = Tally()
-        deadline = time.monotonic() + seconds
-
-        async def user() -> None:
-            while time.monotonic() < deadline and (pne := self.next_pne()) is not None:
-                await self.one(tally, pne)
-
-        await asyncio.gather(*(user() for _ in range(concurrency)))
-        return tally
-
-    async def open_loop(self, seconds: float, rate: float, max_in_flight: int) -> Tally:
-        tally = Tally()
-        tasks: set[asyncio.Task[None]] = set()
-        interval = 1.0 / rate
-        next_at = time.monotonic()
-        deadline = next_at + seconds
-        while next_at < deadline:
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            next_at += interval
-            if tally.in_flight >= max_in_flight:
-                tally.skipped += 1  # the system is behind: count it, do not pile up
-                continue
-            pne = self.next_pne()
-            if pne is None:
-                break
-            task = asyncio.create_task(self.one(tally, pne))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-        return tally
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _ready(url: str | None) -> str:
@@ -203,9 +84,9 @@ async def _watch(
         now = time.monotonic() - started
         health.append((now, await asyncio.to_thread(_ready, ready_url)))
         if tick % 10 == 0:
-            workers = _children(server_pid)
-            rss = [_rss_kib(p) for p in workers]
-            memory.append((now, _rss_kib(server_pid), sum(rss) // max(1, len(rss))))
+            workers = children(server_pid)
+            rss = [rss_kib(p) for p in workers]
+            memory.append((now, rss_kib(server_pid), sum(rss) // max(1, len(rss))))
         tick += 1
         with_timeout = asyncio.wait_for(stop.wait(), 1.0)
         try:
@@ -223,7 +104,7 @@ async def _faults(
     if kind == "kill-worker":
         while time.monotonic() - started + every < duration:
             await asyncio.sleep(every)
-            workers = _children(server_pid)
+            workers = children(server_pid)
             if workers:
                 victim = workers[0]
                 os.kill(victim, signal.SIGKILL)
@@ -249,13 +130,6 @@ def _stored(dsn: str | None, sqlite_file: Path, ids: list[str]) -> set[str]:
             rows = conn.execute(query).fetchall()
     have = {str(r[0]) for r in rows}
     return {i for i in ids if i in have}
-
-
-def _ms(latencies: list[float]) -> str:
-    if len(latencies) < 2:
-        return "n/a"
-    q = statistics.quantiles([x * 1000 for x in latencies], n=100)
-    return f"p50 {q[49]:.1f}  p99 {q[98]:.1f}  max {max(latencies) * 1000:.1f}"
 
 
 def main() -> int:
@@ -324,7 +198,7 @@ async def _main(args: argparse.Namespace) -> int:
                     controls.append(net.gateway_dir(name) / "control.sock")
                 key_hex = password_key(password, realm="cpns", user_id=USER).hex()
                 claims = {p: claim_key(c).hex() for p, c in net.claim_codes.items()}
-                load = Load(controls, key_hex, claims)
+                load = Load(controls, USER, key_hex, claims)
 
                 probe = await load.closed_loop(args.probe, args.concurrency)
                 maximum = probe.statuses["OK"] / args.probe
@@ -403,7 +277,7 @@ def _report(
     served = soak.statuses["OK"] / args.duration
     print(f"  served            {served:8.1f} assignments/s  statuses {dict(soak.statuses)}")
     print(f"  not sent (behind) {soak.skipped}")
-    print(f"  latency ms        {_ms(soak.latencies)}")
+    print(f"  latency ms        {percentiles_ms(soak.latencies)}")
     print(f"  acknowledged      {acknowledged}  lost {lost}")
     for line in faults:
         print(f"  fault             {line}")

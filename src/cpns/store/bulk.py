@@ -48,6 +48,7 @@ from cpns.store.sql import (
     _connect_sqlite,
     _Dialect,
     _Sealer,
+    audit_row,
 )
 
 __all__ = [
@@ -222,23 +223,7 @@ def existing_keys(db: RawDB, table: str, column: str, keys: Sequence[str]) -> li
 
 def append_audit(db: RawDB, event: AuditEvent) -> None:
     """Append an audit event inside the caller's transaction."""
-    db.conn.execute(db.sql(_Q.AUDIT_INSERT), _audit_row(event))
-
-
-def _audit_row(event: AuditEvent) -> tuple[Any, ...]:
-    return (
-        event.at,
-        event.actor,
-        event.procedure,
-        event.outcome,
-        event.entity_id,
-        event.user_id,
-        event.hop,
-        event.correlation_id,
-        event.detail,
-        event.count,
-        event.source,
-    )
+    db.conn.execute(db.sql(_Q.AUDIT_INSERT), audit_row(event))
 
 
 def _sealed[T](

@@ -550,6 +550,24 @@ def _migrate(conn: _Conn, dialect: _Dialect, where: str) -> int:
 # The write transaction handed to write functions.
 
 
+def audit_row(event: AuditEvent) -> tuple[Any, ...]:
+    """The parameters of ``AUDIT_INSERT`` for ``event`` (one place for the column order)."""
+    return (
+        event.at,
+        event.actor,
+        event.procedure,
+        event.outcome,
+        event.entity_id,
+        event.user_id,
+        event.hop,
+        event.correlation_id,
+        event.detail,
+        event.count,
+        event.source,
+        event.flow_id,
+    )
+
+
 class _SQLWriteTx:
     """:class:`WriteTx` over the writer's connection; valid only while its job runs.
 
@@ -726,20 +744,7 @@ class _SQLWriteTx:
 
     def audit(self, event: AuditEvent) -> None:
         """Append an audit event."""
-        params = (
-            event.at,
-            event.actor,
-            event.procedure,
-            event.outcome,
-            event.entity_id,
-            event.user_id,
-            event.hop,
-            event.correlation_id,
-            event.detail,
-            event.count,
-            event.source,
-            event.flow_id,
-        )
+        params = audit_row(event)
         try:
             self._exec(_Q.AUDIT_INSERT, params)
         except self._dialect.error as exc:
