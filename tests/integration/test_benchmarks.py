@@ -118,3 +118,47 @@ def test_scale_benchmark_runs(pg_cluster: PGCluster) -> None:
     )
     assert out.count("statuses {200: 20}") == 4
     assert "ratio" in out
+
+
+def test_backends_benchmark_runs() -> None:
+    """Issue 7 item 8: the four deployments (SQLite and PostgreSQL, one and two server
+    processes) measured in one run, each with its CPU figures, and the ratios printed."""
+    out = _run(
+        str(BENCHMARKS / "backends.py"),
+        "--seconds",
+        "1",
+        "--warmup",
+        "0.5",
+        "--concurrency",
+        "2",
+        "--gateways",
+        "1",
+    )
+    for row in ("sqlite         1", "sqlite         2", "postgresql     1", "postgresql     2"):
+        assert row in out
+    assert "ratio to sqlite with 1 process(es)" in out
+
+
+def test_soak_benchmark_runs_with_a_worker_killed() -> None:
+    """Issue 7 item 7: the soak harness on a tiny load through `--workers 2` on
+    PostgreSQL, a worker killed with SIGKILL in the middle: every acknowledged assignment
+    is read back from the database (lost 0) and none failed (exit 0)."""
+    out = _run(
+        str(BENCHMARKS / "soak.py"),
+        "--duration",
+        "4",
+        "--probe",
+        "1",
+        "--concurrency",
+        "2",
+        "--gateways",
+        "1",
+        "--pnes",
+        "600",
+        "--fault",
+        "kill-worker",
+        "--fault-every",
+        "2",
+    )
+    assert "lost 0" in out
+    assert "SIGKILL worker" in out
