@@ -10,7 +10,10 @@ For each CPNS message the HTTP layer hands over, :class:`CPNSService`:
    itself, the audit record) in ONE durable, group-committed transaction, and only then
    returns the reply (DESIGN §6: facts are persisted before the reply that depends on them).
 
-It knows nothing of HTTP or Digest: the caller says which entity authenticated.
+It knows nothing of HTTP or Digest: the caller says which entity authenticated. Nor does
+it know any procedure by name: each request's procedure (its machine, whether it is open,
+how its events are persisted, its audit name) comes from the registry in
+:mod:`cpns.server.procedures`.
 """
 
 from __future__ import annotations
@@ -30,37 +33,18 @@ from cpns.flow import flow_hex, log_hop, message_scope, stamp
 from cpns.logs import peer_text
 from cpns.messages.codec import decode, encode, peek_header
 from cpns.messages.constants import TXID_LEN
-from cpns.messages.model import (
-    ErrorMessage,
-    EUKeyAssignmentRequest,
-    Message,
-    UserKeyAssignmentRequest,
-)
+from cpns.messages.model import ErrorMessage, Message
 from cpns.protocol._machine import Event, Machine, NonceConsumed, ProcedureFailed
-from cpns.protocol.key_assignment import (
-    AssignmentPolicy,
-    EUKeyAssignmentServer,
-    EUKeyChainAssigned,
-    ServerLookups,
-)
-from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
-from cpns.records import AuditEvent, EntityRecord, StoredReply
+from cpns.protocol.key_assignment import AssignmentPolicy, ServerLookups
+from cpns.records import AuditEvent, StoredReply
 from cpns.server.guard import AttemptGuard, GuardLimits
+from cpns.server.procedures import MachineContext, Procedure, procedure_for
 from cpns.store.base import ClaimConflict, ConflictError, NonceReused, ServerStore, WriteTx
-from cpns.types import EntityKind, Random
+from cpns.types import Random
 
 __all__ = ["CPNSService", "Reply"]
 
 log = logging.getLogger("cpns.server")
-
-#: Message types a client may send without Digest authentication (the proof is inside).
-_OPEN_TYPES: frozenset[type[Message]] = frozenset({UserKeyAssignmentRequest})
-#: Procedure names used in the audit trail.
-_PROCEDURE = {
-    UserKeyAssignmentRequest: "eukey-assignment-ui-004",
-    EUKeyAssignmentRequest: "eukey-assignment-tk-003",
-}
-
 
 #: Refusals that mean "the password proof did not verify": counted against the User ID
 #: and the source (D-SRV-1).
@@ -113,13 +97,12 @@ class CPNSService:
             GuardLimits(per_user=policy.max_auth_failures, window=policy.auth_failure_window),
         )
 
-    def _lookups(self, kind: type[Message], source: str | None, now: int) -> ServerLookups:
+    def _lookups(self, procedure: str, source: str | None, now: int) -> ServerLookups:
         """The store reads of one request; failures as the guard sees them for ``source``.
 
         Counters are kept per procedure, so a flood of bad enrolments (unauthenticated)
         cannot lock a user's enrolled PN GW out of 003 (deviations D-SRV-1).
         """
-        procedure = _PROCEDURE[kind]
         limit = self._policy.max_auth_failures
 
         def failures(user_id: str) -> int:
@@ -181,29 +164,29 @@ class CPNSService:
     @staticmethod
     def requires_authentication(message: Message) -> bool:
         """Whether the sender must be Digest-authenticated (004 §5.x.2) to send this."""
-        return type(message) not in _OPEN_TYPES
+        procedure = procedure_for(message)
+        return procedure is None or not procedure.open
 
     def _machine(
         self, message: Message, authenticated: str | None, now: int, source: str | None = None
     ) -> Machine[Any]:
-        """The server machine of the procedure ``message`` starts; LookupError if none."""
-        if isinstance(message, UserKeyAssignmentRequest):
-            return UserKeyAssignmentServer(
+        """The server machine of the procedure ``message`` starts; LookupError if none.
+
+        The guard counts an open request's failures for its network ``source``, an
+        authenticated one's for the authenticated entity."""
+        procedure = procedure_for(message)
+        if procedure is None:
+            raise LookupError(type(message).__name__)
+        counted = source if procedure.open else authenticated
+        return procedure.machine(
+            MachineContext(
                 policy=self._policy,
-                lookups=self._lookups(UserKeyAssignmentRequest, source, now),
+                lookups=self._lookups(procedure.name, counted, now),
                 rng=self._rng,
                 now=now,
+                authenticated=authenticated,
             )
-        if isinstance(message, EUKeyAssignmentRequest):
-            assert authenticated is not None
-            return EUKeyAssignmentServer(
-                policy=self._policy,
-                lookups=self._lookups(EUKeyAssignmentRequest, authenticated, now),
-                requester=authenticated,
-                rng=self._rng,
-                now=now,
-            )
-        raise LookupError(type(message).__name__)
+        )
 
     async def handle(
         self, message: Message, *, authenticated: str | None, source: str | None = None
@@ -222,7 +205,7 @@ class CPNSService:
         Counted in :mod:`cpns.metrics`: the request by procedure and reply status, its
         duration, and the steps in progress.
         """
-        procedure = _PROCEDURE.get(type(message), "unexpected")
+        procedure = _name(message, "unexpected")
         started = time.perf_counter()
         metrics.SERVER_PENDING.inc()
         with message_scope(message):
@@ -323,7 +306,7 @@ class CPNSService:
             self.guard.forget(cleared)
         log.info(
             "%s OK for %s",
-            _PROCEDURE[type(message)],
+            _name(message),
             requester,
             extra={"txid": message.txid.hex(), "entity": requester, "status": "OK"},
         )
@@ -355,19 +338,16 @@ class CPNSService:
         self, stored: StoredReply, message: Message, digest: bytes, requester: str
     ) -> Reply:
         if stored.request_digest == digest:
-            metrics.SERVER_RETRIES_ANSWERED.labels(
-                _PROCEDURE.get(type(message), "unexpected")
-            ).inc()
+            metrics.SERVER_RETRIES_ANSWERED.labels(_name(message, "unexpected")).inc()
             log.info(
                 "retry of %s answered from the stored reply",
                 message.txid.hex(),
                 extra={"txid": message.txid.hex(), "entity": requester},
             )
             return Reply(200, stored.reply, ErrorCode.OK)
+        procedure = procedure_for(message)
         fresh = self._machine(
-            message,
-            None if isinstance(message, UserKeyAssignmentRequest) else requester,
-            self._clock(),
+            message, None if procedure is None or procedure.open else requester, self._clock()
         )
         fresh.fail(ErrorCode.REPLAY, "transaction ID reused with other content", message)
         return self._reply(fresh.messages_to_send()[0], ErrorCode.REPLAY)
@@ -392,38 +372,13 @@ class CPNSService:
 
         Returns the guard counter key this success reset, if any.
         """
+        procedure = procedure_for(message)
+        assert procedure is not None  # only a procedure's request gets this far
         for event in events:
-            match event:
-                case NonceConsumed(nonce=nonce, expires_at=expires_at):
-                    tx.use_nonce(nonce, expires_at=expires_at)
-                case EUKeyChainAssigned():
-                    # Compare and set: the checks and this write are one atomic step.
-                    tx.assign_entity(
-                        EntityRecord(
-                            entity_id=event.pne_id,
-                            kind=EntityKind.PNE,
-                            owner=event.user_id,
-                            eukeys=event.eukeys,
-                            key_index=1,
-                            assigned_via=event.gateway_id,
-                            assigned_at=now,
-                            epoch=event.epoch,
-                        ),
-                        expected_epoch=event.expected_epoch,
-                    )
-                case EUKeyAssigned():
-                    tx.assign_entity(
-                        EntityRecord(
-                            entity_id=event.entity_id,
-                            kind=event.kind,
-                            owner=event.user_id,
-                            eukeys=(event.eukey,),
-                            key_index=1,
-                            assigned_at=now,
-                            epoch=event.expected_epoch + 1,
-                        ),
-                        expected_epoch=event.expected_epoch,
-                    )
+            if isinstance(event, NonceConsumed):
+                tx.use_nonce(event.nonce, expires_at=event.expires_at)
+            else:
+                procedure.persist(tx, event, now)
         tx.put_reply(
             StoredReply(
                 requester=requester,
@@ -436,7 +391,7 @@ class CPNSService:
         user_id = getattr(message, "user_id", None)
         cleared = None
         if user_id is not None:
-            cleared = self.guard.succeeded(tx, _PROCEDURE[type(message)], user_id, source)
+            cleared = self.guard.succeeded(tx, procedure.name, user_id, source)
         tx.audit(_audit_event(message, requester, ErrorCode.OK, now, ""))
         return cleared
 
@@ -453,10 +408,11 @@ class CPNSService:
     ) -> None:
         name = code.name if isinstance(code, ErrorCode) else str(code)
         user_id = getattr(message, "user_id", None)
-        procedure = _PROCEDURE.get(type(message), type(message).__name__)
-        if code in _PROOF_FAILURES and type(message) in _PROCEDURE:
+        known = procedure_for(message) is not None
+        procedure = _name(message)
+        if code in _PROOF_FAILURES and known:
             metrics.SERVER_PASSWORD_PROOF_FAILURES.labels(procedure).inc()
-        if code in _PROOF_FAILURES and user_id is not None and type(message) in _PROCEDURE:
+        if code in _PROOF_FAILURES and user_id is not None and known:
             # Counted in memory, written in batches by the guard's flush (D-SRV-2).
             self.guard.failed(procedure, user_id, source, now=now)
         if not authenticated:
@@ -509,7 +465,7 @@ def _audit_event(
     return AuditEvent(
         at=now,
         actor=requester,
-        procedure=_PROCEDURE.get(type(message), type(message).__name__),
+        procedure=_name(message),
         outcome=code.name if isinstance(code, ErrorCode) else str(code),
         entity_id=subject,
         user_id=getattr(message, "user_id", None),
@@ -520,8 +476,16 @@ def _audit_event(
     )
 
 
+def _name(message: Message, unknown: str | None = None) -> str:
+    """The audit name of the procedure ``message`` starts; for a message no procedure
+    starts, ``unknown`` (by default the message type's name)."""
+    procedure: Procedure | None = procedure_for(message)
+    if procedure is not None:
+        return procedure.name
+    return unknown if unknown is not None else type(message).__name__
+
+
 def _peer_party(message: Message) -> Literal["gateway", "pne"]:
-    """Who sent a request: a PNE with UI enrolling itself, else a PN GW."""
-    if isinstance(message, UserKeyAssignmentRequest) and message.entity_kind is EntityKind.PNE:
-        return "pne"
-    return "gateway"
+    """Who sent a request (its procedure says); a PN GW for anything else."""
+    procedure = procedure_for(message)
+    return procedure.party(message) if procedure is not None else "gateway"
