@@ -46,6 +46,7 @@ from cpns.errors import (
 )
 from cpns.gateway.config import GatewayConfig, load_config, write_config
 from cpns.gateway.daemon import GatewayDaemon, enroll, offline_status
+from cpns.gateway.procedures.eukey_assignment import EUKeyAssignmentCoordinator
 from cpns.gateway.upstream import ServerClient, UpstreamAuthFailed, tls_context
 from cpns.logs import ContextFilter, JSONFormatter, TextFormatter
 from cpns.messages.codec import decode, encode
@@ -661,7 +662,7 @@ def test_an_exception_while_handling_one_frame_ends_only_that_link(
     async def broken(*args: object) -> bool:
         raise RuntimeError("x" * 100_000)
 
-    monkeypatch.setattr(GatewayDaemon, "_on_ack", broken)
+    monkeypatch.setattr(EUKeyAssignmentCoordinator, "on_ack", broken)
     ack = EUKeyAssignmentAck(
         txid=bytes(16),
         src="pne-1",
@@ -934,7 +935,7 @@ def test_a_new_hello_never_detaches_a_live_link_of_that_pne(
         ):
             for writer in (first_w, second_w, third_w):
                 await write_message(writer, hello())
-            await wait_until(lambda: len(gw._routes.get("pne-1", ())) == 3)
+            await wait_until(lambda: len(gw.pan.links("pne-1")) == 3)
             await write_message(extra_w, hello())
             refused, closed = await receive(extra), await receive(extra)
             reply = await control(config, assign_op("pne-1", alice_key))
@@ -1432,7 +1433,7 @@ def test_writes_of_one_pne_record_never_overlap(
             await control(enrolled, assign_op("pne-1", alice_key))
             spans.clear()
             monkeypatch.setattr(LocalKeyStore, "save_record", slow_save)
-            await asyncio.gather(gw._save("pne-1"), gw._save("pne-1"))
+            await asyncio.gather(gw.ledger.save("pne-1"), gw.ledger.save("pne-1"))
             monkeypatch.undo()
 
     run(scenario())
