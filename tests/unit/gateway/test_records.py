@@ -1,0 +1,161 @@
+"""The PN GW's typed PNE records (cpns.gateway.records): they encode to the key store's
+map format earlier releases wrote, decode it back unchanged, and refuse stored maps of
+the wrong shape with a StoreError naming what is wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from cpns.errors import StoreError
+from cpns.gateway.records import KeySet, MalformedRecord, PendingRequest, PNERecord, status_view
+
+TXID = bytes(range(16))
+
+
+def _request_map() -> dict[str, Any]:
+    """A request as the pre-typed daemon stored it."""
+    return {"txid": TXID, "encoded": b"\xa1cbor", "user_id": "alice", "created_at": 1_700_000_000}
+
+
+def _set_map(**changes: Any) -> dict[str, Any]:
+    """A key set as the pre-typed daemon stored it (before delivery)."""
+    data: dict[str, Any] = {
+        "txid": TXID,
+        "user_id": "alice",
+        "tk": b"t" * 32,
+        "eukeys": [b"a" * 32, b"b" * 32],
+        "key_index": 1,
+        "epoch": 2,
+        "delivered": False,
+        "stored_at": 1_700_000_001,
+        "flow": b"f" * 8,
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {},
+        {"request": _request_map()},
+        {"set": _set_map(), "last_status": "OK"},
+        {"set": _set_map(delivered=True, delivered_at=1_700_000_002), "last_status": "OK"},
+        {"request": _request_map(), "set": _set_map(), "last_status": "CLAIM_CONFLICT"},
+        {"last_status": "WRONG_PASSWORD"},
+    ],
+    ids=["empty", "requested", "stored", "delivered", "re-requested", "refused"],
+)
+def test_stored_maps_round_trip_unchanged(stored: dict[str, Any]) -> None:
+    """Compatibility both ways: a map the earlier daemon wrote decodes, and encodes back
+    to the very same map (same keys, same types), so either release reads the other's."""
+    assert PNERecord.decode(stored).encode() == stored
+
+
+def test_typed_records_round_trip() -> None:
+    """A record built in memory survives encode and decode as an equal value."""
+    record = PNERecord(
+        request=PendingRequest(txid=TXID, encoded=b"x", user_id="bob", created_at=5),
+        key_set=KeySet(txid=TXID, user_id="bob", tk=b"t" * 32, eukeys=(b"k" * 32,), key_index=1),
+        last_status="OK",
+    )
+    assert PNERecord.decode(record.encode()) == record
+
+
+def test_records_from_before_epochs_and_flows_get_defaults() -> None:
+    """A key set stored before epochs, store times and flow IDs were kept is read with
+    epoch 1 and no time or flow (what the daemon assumed for them before)."""
+    old = _set_map()
+    for key in ("epoch", "stored_at", "flow"):
+        del old[key]
+    key_set = KeySet.decode(old)
+    assert (key_set.epoch, key_set.stored_at, key_set.flow) == (1, None, None)
+
+
+def test_stage_follows_the_procedure() -> None:
+    """requested while a request is outstanding, then stored, then delivered; none when
+    only a refusal is on record. Only an undelivered set is pending."""
+    key_set = KeySet.decode(_set_map())
+    request = PendingRequest.decode(_request_map())
+    assert PNERecord(last_status="REPLAY").stage == "none"
+    assert PNERecord(request=request, key_set=key_set).stage == "requested"
+    assert PNERecord(key_set=key_set).stage == "stored"
+    assert PNERecord(key_set=key_set).pending_set is key_set
+    delivered = PNERecord(key_set=dataclasses.replace(key_set, delivered=True))
+    assert delivered.stage == "delivered"
+    assert delivered.pending_set is None
+
+
+def test_records_are_frozen_and_keep_keys_out_of_repr() -> None:
+    """Records are values (a change is a new record); their repr shows no TK or EUKey."""
+    key_set = KeySet.decode(_set_map())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        key_set.delivered = True  # type: ignore[misc]
+    assert "tttt" not in repr(PNERecord(key_set=key_set))
+    assert "aaaa" not in repr(key_set)
+
+
+@pytest.mark.parametrize(
+    ("stored", "named"),
+    [
+        ([], "must be a map"),
+        ({"request": "abc"}, "request must be a map"),
+        ({"request": {**_request_map(), "txid": "00"}}, "'txid' must be bytes"),
+        ({"request": {**_request_map(), "created_at": True}}, "'created_at' must be int"),
+        ({"request": {k: v for k, v in _request_map().items() if k != "encoded"}}, "'encoded'"),
+        ({"set": _set_map(eukeys=[])}, "'eukeys' must be a non-empty list"),
+        ({"set": _set_map(eukeys=[b"a" * 32, "b"])}, "'eukeys'"),
+        ({"set": _set_map(key_index="1")}, "'key_index' must be int"),
+        ({"set": _set_map(delivered=1)}, "'delivered' must be bool"),
+        ({"set": _set_map(flow="ff")}, "'flow' must be bytes"),
+        ({"last_status": 0}, "'last_status' must be str"),
+    ],
+)
+def test_malformed_stored_records_are_refused(stored: object, named: str) -> None:
+    """A stored map of the wrong shape is refused as a whole with MalformedRecord (a
+    StoreError), naming the part that is wrong; nothing is half-read."""
+    with pytest.raises(MalformedRecord, match=named) as info:
+        PNERecord.decode(stored, "record of 'pne-1'")
+    assert isinstance(info.value, StoreError)
+    assert "record of 'pne-1'" in str(info.value)
+
+
+def test_status_view_shows_ids_and_flags_never_keys() -> None:
+    """The status view lists each PNE's stage, user, index and txid, never key material."""
+    records = {
+        "pne-1": PNERecord.decode({"set": _set_map(), "last_status": "OK"}),
+        "pne-2": PNERecord.decode({"request": _request_map()}),
+    }
+    view = status_view(
+        {"entity_id": "gw-1", "user_id": "alice", "eukey": b"e" * 32},
+        records,
+        attached={"pne-2"},
+    )
+    assert view["enrolled"] is True
+    assert view["attached"] == ["pne-2"]
+    assert view["pnes"] == [
+        {
+            "pne_id": "pne-1",
+            "stage": "stored",
+            "user_id": "alice",
+            "key_index": 1,
+            "delivered": False,
+            "txid": TXID.hex(),
+            "connected": False,
+            "last_status": "OK",
+        },
+        {
+            "pne_id": "pne-2",
+            "stage": "requested",
+            "user_id": "alice",
+            "key_index": 0,
+            "delivered": False,
+            "txid": None,
+            "connected": True,
+            "last_status": None,
+        },
+    ]
+    assert "eeee" not in repr(view)
