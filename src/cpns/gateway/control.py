@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from cpns.errors import ConfigurationError
-from cpns.gateway.pan import Connections
+from cpns.gateway.connections import Connections
 from cpns.gateway.procedures.eukey_assignment import AssignResult
 
 __all__ = ["CONTROL_LIMIT", "ControlServer", "ControlTarget"]

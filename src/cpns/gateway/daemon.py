@@ -42,12 +42,13 @@ from typing import Any, Final
 from cpns import metrics
 from cpns.errors import ConfigurationError
 from cpns.gateway.config import OPERATOR_PORT_FILE, GatewayConfig
+from cpns.gateway.connections import Connections
 from cpns.gateway.control import ControlServer
 from cpns.gateway.ledger import STORE_NAME, PNELedger, decode_all
-from cpns.gateway.pan import PAN_ADDRESS, Connections, PANSide
+from cpns.gateway.pan import PAN_ADDRESS, PANSide
 from cpns.gateway.procedures.enrolment import enroll
 from cpns.gateway.procedures.eukey_assignment import AssignResult, EUKeyAssignmentCoordinator
-from cpns.gateway.records import status_view
+from cpns.gateway.records import Enrolment, status_view
 from cpns.gateway.upstream import ServerClient, Upstream
 from cpns.messages.model import EUKeyAssignmentAck
 from cpns.runtime import SystemRandom, wall_time
@@ -81,13 +82,14 @@ def offline_status(data_dir: Path | str) -> dict[str, object]:
         StoreError: the store cannot be read, or holds a malformed PNE record.
     """
     data_dir = Path(data_dir)
-    data: dict[str, Any] = {}
+    enrolment = None
     records = {}
     if (data_dir / f"{STORE_NAME}.key").exists():  # a status query creates nothing
         store = LocalKeyStore.open_or_create(data_dir, STORE_NAME)
         data = store.load()
+        enrolment = Enrolment.decode(data)
         records = decode_all({**data.get("pnes", {}), **store.load_records()})
-    view = status_view(data, records, attached=())
+    view = status_view(enrolment, records, attached=())
     view["running"] = False
     return view
 
@@ -115,8 +117,8 @@ class GatewayDaemon:
         self._owns_upstream = upstream is None
         self._rng: Random = rng if rng is not None else SystemRandom()
         self._clock = clock
-        #: The store's main map (the gateway's own enrolment).
-        self._data: dict[str, Any] = {}
+        #: The gateway's own enrolment (the store's main map), read by start.
+        self._enrolment: Enrolment | None = None
         #: Every PNE's record.
         self.ledger = PNELedger(self._store)
         self._connections = Connections()
@@ -173,18 +175,20 @@ class GatewayDaemon:
         self._store.lock()
         self._started = True
         try:
-            self._data = self._store.load()
-            eukey = self._data.get("eukey")
-            if not isinstance(eukey, bytes):
+            data = self._store.load()
+            enrolment = Enrolment.decode(data)
+            if enrolment is None:
                 raise ConfigurationError(
                     f"gateway in {self._config.data_dir} is not enrolled (cpns gateway enroll)"
                 )
-            if self._data.get("entity_id") != self._config.entity_id:
+            if enrolment.entity_id != self._config.entity_id:
                 raise ConfigurationError(
-                    f"key store belongs to {self._data.get('entity_id')!r}, "
+                    f"key store belongs to {enrolment.entity_id!r}, "
                     f"configuration says {self._config.entity_id!r}"
                 )
-            self.ledger.load(self._data)
+            self._enrolment = enrolment
+            eukey = enrolment.eukey
+            self.ledger.load(data)
             if self._upstream is None:
                 self._upstream = ServerClient(
                     server_url=self._config.server_url,
@@ -334,7 +338,7 @@ class GatewayDaemon:
 
     def status(self) -> dict[str, object]:
         """The daemon's state for ``status``: IDs, indexes and flags, never key material."""
-        view = status_view(self._data, self.ledger.records, attached=self.pan.routes)
+        view = status_view(self._enrolment, self.ledger.records, attached=self.pan.routes)
         view.update(
             running=True,
             entity_id=self._config.entity_id,

@@ -16,7 +16,6 @@ the message types it handles from attached links, and may ask to hear of every a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import resource
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,13 +25,14 @@ from cpns import metrics
 from cpns.errors import ConfigurationError, DecodeError, ErrorCode
 from cpns.flow import log_hop, message_scope, stamp
 from cpns.gateway.config import GatewayConfig
+from cpns.gateway.connections import Connections
 from cpns.gateway.procedures import Link
 from cpns.messages.constants import TXID_LEN
 from cpns.messages.model import ErrorMessage, Message, PNEHello
 from cpns.store.masterkey import write_private_file
 from cpns.transport.stream import peer_text, read_message, write_message
 
-__all__ = ["PAN_ADDRESS", "Connections", "LogBudget", "PANLink", "PANSide", "link_cap"]
+__all__ = ["PAN_ADDRESS", "LogBudget", "PANLink", "PANSide", "link_cap"]
 
 log = logging.getLogger("cpns.gateway")
 
@@ -87,37 +87,6 @@ class LogBudget:
         self._tokens -= 1.0
         dropped, self._dropped = self._dropped, 0
         return True, dropped
-
-
-class Connections:
-    """The daemon's open connections (PAN links and control clients), for shutdown."""
-
-    def __init__(self) -> None:
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.handlers: set[asyncio.Task[None]] = set()
-
-    def add(self, task: asyncio.Task[None], writer: asyncio.StreamWriter) -> None:
-        """Track one connection's handler task and writer."""
-        self.handlers.add(task)
-        self.writers.add(writer)
-
-    async def finish(self, task: asyncio.Task[None], writer: asyncio.StreamWriter) -> None:
-        """Close one connection and stop tracking it."""
-        self.writers.discard(writer)
-        writer.close()
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            await writer.wait_closed()
-        self.handlers.discard(task)
-
-    async def close_all(self, grace: float) -> None:
-        """Close every connection; give handlers ``grace`` seconds, then cancel them."""
-        for writer in list(self.writers):
-            writer.close()
-        if self.handlers:
-            _, pending = await asyncio.wait(self.handlers, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
 
 
 class PANLink:

@@ -1,4 +1,7 @@
-"""What the PN GW stores about each PNE, as typed, frozen records.
+"""What the PN GW stores, as typed, frozen records: its own enrolment and, per PNE, the
+outstanding request and the key set with its delivery state.
+
+The key store's main map holds the gateway's :class:`Enrolment` (004 §5.x.1).
 
 One :class:`PNERecord` per PNE (one sealed file each in the key store's ``gateway.d/``)
 holds the outstanding request (:class:`PendingRequest`), the key set received for the PNE
@@ -25,6 +28,7 @@ from typing import Any, Literal
 from cpns.errors import StoreError
 
 __all__ = [
+    "Enrolment",
     "KeySet",
     "MalformedRecord",
     "PNERecord",
@@ -216,13 +220,58 @@ class PNERecord:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    """The gateway's own enrolment: the main map of its key store."""
+
+    #: The gateway's Entity ID.
+    entity_id: str
+    #: The user it was enrolled for.
+    user_id: str
+    #: Its EUKey (the Digest key on the server link).
+    eukey: bytes = dataclasses.field(repr=False)
+    #: The server that enrolled it; None in stores that did not keep it.
+    server_id: str | None = None
+    #: When (seconds since the epoch); None in stores that did not keep it.
+    enrolled_at: int | None = None
+    #: Version of the store layout.
+    version: int = 1
+
+    def encode(self) -> dict[str, Any]:
+        """The main map's enrolment keys (the map may hold others; they are kept)."""
+        return {
+            "version": self.version,
+            "entity_id": self.entity_id,
+            "user_id": self.user_id,
+            "eukey": self.eukey,
+            "server_id": self.server_id,
+            "enrolled_at": self.enrolled_at,
+        }
+
+    @classmethod
+    def decode(cls, data: Mapping[str, Any], where: str = "gateway enrolment") -> Enrolment | None:
+        """From the main map; None if the gateway is not enrolled (no EUKey), and
+        MalformedRecord if it holds an EUKey but not a well-formed enrolment."""
+        if not isinstance(data.get("eukey"), bytes):
+            return None
+        version = _optional(data, "version", int, where)
+        return cls(
+            entity_id=_get(data, "entity_id", str, where),
+            user_id=_get(data, "user_id", str, where),
+            eukey=_get(data, "eukey", bytes, where),
+            server_id=_optional(data, "server_id", str, where),
+            enrolled_at=_optional(data, "enrolled_at", int, where),
+            version=1 if version is None else version,
+        )
+
+
 def status_view(
-    identity: Mapping[str, Any],
+    enrolment: Enrolment | None,
     records: Mapping[str, PNERecord],
     *,
     attached: Collection[str],
 ) -> dict[str, object]:
-    """IDs, indexes and flags of the gateway's main map and PNE records (the ``status``
+    """IDs, indexes and flags of the gateway's enrolment and PNE records (the ``status``
     reply); never key material."""
     pnes = []
     for pne_id, record in sorted(records.items()):
@@ -249,9 +298,9 @@ def status_view(
     return {
         "ok": True,
         "status": "OK",
-        "entity_id": identity.get("entity_id"),
-        "user_id": identity.get("user_id"),
-        "enrolled": isinstance(identity.get("eukey"), bytes),
+        "entity_id": enrolment.entity_id if enrolment else None,
+        "user_id": enrolment.user_id if enrolment else None,
+        "enrolled": enrolment is not None,
         "attached": sorted(attached),
         "pnes": pnes,
     }

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from cpns.gateway.connections import Connections
 from cpns.gateway.control import ControlServer
-from cpns.gateway.pan import Connections
 from cpns.gateway.procedures.eukey_assignment import AssignResult
 
 

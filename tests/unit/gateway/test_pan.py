@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cpns.gateway.config import GatewayConfig
-from cpns.gateway.pan import Connections, LogBudget, PANLink, PANSide
+from cpns.gateway.connections import Connections
+from cpns.gateway.pan import LogBudget, PANLink, PANSide
 from cpns.messages.model import EUKeyAssignmentAck, Message, PNEHello
 
 

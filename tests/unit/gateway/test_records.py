@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from cpns.errors import StoreError
-from cpns.gateway.records import KeySet, MalformedRecord, PendingRequest, PNERecord, status_view
+from cpns.gateway.records import (
+    Enrolment,
+    KeySet,
+    MalformedRecord,
+    PendingRequest,
+    PNERecord,
+    status_view,
+)
 
 TXID = bytes(range(16))
 
@@ -130,7 +137,7 @@ def test_status_view_shows_ids_and_flags_never_keys() -> None:
         "pne-2": PNERecord.decode({"request": _request_map()}),
     }
     view = status_view(
-        {"entity_id": "gw-1", "user_id": "alice", "eukey": b"e" * 32},
+        Enrolment(entity_id="gw-1", user_id="alice", eukey=b"e" * 32),
         records,
         attached={"pne-2"},
     )
@@ -159,3 +166,35 @@ def test_status_view_shows_ids_and_flags_never_keys() -> None:
         },
     ]
     assert "eeee" not in repr(view)
+
+
+def _enrolment_map() -> dict[str, Any]:
+    """The main map as the pre-typed enrolment wrote it."""
+    return {
+        "version": 1,
+        "entity_id": "gw-1",
+        "user_id": "alice",
+        "eukey": b"e" * 32,
+        "server_id": "cpns-server",
+        "enrolled_at": 1_700_000_000,
+    }
+
+
+def test_the_enrolment_round_trips_and_an_unenrolled_store_has_none() -> None:
+    """The main map written at enrolment decodes and encodes back unchanged; other keys
+    of the map are not part of it; a map without an EUKey means "not enrolled"."""
+    data = _enrolment_map()
+    enrolment = Enrolment.decode({**data, "other": 1})
+    assert enrolment is not None
+    assert enrolment.encode() == data
+    assert "eeee" not in repr(enrolment)
+    assert Enrolment.decode({}) is None
+    assert Enrolment.decode({"entity_id": "gw-1"}) is None
+    assert status_view(None, {}, attached=())["enrolled"] is False
+
+
+@pytest.mark.parametrize(("key", "value"), [("entity_id", None), ("user_id", 5), ("version", "1")])
+def test_a_malformed_enrolment_is_refused(key: str, value: object) -> None:
+    """A main map holding an EUKey but not a well-formed enrolment is refused."""
+    with pytest.raises(MalformedRecord, match=key):
+        Enrolment.decode({**_enrolment_map(), key: value})

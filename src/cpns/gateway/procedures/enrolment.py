@@ -16,6 +16,7 @@ from cpns.errors import ConfigurationError, ErrorCode, ProcedureRejected
 from cpns.flow import new_flow, stamp
 from cpns.gateway.config import GatewayConfig
 from cpns.gateway.ledger import STORE_NAME, STORE_VERSION
+from cpns.gateway.records import Enrolment
 from cpns.gateway.upstream import ServerClient, Upstream
 from cpns.logs import flow_scope
 from cpns.messages.model import ErrorMessage, UserKeyAssignmentResponse
@@ -119,14 +120,15 @@ async def _enroll(
             events = machine.receive(reply)
         for event in events:
             if isinstance(event, EUKeyReceived):
-                data.update(
-                    version=STORE_VERSION,
+                enrolment = Enrolment(
                     entity_id=config.entity_id,
                     user_id=user_id,
                     eukey=event.eukey,
                     server_id=config.server_id,
                     enrolled_at=clock(),
+                    version=STORE_VERSION,
                 )
+                data.update(enrolment.encode())  # PNE records kept here earlier stay
                 store.save(data)
                 log.info("enrolled %s (txid %s)", config.entity_id, request.txid.hex())
                 return
