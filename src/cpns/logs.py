@@ -105,7 +105,8 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
         if key in _STANDARD or key.startswith("_"):
             continue
         if not isinstance(value, str | int | float | bool) and value is not None:
-            value = str(value)
+            # repr, not str: str() of bytes is an error under `python -bb` (scripts/test).
+            value = repr(value) if isinstance(value, bytes | bytearray) else str(value)
         out[key] = value
     return out
 
