@@ -9,11 +9,23 @@ exchanges comes from the gateway's own ``cpns_gateway_upstream_exchanges_total``
 operator port, scraped once before and once after), so a retried or re-challenged
 exchange is counted as the gateway counts it.
 
-It prints the gateway's CPU milliseconds per upstream exchange and per assignment, the
-assignments per second and the server's CPU per assignment (for scale). Figures only,
-never a pass/fail; the machine may be shared, so compare medians of several runs.
+It prints the gateway's CPU milliseconds per upstream exchange (the whole process, and
+its main thread, the event loop: key store writes run in worker threads), the
+assignments per second and the server's CPU per assignment (for scale).
+
+``--client-only`` measures the upstream client alone: this script enrols a gateway, then
+runs the gateway's :class:`~cpns.gateway.upstream.ServerClient` itself (on uvloop, 8 lanes,
+``--concurrency`` exchanges in flight) against the real server for ``--seconds``,
+resending one EUKeyAssignmentRequest (the server answers each resend with the reply it
+stored: a full Digest + TLS exchange each time), and prints its own process's CPU
+milliseconds per exchange: the cost of the HTTP client, Digest and CBOR, nothing of the
+assignment procedure or the key store.
+
+Figures only, never a pass/fail; the machine may be shared, so compare medians of several
+runs (``--runs``).
 
     .venv/bin/python benchmarks/gateway_cpu.py --seconds 20 --runs 3
+    .venv/bin/python benchmarks/gateway_cpu.py --client-only --seconds 10 --runs 3
 """
 
 from __future__ import annotations
@@ -34,8 +46,12 @@ from pathlib import Path
 from loadgen import Load, cpu_seconds, percentiles_ms, tree_cpu_seconds
 
 from cpns.crypto.kdf import password_key
+from cpns.gateway.upstream import ServerClient
 from cpns.localnet import LocalDeployment
+from cpns.messages.model import EUKeyAssignmentRequest
 from cpns.protocol.key_assignment import claim_key
+from cpns.runtime import run_event_loop, wall_time
+from cpns.store.keystore import LocalKeyStore
 
 USER = "bench"
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -140,7 +156,75 @@ async def _one(args: argparse.Namespace, base: Path) -> Figures:
     )
 
 
+async def _client_only(args: argparse.Namespace, base: Path) -> tuple[int, float, float]:
+    """(exchanges, seconds, CPU seconds of this process) of ServerClient alone."""
+    password = secrets.token_urlsafe(12)
+    net = LocalDeployment(base)
+    with net.running():
+        net.init_server(users=[(USER, password)], tk_records=[("pne-1", secrets.token_bytes(32))])
+        url = net.start_server()
+        net.enroll_gateway(entity_id="bench-gw", user_id=USER, password=password, server_url=url)
+        eukey = LocalKeyStore.open_or_create(net.gateway_dir(), "gateway").load()["eukey"]
+        request = EUKeyAssignmentRequest(
+            txid=secrets.token_bytes(16),
+            src="bench-gw",
+            dst="cpns-server",
+            pne_id="pne-1",
+            user_id=USER,
+            time=wall_time(),
+            rand_pngw=secrets.token_bytes(32),
+            auth_data=secrets.token_bytes(32),
+            claim_proof=secrets.token_bytes(32),
+        )
+        client = ServerClient(
+            server_url=url, ca_file=net.ca_file, entity_id="bench-gw", eukey=eukey, lanes=8
+        )
+        try:
+
+            async def user(until: float) -> int:
+                n = 0
+                while time.monotonic() < until:
+                    await client.exchange(request)
+                    n += 1
+                return n
+
+            await asyncio.gather(*(user(time.monotonic() + args.warmup) for _ in range(16)))
+            cpu_before = time.process_time()
+            started = time.monotonic()
+            until = started + args.seconds
+            counts = await asyncio.gather(*(user(until) for _ in range(args.concurrency)))
+            elapsed = time.monotonic() - started
+            cpu = time.process_time() - cpu_before
+        finally:
+            await client.aclose()
+    return sum(counts), elapsed, cpu
+
+
+async def _main_client_only(args: argparse.Namespace) -> int:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cpns-gwcpu-") as tmp:
+        for n in range(args.runs):
+            print(f"run {n + 1} of {args.runs} ...", file=sys.stderr)
+            results.append(await _client_only(args, Path(tmp) / f"run{n}"))
+    print(
+        f"upstream client alone (ServerClient, 8 lanes, {args.concurrency} in flight) against "
+        f"one server process, {args.seconds:.0f}s per run"
+    )
+    print(f"  {'run':>4}{'exchanges/s':>13}{'CPU s':>8}{'client CPU ms/exchange':>24}")
+    per = []
+    for n, (count, elapsed, cpu) in enumerate(results, 1):
+        per.append(1000 * cpu / count)
+        print(f"  {n:>4}{count / elapsed:>13.1f}{cpu:>8.2f}{per[-1]:>24.3f}")
+    print(
+        f"  median: {statistics.median(c / e for c, e, _ in results):.1f} exchanges/s, "
+        f"client CPU {statistics.median(per):.3f} ms per upstream exchange"
+    )
+    return 0
+
+
 async def _main(args: argparse.Namespace) -> int:
+    if args.client_only:
+        return await _main_client_only(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="cpns-gwcpu-") as tmp:
         for n in range(args.runs):
@@ -174,13 +258,17 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20, help="measured (default 20)")
     parser.add_argument("--warmup", type=float, default=3, help="seconds not measured")
     parser.add_argument("--concurrency", type=int, default=16, help="commands in flight")
+    parser.add_argument(
+        "--client-only", action="store_true", help="the upstream client alone (see above)"
+    )
     parser.add_argument("--runs", type=int, default=1, help="deployments in turn (default 1)")
     args = parser.parse_args()
     if not (0 < args.seconds <= 600 and 0 <= args.warmup <= 60):
         parser.error("--seconds in (0, 600], --warmup in [0, 60]")
     if not (1 <= args.concurrency <= 256 and 1 <= args.runs <= 10):
         parser.error("--concurrency 1..256, --runs 1..10")
-    return asyncio.run(_main(args))
+    # The event loop the daemons run on (uvloop), so the client costs what it costs there.
+    return run_event_loop(_main(args))
 
 
 if __name__ == "__main__":

@@ -228,18 +228,18 @@ class _Connection:
         if body:
             out += conn.send(h11.Data(data=body)) or b""
         self._writer.write(out + (conn.send(h11.EndOfMessage()) or b""))
-        got_any = False
+        got_any = eof = False
+        response: h11.Response | None = None
+        chunks: list[bytes] = []
+        size = 0
         try:
             await self._writer.drain()
-            response: h11.Response | None = None
-            chunks: list[bytes] = []
-            size = 0
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     chunk = await self._reader.read(_READ_SIZE)
-                    if chunk:
-                        got_any = True
+                    got_any = got_any or bool(chunk)
+                    eof = not chunk
                     conn.receive_data(chunk)
                     continue
                 if isinstance(event, h11.Response):
@@ -257,9 +257,16 @@ class _Connection:
                 elif isinstance(event, h11.ConnectionClosed):
                     raise ConnectionResetError("the server closed the connection")
                 # InformationalResponse (1xx): skipped; the final answer follows.
-        except (ConnectionError, h11.RemoteProtocolError) as exc:
+        except h11.RemoteProtocolError as exc:
+            if not eof:
+                raise  # malformed HTTP, not a closed connection
+            where = "before answering" if response is None else "in the middle of the answer"
             if reused and not got_any:
-                raise _Stale(str(exc)) from exc
+                raise _Stale(f"closed {where}") from exc
+            raise ConnectionResetError(f"the server closed the connection {where}") from exc
+        except ConnectionError as exc:
+            if reused and not got_any:
+                raise _Stale(str(exc) or type(exc).__name__) from exc
             raise
         assert response is not None
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
