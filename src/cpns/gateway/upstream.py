@@ -204,7 +204,7 @@ class _Connection:
         Raises:
             _Stale: this connection was reused and found closed before any answer byte.
             _Oversize: the answer's body exceeds :data:`_MAX_BODY`.
-            OSError, h11.ProtocolError, asyncio.IncompleteReadError: the exchange failed.
+            OSError (ConnectionError, ssl.SSLError), h11.ProtocolError: the exchange failed.
         """
         reused = self.used
         self.used = True
