@@ -99,6 +99,8 @@ class Answer:
     partial: bool = False
     #: Seconds to wait before answering.
     delay: float = 0.0
+    #: Bytes to send instead of an HTTP answer (then close).
+    raw: bytes | None = None
 
 
 Handler = Callable[[Seen], Awaitable[Answer]]
@@ -190,6 +192,10 @@ class LoopbackServer:
                 if answer.delay:
                     await asyncio.sleep(answer.delay)
                 if answer.drop:
+                    return
+                if answer.raw is not None:
+                    writer.write(answer.raw)
+                    await writer.drain()
                     return
                 headers = [("content-length", str(len(answer.body))), *answer.headers]
                 if answer.close:
@@ -470,6 +476,21 @@ def test_an_oversize_reply_is_refused_without_retrying(tls_files: tuple[Path, Pa
     assert isinstance(error, TransportError)
     assert f"{MAX_MESSAGE_SIZE}-byte limit" in str(error)
     assert len(server.seen) == 1
+
+
+def test_an_answer_that_is_not_http_is_a_clear_transport_error(
+    tls_files: tuple[Path, Path],
+) -> None:
+    """Bytes that are not an HTTP/1.1 answer: each try fails, and the TransportError says
+    the server's HTTP was malformed."""
+
+    async def garbage(seen: Seen) -> Answer:
+        return Answer(raw=b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+    error, server = _failing(tls_files, garbage, retries=1)
+    assert isinstance(error, TransportError)
+    assert "malformed HTTP from the server" in str(error)
+    assert len(server.seen) == 2
 
 
 def test_a_keep_alive_connection_the_server_closed_is_replaced_without_a_retry(
