@@ -26,6 +26,9 @@ runs (``--runs``).
 
     .venv/bin/python benchmarks/gateway_cpu.py --seconds 20 --runs 3
     .venv/bin/python benchmarks/gateway_cpu.py --client-only --seconds 10 --runs 3
+
+To compare with another version of the code (say the main branch's), put its ``src`` first
+on ``PYTHONPATH``: the script and the processes it starts then import that ``cpns``.
 """
 
 from __future__ import annotations
