@@ -31,6 +31,7 @@ from typing import Final, Literal, TextIO
 
 __all__ = [
     "LOG_FORMATS",
+    "LogBudget",
     "PARTIES",
     "PEER_TEXT_MAX",
     "ContextFilter",
@@ -105,7 +106,8 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
         if key in _STANDARD or key.startswith("_"):
             continue
         if not isinstance(value, str | int | float | bool) and value is not None:
-            value = str(value)
+            # repr, not str: str() of bytes is an error under `python -bb` (scripts/test).
+            value = repr(value) if isinstance(value, bytes | bytearray) else str(value)
         out[key] = value
     return out
 
@@ -191,3 +193,28 @@ def setup_logging(
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+class LogBudget:
+    """A token bucket for log lines that peers or outages can cause in bulk: up to
+    ``burst`` lines at once, then ``rate`` lines per second; it counts the lines it
+    refused so the next allowed line can say how many were left out."""
+
+    def __init__(self, *, rate: float = 1.0, burst: int = 20) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last: float | None = None
+        self._dropped = 0
+
+    def take(self, now: float) -> tuple[bool, int]:
+        """(whether a line may be written now, how many were refused since the last one)."""
+        if self._last is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1.0:
+            self._dropped += 1
+            return False, 0
+        self._tokens -= 1.0
+        dropped, self._dropped = self._dropped, 0
+        return True, dropped

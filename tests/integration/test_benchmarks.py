@@ -162,3 +162,15 @@ def test_soak_benchmark_runs_with_a_worker_killed() -> None:
     )
     assert "lost 0" in out
     assert "SIGKILL worker" in out
+
+
+def test_gateway_cpu_benchmark_runs() -> None:
+    """The PN GW's CPU per upstream exchange: real server and gateway processes, every
+    assignment OK, the figure printed; and the upstream client measured alone."""
+    out = _run(str(BENCHMARKS / "gateway_cpu.py"), "--seconds", "1", "--warmup", "0.5")
+    assert "{'OK':" in out
+    assert "ms per upstream exchange" in out
+    out = _run(
+        str(BENCHMARKS / "gateway_cpu.py"), "--client-only", "--seconds", "1", "--warmup", "0"
+    )
+    assert "client CPU" in out

@@ -14,6 +14,7 @@ from tests.integration.conftest import PASSWORD, _make
 from tests.integration.test_server_limits import _closed_by_server, _refused, _start, _tls
 from tests.metrics import Samples, free_port, get, scrape, value
 from tests.postgres import PGCluster, with_database
+from tests.postgres import raw as pg_raw
 
 from cpns.localnet import LocalDeployment
 
@@ -175,6 +176,47 @@ def test_readyz_fails_when_postgresql_stops(tmp_path: Path, own_cluster: PGClust
     password = dsn.split("@")[0].rsplit(":", 1)[1]
     assert password not in after[1]
     assert alive == (200, "ok\n")
+
+
+def test_a_postgresql_restart_is_survived_without_a_server_restart(
+    tmp_path: Path, own_cluster: PGCluster
+) -> None:
+    """Issue 7 item 7 (PostgreSQL restarted mid-load): while the database is down the
+    server reports itself not ready (/readyz 503) and refuses cleanly (the PN GW's user
+    gets a status, not a hang); once the database is back, /readyz returns to 200, the
+    next assignment succeeds on the same server process, whose lost writer and read
+    connections are replaced by themselves, and the refused request, which the PN GW
+    keeps, is resent by its retry loop (every 30 s) and lands: nothing is lost."""
+    own_cluster.admin("CREATE DATABASE restart")
+    dsn = with_database(own_cluster.admin_dsn, "restart")
+    net, _ = _make(tmp_path / "net", database=dsn, extra_tks=1)
+    server_url, _ = with_operator_ports(net)
+    with net.running():
+        url = net.start_server()
+        net.enroll_gateway(entity_id="gw-alice", user_id="alice", password=PASSWORD, server_url=url)
+        net.start_gateway()
+        assert net.assign(pne_id="pne-1", user_id="alice", password=PASSWORD).returncode == 0
+        own_cluster.down()
+        down = get(server_url + "/readyz")
+        refused = net.assign(pne_id="pne-2", user_id="alice", password=PASSWORD)
+        own_cluster.up()
+        deadline = time.monotonic() + 30
+        while (ready := get(server_url + "/readyz"))[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = net.assign(pne_id="pne-3", user_id="alice", password=PASSWORD)
+        deadline = time.monotonic() + 60
+        while not _stored(dsn, "pne-2") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stored = {e: _stored(dsn, e) for e in ("pne-1", "pne-2", "pne-3")}
+    assert down[0] == 503, down
+    assert refused.returncode == 4, refused.stdout + refused.stderr  # peer unreachable
+    assert ready == (200, "ready\n")
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert stored == {"pne-1": True, "pne-2": True, "pne-3": True}
+
+
+def _stored(dsn: str, entity_id: str) -> bool:
+    return bool(pg_raw(dsn, "SELECT 1 FROM entities WHERE entity_id = %s", (entity_id,)))
 
 
 def test_listener_limits_are_counted(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ FORBIDDEN = (
     "random",
     "threading",
     "httpx",
+    "h11",
     "uvicorn",
     "cpns.store",
     "cpns.server",

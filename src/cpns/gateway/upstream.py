@@ -33,23 +33,39 @@ order. Up to ``lanes`` exchanges therefore run at once, each on its own *lane*: 
 client with its own nonce, used by one request at a time, so every nonce's ``nc`` still
 reaches the server in order while the lanes overlap their round trips (and the server's
 group commits). A lane costs one extra 401 round trip the first time it is used.
+
+HTTP. Each lane also owns one persistent HTTP/1.1 connection (TLS over asyncio streams,
+framed by h11, the sans-I/O HTTP/1.1 library uvicorn uses too), opened when the lane is
+first used and kept while the server keeps it. A connection the server has closed
+between two requests (its keep-alive timeout, a ``Connection: close``, a restarted
+worker) is noticed before reuse, or at the latest when the request finds it closed
+before any byte of the answer, and the request goes again at once on a new connection
+(not counted as a retry). Nothing else is shared between lanes, so a request costs no
+pool bookkeeping: this client spends a fraction of the CPU httpx did (benchmarks/
+gateway_cpu.py, docs/architecture.md). A reply body larger than the largest CPNS message
+(:data:`~cpns.messages.constants.MAX_MESSAGE_SIZE`) is refused without reading it all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
+from urllib.parse import urlsplit
 
-import httpx
+import h11
 
 from cpns import metrics
 from cpns.errors import AuthenticationFailed, ConfigurationError, DecodeError, TransportError
 from cpns.flow import log_hop, stamp
 from cpns.messages.codec import decode, encode
+from cpns.messages.constants import MAX_MESSAGE_SIZE
 from cpns.messages.model import ErrorMessage, Message, UserKeyAssignmentRequest
 from cpns.protocol.digest import DigestClient
 from cpns.runtime import SystemRandom
@@ -73,6 +89,12 @@ HOP: Final = "gateway->server"
 
 _CBOR: Final = "application/cbor"
 _RETRYABLE_STATUS: Final = frozenset({500, 502, 503, 504})
+#: Largest status line + headers accepted from the server (h11 refuses more).
+_MAX_HEAD: Final = 16 * 1024
+#: Largest reply body accepted: one CPNS message.
+_MAX_BODY: Final = MAX_MESSAGE_SIZE
+_READ_SIZE: Final = 64 * 1024
+_USER_AGENT: Final = "cpns-gateway"
 
 
 class Upstream(Protocol):
@@ -110,8 +132,160 @@ def tls_context(ca_file: Path | str) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class _Response:
+    """One HTTP answer, read whole."""
+
+    status: int
+    #: (lower-case name, value) pairs as h11 gives them.
+    headers: list[tuple[bytes, bytes]]
+    content: bytes
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    def header_list(self, name: bytes) -> list[str]:
+        """Every value of header ``name`` (lower case), in order."""
+        return [value.decode("latin-1") for key, value in self.headers if key == name]
+
+
+class _Stale(Exception):
+    """A reused keep-alive connection turned out closed before any byte of the answer:
+    the server closed it while idle. The request may go again on a new connection."""
+
+
+class _Oversize(Exception):
+    """The reply is larger than :data:`_MAX_BODY` (not retried: outside the contract)."""
+
+
+class _Connection:
+    """One HTTP/1.1 connection: asyncio streams for the bytes, h11 for the framing.
+
+    Used by one request at a time (its lane's). Any failure, timeout or cancellation
+    in the middle of a request closes it, since its framing state is then unknown.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
+        self.used = False
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the next request may go on this connection: h11 is ready for one and
+        the server has not closed its side (noticed by the event loop meanwhile)."""
+        return (
+            self._h11.our_state is h11.IDLE
+            and not self._reader.at_eof()
+            and not self._writer.is_closing()
+        )
+
+    def close(self) -> None:
+        """Close at once (no TLS close_notify wait; the server treats both alike)."""
+        self._writer.close()
+
+    async def aclose(self) -> None:
+        """Close and wait a moment for the transport to finish."""
+        self._writer.close()
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            async with asyncio.timeout(1.0):
+                await self._writer.wait_closed()
+
+    async def request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> _Response:
+        """Send one request and read its whole answer.
+
+        Raises:
+            _Stale: this connection was reused and found closed before any answer byte.
+            _Oversize: the answer's body exceeds :data:`_MAX_BODY`.
+            OSError (ConnectionError, ssl.SSLError), h11.ProtocolError: the exchange failed.
+        """
+        reused = self.used
+        self.used = True
+        try:
+            return await self._request(method, target, headers, body, reused)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        reused: bool,
+    ) -> _Response:
+        conn = self._h11
+        headers.append((b"content-length", str(len(body)).encode()))
+        out = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        if body:
+            out += conn.send(h11.Data(data=body)) or b""
+        self._writer.write(out + (conn.send(h11.EndOfMessage()) or b""))
+        got_any = eof = False
+        response: h11.Response | None = None
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            await self._writer.drain()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    chunk = await self._reader.read(_READ_SIZE)
+                    got_any = got_any or bool(chunk)
+                    eof = not chunk
+                    conn.receive_data(chunk)
+                    continue
+                if isinstance(event, h11.Response):
+                    response = event
+                    length = _content_length(event.headers)
+                    if length is not None and length > _MAX_BODY:
+                        raise _Oversize(length)
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > _MAX_BODY:
+                        raise _Oversize(size)
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectionResetError("the server closed the connection")
+                # InformationalResponse (1xx): skipped; the final answer follows.
+        except h11.RemoteProtocolError as exc:
+            if not eof:
+                raise  # malformed HTTP, not a closed connection
+            where = "before answering" if response is None else "in the middle of the answer"
+            if reused and not got_any:
+                raise _Stale(f"closed {where}") from exc
+            raise ConnectionResetError(f"the server closed the connection {where}") from exc
+        except ConnectionError as exc:
+            if reused and not got_any:
+                raise _Stale(str(exc) or type(exc).__name__) from exc
+            raise
+        assert response is not None
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:  # Connection: close, or HTTP/1.0: this connection is done
+            self.close()
+        return _Response(response.status_code, list(response.headers), b"".join(chunks))
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    for key, value in headers:
+        if key == b"content-length":
+            return int(value)
+    return None
+
+
 class _Lane:
-    """One Digest client and its nonce state; used by one request at a time."""
+    """One Digest client, its nonce state and its connection; used by one request at a
+    time."""
 
     def __init__(self, digest: DigestClient | None) -> None:
         self.digest = digest
@@ -119,6 +293,8 @@ class _Lane:
         self.challenges: list[str] | None = None
         #: Whether ``digest`` holds a nonce the server gave us.
         self.have_nonce = False
+        #: This lane's keep-alive connection, once opened.
+        self.connection: _Connection | None = None
 
     def authorization(self, *, uri: str, rng: Random) -> str | None:
         """The Authorization header for the next request on this lane, if we can make one."""
@@ -148,8 +324,8 @@ class ServerClient:
         retries: extra tries after a connection error, timeout or 5xx.
         backoff: seconds before the first retry, doubled for each next one.
         rng: source of the Digest cnonce.
-        lanes: most exchanges in flight at once (each with its own Digest nonce).
-        transport: an httpx transport (tests: ``httpx.MockTransport``); default HTTPS.
+        lanes: most exchanges in flight at once (each with its own Digest nonce and
+            keep-alive connection).
     """
 
     def __init__(
@@ -164,37 +340,42 @@ class ServerClient:
         backoff: float = 0.2,
         rng: Random | None = None,
         lanes: int = 8,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if retries < 0 or per_try_timeout <= 0 or backoff < 0 or not 1 <= lanes <= 64:
             raise ValueError("retries >= 0, per_try_timeout > 0, backoff >= 0 and lanes in 1..64")
         self._base = server_url.rstrip("/")
-        self._url = self._base + MESSAGES_PATH
-        self._uri = httpx.URL(self._url).raw_path.decode("ascii")
+        parts = urlsplit(self._base)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"server_url must be https://host[:port], not {server_url!r}")
+        if ca_file is None:
+            raise ValueError("ca_file is required for HTTPS")
+        self._host = parts.hostname
+        try:
+            self._port = parts.port or 443
+        except ValueError:
+            raise ValueError(f"bad port in server_url {server_url!r}") from None
+        self._uri = (parts.path or "") + MESSAGES_PATH
+        self._target = self._uri.encode("ascii")
+        self._headers: Final = [
+            (b"host", parts.netloc.rsplit("@", 1)[-1].encode("ascii")),
+            (b"user-agent", _USER_AGENT.encode()),
+            (b"content-type", _CBOR.encode()),
+            (b"accept", _CBOR.encode()),
+        ]
+        self._tls = tls_context(ca_file)
+        self._timeout = per_try_timeout
         self._entity_id = entity_id
         self._enrolled = eukey is not None
+        self._all_lanes = [
+            _Lane(DigestClient(entity_id, eukey.hex()) if eukey is not None else None)
+            for _ in range(lanes)
+        ]
         self._lanes: asyncio.LifoQueue[_Lane] = asyncio.LifoQueue()
-        for _ in range(lanes):
-            self._lanes.put_nowait(
-                _Lane(DigestClient(entity_id, eukey.hex()) if eukey is not None else None)
-            )
+        for lane in self._all_lanes:
+            self._lanes.put_nowait(lane)
         self._retries = retries
         self._backoff = backoff
         self._rng: Random = rng if rng is not None else SystemRandom()
-        verify: ssl.SSLContext | bool = True
-        if transport is None:
-            if ca_file is None:
-                raise ValueError("ca_file is required for HTTPS")
-            verify = tls_context(ca_file)
-        self._http = httpx.AsyncClient(
-            verify=verify,
-            transport=transport,
-            timeout=httpx.Timeout(per_try_timeout),
-            http1=True,
-            http2=False,
-            follow_redirects=False,
-            headers={"content-type": _CBOR, "accept": _CBOR},
-        )
 
     def __repr__(self) -> str:
         return f"ServerClient({self._base!r}, entity_id={self._entity_id!r})"
@@ -207,15 +388,35 @@ class ServerClient:
 
     async def aclose(self) -> None:
         """Close the keep-alive connection(s)."""
-        await self._http.aclose()
+        for lane in self._all_lanes:
+            if lane.connection is not None:
+                connection, lane.connection = lane.connection, None
+                await connection.aclose()
+
+    async def _connect(self) -> _Connection:
+        reader, writer = await asyncio.open_connection(
+            self._host,
+            self._port,
+            ssl=self._tls,
+            server_hostname=self._host,
+            limit=_READ_SIZE,
+        )
+        return _Connection(reader, writer)
 
     async def healthz(self) -> bool:
         """``GET /healthz``: whether the server answers 200 (no authentication)."""
+        target = (urlsplit(self._base).path + "/healthz").encode("ascii")
         try:
-            response = await self._http.get(self._base + "/healthz")
-        except httpx.HTTPError:
+            async with asyncio.timeout(self._timeout):
+                connection = await self._connect()
+                try:
+                    headers = [*self._headers[:2], (b"connection", b"close")]
+                    response = await connection.request(b"GET", target, headers, b"")
+                finally:
+                    await connection.aclose()
+        except (OSError, TimeoutError, h11.ProtocolError, _Oversize, _Stale):
             return False
-        return response.status_code == 200
+        return response.status == 200
 
     async def exchange(self, message: Message) -> Message:
         """POST ``message`` and return the server's reply message.
@@ -265,9 +466,9 @@ class ServerClient:
     ) -> Message:
         for attempt in range(2):
             response, authenticated = await self._post(lane, body, needs_auth)
-            if response.status_code != 401 or not needs_auth:
+            if response.status != 401 or not needs_auth:
                 return self._reply(lane, response, authenticated, message)
-            challenges = response.headers.get_list("www-authenticate")
+            challenges = response.header_list(b"www-authenticate")
             if not challenges:
                 raise TransportError(f"{HOP}: 401 without a Digest challenge")
             if attempt == 1:
@@ -279,9 +480,7 @@ class ServerClient:
         lane.challenges = None
         raise UpstreamAuthFailed("the server refused our Digest credentials", hop="server")
 
-    async def _post(
-        self, lane: _Lane, body: bytes, needs_auth: bool
-    ) -> tuple[httpx.Response, bool]:
+    async def _post(self, lane: _Lane, body: bytes, needs_auth: bool) -> tuple[_Response, bool]:
         """One logical POST with bounded retries; returns the response and whether it
         carried credentials."""
         delay = self._backoff
@@ -291,38 +490,67 @@ class ServerClient:
                 metrics.GATEWAY_UPSTREAM_RETRIES.inc()
                 await asyncio.sleep(delay)
                 delay *= 2
-            headers: dict[str, str] = {}
-            if needs_auth:
-                # A fresh Authorization per try: each try is a new request with its own nc.
-                try:
-                    header = lane.authorization(uri=self._uri, rng=self._rng)
-                except AuthenticationFailed as exc:
-                    raise UpstreamAuthFailed(
-                        f"unusable Digest challenge: {exc}", hop="gateway"
-                    ) from None
-                if header is not None:
-                    headers["authorization"] = header
             try:
-                response = await self._http.post(self._url, content=body, headers=headers)
-            except httpx.TimeoutException:
+                async with asyncio.timeout(self._timeout):
+                    try:
+                        response, authenticated = await self._try(lane, body, needs_auth)
+                    except _Stale as exc:
+                        # The server closed the idle connection: not a failure of the
+                        # server, so straight to a new connection without a retry.
+                        log.debug("keep-alive connection closed by the server (%s)", exc)
+                        response, authenticated = await self._try(lane, body, needs_auth)
+            except TimeoutError:
                 last = "timed out"
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+            except _Oversize as exc:
+                raise TransportError(
+                    f"{HOP}: reply of {exc.args[0]} bytes or more exceeds the "
+                    f"{_MAX_BODY}-byte limit"
+                ) from None
+            except (OSError, h11.ProtocolError, _Stale) as exc:
+                last = _describe(exc)
             else:
-                if response.status_code not in _RETRYABLE_STATUS:
-                    return response, "authorization" in headers
-                last = f"HTTP {response.status_code}"
+                if response.status not in _RETRYABLE_STATUS:
+                    return response, authenticated
+                last = f"HTTP {response.status}"
             log.info("server unreachable (%s), try %d of %d", last, attempt + 1, self._retries + 1)
         raise TransportError(f"{HOP}: CPNS Server unreachable at {self._base} ({last})")
 
+    async def _try(self, lane: _Lane, body: bytes, needs_auth: bool) -> tuple[_Response, bool]:
+        """One HTTP request on the lane's connection (opened or reopened as needed)."""
+        headers = list(self._headers)
+        authenticated = False
+        if needs_auth:
+            # A fresh Authorization per try: each try is a new request with its own nc.
+            try:
+                header = lane.authorization(uri=self._uri, rng=self._rng)
+            except AuthenticationFailed as exc:
+                raise UpstreamAuthFailed(
+                    f"unusable Digest challenge: {exc}", hop="gateway"
+                ) from None
+            if header is not None:
+                headers.append((b"authorization", header.encode("ascii")))
+                authenticated = True
+        connection = lane.connection
+        if connection is None or not connection.reusable:
+            if connection is not None:
+                connection.close()
+            lane.connection = None
+            connection = lane.connection = await self._connect()
+        try:
+            response = await connection.request(b"POST", self._target, headers, body)
+        except BaseException:
+            lane.connection = None  # closed by request()
+            raise
+        return response, authenticated
+
     def _reply(
-        self, lane: _Lane, response: httpx.Response, authenticated: bool, sent: Message
+        self, lane: _Lane, response: _Response, authenticated: bool, sent: Message
     ) -> Message:
-        status = response.status_code
+        status = response.status
         if status == 200:
             if authenticated:
                 assert lane.digest is not None
-                info = response.headers.get("authentication-info")
+                info = response.header(b"authentication-info")
                 if info is None:
                     raise UpstreamAuthFailed("reply without Authentication-Info", hop="gateway")
                 try:
@@ -347,3 +575,20 @@ class ServerClient:
             raise TransportError(
                 f"{HOP}: reply to txid {sent.txid.hex()} is not a CPNS message ({exc.reason})"
             ) from None
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, secret-free description of a failed try for logs and TransportError."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, _Stale):
+        return f"connection closed by the server: {exc}"
+    if isinstance(exc, h11.ProtocolError):
+        return f"malformed HTTP from the server: {exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionError):
+        return f"connection lost: {exc}"
+    return f"{type(exc).__name__}: {exc}"

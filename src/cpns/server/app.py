@@ -53,12 +53,13 @@ import asyncio
 import functools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from cpns import metrics
-from cpns.errors import AuthenticationFailed
-from cpns.logs import peer_text
+from cpns.errors import AuthenticationFailed, StoreError
+from cpns.logs import LogBudget, peer_text
 from cpns.messages.constants import MAX_MESSAGE_SIZE
 from cpns.protocol.digest import DigestServer, DigestStale, advance_nc
 from cpns.server.service import CPNSService, Reply
@@ -110,6 +111,7 @@ class CPNSApp:
         self._digest = digest
         self._rng = rng
         self._clock = clock
+        self._store_log = LogBudget()
         self._offload_reads = offload_reads
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
@@ -132,6 +134,22 @@ class CPNSApp:
             await self._route(scope, receive, tracked_send)
         except _Disconnected:
             return  # nobody to answer, nothing acted on
+        except StoreError as exc:
+            # The database cannot be read or written (restarted, failing over, disk
+            # full): nothing was answered from half-stored facts; refuse cleanly with 503
+            # and Retry-After, and the client retries (issue 7 item 7). An outage under
+            # load must not write one line per request: the lines are budgeted.
+            allowed, dropped = self._store_log.take(time.monotonic())
+            if allowed:
+                log.warning(
+                    "store unavailable, answered 503%s: %s",
+                    f" ({dropped} more since the last line)" if dropped else "",
+                    peer_text(str(exc)),
+                )
+            if not started:
+                await _respond(
+                    send, 503, b"store unavailable\n", b"text/plain", [(b"retry-after", b"1")]
+                )
         except Exception as exc:
             # A bug of ours on some input must cost that one request, never the process,
             # and must not print a traceback carrying the peer's bytes (issue 5 item 10):

@@ -269,6 +269,13 @@ class CPNSService:
         events = await self._read(machine.receive, message)
         [reply] = machine.messages_to_send()
         failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
+        if failed is not None and failed.code is ErrorCode.REPLAY:
+            # The nonce was used between our stored-reply check and the procedure's
+            # lookups: by a concurrent copy of this very request (another process, a
+            # retry), which then answered: answer as it did (issue 7 item 2).
+            stored = await self._read(self._store.get_reply, requester, message.txid)
+            if stored is not None:
+                return self._replay_or_retry(stored, message, digest, requester)
         if failed is not None:
             await self._audit(
                 message,

@@ -3,8 +3,8 @@
 The PAN side runs over real loopback sockets. The server is an in-memory ``Upstream`` that
 runs the server's real service layer (CPNSService over MemoryStore), which keeps each
 transaction's reply, so resent requests get the stored answer (DESIGN §5); only HTTPS and
-Digest are left out. The HTTPS + Digest client is tested separately against
-``httpx.MockTransport`` and the real DigestServer.
+Digest are left out. The HTTPS + Digest client is tested separately (test_upstream.py, over
+real loopback TLS with the real DigestServer).
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import dataclasses
 import json
 import logging
 import re
-import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from tests.helpers import (
     FIXED_NOW,
@@ -47,7 +45,6 @@ from cpns.errors import (
 from cpns.gateway.config import GatewayConfig, load_config, write_config
 from cpns.gateway.daemon import GatewayDaemon, enroll, offline_status
 from cpns.gateway.procedures.eukey_assignment import EUKeyAssignmentCoordinator
-from cpns.gateway.upstream import ServerClient, UpstreamAuthFailed, tls_context
 from cpns.logs import ContextFilter, JSONFormatter, TextFormatter
 from cpns.messages.codec import decode, encode
 from cpns.messages.model import (
@@ -55,12 +52,10 @@ from cpns.messages.model import (
     EUKeyAssignmentAck,
     EUKeyAssignmentNotification,
     EUKeyAssignmentRequest,
-    EUKeyAssignmentResponse,
     Message,
     PNEHello,
     UserKeyAssignmentRequest,
 )
-from cpns.protocol.digest import DigestServer, parse_digest
 from cpns.protocol.key_assignment import (
     AssignmentPolicy,
     EUKeyAssignmentDevice,
@@ -71,7 +66,6 @@ from cpns.store.keystore import LocalKeyStore
 from cpns.store.memory import MemoryStore
 from cpns.transport.framing import encode_frame
 from cpns.transport.stream import read_message, write_message
-from cpns.types import EntityKind
 
 #: Upper bound of every wait in these tests, seconds.
 WAIT = 10.0
@@ -1133,211 +1127,6 @@ def test_logs_never_carry_keys(
         assert repr(secret)[2:18] not in written
 
 
-# -- the server link (HTTPS + Digest) --------------------------------------------------------
-
-_GW_KEY = bytes([0xA1]) * 32
-
-
-def _request(txid: bytes = b"\x01" * 16) -> EUKeyAssignmentRequest:
-    return EUKeyAssignmentRequest(
-        txid=txid,
-        src="gw-alice",
-        dst=SERVER_ID,
-        pne_id="pne-1",
-        user_id="alice",
-        time=FIXED_NOW,
-        rand_pngw=b"\x02" * 32,
-        auth_data=b"\x03" * 32,
-        claim_proof=b"\x04" * 32,
-    )
-
-
-def _response(request: Message) -> EUKeyAssignmentResponse:
-    return EUKeyAssignmentResponse(
-        txid=request.txid,
-        src=SERVER_ID,
-        dst=request.src,
-        status=ErrorCode.WRONG_PASSWORD,
-        pne_id="pne-1",
-    )
-
-
-class DigestEndpoint:
-    """An httpx handler speaking the server's contract with the real DigestServer."""
-
-    def __init__(
-        self, *, tamper_info: Callable[[str], str | None] | None = None, always_401: bool = False
-    ) -> None:
-        self.digest = DigestServer(realm="cpns", nonce_key=b"k" * 32)
-        self.rng = FixedRandom(7)
-        self.requests: list[httpx.Request] = []
-        self.tamper_info = tamper_info
-        self.always_401 = always_401
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        message = decode(request.content)
-        if isinstance(message, UserKeyAssignmentRequest):
-            return httpx.Response(200, content=encode(_response(message)))
-        header = request.headers.get("authorization")
-        if header is None or self.always_401:
-            values = self.digest.challenge(now=FIXED_NOW, rng=self.rng)
-            return httpx.Response(401, headers=[("www-authenticate", v) for v in values])
-        ok = self.digest.verify(
-            method="POST",
-            uri=request.url.raw_path.decode(),
-            authorization=header,
-            lookup={"gw-alice": _GW_KEY.hex()}.get,
-            now=FIXED_NOW,
-        )
-        info = ok.authentication_info
-        if self.tamper_info is not None:
-            changed = self.tamper_info(info)
-            headers = [] if changed is None else [("authentication-info", changed)]
-        else:
-            headers = [("authentication-info", info)]
-        return httpx.Response(200, content=encode(_response(message)), headers=headers)
-
-
-def _client(handler: Callable[[httpx.Request], httpx.Response], **kw: Any) -> ServerClient:
-    return ServerClient(
-        server_url="https://cpns.test:8443",
-        ca_file=None,
-        entity_id="gw-alice",
-        eukey=_GW_KEY,
-        transport=httpx.MockTransport(handler),
-        backoff=0,
-        **kw,
-    )
-
-
-async def _exchange_all(client: ServerClient, messages: list[Message]) -> list[Message]:
-    try:
-        return [await client.exchange(m) for m in messages]
-    finally:
-        await client.aclose()
-
-
-def test_server_client_answers_the_digest_challenge_and_reuses_the_nonce() -> None:
-    """004 §5.x.2: first request without credentials, 401, retry with Digest; the next
-    request reuses the nonce (one round trip); the server's rspauth is verified."""
-    endpoint = DigestEndpoint()
-    first, second = _request(b"\x01" * 16), _request(b"\x02" * 16)
-    replies = run(_exchange_all(_client(endpoint), [first, second]))
-    assert replies == [_response(first), _response(second)]
-    sent = endpoint.requests
-    assert len(sent) == 3
-    assert "authorization" not in sent[0].headers
-    assert "nc=00000001" in sent[1].headers["authorization"]
-    assert "nc=00000002" in sent[2].headers["authorization"]
-    assert [r.content for r in sent] == [encode(first), encode(first), encode(second)]
-    assert sent[0].url.path == "/cpns/v1/messages"
-
-
-def test_enrolment_request_needs_no_digest() -> None:
-    """004 §5.x.1: the with-UI request carries its own proof and is sent without Digest."""
-    endpoint = DigestEndpoint()
-    message = UserKeyAssignmentRequest(
-        txid=b"\x04" * 16,
-        src="gw-alice",
-        dst=SERVER_ID,
-        user_id="alice",
-        entity_kind=EntityKind.PN_GW,
-        time=FIXED_NOW,
-        rand=b"\x05" * 32,
-        auth_data=b"\x06" * 32,
-    )
-    client = ServerClient(
-        server_url="https://cpns.test",
-        ca_file=None,
-        entity_id="gw-alice",
-        eukey=None,
-        transport=httpx.MockTransport(endpoint),
-    )
-    (reply,) = run(_exchange_all(client, [message]))
-    assert reply.txid == message.txid
-    assert [("authorization" in r.headers) for r in endpoint.requests] == [False]
-
-
-@pytest.mark.parametrize(
-    "tamper",
-    [lambda info: None, lambda info: info.replace('rspauth="', 'rspauth="0')],
-    ids=["missing", "wrong"],
-)
-def test_reply_without_a_valid_rspauth_is_rejected(tamper: Callable[[str], str | None]) -> None:
-    """DESIGN §5 / 004 §5.x.2: a reply the server did not authenticate is rejected."""
-    with pytest.raises(UpstreamAuthFailed) as info:
-        run(_exchange_all(_client(DigestEndpoint(tamper_info=tamper)), [_request()]))
-    assert info.value.hop == "gateway"
-
-
-def test_second_401_means_the_server_refuses_our_key() -> None:
-    """A 401 to a request that answered the challenge: our EUKey is not accepted."""
-    endpoint = DigestEndpoint(always_401=True)
-    with pytest.raises(UpstreamAuthFailed) as info:
-        run(_exchange_all(_client(endpoint), [_request()]))
-    assert info.value.hop == "server"
-    assert len(endpoint.requests) == 2
-
-
-def test_connection_errors_are_retried_with_identical_bytes_then_fail() -> None:
-    """DESIGN §5: bounded retries resend the same body; then a TransportError names the
-    gateway->server hop."""
-    bodies: list[bytes] = []
-
-    def down(request: httpx.Request) -> httpx.Response:
-        bodies.append(request.content)
-        raise httpx.ConnectError("refused", request=request)
-
-    with pytest.raises(TransportError, match="gateway->server"):
-        run(_exchange_all(_client(down, retries=2), [_request()]))
-    assert bodies == [encode(_request())] * 3
-
-
-def test_a_timeout_then_success_returns_the_reply() -> None:
-    """A try that times out is retried; the server's stored reply comes back."""
-    endpoint = DigestEndpoint()
-    calls = {"n": 0}
-
-    def flaky(request: httpx.Request) -> httpx.Response:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise httpx.ReadTimeout("slow", request=request)
-        return endpoint(request)
-
-    (reply,) = run(_exchange_all(_client(flaky), [_request()]))
-    assert reply == _response(_request())
-    assert calls["n"] == 3
-
-
-def test_http_400_returns_the_servers_error_message() -> None:
-    """The server answers undecodable input with 400 and an ErrorMessage: relayed."""
-    error = ErrorMessage(
-        txid=bytes(16), src=SERVER_ID, dst="gw-alice", status=ErrorCode.MALFORMED_MESSAGE
-    )
-
-    def bad(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(400, content=encode(error))
-
-    (reply,) = run(_exchange_all(_client(bad), [_request()]))
-    assert reply == error
-
-
-def test_tls_context_is_tls13_and_trusts_only_the_given_certificate(tmp_path: Path) -> None:
-    """DESIGN §2: TLS 1.3 with the server's certificate; a missing file is a
-    ConfigurationError (exit 2), not a fallback to the system store."""
-    from cpns.server.tls import generate_self_signed
-
-    cert = tmp_path / "cert.pem"
-    generate_self_signed(cert, tmp_path / "key.pem", common_name="cpns-server")
-    ctx = tls_context(cert)
-    assert ctx.minimum_version is ssl.TLSVersion.TLSv1_3
-    assert ctx.verify_mode is ssl.CERT_REQUIRED
-    assert len(ctx.get_ca_certs()) == 1
-    with pytest.raises(ConfigurationError, match="cannot load the server certificate"):
-        tls_context(tmp_path / "missing.pem")
-
-
 def test_offline_status_reads_the_store_and_creates_nothing(
     enrolled: GatewayConfig, tmp_path: Path
 ) -> None:
@@ -1371,42 +1160,6 @@ def test_records_kept_in_the_main_map_by_an_earlier_release_are_moved_out(
         ("pne-1", "WRONG_PASSWORD")
     ]
     assert gateway_store(enrolled)["pnes"] == {"pne-1": {"last_status": "WRONG_PASSWORD"}}
-
-
-def test_concurrent_exchanges_use_one_nonce_per_lane() -> None:
-    """DESIGN §8 with RFC 7616 §3.4/§5.4: up to ``lanes`` exchanges run at once, each lane
-    with its own nonce, so every nonce's nc reaches the (strict, nc_window=1) real
-    DigestServer in increasing order even when replies come back out of order; each lane
-    costs one 401, and every reply is verified and matched to its request."""
-    endpoint = DigestEndpoint()
-
-    async def slow_handler(request: httpx.Request) -> httpx.Response:
-        # Later requests come back first: the lanes overlap for real.
-        await asyncio.sleep(0.001 * (20 - len(endpoint.requests) % 20))
-        return endpoint(request)
-
-    messages = [_request(bytes([i + 1]) * 16) for i in range(12)]
-
-    async def scenario() -> list[Message]:
-        client = _client(slow_handler, lanes=3)
-        try:
-            return list(await asyncio.gather(*(client.exchange(m) for m in messages)))
-        finally:
-            await client.aclose()
-
-    replies = run(scenario())
-    assert replies == [_response(m) for m in messages]
-    unauthenticated = [r for r in endpoint.requests if "authorization" not in r.headers]
-    assert len(unauthenticated) == 3
-    counts: dict[str, list[int]] = {}
-    for r in endpoint.requests:
-        header = r.headers.get("authorization")
-        if header is not None:
-            params = parse_digest(header)
-            counts.setdefault(params["nonce"], []).append(int(params["nc"], 16))
-    assert len(counts) == 3
-    for seen in counts.values():
-        assert seen == list(range(1, len(seen) + 1))
 
 
 def test_writes_of_one_pne_record_never_overlap(

@@ -27,7 +27,7 @@ from tests.helpers import (
 from tests.metrics import sample
 
 import cpns.protocol.digest as digest_module
-from cpns.errors import AuthenticationFailed, ErrorCode
+from cpns.errors import AuthenticationFailed, ErrorCode, StoreError
 from cpns.messages.codec import decode
 from cpns.messages.constants import MessageType
 from cpns.messages.model import ErrorMessage, EUKeyAssignmentResponse
@@ -174,6 +174,36 @@ def test_a_huge_integer_is_a_400_error_message_not_a_500(
     assert isinstance(error, ErrorMessage)
     assert error.status == ErrorCode.MALFORMED_MESSAGE
     assert all(len(r.getMessage()) < 400 for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+class UnreachableStore(MemoryStore):
+    """A store whose database is gone (PostgreSQL restarting): every write fails."""
+
+    def write_async[T](self, fn: Callable[[WriteTx], T]) -> asyncio.Future[T]:
+        raise StoreError("cannot write store postgresql://cpns:***@db/cpns: connection lost")
+
+
+def test_an_unreachable_store_is_a_503_with_retry_after_and_budgeted_lines(
+    store: MemoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 7 item 7 (PostgreSQL restarted mid-load: the server refuses cleanly): a
+    request whose facts cannot be stored is answered 503 with Retry-After (the PN GW
+    retries), never 200 and never a 500; an outage under load writes at most a burst of
+    warning lines, not one per request."""
+    down = UnreachableStore()
+    for user in store.list_users():
+        down.write(lambda tx, u=user: tx.add_user(u))
+    down.write(lambda tx: tx.put_entity(store.get_entity(GW)))  # type: ignore[arg-type]
+    down.write(lambda tx: tx.put_tks([TKRecord(entity_id=e, tk=tk) for e, tk in TKS.items()]))
+    app = make_app(down)
+    caplog.set_level(logging.DEBUG, logger="cpns")
+    replies = [call(app, body=_enrolment(seed=s)) for s in range(40)]
+    assert {r.status for r in replies} == {503}
+    assert replies[0].body == b"store unavailable\n"
+    assert replies[0].header(b"retry-after") == b"1"
+    warnings = [r for r in caplog.records if "store unavailable" in r.getMessage()]
+    assert 1 <= len(warnings) <= 20
     assert not any(r.exc_info for r in caplog.records)
 
 

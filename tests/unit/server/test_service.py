@@ -198,6 +198,47 @@ def test_a_replayed_randpngw_under_a_new_txid_is_refused(store: MemoryStore) -> 
     assert status_of(handle(service(store), replayed)) == ErrorCode.REPLAY
 
 
+class LateCopyStore(MemoryStore):
+    """The interleaving of two server processes racing on one request: this process's
+    first stored-reply read comes just before the other's commit, every later read after
+    it."""
+
+    def __init__(self, winner: MemoryStore) -> None:
+        super().__init__()
+        self._winner = winner
+        self._reads = 0
+
+    def get_reply(self, requester: str, txid: bytes) -> Any:
+        self._reads += 1
+        return None if self._reads == 1 else self._winner.get_reply(requester, txid)
+
+    def nonce_used(self, nonce: bytes) -> bool:
+        return self._winner.nonce_used(nonce)
+
+    def get_user(self, user_id: str) -> Any:
+        return self._winner.get_user(user_id)
+
+    def get_entity(self, entity_id: str) -> Any:
+        return self._winner.get_entity(entity_id)
+
+    def get_tk(self, entity_id: str) -> Any:
+        return self._winner.get_tk(entity_id)
+
+
+def test_a_copy_committed_after_the_reply_check_is_answered_as_it_was(
+    store: MemoryStore,
+) -> None:
+    """Issue 7 item 2, DESIGN §5 (idempotent retries across processes): when a concurrent
+    copy of the same request commits between this process's stored-reply check and its
+    procedure's nonce lookup, the procedure sees its RANDPNGW used; the answer is the
+    copy's stored reply byte for byte, not REPLAY."""
+    message = request()
+    first = handle(service(store), message)
+    assert first.status == ErrorCode.OK
+    late = handle(service(LateCopyStore(store), seed=9), message)
+    assert late.body == first.body
+
+
 def test_a_refusal_stores_nothing_but_the_audit_record(store: MemoryStore) -> None:
     """003 §7.4.2.1.1.2 step 2: a wrong password gets a Response with a fail status; no
     chain, no used nonce, no stored reply (the user may retry with the right password);
