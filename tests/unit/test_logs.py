@@ -11,7 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from cpns.logs import ContextFilter, JSONFormatter, TextFormatter, current_flow, flow_scope
+from cpns.logs import (
+    ContextFilter,
+    JSONFormatter,
+    LogBudget,
+    TextFormatter,
+    current_flow,
+    flow_scope,
+)
 from cpns.logs import setup_logging as setup
 
 FLOW = "0123456789abcdef"
@@ -164,3 +171,12 @@ def test_setup_logging_text_is_the_default(captured: io.StringIO) -> None:
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARNING server cpns.server: careful\n",
         captured.getvalue(),
     )
+
+
+def test_the_log_budget_allows_a_burst_then_a_rate_and_counts_what_it_left_out() -> None:
+    """Peer-caused lines: a burst at once, then ``rate`` per second; the next allowed line
+    learns how many were refused."""
+    budget = LogBudget(rate=1.0, burst=3)
+    assert [budget.take(0.0)[0] for _ in range(5)] == [True, True, True, False, False]
+    assert budget.take(1.0) == (True, 2)
+    assert budget.take(1.0) == (False, 0)

@@ -27,12 +27,13 @@ from cpns.flow import log_hop, message_scope, stamp
 from cpns.gateway.config import GatewayConfig
 from cpns.gateway.connections import Connections
 from cpns.gateway.procedures import Link
+from cpns.logs import LogBudget
 from cpns.messages.constants import TXID_LEN
 from cpns.messages.model import ErrorMessage, Message, PNEHello
 from cpns.store.masterkey import write_private_file
 from cpns.transport.stream import peer_text, read_message, write_message
 
-__all__ = ["PAN_ADDRESS", "LogBudget", "PANLink", "PANSide", "link_cap"]
+__all__ = ["PAN_ADDRESS", "PANLink", "PANSide", "link_cap"]
 
 log = logging.getLogger("cpns.gateway")
 
@@ -62,31 +63,6 @@ def link_cap(configured: int) -> int:
         )
         return cap
     return configured
-
-
-class LogBudget:
-    """A token bucket for log lines caused by peers: up to ``burst`` lines at once, then
-    ``rate`` lines per second; it counts the lines it refused so the next allowed line can
-    say how many were left out."""
-
-    def __init__(self, *, rate: float = 1.0, burst: int = 20) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._last: float | None = None
-        self._dropped = 0
-
-    def take(self, now: float) -> tuple[bool, int]:
-        """(whether a line may be written now, how many were refused since the last one)."""
-        if self._last is not None:
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens < 1.0:
-            self._dropped += 1
-            return False, 0
-        self._tokens -= 1.0
-        dropped, self._dropped = self._dropped, 0
-        return True, dropped
 
 
 class PANLink:

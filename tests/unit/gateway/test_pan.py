@@ -9,7 +9,7 @@ import pytest
 
 from cpns.gateway.config import GatewayConfig
 from cpns.gateway.connections import Connections
-from cpns.gateway.pan import LogBudget, PANLink, PANSide
+from cpns.gateway.pan import PANLink, PANSide
 from cpns.messages.model import EUKeyAssignmentAck, Message, PNEHello
 
 
@@ -47,12 +47,3 @@ def test_nobody_is_attached_before_a_hello(tmp_path: Path) -> None:
     assert not pan.listening
     with pytest.raises(RuntimeError):
         _ = pan.port
-
-
-def test_the_log_budget_allows_a_burst_then_a_rate_and_counts_what_it_left_out() -> None:
-    """Peer-caused lines: a burst at once, then ``rate`` per second; the next allowed line
-    learns how many were refused."""
-    budget = LogBudget(rate=1.0, burst=3)
-    assert [budget.take(0.0)[0] for _ in range(5)] == [True, True, True, False, False]
-    assert budget.take(1.0) == (True, 2)
-    assert budget.take(1.0) == (False, 0)
