@@ -31,11 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from loadgen import Load, percentiles_ms, tree_cpu_seconds
+from loadgen import gateways_and_users, percentiles_ms, tree_cpu_seconds
 
-from cpns.crypto.kdf import password_key
 from cpns.localnet import LocalDeployment
-from cpns.protocol.key_assignment import claim_key
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_CLUSTER = ROOT / "scripts" / "pg-cluster"
@@ -117,21 +115,7 @@ async def _one(
             database=dsn,
         )
         urls, pids = _start_servers(net, backend, processes)
-        controls = []
-        for g in range(args.gateways):
-            name = f"gw{g}"
-            net.enroll_gateway(
-                entity_id=f"bench-{name}",
-                user_id=USER,
-                password=password,
-                server_url=urls[g % len(urls)],
-                name=name,
-            )
-            net.start_gateway(name)
-            controls.append(net.gateway_dir(name) / "control.sock")
-        key_hex = password_key(password, realm="cpns", user_id=USER).hex()
-        claims = {p: claim_key(c).hex() for p, c in net.claim_codes.items()}
-        load = Load(controls, USER, key_hex, claims)
+        load = gateways_and_users(net, urls, args.gateways, user_id=USER, password=password)
         await load.closed_loop(args.warmup, args.concurrency)
         postmaster = _postmaster(pg_dir)
         server_before = _cpu(pids)

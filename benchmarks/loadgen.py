@@ -16,6 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cpns.crypto.kdf import password_key
+from cpns.localnet import LocalDeployment
+from cpns.protocol.key_assignment import claim_key
+
 
 @dataclass
 class Tally:
@@ -51,6 +55,29 @@ async def assign(control: Path, pne_id: str, user_id: str, key_hex: str, claim_h
         writer.close()
         await writer.wait_closed()
     return str(answer.get("status"))
+
+
+def gateways_and_users(
+    net: LocalDeployment, urls: list[str], count: int, *, user_id: str, password: str
+) -> Load:
+    """Enrol and start ``count`` PN GWs of ``user_id`` (gateway i on ``urls[i % n]``) and
+    return the users' load over their control sockets: the password key derived once and
+    each PNE's claim key from its label code, as ``cpns gateway assign`` derives them."""
+    controls = []
+    for g in range(count):
+        name = f"gw{g}"
+        net.enroll_gateway(
+            entity_id=f"bench-{name}",
+            user_id=user_id,
+            password=password,
+            server_url=urls[g % len(urls)],
+            name=name,
+        )
+        net.start_gateway(name)
+        controls.append(net.gateway_dir(name) / "control.sock")
+    key_hex = password_key(password, realm="cpns", user_id=user_id).hex()
+    claims = {p: claim_key(c).hex() for p, c in net.claim_codes.items()}
+    return Load(controls, user_id, key_hex, claims)
 
 
 class Load:

@@ -47,11 +47,9 @@ from collections import Counter
 from pathlib import Path
 
 import psycopg
-from loadgen import Load, Tally, children, percentiles_ms, rss_kib
+from loadgen import Tally, children, gateways_and_users, percentiles_ms, rss_kib
 
-from cpns.crypto.kdf import password_key
 from cpns.localnet import LocalDeployment
-from cpns.protocol.key_assignment import claim_key
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_CLUSTER = ROOT / "scripts" / "pg-cluster"
@@ -184,21 +182,9 @@ async def _main(args: argparse.Namespace) -> int:
                 net.env["CPNS_SERVER_OPERATOR_PORT"] = str(operator)
                 url, server_pid = _start_server(net, args.workers)
                 ready_url = f"http://127.0.0.1:{operator}/readyz"
-                controls = []
-                for g in range(args.gateways):
-                    name = f"gw{g}"
-                    net.enroll_gateway(
-                        entity_id=f"soak-{name}",
-                        user_id=USER,
-                        password=password,
-                        server_url=url,
-                        name=name,
-                    )
-                    net.start_gateway(name)
-                    controls.append(net.gateway_dir(name) / "control.sock")
-                key_hex = password_key(password, realm="cpns", user_id=USER).hex()
-                claims = {p: claim_key(c).hex() for p, c in net.claim_codes.items()}
-                load = Load(controls, USER, key_hex, claims)
+                load = gateways_and_users(
+                    net, [url], args.gateways, user_id=USER, password=password
+                )
 
                 probe = await load.closed_loop(args.probe, args.concurrency)
                 maximum = probe.statuses["OK"] / args.probe
