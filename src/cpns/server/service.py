@@ -241,9 +241,8 @@ class CPNSService:
         # The flow ID is not a security input (docs/wire.md 2.3): a retry is told from a
         # reused txid by the request without it.
         digest = hashlib.sha256(encode(dataclasses.replace(message, flow=None))).digest()
-        stored = await self._read(self._store.get_reply, requester, message.txid)
-        if stored is not None:
-            return self._replay_or_retry(stored, message, digest, requester)
+        if (answered := await self._stored_answer(message, digest, requester)) is not None:
+            return answered
         try:
             machine = self._machine(message, authenticated, now, source)
         except LookupError:
@@ -273,9 +272,8 @@ class CPNSService:
             # The nonce was used between our stored-reply check and the procedure's
             # lookups: by a concurrent copy of this very request (another process, a
             # retry), which then answered: answer as it did (issue 7 item 2).
-            stored = await self._read(self._store.get_reply, requester, message.txid)
-            if stored is not None:
-                return self._replay_or_retry(stored, message, digest, requester)
+            if (answered := await self._stored_answer(message, digest, requester)) is not None:
+                return answered
         if failed is not None:
             await self._audit(
                 message,
@@ -303,9 +301,8 @@ class CPNSService:
             )
         except (NonceReused, ConflictError):
             # A concurrent copy of this very request may have won the race: answer as it did.
-            stored = await self._read(self._store.get_reply, requester, message.txid)
-            if stored is not None:
-                return self._replay_or_retry(stored, message, digest, requester)
+            if (answered := await self._stored_answer(message, digest, requester)) is not None:
+                return answered
             return await self._lost_race(
                 message, authenticated, requester, now, source, ErrorCode.REPLAY
             )
@@ -340,6 +337,14 @@ class CPNSService:
             message, requester, code, now, reason, source, authenticated=authenticated is not None
         )
         return self._reply(fresh.messages_to_send()[0], code)
+
+    async def _stored_answer(self, message: Message, digest: bytes, requester: str) -> Reply | None:
+        """The answer to a transaction that already has a stored reply (a retry, or a
+        replay of its txid), or None if it has none yet."""
+        stored = await self._read(self._store.get_reply, requester, message.txid)
+        if stored is None:
+            return None
+        return self._replay_or_retry(stored, message, digest, requester)
 
     def _replay_or_retry(
         self, stored: StoredReply, message: Message, digest: bytes, requester: str

@@ -191,13 +191,12 @@ class PGReaders:
         pooled connection would otherwise fail."""
         lent: psycopg.Connection[Any] | None = None
         try:
-            with self._pool.connection() as conn:
+            with self.connection() as conn:  # drops the pool's lost connections on failure
                 lent = conn
                 return fn(conn)
         except psycopg.OperationalError:
             if lent is None or not lent.broken:
                 raise
-            self._pool.check()
         with self.connection() as conn:
             return fn(conn)
 
