@@ -359,6 +359,20 @@ def field_strategy(spec: FieldSpec) -> st.SearchStrategy[Any]:
                 ).map(tuple),
                 st.binary(min_size=32, max_size=32).map(lambda k: (k,) * spec.hi),
             )
+        case "id_list":
+            values = st.one_of(
+                st.lists(IDS, min_size=spec.lo, max_size=min(spec.hi, 4)).map(tuple),
+                IDS.map(lambda i: (i,) * spec.hi),
+            )
+        case "records":
+            assert spec.record is not None
+            one = record_strategy(spec.record)
+            # Mostly a few entries; the full count now and then (one record repeated, which
+            # the codec accepts: duplicates are the procedure's business, not the codec's).
+            values = st.one_of(
+                st.lists(one, min_size=spec.lo, max_size=min(spec.hi, 4)).map(tuple),
+                one.map(lambda r: (r,) * spec.hi),
+            )
     if spec.optional:
         return st.one_of(st.none(), values)
     return values
@@ -376,7 +390,7 @@ def record_strategy[R: Record](cls: type[R], **fixed: Any) -> st.SearchStrategy[
             txid=st.binary(min_size=TXID_LEN, max_size=TXID_LEN),
             src=IDS,
             dst=IDS,
-            pn_id=st.one_of(st.none(), IDS),
+            pn_id=IDS if cls.PN_ID_REQUIRED else st.one_of(st.none(), IDS),
             flow=st.one_of(st.none(), st.binary(min_size=FLOW_LEN, max_size=FLOW_LEN)),
         )
     for name, spec in specs(cls):

@@ -85,6 +85,16 @@ class ErrorCode(IntEnum):
     #: The Entity ID cannot be registered: not in canonical (lowercase) form, reserved, written
     #: like a network address, or the server's own ID ("Entity ID syntax", D-SRV-3).
     INVALID_ENTITY_ID = 306
+    #: The PNE belongs to another CPNS User than the PN GW's: it cannot join this PN.
+    POLICY_DENIED = 308
+    #: The PNE is listed twice in one establishment; the first entry stands.
+    DUPLICATE_PNE = 309
+    #: No pending establishment with this ID for this PN GW (unknown, expired or finished).
+    UNKNOWN_ESTABLISHMENT = 310
+    #: An old EUKey, or a TK step outside the look-ahead window: re-assignment is needed.
+    STALE_CREDENTIAL = 311
+    #: The PNE's EUKey chain is used up (informational: re-assignment is due).
+    CHAIN_EXHAUSTED = 312
     #: The responder could not complete the step (storage, upstream unreachable).
     INTERNAL_ERROR = 500
     #: The next hop (CPNS Server seen from the PN GW) could not be reached.

@@ -93,6 +93,27 @@ def _run_message(data: bytes) -> bool:
     return True
 
 
+def _establishment_seeds() -> list[bytes]:
+    """The PN Establishment and LocalEUKey messages (types 40..52): nested records."""
+    messages = _vectors()["messages"]
+    assert isinstance(messages, list)
+    return [bytes.fromhex(m["cbor"]) for m in messages if 40 <= m["type"] <= 52]
+
+
+#: CBOR heads the nested-record mutations need: arrays of 0, 63, 64 and 65 entries, an
+#: empty map, a map of 9 entries, a nested array (one level too deep), null.
+_ESTABLISHMENT_WORDS = (
+    b"\x80",
+    b"\x98\x3f",
+    b"\x98\x40",
+    b"\x98\x41",
+    b"\xa0",
+    b"\xa9",
+    b"\x81\x81\x01",
+    b"\xf6",
+)
+
+
 # -- records (sealed plaintexts) --------------------------------------------------------------
 
 
@@ -354,6 +375,14 @@ TARGETS: dict[str, Callable[[], Target]] = {
         True,
         # Header key 7 (flow ID) with a 7-, 8- and 9-byte string head: the size edges.
         dictionary=(b"\x07\x47", b"\x07\x48", b"\x07\x49"),
+    ),
+    "pn-establishment": lambda: Target(
+        "pn-establishment",
+        _run_message,
+        (DecodeError,),
+        _establishment_seeds,
+        True,
+        dictionary=_ESTABLISHMENT_WORDS,
     ),
     "key-bundle": lambda: Target(
         "key-bundle", _run_key_bundle, (DecodeError,), _bundle_seeds, True

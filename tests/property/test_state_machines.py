@@ -45,7 +45,7 @@ from tests.helpers import (
 from cpns.errors import ErrorCode, LocalProtocolError
 from cpns.messages.codec import decode, encode
 from cpns.messages.constants import TXID_LEN
-from cpns.messages.model import MESSAGE_CLASSES, Message, specs
+from cpns.messages.model import MESSAGE_CLASSES, Message, Record, specs
 from cpns.protocol._machine import Machine, ProcedureFailed
 from cpns.protocol.key_assignment import (
     AssignmentPolicy,
@@ -358,9 +358,15 @@ def test_every_message_type_in_every_state(role: str, state: str, cls: type[Mess
 
 def _fixed_instance(cls: type[Message]) -> Message:
     values: dict[str, Any] = {"txid": bytes(16), "src": GW, "dst": PNE}
+    if cls.PN_ID_REQUIRED:
+        values["pn_id"] = USER
     for name, spec in specs(cls):
         values[name] = _minimal(spec)
     return cls(**values)
+
+
+def _minimal_record(cls: type[Record]) -> Record:
+    return cls(**{name: _minimal(spec) for name, spec in specs(cls)})
 
 
 def _minimal(spec: Any) -> Any:
@@ -373,5 +379,7 @@ def _minimal(spec: Any) -> Any:
         "enum": lambda: next(iter(spec.enum)),
         "bool": lambda: False,
         "bytes_list": lambda: (bytes(32),) * spec.lo,
+        "id_list": lambda: (USER,) * spec.lo,
+        "records": lambda: (_minimal_record(spec.record),) * spec.lo,
     }
     return lookup[spec.kind]()

@@ -362,3 +362,91 @@ def test_digest() -> None:
         "cnonce": sha["cnonce"],
         "nc": "00000001",
     }
+
+
+def check_rand_hash(v: dict[str, Any]) -> tuple[bytes, bytes]:
+    """8.10 written out: SK, hash_PNE and hash_server from K, the context and both rands."""
+    key, ctx = x(v["key"]), parts(v["context"])
+    rand_pne, rand_server = x(v["rand_pne"]), x(v["rand_server"])
+    info = p(v["sk"]["label"], *ctx)
+    assert info.hex() == v["sk"]["info"]
+    assert (rand_pne + rand_server).hex() == v["sk"]["salt"]
+    sk = hkdf(key, rand_pne + rand_server, info)
+    assert sk.hex() == v["sk"]["key"]
+    hash_pne = m(key, v["hash_pne"]["label"], *ctx, rand_pne, rand_server, sk)
+    assert hash_pne.hex() == v["hash_pne"]["tag"]
+    hash_server = m(key, v["hash_server"]["label"], *ctx, rand_pne, rand_server, sk, hash_pne)
+    assert hash_server.hex() == v["hash_server"]["tag"]
+    return hash_pne, hash_server
+
+
+def test_establishment_002() -> None:
+    """8.10 on throwaway inputs (002 §7.5.4): each PNE's SK, hash_PNE and hash_server, the
+    LocalEUKey's two sealed copies, and the "7.5.5" exchange with the LocalEUKey, by the
+    independent implementation; the messages carry exactly these values, and the library
+    (cpns.protocol.pne_auth) agrees."""
+    from cpns.protocol import pne_auth
+
+    e = VECTORS["establishment_002"]
+    inputs = e["inputs"]
+    by_name = {v["name"]: body(v) for v in e["messages"]}
+    for i, (pne, v) in enumerate(zip(inputs["pnes"], e["rand_hash"], strict=True), start=1):
+        assert parts(v["context"]) == [
+            inputs["pn_id"],
+            inputs["gateway_id"],
+            inputs["server_id"],
+            pne["pne_id"],
+        ]
+        assert v["sk"]["label"] == "cpns/v1/pne-session-key"
+        assert v["hash_pne"]["label"] == "cpns/v1/hash-pne"
+        assert v["hash_server"]["label"] == "cpns/v1/hash-server"
+        assert v["rand_server"] == inputs["rand_server"]
+        hash_pne, hash_server = check_rand_hash(v)
+        assert by_name[f"pne_authenticate_response_{i}"][3] == hash_pne
+        assert by_name["authenticate_response"][2][i - 1][3] == hash_pne
+        assert by_name["pn_establish_response"][3][i - 1][4] == hash_server
+        ctx = pne_auth.AuthContext(*parts(v["context"]))  # type: ignore[arg-type]
+        proof = pne_auth.prove(
+            x(pne["eukey"]),
+            ctx=ctx,
+            rand_pne=x(pne["rand_pne"]),
+            rand_server=x(inputs["rand_server"]),
+            labels=pne_auth.ESTABLISHMENT,
+        )
+        assert proof.hash_pne == hash_pne
+    assert by_name["pn_setup_response"][3] == x(e["rand_hash"][0]["hash_server"]["tag"])
+    assert by_name["pn_establishment_notify"][3] == x(e["rand_hash"][1]["hash_server"]["tag"])
+    # The LocalEUKey, sealed once under the PNE's EUKey and once under the PN GW's.
+    for copy, holder in (
+        (e["local_eukey_copy_pne"], inputs["pnes"][0]["pne_id"]),
+        (e["local_eukey_copy_gw"], inputs["gateway_id"]),
+    ):
+        assert copy["purpose"] == "local-eukey"
+        assert parts(copy["context"]) == [
+            inputs["server_id"],
+            inputs["gateway_id"],
+            inputs["pnes"][0]["pne_id"],
+            inputs["pn_id"],
+            x(inputs["est_id"]),
+            holder,
+        ]
+        assert copy["plaintext"] == inputs["local_eukey"]
+        check_seal(copy)
+    challenge = by_name["authenticate_request"][4][0]
+    assert challenge[4] == x(e["local_eukey_copy_gw"]["blob"])
+    assert challenge[5] == x(e["local_eukey_copy_pne"]["blob"])
+    assert by_name["pne_authenticate_request_1"][4] == challenge[5]
+    # "7.5.5": the same exchange keyed by the LocalEUKey, the PN GW in the server's part.
+    local = e["local_auth"]
+    v = local["rand_hash"]
+    assert v["key"] == inputs["local_eukey"]
+    assert parts(v["context"])[2] == "pngw"
+    assert (v["sk"]["label"], v["hash_pne"]["label"], v["hash_server"]["label"]) == (
+        "cpns/v1/local-session-key",
+        "cpns/v1/local-hash-pne",
+        "cpns/v1/local-hash-gw",
+    )
+    hash_pne, hash_server = check_rand_hash(v)
+    local_bodies = {w["name"]: body(w) for w in local["messages"]}
+    assert local_bodies["pne_authenticate_response_local"][3] == hash_pne
+    assert local_bodies["local_auth_response"][2] == hash_server

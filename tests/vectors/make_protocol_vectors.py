@@ -38,20 +38,39 @@ from cpns.errors import ErrorCode
 from cpns.messages import constants
 from cpns.messages.cddl import render_cddl, render_status_table
 from cpns.messages.codec import encode, encode_record, to_json
-from cpns.messages.constants import ID_PATTERN, MAX_ID_LEN
+from cpns.messages.constants import ID_PATTERN, MAX_ID_LEN, AuthFlow
 from cpns.messages.model import (
+    AuthChallenge,
+    AuthenticateRequest,
+    AuthenticateResponse,
+    AuthProof,
+    AuthResult,
     ErrorMessage,
     EUKeyAssignmentAck,
     EUKeyAssignmentNotification,
     EUKeyAssignmentRequest,
     EUKeyAssignmentResponse,
     KeyBundle,
+    LocalAuthRequest,
+    LocalAuthResponse,
+    MemberStatus,
     Message,
+    PNEAuthenticateRequest,
+    PNEAuthenticateResponse,
     PNEHello,
+    PNEstablishmentNotify,
+    PNEstablishRequest,
+    PNEstablishResponse,
+    PNInvite,
+    PNInviteResponse,
+    PNSetupRequest,
+    PNSetupResponse,
+    SetupEntry,
     UserKeyAssignmentRequest,
     UserKeyAssignmentResponse,
 )
 from cpns.protocol import key_assignment as ka
+from cpns.protocol import pne_auth
 from cpns.protocol import user_key_assignment as uka
 from cpns.protocol.digest import (
     NONCE_LABEL,
@@ -104,6 +123,27 @@ DIGEST_NONCE_RAND = _fill(0x31, 8)
 DIGEST_CNONCE = _fill(0x32, 16)
 HELLO_TXID = _fill(0x40, 16)
 ERROR_TXID = _fill(0x41, 16)
+# PN Establishment (002 §7.5.4) and the LocalEUKey authentication ("7.5.5").
+PNE_ID_2 = "pne-0002"
+PNE_EUKEY_1 = _fill(0x60, 32)
+PNE_EUKEY_2 = _fill(0x61, 32)
+SETUP_TXID = _fill(0x62, 16)
+INVITE_TXID = _fill(0x63, 16)
+RAND_PNE_1 = _fill(0x64, 32)
+RAND_PNE_2 = _fill(0x65, 32)
+UP_TXID_1 = _fill(0x66, 16)
+UP_TXID_2 = _fill(0x67, 16)
+EST_ID = _fill(0x68, 16)
+RAND_SERVER_EST = _fill(0x69, 32)
+LOCAL_EUKEY = _fill(0x6A, 32)
+NONCE_LOCAL_PNE = _fill(0x6B, 12)
+NONCE_LOCAL_GW = _fill(0x6C, 12)
+AUTH_TXID_1 = _fill(0x6D, 16)
+AUTH_TXID_2 = _fill(0x6E, 16)
+LOCAL_TXID = _fill(0x70, 16)
+LOCAL_EST_ID = _fill(0x71, 16)
+RAND_PNE_LOCAL = _fill(0x72, 32)
+RAND_GW_LOCAL = _fill(0x73, 32)
 #: A flow (correlation) ID, header key 7 (docs/wire.md section 2.3).
 FLOW_ID = bytes.fromhex("f10ef10ef10ef10e")
 
@@ -324,6 +364,432 @@ def _assignment() -> dict[str, Any]:
     }
 
 
+# -- PN Establishment (002 §7.5.4) with two PNEs, then "7.5.5" with the LocalEUKey ------------
+
+
+def _rand_hash_json(
+    key: bytes,
+    ctx: pne_auth.AuthContext,
+    rand_pne: bytes,
+    rand_server: bytes,
+    labels: pne_auth.AuthLabels,
+) -> dict[str, Any]:
+    """SK, hash_PNE and hash_server with their inputs (docs/wire.md section 8.10)."""
+    proof = pne_auth.prove(key, ctx=ctx, rand_pne=rand_pne, rand_server=rand_server, labels=labels)
+    verdict = pne_auth.verify_proof(
+        key,
+        ctx=ctx,
+        rand_pne=rand_pne,
+        rand_server=rand_server,
+        hash_pne_value=proof.hash_pne,
+        labels=labels,
+    )
+    return {
+        "key": key.hex(),
+        "context": parts_json(ctx.parts()),
+        "rand_pne": rand_pne.hex(),
+        "rand_server": rand_server.hex(),
+        "sk": {
+            "label": labels.session_key,
+            "salt": (rand_pne + rand_server).hex(),
+            "info": encode_parts(labels.session_key, ctx.parts()).hex(),
+            "key": proof.sk.hex(),
+        },
+        "hash_pne": {"label": labels.hash_pne, "tag": proof.hash_pne.hex()},
+        "hash_server": {"label": labels.hash_server, "tag": verdict.hash_server.hex()},
+    }
+
+
+def _establishment() -> dict[str, Any]:
+    ctx1 = pne_auth.AuthContext(pn_id=PN_ID, gw_id=GATEWAY_ID, server_id=SERVER_ID, pne_id=PNE_ID)
+    ctx2 = pne_auth.AuthContext(pn_id=PN_ID, gw_id=GATEWAY_ID, server_id=SERVER_ID, pne_id=PNE_ID_2)
+    lab = pne_auth.ESTABLISHMENT
+    one = _rand_hash_json(PNE_EUKEY_1, ctx1, RAND_PNE_1, RAND_SERVER_EST, lab)
+    two = _rand_hash_json(PNE_EUKEY_2, ctx2, RAND_PNE_2, RAND_SERVER_EST, lab)
+    local_ctx = dict(
+        server_id=SERVER_ID, gw_id=GATEWAY_ID, pne_id=PNE_ID, pn_id=PN_ID, est_id=EST_ID
+    )
+    copy_pne = seal_json(
+        PNE_EUKEY_1,
+        LOCAL_EUKEY,
+        purpose=pne_auth.LOCAL_EUKEY_PURPOSE,
+        context=(SERVER_ID, GATEWAY_ID, PNE_ID, PN_ID, EST_ID, PNE_ID),
+        nonce=NONCE_LOCAL_PNE,
+    )
+    copy_gw = seal_json(
+        GATEWAY_EUKEY,
+        LOCAL_EUKEY,
+        purpose=pne_auth.LOCAL_EUKEY_PURPOSE,
+        context=(SERVER_ID, GATEWAY_ID, PNE_ID, PN_ID, EST_ID, GATEWAY_ID),
+        nonce=NONCE_LOCAL_GW,
+    )
+    assert (
+        copy_pne["blob"]
+        == pne_auth.seal_local_eukey(
+            PNE_EUKEY_1, LOCAL_EUKEY, holder_id=PNE_ID, nonce=NONCE_LOCAL_PNE, **local_ctx
+        ).hex()
+    )
+    sealed_pne, sealed_gw = bytes.fromhex(copy_pne["blob"]), bytes.fromhex(copy_gw["blob"])
+    h1, h2 = bytes.fromhex(one["hash_pne"]["tag"]), bytes.fromhex(two["hash_pne"]["tag"])
+    s1, s2 = bytes.fromhex(one["hash_server"]["tag"]), bytes.fromhex(two["hash_server"]["tag"])
+    ok, rh = ErrorCode.OK, AuthFlow.RAND_HASH
+    msgs = [
+        PNSetupRequest(
+            txid=SETUP_TXID,
+            src=PNE_ID,
+            dst=GATEWAY_ID,
+            pn_id=PN_ID,
+            rand_pne=RAND_PNE_1,
+            local_eukey=True,
+            invite=(PNE_ID_2,),
+        ),
+        PNInvite(txid=INVITE_TXID, src=GATEWAY_ID, dst=PNE_ID_2, pn_id=PN_ID, originator=PNE_ID),
+        PNInviteResponse(
+            txid=INVITE_TXID,
+            src=PNE_ID_2,
+            dst=GATEWAY_ID,
+            pn_id=PN_ID,
+            status=ok,
+            rand_pne=RAND_PNE_2,
+            local_eukey=False,
+        ),
+        PNEstablishRequest(
+            txid=UP_TXID_1,
+            src=GATEWAY_ID,
+            dst=SERVER_ID,
+            pn_id=PN_ID,
+            entries=(
+                SetupEntry(pne_id=PNE_ID, rand_pne=RAND_PNE_1, local_eukey=True),
+                SetupEntry(pne_id=PNE_ID_2, rand_pne=RAND_PNE_2, local_eukey=False),
+            ),
+        ),
+        AuthenticateRequest(
+            txid=UP_TXID_1,
+            src=SERVER_ID,
+            dst=GATEWAY_ID,
+            pn_id=PN_ID,
+            status=ok,
+            est_id=EST_ID,
+            rand_server=RAND_SERVER_EST,
+            entries=(
+                AuthChallenge(
+                    pne_id=PNE_ID,
+                    status=ok,
+                    flow=rh,
+                    sealed_local_gw=sealed_gw,
+                    sealed_local_pne=sealed_pne,
+                ),
+                AuthChallenge(pne_id=PNE_ID_2, status=ok, flow=rh),
+            ),
+        ),
+        PNEAuthenticateRequest(
+            txid=AUTH_TXID_1,
+            src=GATEWAY_ID,
+            dst=PNE_ID,
+            pn_id=PN_ID,
+            est_id=EST_ID,
+            auth_flow=rh,
+            rand_server=RAND_SERVER_EST,
+            sealed_local_eukey=sealed_pne,
+        ),
+        PNEAuthenticateResponse(
+            txid=AUTH_TXID_1, src=PNE_ID, dst=GATEWAY_ID, est_id=EST_ID, status=ok, hash_pne=h1
+        ),
+        PNEAuthenticateRequest(
+            txid=AUTH_TXID_2,
+            src=GATEWAY_ID,
+            dst=PNE_ID_2,
+            pn_id=PN_ID,
+            est_id=EST_ID,
+            auth_flow=rh,
+            rand_server=RAND_SERVER_EST,
+        ),
+        PNEAuthenticateResponse(
+            txid=AUTH_TXID_2,
+            src=PNE_ID_2,
+            dst=GATEWAY_ID,
+            est_id=EST_ID,
+            status=ok,
+            hash_pne=h2,
+        ),
+        AuthenticateResponse(
+            txid=UP_TXID_2,
+            src=GATEWAY_ID,
+            dst=SERVER_ID,
+            pn_id=PN_ID,
+            est_id=EST_ID,
+            entries=(
+                AuthProof(pne_id=PNE_ID, status=ok, hash_pne=h1),
+                AuthProof(pne_id=PNE_ID_2, status=ok, hash_pne=h2),
+            ),
+        ),
+        PNEstablishResponse(
+            txid=UP_TXID_2,
+            src=SERVER_ID,
+            dst=GATEWAY_ID,
+            pn_id=PN_ID,
+            status=ok,
+            est_id=EST_ID,
+            entries=(
+                AuthResult(pne_id=PNE_ID, status=ok, flow=rh, hash_server=s1, reassign=False),
+                AuthResult(pne_id=PNE_ID_2, status=ok, flow=rh, hash_server=s2, reassign=False),
+            ),
+        ),
+        PNSetupResponse(
+            txid=SETUP_TXID,
+            src=GATEWAY_ID,
+            dst=PNE_ID,
+            pn_id=PN_ID,
+            status=ok,
+            est_id=EST_ID,
+            hash_server=s1,
+            members=(
+                MemberStatus(pne_id=PNE_ID, status=ok, flow=rh),
+                MemberStatus(pne_id=PNE_ID_2, status=ok, flow=rh),
+            ),
+        ),
+        PNEstablishmentNotify(
+            txid=INVITE_TXID,
+            src=GATEWAY_ID,
+            dst=PNE_ID_2,
+            pn_id=PN_ID,
+            status=ok,
+            est_id=EST_ID,
+            hash_server=s2,
+        ),
+    ]
+    names = [
+        ("pn_setup_request", "originating PNE -> PN GW (PAN)"),
+        ("pn_invite", "PN GW -> invited PNE (PAN)"),
+        ("pn_invite_response", "invited PNE -> PN GW (PAN)"),
+        ("pn_establish_request", "PN GW -> server"),
+        ("authenticate_request", "server -> PN GW"),
+        ("pne_authenticate_request_1", "PN GW -> originating PNE (PAN)"),
+        ("pne_authenticate_response_1", "originating PNE -> PN GW (PAN)"),
+        ("pne_authenticate_request_2", "PN GW -> invited PNE (PAN)"),
+        ("pne_authenticate_response_2", "invited PNE -> PN GW (PAN)"),
+        ("authenticate_response", "PN GW -> server"),
+        ("pn_establish_response", "server -> PN GW"),
+        ("pn_setup_response", "PN GW -> originating PNE (PAN)"),
+        ("pn_establishment_notify", "PN GW -> invited PNE (PAN)"),
+    ]
+    # "7.5.5": the originating PNE and the PN GW, K = the LocalEUKey.
+    lctx = pne_auth.AuthContext.local(pn_id=PN_ID, gw_id=GATEWAY_ID, pne_id=PNE_ID)
+    local = _rand_hash_json(LOCAL_EUKEY, lctx, RAND_PNE_LOCAL, RAND_GW_LOCAL, pne_auth.LOCAL)
+    local_msgs = [
+        LocalAuthRequest(
+            txid=LOCAL_TXID, src=PNE_ID, dst=GATEWAY_ID, pn_id=PN_ID, rand_pne=RAND_PNE_LOCAL
+        ),
+        PNEAuthenticateRequest(
+            txid=LOCAL_TXID,
+            src=GATEWAY_ID,
+            dst=PNE_ID,
+            pn_id=PN_ID,
+            est_id=LOCAL_EST_ID,
+            auth_flow=AuthFlow.LOCAL,
+            rand_server=RAND_GW_LOCAL,
+        ),
+        PNEAuthenticateResponse(
+            txid=LOCAL_TXID,
+            src=PNE_ID,
+            dst=GATEWAY_ID,
+            est_id=LOCAL_EST_ID,
+            status=ok,
+            hash_pne=bytes.fromhex(local["hash_pne"]["tag"]),
+        ),
+        LocalAuthResponse(
+            txid=LOCAL_TXID,
+            src=GATEWAY_ID,
+            dst=PNE_ID,
+            status=ok,
+            hash_server=bytes.fromhex(local["hash_server"]["tag"]),
+        ),
+    ]
+    local_names = [
+        ("local_auth_request", "PNE -> PN GW (PAN), LocalEUKey authentication"),
+        ("pne_authenticate_request_local", "PN GW -> PNE (PAN), flow LOCAL"),
+        ("pne_authenticate_response_local", "PNE -> PN GW (PAN), flow LOCAL"),
+        ("local_auth_response", "PN GW -> PNE (PAN)"),
+    ]
+    return {
+        "inputs": {
+            "server_id": SERVER_ID,
+            "gateway_id": GATEWAY_ID,
+            "gateway_eukey": GATEWAY_EUKEY.hex(),
+            "pn_id": PN_ID,
+            "pnes": [
+                {"pne_id": PNE_ID, "eukey": PNE_EUKEY_1.hex(), "rand_pne": RAND_PNE_1.hex()},
+                {"pne_id": PNE_ID_2, "eukey": PNE_EUKEY_2.hex(), "rand_pne": RAND_PNE_2.hex()},
+            ],
+            "est_id": EST_ID.hex(),
+            "rand_server": RAND_SERVER_EST.hex(),
+            "local_eukey": LOCAL_EUKEY.hex(),
+        },
+        "rand_hash": [one, two],
+        "local_eukey_copy_pne": copy_pne,
+        "local_eukey_copy_gw": copy_gw,
+        "messages": [message_json(n, m, note) for (n, note), m in zip(names, msgs, strict=True)],
+        "local_auth": {
+            "inputs": {
+                "est_id": LOCAL_EST_ID.hex(),
+                "rand_pne": RAND_PNE_LOCAL.hex(),
+                "rand_gw": RAND_GW_LOCAL.hex(),
+            },
+            "rand_hash": local,
+            "messages": [
+                message_json(n, m, note)
+                for (n, note), m in zip(local_names, local_msgs, strict=True)
+            ],
+        },
+    }
+
+
+def _tk_and_refusal_messages() -> list[dict[str, Any]]:
+    """Message shapes of the TK flow and of refusals (TK values illustrative here; their
+    derivations are those of docs/wire.md section 8.11)."""
+    tk = AuthFlow.TK
+    return [
+        message_json(
+            "authenticate_request_tk_and_refused",
+            AuthenticateRequest(
+                txid=UP_TXID_1,
+                src=SERVER_ID,
+                dst=GATEWAY_ID,
+                pn_id=PN_ID,
+                status=ErrorCode.OK,
+                est_id=EST_ID,
+                rand_server=RAND_SERVER_EST,
+                entries=(
+                    AuthChallenge(
+                        pne_id=PNE_ID,
+                        status=ErrorCode.OK,
+                        flow=tk,
+                        an=_fill(0x74, 32),
+                        tk_step=3,
+                        key_index=2,
+                    ),
+                    AuthChallenge(pne_id=PNE_ID_2, status=ErrorCode.POLICY_DENIED),
+                ),
+            ),
+            "a TK challenge and a PNE refused alone (TK values illustrative)",
+        ),
+        message_json(
+            "pne_authenticate_request_tk",
+            PNEAuthenticateRequest(
+                txid=AUTH_TXID_1,
+                src=GATEWAY_ID,
+                dst=PNE_ID,
+                pn_id=PN_ID,
+                est_id=EST_ID,
+                auth_flow=tk,
+                rand_server=RAND_SERVER_EST,
+                an=_fill(0x74, 32),
+                tk_step=3,
+                key_index=2,
+                sealed_next_eukey=_fill(0x75, 61),
+            ),
+            "TK flow, PN GW -> PNE (values illustrative)",
+        ),
+        message_json(
+            "pne_authenticate_response_tk",
+            PNEAuthenticateResponse(
+                txid=AUTH_TXID_1,
+                src=PNE_ID,
+                dst=GATEWAY_ID,
+                est_id=EST_ID,
+                status=ErrorCode.OK,
+                sealed_eukey=_fill(0x76, 61),
+                key_index=2,
+                tk_step=3,
+            ),
+            "TK flow, PNE -> PN GW (values illustrative)",
+        ),
+        message_json(
+            "authenticate_response_with_timeout",
+            AuthenticateResponse(
+                txid=UP_TXID_2,
+                src=GATEWAY_ID,
+                dst=SERVER_ID,
+                est_id=EST_ID,
+                entries=(
+                    AuthProof(
+                        pne_id=PNE_ID,
+                        status=ErrorCode.OK,
+                        sealed_eukey=_fill(0x76, 61),
+                        key_index=2,
+                        tk_step=3,
+                    ),
+                    AuthProof(pne_id=PNE_ID_2, status=ErrorCode.TIMEOUT),
+                ),
+            ),
+            "a TK proof and a PNE that did not answer in time (values illustrative)",
+        ),
+        message_json(
+            "pn_establish_response_tk",
+            PNEstablishResponse(
+                txid=UP_TXID_2,
+                src=SERVER_ID,
+                dst=GATEWAY_ID,
+                status=ErrorCode.OK,
+                est_id=EST_ID,
+                entries=(
+                    AuthResult(
+                        pne_id=PNE_ID,
+                        status=ErrorCode.OK,
+                        flow=tk,
+                        confirm=_fill(0x77, 32),
+                        reassign=True,
+                    ),
+                    AuthResult(
+                        pne_id=PNE_ID_2,
+                        status=ErrorCode.TIMEOUT,
+                        flow=AuthFlow.RAND_HASH,
+                        reassign=False,
+                    ),
+                ),
+            ),
+            "TK confirmation with re-assignment due; a PNE failed alone (values illustrative)",
+        ),
+        message_json(
+            "pn_establish_response_unknown",
+            PNEstablishResponse(
+                txid=UP_TXID_2,
+                src=SERVER_ID,
+                dst=GATEWAY_ID,
+                status=ErrorCode.UNKNOWN_ESTABLISHMENT,
+                est_id=EST_ID,
+                entries=(),
+            ),
+            "no pending establishment with this ID: no entries",
+        ),
+        message_json(
+            "pn_setup_response_refused",
+            PNSetupResponse(
+                txid=SETUP_TXID,
+                src=GATEWAY_ID,
+                dst=PNE_ID,
+                pn_id=PN_ID,
+                status=ErrorCode.UPSTREAM_UNAVAILABLE,
+                members=(),
+            ),
+            "the PN GW could not reach the server: status only",
+        ),
+        message_json(
+            "pn_establishment_notify_tk",
+            PNEstablishmentNotify(
+                txid=INVITE_TXID,
+                src=GATEWAY_ID,
+                dst=PNE_ID_2,
+                pn_id=PN_ID,
+                status=ErrorCode.OK,
+                est_id=EST_ID,
+                confirm=_fill(0x77, 32),
+            ),
+            "TK flow: key confirmation instead of hash_server (values illustrative)",
+        ),
+    ]
+
+
 def _digest() -> dict[str, Any]:
     server = DigestServer(realm=REALM, nonce_key=DIGEST_NONCE_KEY)
     (challenge,) = server.challenge(now=NOW, rng=_Script(DIGEST_NONCE_RAND))
@@ -527,6 +993,7 @@ def build() -> dict[str, Any]:
     """Every vector, as the committed JSON holds it."""
     enrolment = _enrolment()
     assignment = _assignment()
+    establishment = _establishment()
     messages = [
         enrolment["request"],
         enrolment["response"],
@@ -534,6 +1001,9 @@ def build() -> dict[str, Any]:
         assignment["response"],
         assignment["notification"],
         assignment["ack"],
+        *establishment["messages"],
+        *establishment["local_auth"]["messages"],
+        *_tk_and_refusal_messages(),
         *_other_messages(),
     ]
     return {
@@ -544,6 +1014,7 @@ def build() -> dict[str, Any]:
         "primitives": _primitives(),
         "enrolment_004": enrolment,
         "assignment_003": assignment,
+        "establishment_002": establishment,
         "digest": _digest(),
     }
 

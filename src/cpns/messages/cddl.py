@@ -28,12 +28,19 @@ from cpns.messages.constants import (
     HeaderKey,
     MessageType,
 )
-from cpns.messages.model import MESSAGE_CLASSES, FieldSpec, KeyBundle, Record, specs
+from cpns.messages.model import (
+    MESSAGE_CLASSES,
+    NESTED_RECORDS,
+    FieldSpec,
+    KeyBundle,
+    Record,
+    specs,
+)
 
 __all__ = ["RECORD_CLASSES", "enum_comments", "render_cddl", "render_status_table", "rule_name"]
 
-#: Header-less records that travel inside sealed values, with their CDDL rule names.
-RECORD_CLASSES: tuple[type[Record], ...] = (KeyBundle,)
+#: Header-less records: those nested in messages, and those inside sealed values.
+RECORD_CLASSES: tuple[type[Record], ...] = (*NESTED_RECORDS, KeyBundle)
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
@@ -69,6 +76,11 @@ def _type_of(spec: FieldSpec) -> str:
             return "bool"
         case "bytes_list":
             return f"[{spec.lo}*{spec.hi} bstr .size 32]"
+        case "id_list":
+            return f"[{spec.lo}*{spec.hi} cpns-id]"
+        case "records":
+            assert spec.record is not None
+            return f"[{spec.lo}*{spec.hi} {rule_name(spec.record)}]"
     raise AssertionError(spec.kind)  # pragma: no cover - Kind is a closed Literal
 
 
@@ -126,7 +138,7 @@ def _message_rule(mtype: MessageType) -> list[str]:
         f"{name} = {{",
         f"  {int(HeaderKey.VERSION)} => {PROTOCOL_VERSION},  ; version",
         f"  {int(HeaderKey.TYPE)} => {int(mtype)},  ; {mtype.name}",
-        "  header,",
+        "  header-pn," if cls.PN_ID_REQUIRED else "  header,",
         f"  {int(HeaderKey.BODY)} => {name}-body,",
         "}",
         f"{name}-body = {{",
@@ -149,6 +161,15 @@ def render_cddl() -> str:
         f"  {int(HeaderKey.SOURCE)} => cpns-id,  ; source Entity ID",
         f"  {int(HeaderKey.DESTINATION)} => cpns-id,  ; destination Entity ID",
         f"  ? {int(HeaderKey.PN_ID)} => cpns-id,  ; PN ID",
+        f"  ? {int(HeaderKey.FLOW)} => flow-id,  ; flow (correlation) ID, not a security input",
+        ")",
+        "",
+        "; the header of a message whose PN ID is mandatory (PN Establishment)",
+        "header-pn = (",
+        f"  {int(HeaderKey.TXID)} => txid,",
+        f"  {int(HeaderKey.SOURCE)} => cpns-id,  ; source Entity ID",
+        f"  {int(HeaderKey.DESTINATION)} => cpns-id,  ; destination Entity ID",
+        f"  {int(HeaderKey.PN_ID)} => cpns-id,  ; PN ID",
         f"  ? {int(HeaderKey.FLOW)} => flow-id,  ; flow (correlation) ID, not a security input",
         ")",
         "",

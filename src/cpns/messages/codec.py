@@ -38,6 +38,7 @@ __all__ = [
     "encode",
     "encode_record",
     "peek_header",
+    "record_json",
     "to_json",
 ]
 
@@ -93,9 +94,12 @@ def _wire_value(spec: FieldSpec, value: object) -> object:
     if spec.kind == "enum":
         assert isinstance(value, IntEnum)
         return int(value)
-    if spec.kind == "bytes_list":
+    if spec.kind in ("bytes_list", "id_list"):
         assert isinstance(value, tuple)
         return list(value)
+    if spec.kind == "records":
+        assert isinstance(value, tuple)
+        return [_body_map(item) for item in value]
     return value
 
 
@@ -171,10 +175,18 @@ def _field_value(spec: FieldSpec, name: str, raw: object) -> object:
                 return spec.enum(raw)
             except ValueError:
                 raise DecodeError(f"{name}: unknown value {_show(raw)}") from None
-        case "bytes_list":
+        case "bytes_list" | "id_list":
             if type(raw) is not list:
                 raise DecodeError(f"{name}: expected an array")
             return tuple(raw)
+        case "records":
+            assert spec.record is not None
+            if type(raw) is not list:
+                raise DecodeError(f"{name}: expected an array")
+            if len(raw) > spec.hi:
+                raise DecodeError(f"{name}: more than {spec.hi} entries")
+            record = spec.record
+            return tuple(_build(record, _fields_from(record, item)) for item in raw)
         case _:
             return raw
 
@@ -293,8 +305,26 @@ def _json_value(spec: FieldSpec, value: object, reveal: bool) -> object:
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, tuple):
-        return [v.hex() if isinstance(v, bytes) else v for v in value]
+        return [_json_item(v, reveal) for v in value]
     return value
+
+
+def _json_item(value: object, reveal: bool) -> object:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, Record):
+        return record_json(value, reveal_secrets=reveal)
+    return value
+
+
+def record_json(record: Record, *, reveal_secrets: bool = False) -> dict[str, object]:
+    """The human view of a header-less record's fields (absent optional fields omitted)."""
+    out: dict[str, object] = {}
+    for name, spec in specs(type(record)):
+        value = getattr(record, name)
+        if value is not None:
+            out[name] = _json_value(spec, value, reveal_secrets)
+    return out
 
 
 def to_json(message: Message, *, reveal_secrets: bool = False) -> dict[str, object]:

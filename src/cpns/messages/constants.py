@@ -12,8 +12,11 @@ __all__ = [
     "MAX_ID_LEN",
     "MAX_MESSAGE_SIZE",
     "PROTOCOL_VERSION",
+    "EST_ID_LEN",
     "FLOW_LEN",
+    "MAX_PNES_PER_ESTABLISHMENT",
     "TXID_LEN",
+    "AuthFlow",
     "HeaderKey",
     "MessageType",
     "entity_id_problem",
@@ -28,6 +31,12 @@ TXID_LEN: Final = 16
 #: Flow (correlation) IDs are 8 random bytes chosen by the party that starts a flow; logs
 #: show them as 16 hex digits. Not a security input: nothing is decided on them.
 FLOW_LEN: Final = 8
+#: Establishment IDs are 16 random bytes chosen by the CPNS Server when it answers a PN GW's
+#: SETUP Request (the key of its pending state); a LocalEUKey authentication uses one drawn
+#: by the PN GW.
+EST_ID_LEN: Final = 16
+#: Most PNEs one PN Establishment carries (entries in each of its aggregated messages).
+MAX_PNES_PER_ESTABLISHMENT: Final = 64
 #: Longest Entity ID, User ID or PN ID, in characters.
 MAX_ID_LEN: Final = 128
 #: Entity, User and PN IDs on the wire (docs/architecture.md "Entity ID syntax"): 1..128
@@ -100,3 +109,41 @@ class MessageType(IntEnum):
     EUKEY_ASSIGNMENT_ACK = 23
     #: PNE announces itself on a PAN connection (ours: the PAN attach).
     PNE_HELLO = 30
+    #: SETUP Request, originating PNE -> PN GW (002 §7.5.4.1, PN Establishment).
+    PN_SETUP_REQUEST = 40
+    #: The PN GW's SETUP Request to an invited PNE (ours: the invitation, 002 §7.5.4.1).
+    PN_INVITE = 41
+    #: SETUP Response, invited PNE -> PN GW (002 §7.5.4.1).
+    PN_INVITE_RESPONSE = 42
+    #: SETUP Request, PN GW -> CPNS Server: every PNE ID and rand_PNE (002 §7.5.4.2).
+    PN_ESTABLISH_REQUEST = 43
+    #: AUTHENTICATE Request, CPNS Server -> PN GW: rand_server and per-PNE challenges
+    #: (002 §7.5.4.3).
+    AUTHENTICATE_REQUEST = 44
+    #: AUTHENTICATE Request, PN GW -> one PNE, created by the PN GW (002 §7.5.4.2).
+    PNE_AUTHENTICATE_REQUEST = 45
+    #: AUTHENTICATE Response, one PNE -> PN GW (002 §7.5.4.1).
+    PNE_AUTHENTICATE_RESPONSE = 46
+    #: AUTHENTICATE Response, PN GW -> CPNS Server: every PNE's proof (002 §7.5.4.2).
+    AUTHENTICATE_RESPONSE = 47
+    #: SETUP Response, CPNS Server -> PN GW: per-PNE results and hash_server (002 §7.5.4.3).
+    PN_ESTABLISH_RESPONSE = 48
+    #: SETUP Response, PN GW -> originating PNE (002 §7.5.4.2).
+    PN_SETUP_RESPONSE = 49
+    #: PNEstablishmentNotify, PN GW -> invited PNE (002 §7.5.4.2).
+    PN_ESTABLISHMENT_NOTIFY = 50
+    #: LocalEUKey authentication request, PNE -> PN GW (ours: the "7.5.5" the seeds cite).
+    LOCAL_AUTH_REQUEST = 51
+    #: LocalEUKey authentication response with the PN GW's hash, PN GW -> PNE (ours: "7.5.5").
+    LOCAL_AUTH_RESPONSE = 52
+
+
+class AuthFlow(IntEnum):
+    """How one PNE authenticates in a PN Establishment (values ours)."""
+
+    #: rand/hash mutual authentication with the PNE's EUKey (002 §7.5.4).
+    RAND_HASH = 1
+    #: TK-based mutual authentication with the TK ratchet and the EUKey chain (000 §7.5).
+    TK = 2
+    #: PNE <-> PN GW with the LocalEUKey, the PN GW in the server's part (ours: "7.5.5").
+    LOCAL = 3

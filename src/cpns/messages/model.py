@@ -18,11 +18,38 @@ from enum import IntEnum
 from typing import Any, ClassVar, Final, Literal
 
 from cpns.errors import ErrorCode
-from cpns.messages.constants import FLOW_LEN, ID_PATTERN, TXID_LEN, MessageType
+from cpns.messages.constants import (
+    EST_ID_LEN,
+    FLOW_LEN,
+    ID_PATTERN,
+    MAX_PNES_PER_ESTABLISHMENT,
+    TXID_LEN,
+    AuthFlow,
+    MessageType,
+)
 from cpns.types import EntityKind
 
 __all__ = [
     "MESSAGE_CLASSES",
+    "NESTED_RECORDS",
+    "AuthChallenge",
+    "AuthProof",
+    "AuthResult",
+    "AuthenticateRequest",
+    "AuthenticateResponse",
+    "LocalAuthRequest",
+    "LocalAuthResponse",
+    "MemberStatus",
+    "PNEAuthenticateRequest",
+    "PNEAuthenticateResponse",
+    "PNEstablishRequest",
+    "PNEstablishResponse",
+    "PNEstablishmentNotify",
+    "PNInvite",
+    "PNInviteResponse",
+    "PNSetupRequest",
+    "PNSetupResponse",
+    "SetupEntry",
     "EUKeyAssignmentAck",
     "EUKeyAssignmentNotification",
     "EUKeyAssignmentRequest",
@@ -37,7 +64,7 @@ __all__ = [
     "UserKeyAssignmentResponse",
 ]
 
-type Kind = Literal["bytes", "id", "int", "enum", "bool", "bytes_list"]
+type Kind = Literal["bytes", "id", "int", "enum", "bool", "bytes_list", "id_list", "records"]
 
 _MAX_BYTES = 16 * 1024
 #: A sealed KeyBundle of the longest chain the policy accepts (1024 EUKeys of 32 bytes,
@@ -58,6 +85,8 @@ class FieldSpec:
     enum: type[IntEnum] | None = None
     optional: bool = False
     secret: bool = False
+    #: The nested record class of a ``records`` field.
+    record: type[Record] | None = None
 
 
 def _f(spec: FieldSpec) -> Any:
@@ -107,6 +136,25 @@ def f_bytes_list(key: int, *, lo: int = 1, hi: int = 1024, secret: bool = False)
     return _f(FieldSpec(key, "bytes_list", lo, hi, secret=secret))
 
 
+def f_id_list(key: int, *, lo: int = 0, hi: int = MAX_PNES_PER_ESTABLISHMENT - 1) -> Any:
+    """A tuple of ``lo..hi`` Entity IDs."""
+    return _f(FieldSpec(key, "id_list", lo, hi))
+
+
+#: Kinds a record nested in a ``records`` field may use: scalars only, so a message stays
+#: within the codec's nesting limit (top map, body map, array, record map).
+_SCALAR_KINDS: Final = frozenset({"bytes", "id", "int", "enum", "bool"})
+
+
+def f_records(
+    key: int, record: type[Record], *, lo: int = 1, hi: int = MAX_PNES_PER_ESTABLISHMENT
+) -> Any:
+    """A tuple of ``lo..hi`` nested records of class ``record`` (scalar fields only)."""
+    if any(spec.kind not in _SCALAR_KINDS for _, spec in specs(record)):
+        raise TypeError(f"{record.__name__}: a nested record has scalar fields only")
+    return _f(FieldSpec(key, "records", lo, hi, record=record))
+
+
 def _check(spec: FieldSpec, name: str, value: object) -> None:
     """Raise ValueError unless ``value`` fits ``spec``."""
     if value is None:
@@ -137,6 +185,23 @@ def _check(spec: FieldSpec, name: str, value: object) -> None:
                 or any(type(v) is not bytes or len(v) != 32 for v in value)
             ):
                 raise ValueError(f"{name}: expected {spec.lo}..{spec.hi} 32-byte values")
+        case "id_list":
+            if (
+                type(value) is not tuple
+                or not spec.lo <= len(value) <= spec.hi
+                or any(type(v) is not str or ID_PATTERN.fullmatch(v) is None for v in value)
+            ):
+                raise ValueError(f"{name}: expected {spec.lo}..{spec.hi} identifiers")
+        case "records":
+            assert spec.record is not None
+            if (
+                type(value) is not tuple
+                or not spec.lo <= len(value) <= spec.hi
+                or any(type(v) is not spec.record for v in value)
+            ):
+                raise ValueError(
+                    f"{name}: expected {spec.lo}..{spec.hi} {spec.record.__name__} records"
+                )
 
 
 def specs(cls: type[Record]) -> tuple[tuple[str, FieldSpec], ...]:
@@ -182,6 +247,8 @@ class Message(Record):
     """
 
     TYPE: ClassVar[MessageType]
+    #: Whether the header's PN ID must be present (PN Establishment messages).
+    PN_ID_REQUIRED: ClassVar[bool] = False
 
     #: Transaction ID: 16 random bytes chosen by the initiator, echoed in every reply.
     txid: bytes
@@ -209,6 +276,8 @@ class Message(Record):
             type(self.pn_id) is not str or ID_PATTERN.fullmatch(self.pn_id) is None
         ):
             raise ValueError("pn_id: not a valid identifier")
+        if self.PN_ID_REQUIRED and self.pn_id is None:
+            raise ValueError("pn_id is required")
         Record.__post_init__(self)
 
 
@@ -354,6 +423,297 @@ class PNEHello(Message):
     key_index: int = f_int(2, lo=0, hi=1024)
 
 
+# -- 002 §7.5.4 and 000 §7.5: PN Establishment with mutual authentication -------------------
+
+#: Largest TK ratchet step on the wire (000: the step travels in the messages).
+_MAX_TK_STEP: Final = 2**32 - 1
+#: Largest EUKey chain index (the chain of 003 has at most 1024 keys).
+_MAX_KEY_INDEX: Final = 1024
+#: Largest sealed key (a 32-byte key sealed is 61 bytes; room for longer keys).
+_MAX_SEALED_KEY: Final = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetupEntry(Record):
+    """One PNE in the PN GW's SETUP Request: "PNE ID(s) and rand_PNE(s)" (002 §7.5.4.2)."""
+
+    #: PNE Entity ID.
+    pne_id: str = f_id(1)
+    #: rand_PNE, 32 random bytes chosen by the PNE (002 §7.5.4.1).
+    rand_pne: bytes = f_bytes(2, size=32)
+    #: Whether the PNE needs a LocalEUKey assignment (002 §7.5.4.1).
+    local_eukey: bool = f_bool(3)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthChallenge(Record):
+    """One PNE in the server's AUTHENTICATE Request (002 §7.5.4.3, 000 §7.5.3)."""
+
+    #: PNE Entity ID.
+    pne_id: str = f_id(1)
+    #: OK, or why the server refused this PNE (it is then left out of the rest).
+    status: ErrorCode = f_enum(2, ErrorCode)
+    #: The flow the server chose for this PNE (present on OK).
+    flow: AuthFlow | None = f_enum(3, AuthFlow, optional=True)
+    #: The PN GW's copy of this PNE's LocalEUKey, sealed under the PN GW's EUKey.
+    sealed_local_gw: bytes | None = f_bytes(4, hi=_MAX_SEALED_KEY, optional=True, secret=True)
+    #: The PNE's copy of its LocalEUKey, sealed under the PNE's EUKey.
+    sealed_local_pne: bytes | None = f_bytes(5, hi=_MAX_SEALED_KEY, optional=True, secret=True)
+    #: AN = MAC(TK_t, ...) (TK flow, 000 §7.5.3 step 2).
+    an: bytes | None = f_bytes(6, size=32, optional=True)
+    #: The TK ratchet step t the challenge is made at (TK flow).
+    tk_step: int | None = f_int(7, lo=0, hi=_MAX_TK_STEP, optional=True)
+    #: Index i of the EUKey the PNE must prove (TK flow).
+    key_index: int | None = f_int(8, lo=1, hi=_MAX_KEY_INDEX, optional=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthProof(Record):
+    """One PNE in the PN GW's aggregated AUTHENTICATE Response (002 §7.5.4.2)."""
+
+    #: PNE Entity ID.
+    pne_id: str = f_id(1)
+    #: OK, or the PN GW's verdict for this PNE (TIMEOUT: no answer; AUTHENTICATION_FAILED:
+    #: the PNE refused the server).
+    status: ErrorCode = f_enum(2, ErrorCode)
+    #: hash_PNE (RAND_HASH flow).
+    hash_pne: bytes | None = f_bytes(3, size=32, optional=True)
+    #: E_TK(EUKey_i), the PNE's current EUKey sealed under TK_t (TK flow).
+    sealed_eukey: bytes | None = f_bytes(4, hi=_MAX_SEALED_KEY, optional=True, secret=True)
+    #: The index i the PNE proved (TK flow).
+    key_index: int | None = f_int(5, lo=1, hi=_MAX_KEY_INDEX, optional=True)
+    #: The TK step t the PNE answered at (TK flow).
+    tk_step: int | None = f_int(6, lo=0, hi=_MAX_TK_STEP, optional=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthResult(Record):
+    """One PNE in the server's SETUP Response (002 §7.5.4.3, 000 §7.5.3)."""
+
+    #: PNE Entity ID.
+    pne_id: str = f_id(1)
+    #: OK (the PNE joined the PN) or why it did not.
+    status: ErrorCode = f_enum(2, ErrorCode)
+    #: The flow the PNE used (absent when it was refused before a flow was chosen).
+    flow: AuthFlow | None = f_enum(3, AuthFlow, optional=True)
+    #: hash_server for this PNE (RAND_HASH flow, on OK).
+    hash_server: bytes | None = f_bytes(4, size=32, optional=True)
+    #: Key confirmation MAC(SK, ...) for this PNE (TK flow, on OK).
+    confirm: bytes | None = f_bytes(5, size=32, optional=True)
+    #: The PNE's EUKey chain is exhausted or stale: the PN GW triggers a 003 re-assignment.
+    reassign: bool = f_bool(6)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberStatus(Record):
+    """One PNE's outcome as the originating PNE sees it in its SETUP Response."""
+
+    #: PNE Entity ID.
+    pne_id: str = f_id(1)
+    #: OK (joined) or why not.
+    status: ErrorCode = f_enum(2, ErrorCode)
+    #: The flow it used (absent when refused before a flow was chosen).
+    flow: AuthFlow | None = f_enum(3, AuthFlow, optional=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNSetupRequest(Message):
+    """SETUP Request from the originating PNE (002 §7.5.4.1): PNE ID (``src``), rand_PNE,
+    whether it needs a LocalEUKey, and the PNEs it invites. The PN ID is in the header."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PN_SETUP_REQUEST
+    PN_ID_REQUIRED: ClassVar[bool] = True
+
+    #: rand_PNE, 32 random bytes.
+    rand_pne: bytes = f_bytes(1, size=32)
+    #: Whether the PNE needs a LocalEUKey.
+    local_eukey: bool = f_bool(2)
+    #: Entity IDs of the PNEs invited into the PN (0..63).
+    invite: tuple[str, ...] = f_id_list(3)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNInvite(Message):
+    """The PN GW's SETUP Request to an invited PNE (its answer is the PNE's SETUP Response)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PN_INVITE
+    PN_ID_REQUIRED: ClassVar[bool] = True
+
+    #: Entity ID of the originating PNE.
+    originator: str = f_id(1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNInviteResponse(Message):
+    """SETUP Response from an invited PNE (002 §7.5.4.1): rand_PNE and the LocalEUKey need."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PN_INVITE_RESPONSE
+
+    #: OK (the PNE joins), or why it declines.
+    status: ErrorCode = f_enum(1, ErrorCode)
+    #: rand_PNE (present on OK).
+    rand_pne: bytes | None = f_bytes(2, size=32, optional=True)
+    #: Whether the PNE needs a LocalEUKey.
+    local_eukey: bool = f_bool(3)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNEstablishRequest(Message):
+    """The PN GW's SETUP Request to the server with every PNE ID and rand_PNE (002 §7.5.4.2)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PN_ESTABLISH_REQUEST
+    PN_ID_REQUIRED: ClassVar[bool] = True
+
+    #: One entry per PNE, the originating PNE first.
+    entries: tuple[SetupEntry, ...] = f_records(1, SetupEntry)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthenticateRequest(Message):
+    """The server's AUTHENTICATE Request (002 §7.5.4.3, 000 §7.5.3): rand_server, one
+    challenge per PNE, LocalEUKey copies."""
+
+    TYPE: ClassVar[MessageType] = MessageType.AUTHENTICATE_REQUEST
+
+    #: OK, or why the whole request was refused (then nothing else but ``entries`` = ()).
+    status: ErrorCode = f_enum(1, ErrorCode)
+    #: The establishment's ID, chosen by the server (present on OK).
+    est_id: bytes | None = f_bytes(2, size=EST_ID_LEN, optional=True)
+    #: rand_server, one per establishment (present on OK).
+    rand_server: bytes | None = f_bytes(3, size=32, optional=True)
+    #: One challenge (or refusal) per PNE of the request, in its order.
+    entries: tuple[AuthChallenge, ...] = f_records(4, AuthChallenge, lo=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNEAuthenticateRequest(Message):
+    """The AUTHENTICATE Request the PN GW creates for one PNE (002 §7.5.4.2, 000 §7.5.2)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PNE_AUTHENTICATE_REQUEST
+
+    #: The establishment's ID (for LOCAL: the PN GW's ID of the local authentication).
+    est_id: bytes = f_bytes(1, size=EST_ID_LEN)
+    #: Which flow the PNE must answer (``auth_flow``: the header's ``flow`` is the
+    #: correlation ID).
+    auth_flow: AuthFlow = f_enum(2, AuthFlow)
+    #: rand_server (for LOCAL: the PN GW's random value).
+    rand_server: bytes = f_bytes(3, size=32)
+    #: The PNE's copy of its LocalEUKey, sealed under its EUKey by the server.
+    sealed_local_eukey: bytes | None = f_bytes(4, hi=_MAX_SEALED_KEY, optional=True, secret=True)
+    #: AN (TK flow).
+    an: bytes | None = f_bytes(5, size=32, optional=True)
+    #: TK step t of the challenge (TK flow).
+    tk_step: int | None = f_int(6, lo=0, hi=_MAX_TK_STEP, optional=True)
+    #: Index i of the EUKey the PNE must prove (TK flow).
+    key_index: int | None = f_int(7, lo=1, hi=_MAX_KEY_INDEX, optional=True)
+    #: E_TK(EUKey_{i+1}) sealed by the PN GW (TK flow; absent when the chain is exhausted).
+    sealed_next_eukey: bytes | None = f_bytes(8, hi=_MAX_SEALED_KEY, optional=True, secret=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNEAuthenticateResponse(Message):
+    """One PNE's AUTHENTICATE Response (002 §7.5.4.1, 000 §7.5.1)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PNE_AUTHENTICATE_RESPONSE
+
+    #: The establishment's ID, echoed.
+    est_id: bytes = f_bytes(1, size=EST_ID_LEN)
+    #: OK, or why the PNE refused (AUTHENTICATION_FAILED: AN or seal did not verify).
+    status: ErrorCode = f_enum(2, ErrorCode)
+    #: hash_PNE (RAND_HASH and LOCAL flows, on OK).
+    hash_pne: bytes | None = f_bytes(3, size=32, optional=True)
+    #: E_TK(EUKey_i) (TK flow, on OK).
+    sealed_eukey: bytes | None = f_bytes(4, hi=_MAX_SEALED_KEY, optional=True, secret=True)
+    #: The index i proved (TK flow).
+    key_index: int | None = f_int(5, lo=1, hi=_MAX_KEY_INDEX, optional=True)
+    #: The TK step t answered at (TK flow).
+    tk_step: int | None = f_int(6, lo=0, hi=_MAX_TK_STEP, optional=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthenticateResponse(Message):
+    """The PN GW's aggregated AUTHENTICATE Response: every PNE ID and proof (002 §7.5.4.2)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.AUTHENTICATE_RESPONSE
+
+    #: The establishment's ID, echoed.
+    est_id: bytes = f_bytes(1, size=EST_ID_LEN)
+    #: One proof or verdict per PNE the server challenged.
+    entries: tuple[AuthProof, ...] = f_records(2, AuthProof)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNEstablishResponse(Message):
+    """The server's SETUP Response (002 §7.5.4.3): per-PNE results and hash_server."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PN_ESTABLISH_RESPONSE
+
+    #: OK if at least one PNE joined; else AUTHENTICATION_FAILED, or why the whole
+    #: response was refused (UNKNOWN_ESTABLISHMENT).
+    status: ErrorCode = f_enum(1, ErrorCode)
+    #: The establishment's ID, echoed.
+    est_id: bytes = f_bytes(2, size=EST_ID_LEN)
+    #: One result per PNE of the establishment.
+    entries: tuple[AuthResult, ...] = f_records(3, AuthResult, lo=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNSetupResponse(Message):
+    """SETUP Response to the originating PNE (002 §7.5.4.2): its hash_server and who joined."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PN_SETUP_RESPONSE
+
+    #: The originating PNE's own outcome.
+    status: ErrorCode = f_enum(1, ErrorCode)
+    #: The establishment's ID (absent when refused before the server named it).
+    est_id: bytes | None = f_bytes(2, size=EST_ID_LEN, optional=True)
+    #: hash_server for the originating PNE (RAND_HASH flow, on OK).
+    hash_server: bytes | None = f_bytes(3, size=32, optional=True)
+    #: Every PNE of the establishment and its outcome.
+    members: tuple[MemberStatus, ...] = f_records(4, MemberStatus, lo=0)
+    #: Key confirmation for the originating PNE (TK flow, on OK).
+    confirm: bytes | None = f_bytes(5, size=32, optional=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNEstablishmentNotify(Message):
+    """PNEstablishmentNotify to an invited PNE (002 §7.5.4.2): its outcome and hash_server."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PN_ESTABLISHMENT_NOTIFY
+
+    #: The invited PNE's own outcome.
+    status: ErrorCode = f_enum(1, ErrorCode)
+    #: The establishment's ID (absent when refused before the server named it).
+    est_id: bytes | None = f_bytes(2, size=EST_ID_LEN, optional=True)
+    #: hash_server for this PNE (RAND_HASH flow, on OK).
+    hash_server: bytes | None = f_bytes(3, size=32, optional=True)
+    #: Key confirmation for this PNE (TK flow, on OK).
+    confirm: bytes | None = f_bytes(4, size=32, optional=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalAuthRequest(Message):
+    """A PNE starts LocalEUKey authentication with its PN GW (ours: "7.5.5")."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LOCAL_AUTH_REQUEST
+    PN_ID_REQUIRED: ClassVar[bool] = True
+
+    #: rand_PNE, 32 random bytes.
+    rand_pne: bytes = f_bytes(1, size=32)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalAuthResponse(Message):
+    """The PN GW's verdict and hash (the server's part of "7.5.5", played by the PN GW)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LOCAL_AUTH_RESPONSE
+
+    #: OK, or AUTHENTICATION_FAILED.
+    status: ErrorCode = f_enum(1, ErrorCode)
+    #: The PN GW's hash (hash_server of the local exchange), on OK.
+    hash_server: bytes | None = f_bytes(2, size=32, optional=True)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorMessage(Message):
     """Generic error reply, for a message that could not be decoded or accepted."""
@@ -376,5 +736,27 @@ MESSAGE_CLASSES: Final[Mapping[MessageType, type[Message]]] = {
         EUKeyAssignmentNotification,
         EUKeyAssignmentAck,
         PNEHello,
+        PNSetupRequest,
+        PNInvite,
+        PNInviteResponse,
+        PNEstablishRequest,
+        AuthenticateRequest,
+        PNEAuthenticateRequest,
+        PNEAuthenticateResponse,
+        AuthenticateResponse,
+        PNEstablishResponse,
+        PNSetupResponse,
+        PNEstablishmentNotify,
+        LocalAuthRequest,
+        LocalAuthResponse,
     )
 }
+
+#: Records that travel nested in a message's ``records`` field.
+NESTED_RECORDS: Final[tuple[type[Record], ...]] = (
+    SetupEntry,
+    AuthChallenge,
+    AuthProof,
+    AuthResult,
+    MemberStatus,
+)

@@ -12,18 +12,44 @@ import cbor2
 import pytest
 
 from cpns.errors import DecodeError, ErrorCode
-from cpns.messages.codec import decode, decode_record, encode, encode_record, to_json
-from cpns.messages.constants import MAX_MESSAGE_SIZE, HeaderKey, MessageType
+from cpns.messages.codec import (
+    decode,
+    decode_record,
+    encode,
+    encode_record,
+    record_json,
+    to_json,
+)
+from cpns.messages.constants import MAX_MESSAGE_SIZE, AuthFlow, HeaderKey, MessageType
 from cpns.messages.model import (
     MESSAGE_CLASSES,
+    NESTED_RECORDS,
+    AuthChallenge,
+    AuthenticateRequest,
+    AuthenticateResponse,
+    AuthProof,
+    AuthResult,
     ErrorMessage,
     EUKeyAssignmentAck,
     EUKeyAssignmentNotification,
     EUKeyAssignmentRequest,
     EUKeyAssignmentResponse,
     KeyBundle,
+    LocalAuthRequest,
+    LocalAuthResponse,
+    MemberStatus,
     Message,
+    PNEAuthenticateRequest,
+    PNEAuthenticateResponse,
     PNEHello,
+    PNEstablishmentNotify,
+    PNEstablishRequest,
+    PNEstablishResponse,
+    PNInvite,
+    PNInviteResponse,
+    PNSetupRequest,
+    PNSetupResponse,
+    SetupEntry,
     UserKeyAssignmentRequest,
     UserKeyAssignmentResponse,
     specs,
@@ -31,6 +57,8 @@ from cpns.messages.model import (
 from cpns.types import EntityKind
 
 TXID = bytes(range(16))
+#: Fixed field values of the PN Establishment goldens: a rand, an est_id, a hash, a seal.
+R, E, H, S = b"\x11" * 32, b"\x22" * 16, b"\x33" * 32, b"\x44" * 61
 
 # -- golden bytes -------------------------------------------------------------------------
 #
@@ -229,6 +257,252 @@ GOLDEN: list[tuple[str, Message, str, dict[int, Any]]] = [
         "0200",
         {0: 1, 1: 30, 2: TXID, 3: "pne-1", 4: "gw-alice", 6: {1: False, 2: 0}},
     ),
+    (
+        "pn-setup-request",
+        PNSetupRequest(
+            txid=TXID,
+            src="pne-1",
+            dst="gw-alice",
+            pn_id="pn-1",
+            rand_pne=R,
+            local_eukey=True,
+            invite=("pne-2", "pne-3"),
+        ),
+        "a700010118280250000102030405060708090a0b0c0d0e0f0365706e652d31046867772d616c696365056470"
+        "6e2d3106a3015820111111111111111111111111111111111111111111111111111111111111111102f50382"
+        "65706e652d3265706e652d33",
+        {
+            0: 1,
+            1: 40,
+            2: TXID,
+            3: "pne-1",
+            4: "gw-alice",
+            5: "pn-1",
+            6: {1: R, 2: True, 3: ["pne-2", "pne-3"]},
+        },
+    ),
+    (
+        "pn-invite",
+        PNInvite(txid=TXID, src="gw-alice", dst="pne-2", pn_id="pn-1", originator="pne-1"),
+        "a700010118290250000102030405060708090a0b0c0d0e0f036867772d616c6963650465706e652d32056470"
+        "6e2d3106a10165706e652d31",
+        {0: 1, 1: 41, 2: TXID, 3: "gw-alice", 4: "pne-2", 5: "pn-1", 6: {1: "pne-1"}},
+    ),
+    (
+        "pn-invite-response",
+        PNInviteResponse(
+            txid=TXID,
+            src="pne-2",
+            dst="gw-alice",
+            status=ErrorCode.OK,
+            rand_pne=R,
+            local_eukey=False,
+        ),
+        "a6000101182a0250000102030405060708090a0b0c0d0e0f0365706e652d32046867772d616c69636506a301"
+        "00025820111111111111111111111111111111111111111111111111111111111111111103f4",
+        {0: 1, 1: 42, 2: TXID, 3: "pne-2", 4: "gw-alice", 6: {1: 0, 2: R, 3: False}},
+    ),
+    (
+        "pn-establish-request",
+        PNEstablishRequest(
+            txid=TXID,
+            src="gw-alice",
+            dst="cpns-server",
+            pn_id="pn-1",
+            entries=(SetupEntry(pne_id="pne-1", rand_pne=R, local_eukey=True),),
+        ),
+        "a7000101182b0250000102030405060708090a0b0c0d0e0f036867772d616c696365046b63706e732d736572"
+        "7665720564706e2d3106a10181a30165706e652d310258201111111111111111111111111111111111111111"
+        "11111111111111111111111103f5",
+        {
+            0: 1,
+            1: 43,
+            2: TXID,
+            3: "gw-alice",
+            4: "cpns-server",
+            5: "pn-1",
+            6: {1: [{1: "pne-1", 2: R, 3: True}]},
+        },
+    ),
+    (
+        "authenticate-request",
+        AuthenticateRequest(
+            txid=TXID,
+            src="cpns-server",
+            dst="gw-alice",
+            status=ErrorCode.OK,
+            est_id=E,
+            rand_server=R,
+            entries=(
+                AuthChallenge(
+                    pne_id="pne-1",
+                    status=ErrorCode.OK,
+                    flow=AuthFlow.RAND_HASH,
+                    sealed_local_gw=S,
+                    sealed_local_pne=S,
+                ),
+                AuthChallenge(pne_id="pne-2", status=ErrorCode.DUPLICATE_PNE),
+            ),
+        ),
+        "a6000101182c0250000102030405060708090a0b0c0d0e0f036b63706e732d736572766572046867772d616c"
+        "69636506a4010002502222222222222222222222222222222203582011111111111111111111111111111111"
+        "111111111111111111111111111111110482a50165706e652d310200030104583d4444444444444444444444"
+        "4444444444444444444444444444444444444444444444444444444444444444444444444444444444444444"
+        "44444444444405583d4444444444444444444444444444444444444444444444444444444444444444444444"
+        "4444444444444444444444444444444444444444444444444444a20165706e652d3202190135",
+        {
+            0: 1,
+            1: 44,
+            2: TXID,
+            3: "cpns-server",
+            4: "gw-alice",
+            6: {1: 0, 2: E, 3: R, 4: [{1: "pne-1", 2: 0, 3: 1, 4: S, 5: S}, {1: "pne-2", 2: 309}]},
+        },
+    ),
+    (
+        "pne-authenticate-request",
+        PNEAuthenticateRequest(
+            txid=TXID,
+            src="gw-alice",
+            dst="pne-1",
+            est_id=E,
+            auth_flow=AuthFlow.TK,
+            rand_server=R,
+            an=H,
+            tk_step=0,
+            key_index=1,
+            sealed_next_eukey=S,
+        ),
+        "a6000101182d0250000102030405060708090a0b0c0d0e0f036867772d616c6963650465706e652d3106a701"
+        "5022222222222222222222222222222222020203582011111111111111111111111111111111111111111111"
+        "1111111111111111111105582033333333333333333333333333333333333333333333333333333333333333"
+        "330600070108583d444444444444444444444444444444444444444444444444444444444444444444444444"
+        "44444444444444444444444444444444444444444444444444",
+        {
+            0: 1,
+            1: 45,
+            2: TXID,
+            3: "gw-alice",
+            4: "pne-1",
+            6: {1: E, 2: 2, 3: R, 5: H, 6: 0, 7: 1, 8: S},
+        },
+    ),
+    (
+        "pne-authenticate-response",
+        PNEAuthenticateResponse(
+            txid=TXID, src="pne-1", dst="gw-alice", est_id=E, status=ErrorCode.OK, hash_pne=H
+        ),
+        "a6000101182e0250000102030405060708090a0b0c0d0e0f0365706e652d31046867772d616c69636506a301"
+        "5022222222222222222222222222222222020003582033333333333333333333333333333333333333333333"
+        "33333333333333333333",
+        {0: 1, 1: 46, 2: TXID, 3: "pne-1", 4: "gw-alice", 6: {1: E, 2: 0, 3: H}},
+    ),
+    (
+        "authenticate-response",
+        AuthenticateResponse(
+            txid=TXID,
+            src="gw-alice",
+            dst="cpns-server",
+            est_id=E,
+            entries=(
+                AuthProof(pne_id="pne-1", status=ErrorCode.OK, hash_pne=H),
+                AuthProof(pne_id="pne-2", status=ErrorCode.TIMEOUT),
+            ),
+        ),
+        "a6000101182f0250000102030405060708090a0b0c0d0e0f036867772d616c696365046b63706e732d736572"
+        "76657206a20150222222222222222222222222222222220282a30165706e652d310200035820333333333333"
+        "3333333333333333333333333333333333333333333333333333a20165706e652d32021901f8",
+        {
+            0: 1,
+            1: 47,
+            2: TXID,
+            3: "gw-alice",
+            4: "cpns-server",
+            6: {1: E, 2: [{1: "pne-1", 2: 0, 3: H}, {1: "pne-2", 2: 504}]},
+        },
+    ),
+    (
+        "pn-establish-response",
+        PNEstablishResponse(
+            txid=TXID,
+            src="cpns-server",
+            dst="gw-alice",
+            status=ErrorCode.OK,
+            est_id=E,
+            entries=(
+                AuthResult(
+                    pne_id="pne-1",
+                    status=ErrorCode.OK,
+                    flow=AuthFlow.RAND_HASH,
+                    hash_server=H,
+                    reassign=False,
+                ),
+            ),
+        ),
+        "a600010118300250000102030405060708090a0b0c0d0e0f036b63706e732d736572766572046867772d616c"
+        "69636506a301000250222222222222222222222222222222220381a50165706e652d31020003010458203333"
+        "33333333333333333333333333333333333333333333333333333333333306f4",
+        {
+            0: 1,
+            1: 48,
+            2: TXID,
+            3: "cpns-server",
+            4: "gw-alice",
+            6: {1: 0, 2: E, 3: [{1: "pne-1", 2: 0, 3: 1, 4: H, 6: False}]},
+        },
+    ),
+    (
+        "pn-setup-response",
+        PNSetupResponse(
+            txid=TXID,
+            src="gw-alice",
+            dst="pne-1",
+            status=ErrorCode.OK,
+            est_id=E,
+            hash_server=H,
+            members=(
+                MemberStatus(pne_id="pne-1", status=ErrorCode.OK, flow=AuthFlow.RAND_HASH),
+                MemberStatus(pne_id="pne-2", status=ErrorCode.POLICY_DENIED),
+            ),
+        ),
+        "a600010118310250000102030405060708090a0b0c0d0e0f036867772d616c6963650465706e652d3106a401"
+        "0002502222222222222222222222222222222203582033333333333333333333333333333333333333333333"
+        "333333333333333333330482a30165706e652d3102000301a20165706e652d3202190134",
+        {
+            0: 1,
+            1: 49,
+            2: TXID,
+            3: "gw-alice",
+            4: "pne-1",
+            6: {1: 0, 2: E, 3: H, 4: [{1: "pne-1", 2: 0, 3: 1}, {1: "pne-2", 2: 308}]},
+        },
+    ),
+    (
+        "pn-establishment-notify",
+        PNEstablishmentNotify(
+            txid=TXID, src="gw-alice", dst="pne-2", status=ErrorCode.OK, est_id=E, confirm=H
+        ),
+        "a600010118320250000102030405060708090a0b0c0d0e0f036867772d616c6963650465706e652d3206a301"
+        "0002502222222222222222222222222222222204582033333333333333333333333333333333333333333333"
+        "33333333333333333333",
+        {0: 1, 1: 50, 2: TXID, 3: "gw-alice", 4: "pne-2", 6: {1: 0, 2: E, 4: H}},
+    ),
+    (
+        "local-auth-request",
+        LocalAuthRequest(txid=TXID, src="pne-1", dst="gw-alice", pn_id="pn-1", rand_pne=R),
+        "a700010118330250000102030405060708090a0b0c0d0e0f0365706e652d31046867772d616c696365056470"
+        "6e2d3106a10158201111111111111111111111111111111111111111111111111111111111111111",
+        {0: 1, 1: 51, 2: TXID, 3: "pne-1", 4: "gw-alice", 5: "pn-1", 6: {1: R}},
+    ),
+    (
+        "local-auth-response",
+        LocalAuthResponse(
+            txid=TXID, src="gw-alice", dst="pne-1", status=ErrorCode.OK, hash_server=H
+        ),
+        "a600010118340250000102030405060708090a0b0c0d0e0f036867772d616c6963650465706e652d3106a201"
+        "000258203333333333333333333333333333333333333333333333333333333333333333",
+        {0: 1, 1: 52, 2: TXID, 3: "gw-alice", 4: "pne-1", 6: {1: 0, 2: H}},
+    ),
 ]
 
 BUNDLE = KeyBundle(tk=bytes(range(16)), eukeys=(b"\xaa" * 32, b"\xbb" * 32), epoch=1)
@@ -325,6 +599,10 @@ SECRET_FIELDS = {
     EUKeyAssignmentRequest: {"auth_data", "claim_proof"},
     EUKeyAssignmentResponse: {"sealed_bundle"},
     EUKeyAssignmentNotification: {"sealed_eukey"},
+    PNEAuthenticateRequest: {"sealed_local_eukey", "sealed_next_eukey"},
+    PNEAuthenticateResponse: {"sealed_eukey"},
+    AuthChallenge: {"sealed_local_gw", "sealed_local_pne"},
+    AuthProof: {"sealed_eukey"},
 }
 
 
@@ -335,6 +613,27 @@ def test_secret_fields_are_the_expected_ones() -> None:
         declared = {name for name, spec in specs(cls) if spec.secret}
         assert declared == SECRET_FIELDS.get(cls, set()), cls.__name__
     assert {name for name, spec in specs(KeyBundle) if spec.secret} == {"tk", "eukeys"}
+    for record in NESTED_RECORDS:
+        declared = {name for name, spec in specs(record) if spec.secret}
+        assert declared == SECRET_FIELDS.get(record, set()), record.__name__
+
+
+def test_sealed_values_nested_in_records_are_redacted_and_hidden_from_repr() -> None:
+    """STYLE §3/§4: a sealed LocalEUKey copy inside an AUTHENTICATE Request entry is
+    redacted in the JSON view unless asked for, and never in repr."""
+    message = next(m for name, m, _, _ in GOLDEN if name == "authenticate-request")
+    assert isinstance(message, AuthenticateRequest)
+    view = to_json(message)
+    entries = view["entries"]
+    assert isinstance(entries, list)
+    assert entries[0]["sealed_local_gw"] == "<redacted>"
+    assert entries[0]["flow"] == "RAND_HASH"
+    assert entries[1] == {"pne_id": "pne-2", "status": "DUPLICATE_PNE"}
+    shown = to_json(message, reveal_secrets=True)["entries"]
+    assert isinstance(shown, list)
+    assert shown[0]["sealed_local_pne"] == S.hex()
+    assert S.hex() not in repr(message)
+    assert repr(S) not in repr(message)
 
 
 @pytest.mark.parametrize("message", [m for _, m, _, _ in GOLDEN], ids=[g[0] for g in GOLDEN])
@@ -362,6 +661,10 @@ def test_to_json_redacts_secrets(message: Message) -> None:
             assert view[name] == value.hex()
         elif spec.kind == "enum":
             assert view[name] == value.name
+        elif spec.kind == "id_list":
+            assert view[name] == list(value)
+        elif spec.kind == "records":
+            assert view[name] == [record_json(r) for r in value]
         else:
             assert view[name] == value
 
@@ -914,3 +1217,117 @@ def test_an_unexpected_failure_inside_the_decoder_is_a_decode_error(
         decode(VALID)
     with pytest.raises(DecodeError, match="RuntimeError"):
         decode_record(KeyBundle, cbor2.dumps({1: 1}))
+
+
+# -- nested records and ID lists (PN Establishment) --------------------------------------------
+
+
+def _golden_layout(name: str) -> dict[int, Any]:
+    return next(lay for n, _, _, lay in GOLDEN if n == name)
+
+
+def _with_body(layout: dict[int, Any], **changes: Any) -> bytes:
+    body = dict(layout[6])
+    for key, value in changes.items():
+        k = int(key.lstrip("k"))
+        if value is None:
+            body.pop(k, None)
+        else:
+            body[k] = value
+    return cbor2.dumps({**layout, 6: body}, canonical=True)
+
+
+_CHALLENGE = {1: "pne-1", 2: 0, 3: 1}
+_SETUP_ENTRY = {1: "pne-1", 2: R, 3: True}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # an entry that is not a map, an entry with an unknown key, a missing key
+        _with_body(_golden_layout("authenticate-request"), k4=[1]),
+        _with_body(_golden_layout("authenticate-request"), k4=[{**_CHALLENGE, 9: 1}]),
+        _with_body(_golden_layout("authenticate-request"), k4=[{1: "pne-1"}]),
+        # an unknown flow, a status not in the table, a bad ID inside an entry
+        _with_body(_golden_layout("authenticate-request"), k4=[{**_CHALLENGE, 3: 9}]),
+        _with_body(_golden_layout("authenticate-request"), k4=[{**_CHALLENGE, 2: 307}]),
+        _with_body(_golden_layout("authenticate-request"), k4=[{**_CHALLENGE, 1: "a b"}]),
+        # a nested array inside an entry: deeper than the codec reads
+        _with_body(_golden_layout("authenticate-request"), k4=[{**_CHALLENGE, 4: [b"x"]}]),
+        # entries: not an array; empty where 1..64 are required; 65 entries
+        _with_body(_golden_layout("pn-establish-request"), k1={1: _SETUP_ENTRY}),
+        _with_body(_golden_layout("pn-establish-request"), k1=[]),
+        _with_body(_golden_layout("pn-establish-request"), k1=[_SETUP_ENTRY] * 65),
+        # the invite list: a non-ID, 64 IDs (at most 63), not an array
+        _with_body(_golden_layout("pn-setup-request"), k3=["ok", "not an id"]),
+        _with_body(_golden_layout("pn-setup-request"), k3=["pne-2"] * 64),
+        _with_body(_golden_layout("pn-setup-request"), k3="pne-2"),
+        # a message whose PN ID is mandatory, without it
+        cbor2.dumps({k: v for k, v in _golden_layout("pn-setup-request").items() if k != 5}),
+        cbor2.dumps({k: v for k, v in _golden_layout("local-auth-request").items() if k != 5}),
+    ],
+    ids=[
+        "entry-not-map",
+        "entry-unknown-key",
+        "entry-missing-key",
+        "entry-unknown-flow",
+        "entry-unknown-status",
+        "entry-bad-id",
+        "entry-too-deep",
+        "entries-not-array",
+        "entries-empty",
+        "entries-65",
+        "invite-bad-id",
+        "invite-64",
+        "invite-not-array",
+        "pn-id-missing",
+        "local-pn-id-missing",
+    ],
+)
+def test_establishment_decode_failures(data: bytes) -> None:
+    """docs/wire.md section 2.2 applies inside nested records: every fault in an entry or
+    an ID list refuses the whole message with MALFORMED_MESSAGE (002 §7.5.4 messages)."""
+    with pytest.raises(DecodeError) as info:
+        decode(data)
+    assert info.value.code is ErrorCode.MALFORMED_MESSAGE
+
+
+def test_establishment_boundaries_decode() -> None:
+    """64 entries and 63 invited PNEs are the largest legal lists (pn-design: at most 64
+    PNEs per establishment); an AUTHENTICATE Request may carry no entry (a refusal)."""
+    full = _with_body(_golden_layout("pn-establish-request"), k1=[_SETUP_ENTRY] * 64)
+    message = decode(full)
+    assert isinstance(message, PNEstablishRequest)
+    assert len(message.entries) == 64
+    assert encode(message) == full
+    invite = decode(_with_body(_golden_layout("pn-setup-request"), k3=["pne-2"] * 63))
+    assert isinstance(invite, PNSetupRequest)
+    assert len(invite.invite) == 63
+    refusal = decode(
+        _with_body(
+            _golden_layout("authenticate-request"),
+            k1=int(ErrorCode.UNKNOWN_ENTITY),
+            k2=None,
+            k3=None,
+            k4=[],
+        )
+    )
+    assert isinstance(refusal, AuthenticateRequest)
+    assert refusal.entries == ()
+
+
+def test_nested_records_are_typed() -> None:
+    """The constructor refuses an entry of another record class (an invalid message cannot
+    exist), and a nested record class with a list field cannot be declared."""
+    with pytest.raises(ValueError, match="SetupEntry"):
+        PNEstablishRequest(
+            txid=TXID,
+            src="gw-alice",
+            dst="cpns-server",
+            pn_id="pn-1",
+            entries=(AuthProof(pne_id="pne-1", status=ErrorCode.OK),),  # type: ignore[arg-type]
+        )
+    from cpns.messages.model import f_records
+
+    with pytest.raises(TypeError, match="scalar"):
+        f_records(1, KeyBundle)
