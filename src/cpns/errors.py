@@ -91,7 +91,8 @@ class ErrorCode(IntEnum):
     DUPLICATE_PNE = 309
     #: No pending establishment with this ID for this PN GW (unknown, expired or finished).
     UNKNOWN_ESTABLISHMENT = 310
-    #: An old EUKey, or a TK step outside the look-ahead window: re-assignment is needed.
+    #: A TK step or EUKey index behind the receiver's window, or beyond its look-ahead: the
+    #: credential is stale and the PNE needs a 003 re-assignment (000, resync rule N1).
     STALE_CREDENTIAL = 311
     #: The PNE's EUKey chain is used up (informational: re-assignment is due).
     CHAIN_EXHAUSTED = 312
