@@ -49,6 +49,7 @@ __all__ = [
     "AuthContext",
     "AuthLabels",
     "PNEProof",
+    "RandHashResponder",
     "ServerVerdict",
     "hash_pne",
     "hash_server",
@@ -234,6 +235,73 @@ def verify_server(
         proof.sk,
         proof.hash_pne,
     )
+
+
+class RandHashResponder:
+    """The PNE's part of one rand/hash exchange, shared by PN Establishment (flow
+    RAND_HASH, K = the PNE's EUKey) and LocalEUKey authentication (flow LOCAL, K = the
+    LocalEUKey): the same code answers the AUTHENTICATE Request and checks the verifier's
+    hash in both (:mod:`cpns.protocol.pn_establishment`, :mod:`cpns.protocol.local_auth`).
+
+    Built with the values the PNE itself holds (its key, its own context, the rand_PNE it
+    drew), never with values taken from the request other than rand_server.
+    """
+
+    __slots__ = ("_ctx", "_key", "_labels", "_proof", "_rand_pne", "_rand_server")
+
+    def __init__(
+        self, *, key: bytes, ctx: AuthContext, rand_pne: bytes, labels: AuthLabels
+    ) -> None:
+        self._key = key
+        self._ctx = ctx
+        self._rand_pne = rand_pne
+        self._labels = labels
+        self._rand_server: bytes | None = None
+        self._proof: PNEProof | None = None
+
+    def __repr__(self) -> str:
+        return f"RandHashResponder(pne_id={self._ctx.pne_id!r}, answered={self.answered})"
+
+    @property
+    def answered(self) -> bool:
+        """Whether :meth:`answer` ran."""
+        return self._proof is not None
+
+    def answer(self, rand_server: bytes) -> bytes:
+        """hash_PNE for ``rand_server`` (002 §7.5.4.1); the same value again on a retry of
+        the same challenge. A second, different rand_server is refused (one run, one SK)."""
+        if self._proof is not None:
+            if self._rand_server != rand_server:
+                raise AuthenticationFailed("a second challenge in one run")
+            return self._proof.hash_pne
+        self._proof = prove(
+            self._key,
+            ctx=self._ctx,
+            rand_pne=self._rand_pne,
+            rand_server=rand_server,
+            labels=self._labels,
+        )
+        self._rand_server = rand_server
+        return self._proof.hash_pne
+
+    def accept(self, hash_server_value: bytes) -> bytes:
+        """Check the verifier's hash (002 §7.5.4.1, last paragraph); return SK.
+
+        Raises one opaque :class:`AuthenticationFailed`; :class:`LocalProtocolError`
+        before :meth:`answer`.
+        """
+        if self._proof is None or self._rand_server is None:
+            raise LocalProtocolError("accept() before answer()")
+        verify_server(
+            self._key,
+            ctx=self._ctx,
+            rand_pne=self._rand_pne,
+            rand_server=self._rand_server,
+            proof=self._proof,
+            hash_server_value=hash_server_value,
+            labels=self._labels,
+        )
+        return self._proof.sk
 
 
 # -- LocalEUKey copies (002 §7.5.4.3) -----------------------------------------------------------
