@@ -200,6 +200,11 @@ class PendingEstablishment:
     #: One entry per PNE of the SETUP Request, in its order.
     entries: tuple[PendingEntry, ...] = ()
 
+    def expired(self, now: int) -> bool:
+        """Whether the establishment is over at ``now`` (``expires_at`` has passed; the
+        purge drops it from then on)."""
+        return now > self.expires_at
+
     def entry(self, pne_id: str) -> PendingEntry | None:
         """The entry of ``pne_id``, or None."""
         for e in self.entries:

@@ -193,6 +193,8 @@ def test_purge_drops_expired_establishments_only(store: ServerStore) -> None:
     expires_at has passed and keeps the others."""
     store.write(lambda tx: tx.put_establishment(pending(expires_at=1300)))
     store.write(lambda tx: tx.put_establishment(pending(b"\x02" * 16, expires_at=1600)))
+    assert not pending(expires_at=1300).expired(1300)
+    assert pending(expires_at=1300).expired(1301)
     assert store.purge_expired(now=1300) == 0  # expires_at < now, as for nonces
     assert store.purge_expired(now=1301) == 1
     assert store.get_establishment("gw-alice", EST) is None
