@@ -347,12 +347,14 @@ def ratchet(tk: bytes, n: int = 1) -> bytes:
 def tk_forward(tk: bytes, step: int, target: int, *, window: int = TK_WINDOW) -> bytes:
     """TK_target from TK_step, if ``step <= target <= step + window``.
 
-    Raises :class:`StaleCredential` (``reassign`` true) otherwise: a target behind the
-    held step cannot be computed (the ratchet is one-way), one beyond the window is
-    refused so that a forged step cannot make the receiver hash without end.
+    Raises :class:`StaleCredential` otherwise. A target behind the held step cannot be
+    computed (the ratchet is one-way): with honest parties that is an old message
+    delivered late, so ``reassign`` is false. One beyond the window is refused so that a
+    forged step cannot make the receiver hash without end; ``reassign`` is true (the
+    receiver has lost track and needs a 003 re-assignment).
     """
     if target < step:
-        raise StaleCredential(f"TK step {target} is behind the held step {step}")
+        raise StaleCredential(f"TK step {target} is behind the held step {step}", reassign=False)
     if target > step + window:
         raise StaleCredential(f"TK step {target} is beyond the window {step}+{window}")
     return ratchet(tk, target - step)

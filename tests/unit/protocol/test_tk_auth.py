@@ -560,3 +560,80 @@ def test_state_records_refuse_bad_values() -> None:
     assert compute_an(
         bytes(32), TKRun(**IDS, est_id=bytes(16), rand_pne=bytes(32), rand_server=bytes(32)), 0, 1
     )
+
+
+def test_gateway_refuses_an_old_challenge_without_reassignment() -> None:
+    """N1, PN GW: a challenge older than its step is an old one delivered late:
+    STALE_CREDENTIAL without re-assignment."""
+    world = World.new()
+    run = world.new_run()
+    old = world.challenge(run)
+    ok(world)
+    with pytest.raises(StaleCredential) as info:
+        gateway_prepare(
+            world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=old, nonce=bytes(12)
+        )
+    assert not info.value.reassign
+
+
+def test_gateway_restored_past_the_window_recovers_by_reassignment() -> None:
+    """N1, PN GW: a PN GW restored from a backup more than TK_WINDOW runs old refuses the
+    challenge (STALE_CREDENTIAL, reassign); the 003 re-assignment gives it the server's
+    TK step and a new set, and the PNE authenticates again."""
+    world = World.new(chain_len=20)
+    backup = world.gateway
+    for _ in range(TK_WINDOW + 1):
+        ok(world)
+    world.gateway = backup
+    outcome = world.run()
+    assert outcome.result == "STALE_CREDENTIAL"
+    assert world.reassign_due
+    world.reassign()
+    ok(world)
+    in_sync(world)
+
+
+def test_pne_refuses_a_late_old_challenge_without_reassignment() -> None:
+    """N1, PNE: a challenge whose step is behind the PNE's confirmed step cannot be
+    checked (one-way ratchet) and is an old one: STALE_CREDENTIAL, no re-assignment."""
+    world = World.new()
+    run = world.new_run()
+    old = world.challenge(run)
+    ok(world)
+    with pytest.raises(StaleCredential) as info:
+        pne_answer(world.pne, run=run, challenge=old, sealed_next=None, nonce=bytes(12))
+    assert not info.value.reassign
+
+
+def test_pne_asked_for_an_older_key_than_its_own_needs_reassignment() -> None:
+    """N1, PNE: a verified challenge naming a key older than the PNE's (its chain was
+    replaced while it missed the new one) is STALE_CREDENTIAL with re-assignment."""
+    world = World.new()
+    ok(world)
+    s = world.server
+    world.server = dataclasses.replace(s, key_index=1)  # the server asks for EUKey_1 again
+    run = world.new_run()
+    with pytest.raises(StaleCredential) as info:
+        pne_answer(
+            world.pne, run=run, challenge=world.challenge(run), sealed_next=None, nonce=bytes(12)
+        )
+    assert info.value.reassign
+
+
+def test_gateway_refuses_an_index_outside_its_set() -> None:
+    """000 §7.5.2 step 1: the PN GW selects EUKey_{i+1} among [EUKeyPNE]; a challenge for
+    an index beyond the set is an opaque failure; at i = n it sends no next key."""
+    world = World.new(chain_len=3)
+    run = world.new_run()
+    s = world.server
+    far = tk_auth.server_challenge(tk=s.tk, tk_step=0, key_index=4, run=run)
+    with pytest.raises(AuthenticationFailed):
+        gateway_prepare(
+            world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=far, nonce=bytes(12)
+        )
+    last = tk_auth.server_challenge(tk=s.tk, tk_step=0, key_index=3, run=run)
+    prepared = gateway_prepare(
+        world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=last, nonce=bytes(12)
+    )
+    assert prepared.sealed_next is None
+    assert prepared.pending.tk_step == 1
