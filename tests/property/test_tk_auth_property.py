@@ -212,7 +212,8 @@ def _deliver(world: World, flight: InFlight, hop: str) -> str | None:
             eukeys=s.eukeys,
             key_index=s.key_index,
             run=flight.run,
-            challenge=flight.challenge,
+            challenge_step=flight.challenge.tk_step,
+            challenge_index=flight.challenge.key_index,
             sealed_eukey=flight.answer.sealed_eukey,
             proof_index=flight.answer.key_index,
         )

@@ -62,8 +62,8 @@ Constants ``TK_WINDOW`` (8), ``REASSIGN_WINDOW``; exception :class:`StaleCredent
 * ``tk_session_key(eukey, tk_t, run, tk_step, key_index)``
 * ``compute_confirm(sk, run, tk_step, key_index)`` / ``verify_confirm(..., tag)``
 * ``server_challenge(tk, tk_step, key_index, run) -> TKChallenge``
-* ``server_verify(tk, tk_step, eukeys, key_index, run, challenge, sealed_eukey,
-  proof_index) -> TKVerified``
+* ``server_verify(tk, tk_step, eukeys, key_index, run, challenge_step, challenge_index,
+  sealed_eukey, proof_index) -> TKVerified``
 * ``gateway_prepare(state, eukeys, run, challenge, nonce) -> GatewayPrepared``,
   ``gateway_confirmed(state, pending) -> GatewayTKState``
 * ``pne_answer(state, run, challenge, sealed_next, nonce) -> PNEAnswer``,
@@ -204,10 +204,8 @@ class TKChallenge:
     key_index: int
     #: AN = MAC(TK_t, ...), 32 bytes.
     an: bytes
-
-    def __post_init__(self) -> None:
-        _check_step(self.tk_step)
-        _check_index(self.key_index)
+    # No range checks here: the PN GW and the PNE build it from received fields, and the
+    # rules (window, index) refuse what is out of range with the right code.
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -483,16 +481,17 @@ def server_verify(
     eukeys: Sequence[bytes],
     key_index: int,
     run: TKRun,
-    challenge: TKChallenge,
+    challenge_step: int,
+    challenge_index: int,
     sealed_eukey: bytes,
     proof_index: int,
 ) -> TKVerified:
     """000 §7.5.3, on the AUTHENTICATE Response: open and check EUKey_k, ratchet, SK.
 
     ``tk``/``tk_step``/``key_index`` are the stored state *now* (``TK_s, s, i_s``),
-    ``eukeys`` the PNE's chain (list index 0 holds EUKey_1), ``challenge`` the one sent
-    in this run (from the pending establishment) and ``proof_index`` the index k the PNE
-    says it proved.
+    ``eukeys`` the PNE's chain (list index 0 holds EUKey_1), ``challenge_step`` and
+    ``challenge_index`` the ``(t, i)`` of this run's challenge (kept in the pending
+    establishment) and ``proof_index`` the index k the PNE says it proved.
 
     Raises :class:`~cpns.errors.AuthenticationFailed` (one opaque failure) if the proof
     does not open or is not EUKey_k of the chain; :class:`StaleCredential` with
@@ -500,12 +499,12 @@ def server_verify(
     ``reassign=True`` for a valid proof of a key older than the stored index (a PNE
     restored from a backup, or an old key replayed by a TK holder).
     """
-    t, i = challenge.tk_step, challenge.key_index
+    t, i = challenge_step, challenge_index
     if t < tk_step or (t == tk_step and i != key_index):
         raise StaleCredential("challenge superseded by another run", reassign=False)
     tk_t = tk_forward(tk, tk_step, t)
     n = len(eukeys)
-    valid_index = isinstance(proof_index, int) and 1 <= proof_index <= min(i, n)
+    valid_index = not isinstance(proof_index, bool) and 1 <= proof_index <= min(i, n)
     k = proof_index if valid_index else min(i, n)
     try:
         eukey = open_current_eukey(tk_t, sealed_eukey, run, t, k)

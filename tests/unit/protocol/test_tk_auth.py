@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.helpers import ref_hkdf, ref_parts, ref_seal_ad, ref_seal_key
-from tests.tk_sim import IDS, Hop, World
+from tests.tk_sim import IDS, Hop, ServerSide, World
 
 from cpns.crypto.hashchain import build_chain
 from cpns.errors import AuthenticationFailed, ErrorCode
@@ -31,6 +31,7 @@ from cpns.protocol.tk_auth import (
     StaleCredential,
     TKChallenge,
     TKRun,
+    TKVerified,
     compute_an,
     gateway_prepare,
     pne_answer,
@@ -53,6 +54,23 @@ def sha(label: str, *parts: bytes | str | int) -> bytes:
 
 def hm(key: bytes, label: str, *parts: bytes | str | int) -> bytes:
     return hmac.new(key, ref_parts(label, *parts), hashlib.sha256).digest()
+
+
+def verify(
+    s: ServerSide, run: TKRun, challenge: TKChallenge, sealed: bytes, index: int
+) -> TKVerified:
+    """The server's check of a proof against its stored state ``s``."""
+    return server_verify(
+        tk=s.tk,
+        tk_step=s.tk_step,
+        eukeys=s.eukeys,
+        key_index=s.key_index,
+        run=run,
+        challenge_step=challenge.tk_step,
+        challenge_index=challenge.key_index,
+        sealed_eukey=sealed,
+        proof_index=index,
+    )
 
 
 def ok(world: World, **kwargs: Any) -> None:
@@ -303,16 +321,10 @@ def test_old_key_replayed_is_refused() -> None:
     tk_t = s.tk
     forged = seal_current_eukey(tk_t, s.eukeys[0], run, s.tk_step, 1, nonce=bytes(12))
     with pytest.raises(StaleCredential) as info:
-        server_verify(
-            tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=run,
-            challenge=challenge, sealed_eukey=forged, proof_index=1,
-        )  # fmt: skip
+        verify(s, run, challenge, forged, 1)
     assert info.value.reassign
     with pytest.raises(AuthenticationFailed):
-        server_verify(
-            tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=run,
-            challenge=challenge, sealed_eukey=old_answer.sealed_eukey, proof_index=1,
-        )  # fmt: skip
+        verify(s, run, challenge, old_answer.sealed_eukey, 1)
     assert world.server == s
 
 
@@ -387,10 +399,7 @@ def test_a_late_confirmation_of_an_older_run_does_not_move_the_pne() -> None:
         world.pne, run=first, challenge=ch1, sealed_next=prep1.sealed_next, nonce=bytes(12)
     )
     s = world.server
-    v1 = server_verify(
-        tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=first,
-        challenge=ch1, sealed_eukey=ans1.sealed_eukey, proof_index=ans1.key_index,
-    )  # fmt: skip
+    v1 = verify(s, first, ch1, ans1.sealed_eukey, ans1.key_index)
     world.server = dataclasses.replace(s, tk=v1.tk, tk_step=v1.tk_step, key_index=v1.key_index)
     world.pne = ans1.state
     # The confirmation of run 1 is delayed; run 2 is answered (its proof then lost).
@@ -422,17 +431,11 @@ def test_concurrent_runs_one_wins_the_other_is_superseded() -> None:
         )
         world.pne = answers[-1].state
     s = world.server
-    v = server_verify(
-        tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=runs[0],
-        challenge=chs[0], sealed_eukey=answers[0].sealed_eukey, proof_index=1,
-    )  # fmt: skip
+    v = verify(s, runs[0], chs[0], answers[0].sealed_eukey, 1)
     world.server = dataclasses.replace(s, tk=v.tk, tk_step=v.tk_step, key_index=v.key_index)
     s = world.server
     with pytest.raises(StaleCredential) as info:
-        server_verify(
-            tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=runs[1],
-            challenge=chs[1], sealed_eukey=answers[1].sealed_eukey, proof_index=1,
-        )  # fmt: skip
+        verify(s, runs[1], chs[1], answers[1].sealed_eukey, 1)
     assert not info.value.reassign
     ok(world)
     in_sync(world)
@@ -503,10 +506,7 @@ def test_tampered_proof_or_index_fails_opaquely_at_the_server() -> None:
     ]
     for sealed, index, r in cases:
         with pytest.raises(AuthenticationFailed) as info:
-            server_verify(
-                tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=r,
-                challenge=challenge, sealed_eukey=sealed, proof_index=index,
-            )  # fmt: skip
+            verify(s, r, challenge, sealed, index)
         assert type(info.value) is AuthenticationFailed
         assert info.value.code is ErrorCode.AUTHENTICATION_FAILED
 
@@ -554,7 +554,7 @@ def test_state_records_refuse_bad_values() -> None:
     with pytest.raises(LocalProtocolError):
         PNETKState(tk=bytes(32), tk_step=0, eukey=bytes(32), key_index=0)
     with pytest.raises(LocalProtocolError):
-        TKChallenge(tk_step=-1, key_index=1, an=bytes(32))
+        GatewayTKState(tk=bytes(32), tk_step=-1)
     with pytest.raises(LocalProtocolError):
         TKRun(**IDS, est_id=bytes(15), rand_pne=bytes(32), rand_server=bytes(32))
     assert compute_an(
