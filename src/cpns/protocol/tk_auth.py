@@ -556,7 +556,7 @@ def gateway_prepare(
     tk_t = tk_forward(state.tk, state.tk_step, challenge.tk_step)
     verify_an(tk_t, run, challenge.tk_step, challenge.key_index, challenge.an)
     i = challenge.key_index
-    if i > len(eukeys):
+    if not 1 <= i <= len(eukeys):
         raise AuthenticationFailed("key index outside the held set")
     sealed_next = None
     if i < len(eukeys):

@@ -637,3 +637,14 @@ def test_gateway_refuses_an_index_outside_its_set() -> None:
     )
     assert prepared.sealed_next is None
     assert prepared.pending.tk_step == 1
+
+
+def test_gateway_refuses_index_zero() -> None:
+    """000 §7.5.2 step 1: index 0 names no key of [EUKeyPNE] (keys are numbered from 1)."""
+    world = World.new()
+    run = world.new_run()
+    zero = tk_auth.server_challenge(tk=world.server.tk, tk_step=0, key_index=0, run=run)
+    with pytest.raises(AuthenticationFailed):
+        gateway_prepare(
+            world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=zero, nonce=bytes(12)
+        )
