@@ -23,7 +23,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from tests.tk_sim import Hop, ServerSide, World
 
-from cpns.errors import AuthenticationFailed
+from cpns.errors import AuthenticationFailed, ErrorCode
 from cpns.protocol.tk_auth import (
     TK_WINDOW,
     GatewayPrepared,
@@ -238,3 +238,68 @@ def _deliver(world: World, flight: InFlight, hop: str) -> str | None:
         world.pne, run=flight.run, answer=flight.answer, confirm=flight.verified.confirm
     )
     return None
+
+
+# -- tampering -------------------------------------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(
+    target=st.sampled_from(["an", "sealed_next", "sealed_eukey", "confirm"]),
+    position=st.integers(0, 200),
+    bit=st.integers(0, 7),
+)
+def test_any_altered_byte_is_one_opaque_failure(target: str, position: int, bit: int) -> None:
+    """One opaque failure per verification (000 §7.5.1 step 1, §7.5.3 step 1, D-000-2,
+    D-000-4): one flipped bit anywhere in AN, a sealed EUKey or the confirmation gives
+    AuthenticationFailed with AUTHENTICATION_FAILED, never another error, and the
+    refusing party's state is what it was."""
+    world = World.new()
+    run = world.new_run()
+    challenge = world.challenge(run)
+
+    def flip(blob: bytes) -> bytes:
+        out = bytearray(blob)
+        out[position % len(out)] ^= 1 << bit
+        return bytes(out)
+
+    if target == "an":
+        challenge = TKChallenge(
+            tk_step=challenge.tk_step, key_index=challenge.key_index, an=flip(challenge.an)
+        )
+    prepared = None
+    failure: Exception | None = None
+    try:
+        prepared = gateway_prepare(
+            world.gateway,
+            eukeys=world.gateway_eukeys,
+            run=run,
+            challenge=challenge,
+            nonce=bytes(12),
+        )
+        sealed_next = prepared.sealed_next
+        assert sealed_next is not None
+        if target == "sealed_next":
+            sealed_next = flip(sealed_next)
+        answer = pne_answer(
+            world.pne, run=run, challenge=challenge, sealed_next=sealed_next, nonce=bytes(12)
+        )
+        sealed = flip(answer.sealed_eukey) if target == "sealed_eukey" else answer.sealed_eukey
+        s = world.server
+        verified = server_verify(
+            tk=s.tk,
+            tk_step=s.tk_step,
+            eukeys=s.eukeys,
+            key_index=s.key_index,
+            run=run,
+            challenge_step=challenge.tk_step,
+            challenge_index=challenge.key_index,
+            sealed_eukey=sealed,
+            proof_index=answer.key_index,
+        )
+        pne_confirmed(answer.state, run=run, answer=answer, confirm=flip(verified.confirm))
+    except Exception as exc:  # the one failure expected, whatever the hop
+        failure = exc
+    assert type(failure) is AuthenticationFailed, failure
+    assert failure.code is ErrorCode.AUTHENTICATION_FAILED
+    event(f"refused: {target}")
