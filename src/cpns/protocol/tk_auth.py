@@ -593,7 +593,9 @@ def pne_answer(
     Rules (docs/procedures/tk-authentication.md, "Resynchronisation"):
 
     * the challenge's step ``t`` must be in ``[c, c + TK_WINDOW]``, else
-      :class:`StaleCredential`; a wrong AN is an opaque failure;
+      :class:`StaleCredential` (behind: a late challenge, ``reassign`` false; beyond:
+      ``reassign`` true); a wrong AN is an opaque failure; a verified AN at ``t`` proves
+      the server is at ``t``, so the returned state holds TK_t;
     * index ``j``: prove EUKey_j, the pending state becomes (t+1, EUKey_{j+1}) where
       EUKey_{j+1} is the opened ``sealed_next``, checked against the chain (none when the
       PN GW sends none: the chain is exhausted and EUKey_j stays);
@@ -601,7 +603,10 @@ def pne_answer(
       first; then as above;
     * an index beyond what the PNE holds (restored from a backup): prove EUKey_j anyway,
       so the server can answer STALE_CREDENTIAL and trigger a re-assignment;
-    * an index below ``j``: the server went back; :class:`StaleCredential`.
+    * an index below ``j``: the PNE's chain was replaced and it missed the new one (or
+      the server went back); :class:`StaleCredential` with ``reassign`` true.
+
+    Persist ``PNEAnswer.state`` (pending key included) before sending the answer.
     """
     t, i = challenge.tk_step, challenge.key_index
     tk_t = tk_forward(state.tk, state.tk_step, t)
