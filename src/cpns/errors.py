@@ -85,6 +85,9 @@ class ErrorCode(IntEnum):
     #: The Entity ID cannot be registered: not in canonical (lowercase) form, reserved, written
     #: like a network address, or the server's own ID ("Entity ID syntax", D-SRV-3).
     INVALID_ENTITY_ID = 306
+    #: A TK step or EUKey index behind the receiver's window, or beyond its look-ahead: the
+    #: credential is stale and the PNE needs a 003 re-assignment (000, resync rule N1).
+    STALE_CREDENTIAL = 311
     #: The responder could not complete the step (storage, upstream unreachable).
     INTERNAL_ERROR = 500
     #: The next hop (CPNS Server seen from the PN GW) could not be reached.

@@ -23,6 +23,7 @@ from cpns.crypto.hashchain import CHAIN_LABEL, build_chain
 from cpns.crypto.hashing import encode_parts, hash_values, mac
 from cpns.crypto.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R, derive_key, password_key, password_salt
 from cpns.crypto.keywrap import seal
+from cpns.protocol import tk_auth
 from cpns.protocol.key_assignment import auth_data, seed_pne
 
 OUT = Path(__file__).with_name("crypto_v1.json")
@@ -168,6 +169,55 @@ def build() -> dict[str, Any]:
                 "seed": seed_pne(b"\x01" * 32, b"\x02" * 32).hex(),
             }
         ],
+        "tk_000": tk_vectors(),
+    }
+
+
+def tk_vectors() -> dict[str, Any]:
+    """The TK flow of 000 §7.5 as docs/procedures/tk-authentication.md derives it.
+
+    TK_0 = 00..1f ratcheted to step 3, EUKey_2 of a 4-key chain proven, EUKey_3 delivered.
+    """
+    tk = bytes(range(32))
+    eukeys = build_chain(bytes([0x44]) * 32, 4)
+    run = tk_auth.TKRun(
+        pn_id="pn-home",
+        gw_id="gw-alice",
+        server_id="cpns-server",
+        pne_id="pne-lamp",
+        est_id=bytes([0x0E]) * 16,
+        rand_pne=bytes([0x11]) * 32,
+        rand_server=bytes([0x22]) * 32,
+    )
+    step, index, nonce = 3, 2, bytes(range(100, 112))
+    tk_t = tk_auth.ratchet(tk, step)
+    sk = tk_auth.tk_session_key(eukeys[index - 1], tk_t, run, step, index)
+    return {
+        "tk": tk.hex(),
+        "eukeys": [k.hex() for k in eukeys],
+        "run": {
+            "pn_id": run.pn_id,
+            "gw_id": run.gw_id,
+            "server_id": run.server_id,
+            "pne_id": run.pne_id,
+            "est_id": run.est_id.hex(),
+            "rand_pne": run.rand_pne.hex(),
+            "rand_server": run.rand_server.hex(),
+        },
+        "tk_step": step,
+        "key_index": index,
+        "nonce": nonce.hex(),
+        "tk_t": tk_t.hex(),
+        "tk_next": tk_auth.ratchet(tk_t).hex(),
+        "an": tk_auth.compute_an(tk_t, run, step, index).hex(),
+        "sealed_next": tk_auth.seal_next_eukey(
+            tk_t, eukeys[index], run, step, index + 1, nonce=nonce
+        ).hex(),
+        "sealed_current": tk_auth.seal_current_eukey(
+            tk_t, eukeys[index - 1], run, step, index, nonce=nonce
+        ).hex(),
+        "sk": sk.hex(),
+        "confirm": tk_auth.compute_confirm(sk, run, step, index).hex(),
     }
 
 
