@@ -15,8 +15,11 @@ module owns everything about that hop and nothing about the procedures:
 * **Server authentication by rspauth.** Every 200 to an authenticated request must carry
   ``Authentication-Info`` whose ``rspauth`` proves the server holds our EUKey; a reply
   without it, or with a wrong one, is rejected (DESIGN §5: every relayed message is
-  authenticated). The with-UI enrolment request (:class:`UserKeyAssignmentRequest`) is
-  the exception: we have no EUKey yet, and the proof travels inside the message.
+  authenticated). The gateway's own with-UI enrolment request
+  (:class:`UserKeyAssignmentRequest`) is the exception: we have no EUKey yet, and the
+  proof travels inside the message. An enrolled gateway authenticates every request,
+  so a PNE's with-UI request it relays from the PAN goes with Digest too: the server
+  knows, and audits, which PN GW relayed it.
 * **Bounded, idempotent retries** (DESIGN §5). A connection error, timeout or 5xx is
   retried a bounded number of times with the *identical body*: the server keeps the
   reply of every transaction ID and answers a retry with it, so a retry after a lost
@@ -436,7 +439,10 @@ class ServerClient:
         """
         message = stamp(message)
         body = encode(message)
-        needs_auth = not isinstance(message, UserKeyAssignmentRequest)
+        # Once enrolled, every request is authenticated, the with-UI one too: that is a
+        # PNE's enrolment relayed from the PAN, and the server must know which PN GW
+        # relayed it (docs/procedures/pne-enrolment.md).
+        needs_auth = self._enrolled or not isinstance(message, UserKeyAssignmentRequest)
         if needs_auth and not self._enrolled:
             raise UpstreamAuthFailed("no EUKey: enrol the gateway first", hop="gateway")
         # The most recently used lane first (LIFO): it most likely holds a live nonce.

@@ -46,7 +46,8 @@ class MachineContext:
     rng: Random
     #: The request's time (seconds since the epoch).
     now: int
-    #: The Digest-authenticated Entity ID; None for an open request.
+    #: The Digest-authenticated Entity ID; None for an open request sent without Digest
+    #: (an open request that carries Digest is relayed by that entity).
     authenticated: str | None
 
 
@@ -74,7 +75,15 @@ class Procedure:
 
 
 def _ui_machine(ctx: MachineContext) -> Machine[Any]:
-    return UserKeyAssignmentServer(policy=ctx.policy, lookups=ctx.lookups, rng=ctx.rng, now=ctx.now)
+    # Open, but a PN GW relaying a PNE's request authenticates with Digest: the machine
+    # then applies the relay rules (docs/procedures/pne-enrolment.md, D-004-5).
+    return UserKeyAssignmentServer(
+        policy=ctx.policy,
+        lookups=ctx.lookups,
+        rng=ctx.rng,
+        now=ctx.now,
+        relay=ctx.authenticated,
+    )
 
 
 def _ui_persist(tx: WriteTx, event: Event, now: int) -> None:
