@@ -133,7 +133,7 @@ def _load(store: LocalKeyStore) -> dict[str, Any]:
     data = store.load()
     # A PNE with UI that enrolled with its user's password has no TK (cpns device enroll).
     if not isinstance(data.get("entity_id"), str) or not (
-        isinstance(data.get("tk"), bytes) or data.get("credential") == CREDENTIAL_UI
+        isinstance(data.get("tk"), bytes) or data.get("has_ui") is True
     ):
         raise ConfigurationError(
             f"{store.path} is not initialised (cpns device init, or cpns device enroll)"
@@ -336,7 +336,7 @@ class DeviceAgent:
             txid=self._rng.token_bytes(TXID_LEN),
             src=entity_id,
             dst=PAN_ADDRESS,
-            has_ui=self._data.get("credential") == CREDENTIAL_UI,
+            has_ui=self._data.get("has_ui") is True,
             key_index=int(self._data.get("key_index", 0)),
             flow=bytes.fromhex(self._flow),
         )

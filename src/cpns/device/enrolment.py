@@ -140,7 +140,9 @@ def _open_store(data_dir: Path, entity_id: str | None) -> tuple[LocalKeyStore, d
                 "gateway_id": None,
                 "epoch": 0,
                 "installed_at": 0,
+                "has_ui": True,
             }
+            store.save(data)  # the PNE exists from now on, with no key yet
     except BaseException:
         store.unlock()
         raise
@@ -343,6 +345,7 @@ def _persist(
     data = dict(data)
     data.pop("seen_txids", None)
     data.update(
+        has_ui=True,
         credential=CREDENTIAL_UI,
         eukey=event.eukey,
         key_index=1,

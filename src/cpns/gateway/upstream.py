@@ -470,6 +470,8 @@ class ServerClient:
     async def _exchange_on(
         self, lane: _Lane, body: bytes, needs_auth: bool, message: Message
     ) -> Message:
+        if needs_auth and isinstance(message, UserKeyAssignmentRequest):
+            await self._prime(lane)
         for attempt in range(2):
             response, authenticated = await self._post(lane, body, needs_auth)
             if response.status != 401 or not needs_auth:
@@ -485,6 +487,21 @@ class ServerClient:
         lane.have_nonce = False
         lane.challenges = None
         raise UpstreamAuthFailed("the server refused our Digest credentials", hop="server")
+
+    async def _prime(self, lane: _Lane) -> None:
+        """Make sure the lane can authenticate its next request.
+
+        The server serves an open type (the with-UI request) sent without credentials
+        at once, as a direct enrolment, instead of challenging it; a request we relay must
+        carry Digest, so a lane without a nonce first fetches a challenge with an empty
+        POST (the server answers it 401, like curl's first leg)."""
+        if lane.have_nonce or lane.challenges is not None:
+            return
+        response, _ = await self._post(lane, b"", False)
+        challenges = response.header_list(b"www-authenticate")
+        if response.status != 401 or not challenges:
+            raise TransportError(f"{HOP}: HTTP {response.status} to a Digest challenge request")
+        lane.challenges = challenges
 
     async def _post(self, lane: _Lane, body: bytes, needs_auth: bool) -> tuple[_Response, bool]:
         """One logical POST with bounded retries; returns the response and whether it
