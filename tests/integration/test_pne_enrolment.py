@@ -86,7 +86,8 @@ def test_pne_with_ui_enrols_through_the_pn_gw(running: Net) -> None:
     relayed = [
         e for e in _audit(running) if e.get("entity") == "pne-ui" and e.get("outcome") == "OK"
     ]
-    assert relayed and relayed[0]["actor"] == "gw-alice"
+    assert relayed
+    assert relayed[0]["actor"] == "gw-alice"
 
     secrets = [eukey.hex(), password_key(PASSWORD, realm="cpns", user_id="alice").hex(), PASSWORD]
     logs = net.log("gw") + net.log("server") + result.stdout + result.stderr
@@ -123,7 +124,6 @@ def test_a_retry_after_a_lost_reply_gets_the_same_answer(running: Net) -> None:
     """Our rule (docs/procedures/pne-enrolment.md, idempotent retries): the PNE sends the
     same request again after losing the answer; the PN GW relays it and the server
     answers from the reply it stored: the same bytes, the same EUKey, one assignment."""
-    net = running.net
     machine = UserKeyAssignmentClient(
         entity_id="pne-lost",
         entity_kind=EntityKind.PNE,
