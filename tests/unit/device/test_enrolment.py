@@ -90,7 +90,10 @@ class FakeGateway:
                 return
             if step == "upstream-down":
                 reply = ErrorMessage(
-                    txid=request.txid, src=GW, dst=request.src, status=ErrorCode.UPSTREAM_UNAVAILABLE
+                    txid=request.txid,
+                    src=GW,
+                    dst=request.src,
+                    status=ErrorCode.UPSTREAM_UNAVAILABLE,
                 )
             elif step == "forge":
                 reply = UserKeyAssignmentResponse(
@@ -234,9 +237,7 @@ def test_no_answer_at_all_is_unreachable(
     assert len({r.txid for r in gateway.requests}) == 1
 
 
-def test_the_store_must_be_this_pnes(
-    world: Directory, password_key: KeyOf, tmp_path: Path
-) -> None:
+def test_the_store_must_be_this_pnes(world: Directory, password_key: KeyOf, tmp_path: Path) -> None:
     """Our rule: ``--entity-id`` creates the store of a PNE with UI; an existing store of
     another PNE, or no store and no Entity ID, is a configuration error."""
     gateway = FakeGateway(world, plan=[])
