@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from tests.integration.conftest import OTHER_PASSWORD, PASSWORD, Net
@@ -65,6 +66,11 @@ def test_pne_with_ui_enrols_through_the_pn_gw(running: Net) -> None:
         check=True,
     )
     assert "OK" in result.stdout
+    # The flow ID the PNE started is carried through the PN GW to the server and back.
+    flow = re.search(r"flow ([0-9a-f]{16})", result.stdout)
+    assert flow is not None
+    assert f"flow={flow.group(1)}" in net.log("gw")
+    assert f"flow={flow.group(1)}" in net.log("server")
     device = json.loads(
         net.cpns("device", "status", "--data-dir", str(net.device_dir("pne-ui"))).stdout
     )

@@ -2,7 +2,8 @@
 
 Each procedure the server takes part in is described ONCE, by a :class:`Procedure`: the
 request type that starts it, whether that request is *open* (sent without HTTP Digest: its
-proof is inside, 004 §5.x.2), its name in the audit trail, metrics and guard counters, the
+proof is inside, 004 §5.x.2; a PN GW relaying it from a PNE sends it with Digest, and the
+machine is then told who relayed it), its name in the audit trail, metrics and guard counters, the
 factory of its sans-I/O server machine, how the facts its events carry are written in the
 request's transaction, and which party sends it (for the hop log lines).
 
