@@ -13,9 +13,10 @@ own enrolment (:class:`~cpns.protocol.user_key_assignment.UserKeyAssignmentClien
 2. it connects to the PN GW's PAN port, sends :class:`PNEHello` (``has_ui``) and the
    request; the PN GW relays it unchanged to the server over its HTTPS + Digest link and
    relays the server's answer back (:mod:`cpns.gateway.procedures.pne_enrolment`);
-3. a lost answer (the link drops, nothing arrives within ``per_try_timeout``) is retried
-   on a new link with the *same* request: the server answers a known transaction from
-   the reply it stored, so a retry can never assign a second key;
+3. a lost answer (the link drops, nothing arrives within ``per_try_timeout``, or the PN
+   GW reports ``UPSTREAM_UNAVAILABLE``: the server's answer may have been lost beyond it)
+   is retried on a new link with the *same* request: the server answers a known
+   transaction from the reply it stored, so a retry can never assign a second key;
 4. the answer is fed to the machine: opening the sealed EUKey (a key derived from the
    password key and both rands) authenticates the server; the PN GW, which never sees
    the password key, cannot open it, nor forge one;
@@ -254,6 +255,16 @@ async def _enroll(
             continue
         except _Lost as exc:
             last = str(exc)
+            continue
+        if (
+            isinstance(reply, ErrorMessage)
+            and reply.src != server_id
+            and reply.status is ErrorCode.UPSTREAM_UNAVAILABLE
+            and attempt < tries
+        ):
+            # The PN GW could not reach the server (or lost its answer): the same request
+            # again; the server answers a transaction it already served from its stored reply.
+            last = "the PN GW could not reach the server (UPSTREAM_UNAVAILABLE)"
             continue
         with message_scope(reply):
             events, hop = _feed(machine, reply, hello, server_id)

@@ -186,6 +186,17 @@ def test_a_lost_answer_is_retried_with_the_same_request(
     assert device_status(tmp_path)["credential"] == "ui"
 
 
+def test_upstream_unavailable_is_retried_with_the_same_request(
+    world: Directory, password_key: KeyOf, tmp_path: Path
+) -> None:
+    """Our rule (idempotent retries): the PN GW could not reach the server (its answer may
+    be lost beyond the PN GW); the PNE sends the same request again and is enrolled."""
+    gateway = FakeGateway(world, plan=["upstream-down", "relay"])
+    result = _enroll(gateway, tmp_path, password_key)
+    assert result.tries == 2
+    assert gateway.requests[0] == gateway.requests[1]
+
+
 def test_the_servers_refusal_names_the_server(
     world: Directory, password_key: KeyOf, tmp_path: Path
 ) -> None:
@@ -202,11 +213,11 @@ def test_the_servers_refusal_names_the_server(
 def test_the_gateways_own_refusal_names_its_hop(
     world: Directory, password_key: KeyOf, tmp_path: Path
 ) -> None:
-    """Our rule (errors name the hop): the PN GW could not reach the server: its own
-    ErrorMessage, hop "gateway->server"."""
-    gateway = FakeGateway(world, plan=["upstream-down"])
+    """Our rule (errors name the hop): the PN GW could not reach the server on any try:
+    its own ErrorMessage, hop "gateway->server"."""
+    gateway = FakeGateway(world, plan=["upstream-down"] * 2)
     with pytest.raises(ProcedureRejected) as caught:
-        _enroll(gateway, tmp_path, password_key)
+        _enroll(gateway, tmp_path, password_key, tries=2)
     assert (caught.value.code, caught.value.hop) == (
         ErrorCode.UPSTREAM_UNAVAILABLE,
         "gateway->server",
