@@ -17,7 +17,7 @@ from tests.integration.conftest import OTHER_PASSWORD, PASSWORD, Net
 from cpns.crypto.kdf import password_key
 from cpns.errors import ErrorCode
 from cpns.messages.codec import encode
-from cpns.messages.model import PNEHello, UserKeyAssignmentResponse
+from cpns.messages.model import PNEHello, UserKeyAssignmentRequest, UserKeyAssignmentResponse
 from cpns.protocol.user_key_assignment import EUKeyReceived, UserKeyAssignmentClient
 from cpns.runtime import SystemRandom, wall_time
 from cpns.store.keystore import LocalKeyStore
@@ -170,6 +170,12 @@ def test_a_retry_after_a_lost_reply_gets_the_same_answer(running: Net) -> None:
     record = _entity(running, "pne-lost", secrets=True)
     assert record["eukeys"] == [event.eukey.hex()]
     assert record["owner"] == "alice"
+    # Neither the PN GW nor the server logs the proof, the sealed key or the key.
+    assert isinstance(request, UserKeyAssignmentRequest)
+    assert second.sealed_eukey is not None
+    logs = running.net.log("gw") + running.net.log("server")
+    for secret in (request.auth_data, second.sealed_eukey, event.eukey):
+        assert secret.hex() not in logs
 
 
 def test_the_pne_retries_on_its_own_when_the_gateway_is_away(running: Net) -> None:
