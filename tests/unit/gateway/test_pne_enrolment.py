@@ -286,24 +286,23 @@ def test_a_retry_after_a_lost_reply_gets_the_same_answer(
 def test_one_relay_per_pne_at_a_time(
     world: Directory, password_key: Callable[[str, str], bytes]
 ) -> None:
-    """Our rule (bounded resources): a PNE's retry on a second link while its first relay
-    is in flight waits for it, so one PNE never has two upstream exchanges at once; both
-    links get the same answer."""
+    """Our rule (bounded resources): a PNE's retries on other links while its first relay
+    is in flight wait for it, so one PNE never has two upstream exchanges at once; every
+    link gets the same answer, and no lock outlives the relays."""
     server = FakeServer(world)
     coordinator, _ = _coordinator(server)
     request = _request(_client(), password_key, PASSWORDS["alice"])
-    first, second = FakeLink(), FakeLink()
+    links = [FakeLink() for _ in range(3)]
 
-    async def both() -> None:
+    async def all_of_them() -> None:
         server.gate = asyncio.Event()
-        tasks = [
-            asyncio.create_task(coordinator.on_request(first, request)),
-            asyncio.create_task(coordinator.on_request(second, request)),
-        ]
+        tasks = [asyncio.create_task(coordinator.on_request(link, request)) for link in links]
         await asyncio.sleep(0.01)
         server.gate.set()
         await asyncio.gather(*tasks)
 
-    run(both())
+    run(all_of_them())
     assert server.most_busy == 1
-    assert encode(first.sent[0]) == encode(second.sent[0])
+    assert len(server.seen) == 3
+    assert len({encode(link.sent[0]) for link in links}) == 1
+    assert coordinator._locks == {}  # nothing kept once no relay is in flight

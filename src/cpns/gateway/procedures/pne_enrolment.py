@@ -83,8 +83,9 @@ class PNEEnrolmentCoordinator:
         self._server_id = server_id
         self._pan = pan
         self._upstream: Upstream | None = None
-        #: PNE ID -> the lock its relays take: one upstream exchange per PNE at a time.
-        self._locks: dict[str, asyncio.Lock] = {}
+        #: PNE ID -> the lock its relays take (one upstream exchange per PNE at a time) and
+        #: how many relays hold or wait for it (the entry goes when none does).
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def __repr__(self) -> str:
         return f"<PNEEnrolmentCoordinator {self._gateway_id}>"
@@ -115,13 +116,17 @@ class PNEEnrolmentCoordinator:
             )
             await self._answer(link, self._error(message, refusal), "gateway")
             return True
-        lock = self._locks.setdefault(pne_id, asyncio.Lock())
+        lock, users = self._locks.get(pne_id, (asyncio.Lock(), 0))
+        self._locks[pne_id] = (lock, users + 1)
         try:
             async with lock:
                 await self.relay(link, message)
         finally:
-            if not lock.locked() and self._locks.get(pne_id) is lock:
+            _, users = self._locks[pne_id]
+            if users == 1:
                 del self._locks[pne_id]
+            else:
+                self._locks[pne_id] = (lock, users - 1)
         return True
 
     def _check(self, message: UserKeyAssignmentRequest) -> ErrorCode | None:
