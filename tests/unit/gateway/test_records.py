@@ -153,6 +153,9 @@ def test_status_view_shows_ids_and_flags_never_keys() -> None:
             "txid": TXID.hex(),
             "connected": False,
             "last_status": "OK",
+            "tk_step": 0,
+            "reassign": None,
+            "pns": [],
         },
         {
             "pne_id": "pne-2",
@@ -163,6 +166,9 @@ def test_status_view_shows_ids_and_flags_never_keys() -> None:
             "txid": None,
             "connected": True,
             "last_status": None,
+            "tk_step": 0,
+            "reassign": None,
+            "pns": [],
         },
     ]
     assert "eeee" not in repr(view)
