@@ -167,6 +167,11 @@ class PNEstablishmentCoordinator:
         self._eukey, self._upstream = eukey, upstream
         self.routes = pn_routes(self._ledger.records)
 
+    async def wait_idle(self) -> None:
+        """Wait until no establishment or local authentication is running."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         """Cancel the running establishments (at shutdown)."""
         for task in self._tasks:
