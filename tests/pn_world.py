@@ -42,7 +42,7 @@ from cpns.protocol.pn_establishment import (
     ServerSetup,
     TKAdvanced,
 )
-from cpns.records import EntityRecord
+from cpns.records import EntityRecord, PendingEstablishment, PNMember
 from cpns.types import EntityKind
 from tests.helpers import FIXED_NOW, FixedRandom
 
@@ -51,8 +51,9 @@ GW_ID = "gw-alice"
 OWNER = "alice"
 PN_ID = "pn-alice-home"
 
-#: A tamper hook: the message as sent -> the message delivered, or None to drop it.
-type Tamper = Callable[[Message], Message | None]
+#: A tamper hook: the message as sent -> the message delivered, None to drop it, or a
+#: list of messages to deliver instead (a duplicate, an injected message).
+type Tamper = Callable[[Message], Message | list[Message] | None]
 
 
 @dataclass
@@ -100,6 +101,19 @@ class Outcome:
         return found[0] if found else None
 
 
+def _from_store(record: PendingEstablishment | None) -> EstablishmentPending | None:
+    return EstablishmentPending.from_record(record) if record is not None else None
+
+
+def _tampered(message: Message, tamper: Tamper | None) -> list[Message]:
+    if tamper is None:
+        return [message]
+    changed = tamper(message)
+    if changed is None:
+        return []
+    return changed if isinstance(changed, list) else [changed]
+
+
 class World:
     """One server's facts, one PN GW (owned by ``alice``) and its PNEs."""
 
@@ -118,10 +132,12 @@ class World:
         }
         #: The server's TK states: pne_id -> (TK_s, s).
         self.server_tk: dict[str, tuple[bytes, int]] = {}
-        #: Pending establishments by (gw_id, est_id) (the store's).
-        self.pending: dict[tuple[str, bytes], EstablishmentPending] = {}
+        #: Pending establishments by (gw_id, est_id), as the store's records.
+        self.pending: dict[tuple[str, bytes], PendingEstablishment] = {}
         #: The PN inventory: pn_id -> {pne_id: status}.
         self.inventory: dict[str, dict[str, ErrorCode]] = {}
+        #: The same, as the store's PNMember records.
+        self.members: dict[str, dict[str, PNMember]] = {}
         self.gw_tk: dict[str, GatewayTKHolding] = {}
         self.gw_local: dict[tuple[str, str], bytes] = {}
         self.pnes: dict[str, PNEHolder] = {}
@@ -170,7 +186,7 @@ class World:
     def _apply_server(self, events: Iterable[Event]) -> None:
         for event in events:
             if isinstance(event, EstablishmentPending):
-                self.pending[(event.gw_id, event.est_id)] = event
+                self.pending[(event.gw_id, event.est_id)] = event.to_record()
             elif isinstance(event, TKAdvanced):
                 _, step = self.server_tk[event.pne_id]
                 entity = self.entities[event.pne_id]
@@ -182,6 +198,9 @@ class World:
                 del self.pending[(event.gw_id, event.est_id)]
                 pn = self.inventory.setdefault(event.pn_id, {})
                 pn.update({r.pne_id: r.status for r in event.results})
+                self.members.setdefault(event.pn_id, {}).update(
+                    {m.pne_id: m for m in event.members()}
+                )
 
     def _apply_gateway(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -272,13 +291,8 @@ class World:
 
         for _ in range(10_000):
             while queue:
-                message = queue.popleft()
-                if tamper is not None:
-                    changed = tamper(message)
-                    if changed is None:
-                        continue
-                    message = changed
-                deliver(message)
+                for message in _tampered(queue.popleft(), tamper):
+                    deliver(message)
             if gateway.terminal:
                 break
             waiting = gateway.awaiting()
@@ -296,13 +310,8 @@ class World:
         else:  # pragma: no cover - a livelock would be a bug
             raise AssertionError("the establishment did not end")
         while queue:  # the PN GW's last messages
-            message = queue.popleft()
-            if tamper is not None:
-                changed = tamper(message)
-                if changed is None:
-                    continue
-                message = changed
-            deliver(message)
+            for message in _tampered(queue.popleft(), tamper):
+                deliver(message)
         return outcome
 
     def _serve(
@@ -313,6 +322,8 @@ class World:
     ) -> list[Message]:
         """One HTTP exchange: a fresh server machine each time, built from stored facts."""
         machine: ServerSetup | ServerCompletion
+        if not isinstance(message, PNEstablishRequest | AuthenticateResponse):
+            return []  # the HTTP layer answers other types with an ErrorMessage: dropped here
         if isinstance(message, PNEstablishRequest):
             if setup_tamper is not None:
                 message = setup_tamper(message)
@@ -324,11 +335,10 @@ class World:
                 now=self.now,
             )
         else:
-            assert isinstance(message, AuthenticateResponse)
             machine = ServerCompletion(
                 server_id=SERVER_ID,
                 requester=GW_ID,
-                pending=self.pending.get((message.src, message.est_id)),
+                pending=_from_store(self.pending.get((message.src, message.est_id))),
                 lookups=self.lookups(),
                 now=self.now,
             )

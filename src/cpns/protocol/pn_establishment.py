@@ -85,7 +85,16 @@ from cpns.protocol.pne_auth import (
     seal_local_eukey,
     verify_proof,
 )
-from cpns.records import EntityRecord
+from cpns.records import (
+    FLOW_NONE,
+    FLOW_RAND_HASH,
+    FLOW_TK,
+    MEMBER,
+    EntityRecord,
+    PendingEntry,
+    PendingEstablishment,
+    PNMember,
+)
 from cpns.types import EntityKind, Random
 
 __all__ = [
@@ -112,6 +121,7 @@ __all__ = [
     "ServerSetup",
     "ServerSetupState",
     "TKAdvanced",
+    "flow_from_name",
     "flow_name",
 ]
 
@@ -126,14 +136,24 @@ _OK: Final = ErrorCode.OK
 _AF: Final = ErrorCode.AUTHENTICATION_FAILED
 
 
-#: How the store and the PN inventory write a flow.
-_FLOW_NAMES: Final = {AuthFlow.RAND_HASH: "rand-hash", AuthFlow.TK: "tk", AuthFlow.LOCAL: "local"}
+#: How the store and the PN inventory write a flow (cpns.records.FLOW_*).
+_FLOW_NAMES: Final = {AuthFlow.RAND_HASH: FLOW_RAND_HASH, AuthFlow.TK: FLOW_TK}
 
 
 def flow_name(flow: AuthFlow | None) -> str:
     """The flow as the store and the PN inventory write it: "rand-hash", "tk", or "" (none
     chosen: the PNE was refused first)."""
-    return _FLOW_NAMES[flow] if flow is not None else ""
+    return _FLOW_NAMES[flow] if flow is not None else FLOW_NONE
+
+
+def flow_from_name(name: str) -> AuthFlow | None:
+    """The inverse of :func:`flow_name`; ValueError for a name the store never writes."""
+    for flow, text in _FLOW_NAMES.items():
+        if text == name:
+            return flow
+    if name == FLOW_NONE:
+        return None
+    raise ValueError(f"unknown flow {name!r}")
 
 
 def _ctx(pn_id: str, gw_id: str, server_id: str, pne_id: str) -> AuthContext:
@@ -190,6 +210,56 @@ class EstablishmentPending(Event):
     def entry(self, pne_id: str) -> PendingPNE | None:
         """The entry of ``pne_id``, or None."""
         return next((e for e in self.entries if e.pne_id == pne_id), None)
+
+    def to_record(self) -> PendingEstablishment:
+        """The store's record of this pending establishment."""
+        return PendingEstablishment(
+            gw_id=self.gw_id,
+            est_id=self.est_id,
+            pn_id=self.pn_id,
+            rand_server=self.rand_server,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            entries=tuple(
+                PendingEntry(
+                    pne_id=e.pne_id,
+                    rand_pne=e.rand_pne,
+                    flow=flow_name(e.flow),
+                    local_eukey=e.local_eukey,
+                    tk_step=e.tk_step,
+                    key_index=e.key_index,
+                    status=e.status.name,
+                )
+                for e in self.entries
+            ),
+        )
+
+    @classmethod
+    def from_record(cls, record: PendingEstablishment) -> EstablishmentPending:
+        """Back from the store's record (what :class:`ServerCompletion` is built from).
+
+        Raises: ValueError: a flow or status name this code does not know.
+        """
+        return cls(
+            gw_id=record.gw_id,
+            est_id=record.est_id,
+            pn_id=record.pn_id,
+            rand_server=record.rand_server,
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            entries=tuple(
+                PendingPNE(
+                    pne_id=e.pne_id,
+                    rand_pne=e.rand_pne,
+                    status=ErrorCode[e.status],
+                    flow=flow_from_name(e.flow),
+                    local_eukey=e.local_eukey,
+                    tk_step=e.tk_step,
+                    key_index=e.key_index,
+                )
+                for e in record.entries
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,6 +319,19 @@ class PNEstablished(Event):
     at: int
     #: Every PNE of the establishment (refused ones included), in request order.
     results: tuple[PNEResult, ...]
+
+    def members(self) -> tuple[PNMember, ...]:
+        """The results as the PN inventory records them (``WriteTx.record_pn``): status
+        "member" for a PNE that joined, else its ErrorCode name."""
+        return tuple(
+            PNMember(
+                pne_id=r.pne_id,
+                flow=flow_name(r.flow),
+                status=MEMBER if r.joined else r.status.name,
+                at=self.at,
+            )
+            for r in self.results
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -785,10 +868,8 @@ class ServerCompletion(Machine[ServerCompletionState]):
                 eukeys=entity.eukeys,
                 key_index=entity.key_index,
                 run=run,
-                # The AN is not needed to check the proof: only (t, i) of the challenge.
-                challenge=tk_auth.TKChallenge(
-                    tk_step=entry.tk_step, key_index=entry.key_index, an=b""
-                ),
+                challenge_step=entry.tk_step,
+                challenge_index=entry.key_index,
                 sealed_eukey=proof.sealed_eukey,
                 proof_index=proof.key_index,
             )
@@ -922,7 +1003,20 @@ class GatewayEstablishment(Machine[GatewayState]):
 
     def receive(self, message: Message) -> list[Event]:
         """Feed one message; the handler may move on further than the table's default
-        (all PNEs answered) or stay (more answers awaited)."""
+        (all PNEs answered) or stay (more answers awaited).
+
+        A PAN message that does not fit the current state (a retransmitted SETUP Request,
+        a late answer, a message of another transaction) is ignored rather than failing
+        the whole establishment: one PNE cannot end the establishment of the others. Only
+        the server's messages, and the originator's first one, follow the table strictly.
+        """
+        self._check_live()
+        if (
+            (self._state, type(message)) not in self.TRANSITIONS
+            and message.src != self._server_id
+            and self._setup is not None
+        ):
+            return []
         events = super().receive(message)
         jump, self._jump = self._jump, None
         if jump is not None and self._state is not self._failed:

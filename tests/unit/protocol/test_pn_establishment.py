@@ -729,6 +729,29 @@ def test_events_and_records_hide_their_keys() -> None:
     assert repr(local) not in text
 
 
+def test_pending_state_and_inventory_convert_to_the_store_records() -> None:
+    """The store keeps EstablishmentPending as cpns.records.PendingEstablishment and the
+    inventory as PNMember rows: the conversion is exact both ways (refused entries, TK
+    fields and the LocalEUKey included), failures keep their ErrorCode name."""
+    world = eight(20)
+    world.add_rand_hash_pne("pne-bob", owner="bob")
+    outcome = world.establish("pne-r1", RAND_HASH[1:] + TK + ["pne-bob"], local={"pne-r1"})
+    (pending,) = [e for e in outcome.server if isinstance(e, EstablishmentPending)]
+    record = pending.to_record()
+    assert EstablishmentPending.from_record(record) == pending
+    entries = {e.pne_id: e for e in record.entries}
+    assert entries["pne-bob"].status == "POLICY_DENIED"
+    assert entries["pne-bob"].flow == ""
+    assert entries["pne-t1"].flow == "tk"
+    assert entries["pne-t1"].tk_step == 0
+    assert entries["pne-r1"].local_eukey is not None
+    members = world.members[PN_ID]
+    assert members["pne-r1"].status == "member"
+    assert members["pne-r1"].flow == "rand-hash"
+    assert members["pne-bob"].status == "POLICY_DENIED"
+    assert not members["pne-bob"].joined
+
+
 def test_flow_names_are_the_stores() -> None:
     """The PN inventory writes flows as "rand-hash", "tk", or "" when none was chosen."""
     assert [flow_name(f) for f in (AuthFlow.RAND_HASH, AuthFlow.TK, None)] == [
