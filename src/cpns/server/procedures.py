@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from cpns.errors import ErrorCode
-from cpns.messages.constants import AuthFlow
 from cpns.messages.model import (
     AuthenticateRequest,
     AuthenticateResponse,
@@ -49,7 +48,6 @@ from cpns.protocol.key_assignment import (
 from cpns.protocol.pn_establishment import (
     EstablishmentLookups,
     EstablishmentPending,
-    PendingPNE,
     PNEstablished,
     ServerCompletion,
     ServerSetup,
@@ -57,13 +55,7 @@ from cpns.protocol.pn_establishment import (
     flow_name,
 )
 from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
-from cpns.records import (
-    MEMBER,
-    EntityRecord,
-    PendingEntry,
-    PendingEstablishment,
-    PNMember,
-)
+from cpns.records import EntityRecord
 from cpns.store.base import ServerStore, WriteTx
 from cpns.types import EntityKind, Random
 
@@ -240,61 +232,9 @@ def _setup_machine(ctx: MachineContext) -> Machine[Any]:
     )
 
 
-_FLOWS: Final = {flow_name(f): f for f in (AuthFlow.RAND_HASH, AuthFlow.TK)}
-
-
-def pending_record(event: EstablishmentPending) -> PendingEstablishment:
-    """The store's record of a pending establishment (what the first half keeps)."""
-    return PendingEstablishment(
-        gw_id=event.gw_id,
-        est_id=event.est_id,
-        pn_id=event.pn_id,
-        rand_server=event.rand_server,
-        created_at=event.created_at,
-        expires_at=event.expires_at,
-        entries=tuple(
-            PendingEntry(
-                pne_id=e.pne_id,
-                rand_pne=e.rand_pne,
-                flow=flow_name(e.flow),
-                local_eukey=e.local_eukey,
-                tk_step=e.tk_step,
-                key_index=e.key_index,
-                status=e.status.name,
-            )
-            for e in event.entries
-        ),
-    )
-
-
-def pending_state(record: PendingEstablishment) -> EstablishmentPending:
-    """The machine's view of a stored pending establishment (the inverse of
-    :func:`pending_record`)."""
-    return EstablishmentPending(
-        gw_id=record.gw_id,
-        est_id=record.est_id,
-        pn_id=record.pn_id,
-        rand_server=record.rand_server,
-        created_at=record.created_at,
-        expires_at=record.expires_at,
-        entries=tuple(
-            PendingPNE(
-                pne_id=e.pne_id,
-                rand_pne=e.rand_pne,
-                status=ErrorCode[e.status],
-                flow=_FLOWS.get(e.flow),
-                local_eukey=e.local_eukey,
-                tk_step=e.tk_step,
-                key_index=e.key_index,
-            )
-            for e in record.entries
-        ),
-    )
-
-
 def _setup_persist(tx: WriteTx, event: Event, now: int) -> None:
     if isinstance(event, EstablishmentPending):
-        tx.put_establishment(pending_record(event))
+        tx.put_establishment(event.to_record())
 
 
 def _complete_load(
@@ -306,7 +246,7 @@ def _complete_load(
     if authenticated is None:
         return None
     record = store.get_establishment(authenticated, message.est_id)
-    return None if record is None else pending_state(record)
+    return None if record is None else EstablishmentPending.from_record(record)
 
 
 def _complete_machine(ctx: MachineContext) -> Machine[Any]:
@@ -325,25 +265,12 @@ def _complete_persist(tx: WriteTx, event: Event, now: int) -> None:
         # 000 N1: the TK ratchet and the chain index advance only on a verified proof,
         # each a compare and set against the values it was checked with.
         tx.set_tk_state(event.pne_id, event.tk, event.tk_step, expected_step=event.expected_step)
-        tx.set_key_index(event.pne_id, event.key_index, expected_index=event.expected_index)
+        if event.key_index != event.expected_index:  # the same at the chain's end
+            tx.set_key_index(event.pne_id, event.key_index, expected_index=event.expected_index)
     elif isinstance(event, PNEstablished):
         # Compare and set: of two copies finishing one establishment, one commits.
         tx.delete_establishment(event.gw_id, event.est_id)
-        tx.record_pn(
-            event.pn_id,
-            event.gw_id,
-            event.owner,
-            event.at,
-            [
-                PNMember(
-                    pne_id=r.pne_id,
-                    flow=flow_name(r.flow),
-                    status=MEMBER if r.joined else r.status.name,
-                    at=event.at,
-                )
-                for r in event.results
-            ],
-        )
+        tx.record_pn(event.pn_id, event.gw_id, event.owner, event.at, event.members())
 
 
 def _challenged(reply: Message) -> tuple[PNEOutcome, ...]:
