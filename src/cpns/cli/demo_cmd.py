@@ -160,12 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         server_view = json.loads(
             net.cpns("admin", "entity", "list", "--json", "--data-dir", str(net.server_dir)).stdout
         )
-        gw_view = json.loads(
-            net.cpns("gateway", "status", "--data-dir", str(net.gateway_dir())).stdout
-        )
-        dev_view = json.loads(
-            net.cpns("device", "status", "--data-dir", str(net.device_dir(pne_id))).stdout
-        )
+        gw_view = pn_gateway
         audit = [
             json.loads(line)
             for line in net.cpns(
@@ -219,15 +214,30 @@ def _run(args: argparse.Namespace) -> int:
         f"server {gw_view.get('server_url')}",
     )
     for p in gw_view.get("pnes", []):
-        table.add_row(
-            "PN GW",
-            f"{p['pne_id']}: TK + EUKey set stored, EUKey_{p['key_index']} {p['stage']}",
+        pns = ", ".join(m["pn_id"] for m in p.get("pns", []))
+        held = (
+            f"TK + EUKey set stored, EUKey_{p['key_index']} {p['stage']}"
+            f"{', TK step ' + str(p['tk_step']) if p.get('tk_step') else ''}"
+            if p["stage"] != "none"
+            else "no key set (enrolled with UI: the PN GW holds none of its keys)"
         )
-    table.add_row(
-        "PNE",
-        f"{dev_view.get('entity_id')}: EUKey_{dev_view.get('key_index')} "
-        f"from {dev_view.get('gateway_id')}",
-    )
+        table.add_row("PN GW", f"{p['pne_id']}: {held}{'; PN ' + pns if pns else ''}")
+    for name, view in pn_devices.items():
+        tk_flow = (
+            f", TK flow at step {view['tk_step']} with EUKey_{view['tk_key_index']}"
+            if "tk_step" in view
+            else ""
+        )
+        pns = "; ".join(
+            f"PN {m['pn_id']} {m['status']} ({m['flow']}, session key"
+            f"{', LocalEUKey + local session key' if m['local_session'] else ''})"
+            for m in view.get("pns", [])
+        )
+        table.add_row(
+            "PNE",
+            f"{name}: credential {view.get('credential')}, EUKey_{view.get('key_index')}"
+            f"{tk_flow}; {pns}",
+        )
     console.print(table)
     pn_table = Table(
         "party", "PNE", "credential", "flow", "outcome", title=f"PN {pn_id}: each party's view"
