@@ -90,6 +90,8 @@ log = logging.getLogger("cpns.gateway")
 
 #: Times a run sends the same upstream message when the server link failed every try.
 _UPSTREAM_ROUNDS: Final = 2
+#: Finished runs remembered (a repeated SETUP Request of one of them is not run again).
+_KEEP_FINISHED: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,7 @@ class PNEstablishmentCoordinator:
                     message.txid.hex(),
                 )
             return True  # running: its answer comes; ended: the PNE was answered
+        self._forget_finished()
         machine = GatewayEstablishment(
             gw_id=self._gateway_id,
             gw_eukey=self._require_eukey(),
@@ -267,6 +270,11 @@ class PNEstablishmentCoordinator:
         run.inbox.put_nowait(message)
         self._spawn(self._drive(run))
         return True
+
+    def _forget_finished(self) -> None:
+        finished = [k for k, r in self._runs.items() if r.done.is_set()]
+        for key in finished[: max(0, len(finished) - _KEEP_FINISHED)]:
+            del self._runs[key]
 
     # -- lookups the machines use ------------------------------------------------------------
 
