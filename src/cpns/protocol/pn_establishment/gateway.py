@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from cpns.crypto.keywrap import NONCE_LEN
 from cpns.errors import (
@@ -89,6 +89,11 @@ class _Slot:
     result: AuthResult | None = None
 
 
+#: The server's replies: out of turn, they fail the establishment (they come from the
+#: upstream link only, in answer to the PN GW's own requests).
+_UPSTREAM: Final = (AuthenticateRequest, PNEstablishResponse)
+
+
 def _outcome(slot: _Slot) -> ErrorCode:
     """A PNE's outcome as reported to the PNEs (undecided at the end: not authenticated)."""
     return slot.outcome if slot.outcome is not None else _AF
@@ -166,12 +171,13 @@ class GatewayEstablishment(Machine[GatewayState]):
         A PAN message that does not fit the current state (a retransmitted SETUP Request,
         a late answer, a message of another transaction) is ignored rather than failing
         the whole establishment: one PNE cannot end the establishment of the others. Only
-        the server's messages, and the originator's first one, follow the table strictly.
+        the server's replies (which the I/O layer feeds from the upstream link alone) and
+        the originator's first message follow the table strictly.
         """
         self._check_live()
         if (
             (self._state, type(message)) not in self.TRANSITIONS
-            and message.src != self._server_id
+            and not isinstance(message, _UPSTREAM)
             and self._setup is not None
         ):
             return []
