@@ -1212,9 +1212,41 @@ def render_example(vectors: dict[str, Any]) -> str:
         f"ack proof     = {a['ack_proof']['tag']}",
         f"PAN frame header: {len(a['ack']['cbor']) // 2:08x}",
         *_hex_block("EUKeyAssignmentAck, PAN payload", a["ack"]["cbor"]),
+        "",
+        *_establishment_example(vectors["establishment_002"]),
         "```",
     ]
     return "\n".join(out) + "\n"
+
+
+def _establishment_example(e: dict[str, Any]) -> list[str]:
+    """The PN Establishment part of the worked example (section 8.10 values, two messages)."""
+    by_name = {m["name"]: m for m in e["messages"]}
+    out = [
+        "== 002 PN Establishment: two PNEs (rand/hash), the originator with a LocalEUKey ==",
+        f"inputs: PN {e['inputs']['pn_id']!r}, est_id {e['inputs']['est_id']}, "
+        f"rand_server {e['inputs']['rand_server']}",
+    ]
+    for pne, v in zip(e["inputs"]["pnes"], e["rand_hash"], strict=True):
+        out += [
+            f"{pne['pne_id']}: EUKey {pne['eukey']}, rand_PNE {pne['rand_pne']}",
+            f"  SK          = {v['sk']['key']}",
+            f"  hash_PNE    = {v['hash_pne']['tag']}",
+            f"  hash_server = {v['hash_server']['tag']}",
+        ]
+    out += [
+        f"LocalEUKey    = {e['inputs']['local_eukey']}",
+        *_hex_block("its copy for the PNE", e["local_eukey_copy_pne"]["blob"]),
+        *_hex_block("its copy for the PN GW", e["local_eukey_copy_gw"]["blob"]),
+        *_hex_block("PNEstablishRequest, POST body", by_name["pn_establish_request"]["cbor"]),
+        *_hex_block("AuthenticateResponse, POST body", by_name["authenticate_response"]["cbor"]),
+        *_hex_block("PNEstablishResponse, 200 body", by_name["pn_establish_response"]["cbor"]),
+        "LocalEUKey authentication that follows (K = LocalEUKey):",
+        f"  SK          = {e['local_auth']['rand_hash']['sk']['key']}",
+        f"  hash_PNE    = {e['local_auth']['rand_hash']['hash_pne']['tag']}",
+        f"  hash_GW     = {e['local_auth']['rand_hash']['hash_server']['tag']}",
+    ]
+    return out
 
 
 _ENTITY_IDS = """\

@@ -66,8 +66,6 @@ class _PNEBase(Machine[PNEState]):
     """What both PNE roles do on the AUTHENTICATE Request and on the final message."""
 
     HOP: ClassVar[str] = "device"
-    #: The final message of the role (SETUP Response or PNEstablishmentNotify).
-    RESULT: ClassVar[type[Message]]
 
     def __init__(
         self,
@@ -252,8 +250,6 @@ class OriginatingPNE(_PNEBase):
     state (003 chain); either may be None. ``server_id`` is the CPNS Server it trusts.
     """
 
-    RESULT: ClassVar[type[Message]] = PNSetupResponse
-
     def __init__(
         self,
         *,
@@ -340,8 +336,6 @@ class OriginatingPNE(_PNEBase):
 class InvitedPNE(_PNEBase):
     """An invited PNE (002 §7.5.4.1): answers the PN GW's invitation with its SETUP
     Response, then the AUTHENTICATE Request, then checks its PNEstablishmentNotify."""
-
-    RESULT: ClassVar[type[Message]] = PNEstablishmentNotify
 
     def __init__(
         self,

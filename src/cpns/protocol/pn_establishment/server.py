@@ -103,6 +103,15 @@ def _check_pn_owner(lookups: EstablishmentLookups, pn_id: str, owner: str) -> No
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    """What the server holds for an admitted PNE: its record, flow and TK state (TK)."""
+
+    entity: EntityRecord
+    flow: AuthFlow
+    tk: tuple[bytes, int] | None = field(repr=False)
+
+
 class ServerSetup(Machine[ServerSetupState]):
     """CPNS Server on the PN GW's SETUP Request (002 §7.5.4.3 first paragraph, 000 §7.5.3).
 
@@ -146,29 +155,32 @@ class ServerSetup(Machine[ServerSetupState]):
             entries=(),
         )
 
-    def _refusal(self, entry: SetupEntry, gateway: EntityRecord, seen: set[str]) -> ErrorCode:
-        """Why this PNE cannot take part (OK if it can); 002 §7.5.4.3 and our policy."""
+    def _admit(
+        self, entry: SetupEntry, gateway: EntityRecord, seen: set[str]
+    ) -> tuple[ErrorCode, _Credential | None]:
+        """Why this PNE cannot take part, or OK and its credential (one read of the entity
+        and of its TK record per PNE); 002 §7.5.4.3 and our policy (docs/wire.md 3.4)."""
         if entry.pne_id in seen:
-            return ErrorCode.DUPLICATE_PNE
+            return ErrorCode.DUPLICATE_PNE, None
         entity = self._lookups.get_entity(entry.pne_id)
         if entity is None:
-            return ErrorCode.UNKNOWN_ENTITY
+            return ErrorCode.UNKNOWN_ENTITY, None
         if entity.kind is not EntityKind.PNE:
-            return ErrorCode.WRONG_ENTITY_KIND
+            return ErrorCode.WRONG_ENTITY_KIND, None
         if entity.owner != gateway.owner:
-            return ErrorCode.POLICY_DENIED
+            return ErrorCode.POLICY_DENIED, None
         if entity.revoked:
-            return ErrorCode.ENTITY_REVOKED
-        if entity.eukey is None or self._flow(entity) is None:
-            return ErrorCode.UNKNOWN_ENTITY
-        return _OK
-
-    def _flow(self, entity: EntityRecord) -> AuthFlow | None:
-        """TK for a chain assigned through a PN GW (003) with a TK record; rand/hash for an
-        EUKey enrolled with UI (004); None for a 003 chain without TK record."""
+            return ErrorCode.ENTITY_REVOKED, None
+        if entity.eukey is None:
+            return ErrorCode.UNKNOWN_ENTITY, None
+        # TK for a chain assigned through a PN GW (003) with a TK record; rand/hash for an
+        # EUKey enrolled with UI (004); a 003 chain without TK record is no credential.
         if entity.assigned_via is None:
-            return AuthFlow.RAND_HASH
-        return AuthFlow.TK if self._lookups.get_tk_state(entity.entity_id) is not None else None
+            return _OK, _Credential(entity=entity, flow=AuthFlow.RAND_HASH, tk=None)
+        held = self._lookups.get_tk_state(entity.entity_id)
+        if held is None:
+            return ErrorCode.UNKNOWN_ENTITY, None
+        return _OK, _Credential(entity=entity, flow=AuthFlow.TK, tk=held)
 
     def _on_request(self, message: Message) -> list[Event]:
         assert isinstance(message, PNEstablishRequest)
@@ -183,22 +195,19 @@ class ServerSetup(Machine[ServerSetupState]):
         challenges: list[AuthChallenge] = []
         pending: list[PendingPNE] = []
         for entry in message.entries:
-            status = self._refusal(entry, gateway, seen)
+            status, credential = self._admit(entry, gateway, seen)
             if status is ErrorCode.DUPLICATE_PNE:
                 challenges.append(AuthChallenge(pne_id=entry.pne_id, status=status))
                 continue
             seen.add(entry.pne_id)
-            if status is not _OK:
+            if credential is None:
                 challenges.append(AuthChallenge(pne_id=entry.pne_id, status=status))
                 pending.append(
                     PendingPNE(pne_id=entry.pne_id, rand_pne=entry.rand_pne, status=status)
                 )
                 continue
-            entity = self._lookups.get_entity(entry.pne_id)
-            assert entity is not None
-            assert entity.eukey is not None
             challenge, record = self._challenge(
-                message.pn_id, entry, entity, gateway.eukey, est_id, rand_server
+                message.pn_id, entry, credential, gateway.eukey, est_id, rand_server
             )
             challenges.append(challenge)
             pending.append(record)
@@ -230,14 +239,13 @@ class ServerSetup(Machine[ServerSetupState]):
         self,
         pn_id: str,
         entry: SetupEntry,
-        entity: EntityRecord,
+        credential: _Credential,
         gateway_eukey: bytes,
         est_id: bytes,
         rand_server: bytes,
     ) -> tuple[AuthChallenge, PendingPNE]:
+        entity, flow = credential.entity, credential.flow
         assert entity.eukey is not None
-        flow = self._flow(entity)
-        assert flow is not None
         local = sealed_gw = sealed_pne = None
         if entry.local_eukey:
             # 002 §7.5.4.3: a distinct LocalEUKey per PNE, one copy under each EUKey.
@@ -260,10 +268,8 @@ class ServerSetup(Machine[ServerSetupState]):
                 )
             )
         an = tk_step = key_index = None
-        if flow is AuthFlow.TK:
-            held = self._lookups.get_tk_state(entry.pne_id)
-            assert held is not None
-            tk, step = held
+        if credential.tk is not None:
+            tk, step = credential.tk
             run = _tk_run(
                 pn_id,
                 self._requester,
