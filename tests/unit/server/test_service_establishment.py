@@ -313,7 +313,8 @@ def test_a_replayed_authenticate_response_gets_the_stored_reply_another_is_unkno
     store: MemoryStore,
 ) -> None:
     """DESIGN §5 and our rule: the same AUTHENTICATE Response again (same txid, same
-    bytes) gets the stored SETUP Response byte for byte; a different one for the finished
+    bytes) gets the stored SETUP Response byte for byte, its txid with other content is a
+    REPLAY; a different one for the finished
     establishment (another txid), one for an est_id never issued, and one after the
     pending state expired get UNKNOWN_ESTABLISHMENT and change nothing."""
     now = [FIXED_NOW]
@@ -338,6 +339,7 @@ def test_a_replayed_authenticate_response_gets_the_stored_reply_another_is_unkno
         return reply.status
 
     assert status(dataclasses.replace(sent, txid=bytes(16))) is ErrorCode.UNKNOWN_ESTABLISHMENT
+    assert status(dataclasses.replace(sent, entries=sent.entries[:1])) is ErrorCode.REPLAY
     assert (
         status(dataclasses.replace(sent, txid=bytes([1]) * 16, est_id=bytes(16)))
         is ErrorCode.UNKNOWN_ESTABLISHMENT
