@@ -157,8 +157,9 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_with_the_real_server(running: N
     """002 §7.5.4.2-3 and 000 §7.5.2-3 over HTTPS + Digest: 4 PNEs with a 003 chain (TK
     flow) and 4 enrolled with UI (rand/hash flow, one through the PN GW's relay) establish
     one PN; every PNE checks the server's answer and joins; the LocalEUKey one PNE asked
-    for reaches it and the PN GW alike; ``cpns admin pn show`` lists the 8 members with
-    their flows, and the server's TK state of each TK PNE moved one step."""
+    for reaches it and the PN GW alike, and no key reaches the server's log; ``cpns admin
+    pn show`` lists the 8 members with their flows, and the server's TK state of each TK
+    PNE moved one step."""
     client = _credentials(running, TK_PNES, UI_PNES)
     everyone = (*UI_PNES, *TK_PNES)
     run = _establish(running, client, everyone[0], everyone[1:], local=("ui-2", "pne-3"))
@@ -166,10 +167,20 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_with_the_real_server(running: N
     assert run.server_status() == dict.fromkeys(everyone, ErrorCode.OK)
     for pne_id in everyone:
         assert run.joined(pne_id) is not None, pne_id
+    secrets = [client.gw_eukey]
     for pne_id in ("ui-2", "pne-3"):
         local = client.devices[pne_id].local_eukey
         assert local is not None
         assert client.local[(pne_id, PN)] == local
+        secrets.append(local)
+    for pne_id in everyone:
+        joined = run.joined(pne_id)
+        assert joined is not None
+        secrets.append(joined.sk)
+    server_log = running.net.log("server")
+    assert "pn-establishment-complete" in server_log or PN in server_log
+    for secret in secrets:  # no key, LocalEUKey or session key in the server's log
+        assert secret.hex() not in server_log
 
     shown = _pn(running)
     assert (shown["gateway_id"], shown["owner"]) == (GW, "alice")
