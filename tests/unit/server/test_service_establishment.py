@@ -313,7 +313,8 @@ def test_a_replayed_authenticate_response_gets_the_stored_reply_another_is_unkno
     store: MemoryStore,
 ) -> None:
     """DESIGN §5 and our rule: the same AUTHENTICATE Response again (same txid, same
-    bytes) gets the stored SETUP Response byte for byte; a different one for the finished
+    bytes) gets the stored SETUP Response byte for byte, its txid with other content is a
+    REPLAY; a different one for the finished
     establishment (another txid), one for an est_id never issued, and one after the
     pending state expired get UNKNOWN_ESTABLISHMENT and change nothing."""
     now = [FIXED_NOW]
@@ -338,6 +339,7 @@ def test_a_replayed_authenticate_response_gets_the_stored_reply_another_is_unkno
         return reply.status
 
     assert status(dataclasses.replace(sent, txid=bytes(16))) is ErrorCode.UNKNOWN_ESTABLISHMENT
+    assert status(dataclasses.replace(sent, entries=sent.entries[:1])) is ErrorCode.REPLAY
     assert (
         status(dataclasses.replace(sent, txid=bytes([1]) * 16, est_id=bytes(16)))
         is ErrorCode.UNKNOWN_ESTABLISHMENT
@@ -509,3 +511,25 @@ def test_an_exhausted_chain_still_authenticates_and_asks_for_reassignment() -> N
     assert tk is not None
     assert entity is not None
     assert (tk.tk_step, entity.key_index) == (1, 2)
+
+
+def test_only_an_enrolled_pn_gw_may_start_an_establishment(store: MemoryStore) -> None:
+    """002 §7.5.4.2 (the PN GW sends the SETUP Request): a Digest-authenticated PNE that
+    sends one as if it were a PN GW is refused as a whole with NOT_AUTHORIZED; nothing is
+    pending and no PN is recorded."""
+    svc = _service(store)
+    pretender = PNGateway(
+        gw_id="rh-4",
+        gw_eukey=_key("rh-4"),
+        server_id=SERVER_ID,
+        exchange=service_exchange(svc, "rh-4"),
+        rng=FixedRandom(10),
+    )
+    pretender.add_rand_hash_pne("rh-1", _key("rh-1"))
+    run = asyncio.run(pretender.establish("rh-1", pn_id=PN))
+    request = run.authenticate_request
+    assert request is not None
+    assert request.status is ErrorCode.NOT_AUTHORIZED
+    assert store.get_pn(PN) is None
+    rows = [(e.procedure, e.actor, e.outcome) for e in store.audit_events()]
+    assert (SETUP, "rh-4", "NOT_AUTHORIZED") in rows
