@@ -71,6 +71,8 @@ class ServerDouble:
         self.lose_replies = 0
         #: Fail every exchange before it reaches the server.
         self.unreachable = False
+        #: Answer with a reply to another transaction (a forged or misrouted reply).
+        self.wrong_txid = False
 
     async def exchange(self, message: Message) -> Message:
         if self.unreachable:
@@ -84,6 +86,8 @@ class ServerDouble:
         if self.lose_replies:
             self.lose_replies -= 1
             raise TransportError("reply lost")
+        if self.wrong_txid:
+            reply = replace(reply, txid=bytes(16))
         return decode(encode(reply))
 
     def _lookups(self) -> EstablishmentLookups:

@@ -201,6 +201,24 @@ def test_unreachable_server_tells_every_pne(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_reply_to_another_transaction_ends_the_run(tmp_path: Path) -> None:
+    """A server reply that does not answer the pending upstream request is ignored by the
+    machine; nothing else comes on that exchange, so the PN GW ends the run at once with
+    UPSTREAM_UNAVAILABLE and tells every PNE (no TK state moved)."""
+
+    async def scenario() -> None:
+        world = GatewayWorld(tmp_path)
+        origin = world.add_ui_pne("pne-0")
+        world.add_tk_pne("pne-1")
+        world.server.wrong_txid = True
+        result = await origin.establish("pn-1", ["pne-1"])
+        await world.settle()
+        assert result.status == "UPSTREAM_UNAVAILABLE"
+        assert world.ledger.get("pne-1").tk_state is None
+
+    run(scenario())
+
+
 def test_exhausted_chain_joins_and_queues_a_reassignment(tmp_path: Path) -> None:
     """000 with our resync rule: a TK PNE at the last key of its chain joins with it; the
     server sets reassign and the PN GW queues a 003 re-assignment in the PNE's record."""

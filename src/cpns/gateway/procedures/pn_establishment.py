@@ -365,11 +365,19 @@ class PNEstablishmentCoordinator:
                     reply = await self._exchange(run, message)
                     if machine.terminal:
                         continue
+                    before = machine.state
                     events = (
                         machine.receive(reply)
                         if isinstance(reply, Message)
                         else machine.fail(ErrorCode.UPSTREAM_UNAVAILABLE, reply)
                     )
+                    if not machine.terminal and machine.state is before:
+                        # The machine ignored a reply that does not answer the request:
+                        # nothing else will come on this exchange.
+                        events += machine.fail(
+                            ErrorCode.UPSTREAM_UNAVAILABLE,
+                            "the server's reply does not answer the request",
+                        )
                     if persist:
                         await self._apply(run, events)
                     continue
