@@ -183,10 +183,11 @@ class PNEstablishmentCoordinator:
 
     # -- what the PAN side hands over ------------------------------------------------------
 
-    async def _own(self, link: Link, message: Message) -> bool:
+    async def _own(self, link: Link, message: Message, *, log_it: bool = True) -> bool:
         """Whether ``message`` names the link's PNE (else: a peer fault, the link ends)."""
         if message.src == link.pne_id:
-            log_hop(log, "received", message, "pne")
+            if log_it:
+                log_hop(log, "received", message, "pne")
             return True
         log_hop(log, "received", message, "pne", level=logging.DEBUG)
         self._pan.peer_fault(link, f"{message.TYPE.name} for another PNE", message.src)
@@ -236,17 +237,21 @@ class PNEstablishmentCoordinator:
         """An invited PNE's SETUP Response, or a PNE's AUTHENTICATE Response: to the run
         that sent the request it answers (by txid); anything else is ignored."""
         assert isinstance(message, PNInviteResponse | PNEAuthenticateResponse)
-        if not await self._own(link, message):
+        if not await self._own(link, message, log_it=False):
             return False
         run = self._by_txid.get(message.txid)
         if run is None or run.done.is_set():
-            log.info(
-                "%s from %s (txid %s) answers no running establishment: ignored",
-                message.TYPE.name,
-                message.src,
-                message.txid.hex(),
-            )
+            # Late or unsolicited: at DEBUG, and one budgeted line (D-PAN-4).
+            log_hop(log, "received", message, "pne", level=logging.DEBUG)
+            if self._pan.log_allowed():
+                log.info(
+                    "%s from %s (txid %s) answers no running establishment: ignored",
+                    message.TYPE.name,
+                    message.src,
+                    message.txid.hex(),
+                )
             return True
+        log_hop(log, "received", message, "pne")
         run.inbox.put_nowait(message)
         return True
 
