@@ -387,6 +387,10 @@ class GatewayDaemon:
                 "host": self._config.pan_host,
                 "port": self.pan_port if self.pan.listening else None,
             },
+            running_establishments=[
+                {"pn_id": pn_id, "originator": pne_id}
+                for pn_id, pne_id in self.establishments.running()
+            ],
             establishments=[
                 {
                     "pn_id": o.pn_id,

@@ -219,6 +219,27 @@ def test_a_reply_to_another_transaction_ends_the_run(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_one_running_establishment_per_originator(tmp_path: Path) -> None:
+    """Our rule (bounded resources): while a PNE's establishment runs, another SETUP
+    Request of the same PNE is refused TOO_MANY_ATTEMPTS; the first one goes on."""
+
+    async def scenario() -> None:
+        world = GatewayWorld(tmp_path, answer_timeout=0.3)
+        origin = world.add_ui_pne("pne-0")
+        world.add_ui_pne("pne-1")
+        world.silent.add("pne-1")  # keeps the first establishment waiting
+        first = asyncio.ensure_future(origin.establish("pn-1", ["pne-1"]))
+        while not world.gateway.running():
+            await asyncio.sleep(0.01)
+        second = await origin.establish("pn-2", [])
+        assert second.status == "TOO_MANY_ATTEMPTS"
+        result = await first
+        await world.settle()
+        assert _statuses(result) == {"pne-0": "OK", "pne-1": "TIMEOUT"}
+
+    run(scenario())
+
+
 def test_exhausted_chain_joins_and_queues_a_reassignment(tmp_path: Path) -> None:
     """000 with our resync rule: a TK PNE at the last key of its chain joins with it; the
     server sets reassign and the PN GW queues a 003 re-assignment in the PNE's record."""

@@ -7,7 +7,8 @@ one :class:`~cpns.protocol.local_auth.LocalAuthGateway` per local authentication
 PAN side, the server link and the PNE records. It reads as the seed section:
 
 1. The originating PNE's SETUP Request (:class:`PNSetupRequest`) arrives on its PAN link
-   (its ``src`` must be the link's PNE). A run starts, in the request's flow.
+   (its ``src`` must be the link's PNE). A run starts, in the request's flow (one per
+   originating PNE at a time: another is refused ``TOO_MANY_ATTEMPTS``).
 2. The PN GW sends a PN_INVITE (the PN GW's SETUP Request to an invited PNE) to each
    invited PNE on its PAN link; an invited PNE that is not attached, or does not answer
    within ``answer_timeout``, is reported to the machine as ``TIMEOUT`` and the others go
@@ -69,6 +70,7 @@ from cpns.messages.model import (
     PNInvite,
     PNInviteResponse,
     PNSetupRequest,
+    PNSetupResponse,
 )
 from cpns.protocol import tk_auth
 from cpns.protocol._machine import Event, ProcedureFailed
@@ -169,6 +171,10 @@ class PNEstablishmentCoordinator:
         self._eukey, self._upstream = eukey, upstream
         self.routes = pn_routes(self._ledger.records)
 
+    def running(self) -> list[tuple[str, str]]:
+        """(PN ID, originating PNE) of every establishment running now."""
+        return [(r.pn_id, r.originator) for r in self._runs.values() if not r.done.is_set()]
+
     async def wait_idle(self) -> None:
         """Wait until no establishment or local authentication is running."""
         while self._tasks:
@@ -211,6 +217,26 @@ class PNEstablishmentCoordinator:
                     message.txid.hex(),
                 )
             return True  # running: its answer comes; ended: the PNE was answered
+        if any(r.originator == message.src and not r.done.is_set() for r in self._runs.values()):
+            # One establishment per originating PNE at a time: a PNE cannot make the PN GW
+            # (and the server) run many at once.
+            log.info(
+                "PN %s: %s already originates a running establishment: refused",
+                message.pn_id,
+                message.src,
+            )
+            await link.send(
+                PNSetupResponse(
+                    txid=message.txid,
+                    src=self._gateway_id,
+                    dst=message.src,
+                    pn_id=message.pn_id,
+                    flow=message.flow,
+                    status=ErrorCode.TOO_MANY_ATTEMPTS,
+                    members=(),
+                )
+            )
+            return True
         self._forget_finished()
         machine = GatewayEstablishment(
             gw_id=self._gateway_id,
