@@ -122,6 +122,27 @@ def test_a_pne_asking_for_a_local_eukey_authenticates_with_its_gateway(tmp_path:
     run(scenario())
 
 
+def test_an_invited_pne_asking_for_a_local_eukey_authenticates_too(tmp_path: Path) -> None:
+    """002 §7.5.4.1: an invited PNE indicates its LocalEUKey need in its SETUP Response;
+    after the establishment it authenticates with the PN GW using the LocalEUKey ("7.5.5")
+    and both store the session key."""
+
+    async def scenario() -> None:
+        world = GatewayWorld(tmp_path)
+        origin = world.add_ui_pne("pne-0")
+        world.add_tk_pne("pne-1", want_local_eukey=True)
+        result = await origin.establish("pn-1", ["pne-1"])
+        await world.settle()
+        assert _statuses(result) == {"pne-0": "OK", "pne-1": "OK"}
+        entry = world.holders["pne-1"].data["pns"]["pn-1"]
+        membership = world.ledger.get("pne-1").membership("pn-1")
+        assert membership is not None
+        assert membership.local_sk is not None
+        assert entry["local_sk"] == membership.local_sk
+
+    run(scenario())
+
+
 def test_secure_pan_skips_the_local_authentication(tmp_path: Path) -> None:
     """002 §7.5.4: the LocalEUKey authentication runs only where the PAN is not a Secure
     PAN; on a Secure PAN the LocalEUKey is stored and nothing more happens."""
