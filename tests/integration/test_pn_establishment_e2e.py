@@ -122,6 +122,9 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
         status = net.device_status(pne)
         assert (status["tk_step"], status["tk_key_index"]) == (2, 3)
     assert {p["pne_id"]: p["tk_step"] for p in net.gateway_status()["pnes"]}["pne-t2"] == 2
+    for pne in TK_PNES:  # the server's index of each chain moved with them
+        shown = net.cpns("admin", "entity", "show", pne, "--data-dir", str(net.server_dir))
+        assert json.loads(shown.stdout)["key_index"] == 3
 
     # No key, TK, rand or hash in any log: only IDs, txids and statuses.
     for name in ("gw", "server", origin, "pne-t1"):
