@@ -799,3 +799,23 @@ def test_a_rand_server_from_another_establishment_fails_that_pne() -> None:
     )
     assert outcome.server_status()["pne-r3"] is AF
     check_joined(world, outcome, [p for p in RAND_HASH + TK if p != "pne-r3"])
+
+
+def test_a_forged_server_reply_from_the_pan_is_ignored() -> None:
+    """One PNE cannot end the establishment of the others: a server reply that does not
+    answer the PN GW's pending upstream request (another txid; or out of turn) is ignored,
+    and the real reply is still acted on."""
+    world = eight(23)
+    forged_once: list[bool] = []
+
+    def tamper(message: Message) -> Message | list[Message]:
+        if isinstance(message, AuthenticateRequest) and not forged_once:
+            forged_once.append(True)
+            fake = dataclasses.replace(message, txid=b"\x66" * 16, rand_server=FLIP)
+            late = dataclasses.replace(message, entries=())
+            return [fake, message, late]  # a forgery first, the real one, then a copy
+        return message
+
+    outcome = run_eight(world, tamper=tamper)
+    check_joined(world, outcome, RAND_HASH + TK)
+    assert [e for e in outcome.gateway if isinstance(e, ProcedureFailed)] == []

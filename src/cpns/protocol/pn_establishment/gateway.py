@@ -89,8 +89,7 @@ class _Slot:
     result: AuthResult | None = None
 
 
-#: The server's replies: out of turn, they fail the establishment (they come from the
-#: upstream link only, in answer to the PN GW's own requests).
+#: The server's replies: acted on only when they answer the PN GW's own pending request.
 _UPSTREAM: Final = (AuthenticateRequest, PNEstablishResponse)
 
 
@@ -168,19 +167,25 @@ class GatewayEstablishment(Machine[GatewayState]):
         """Feed one message; the handler may move on further than the table's default
         (all PNEs answered) or stay (more answers awaited).
 
-        A PAN message that does not fit the current state (a retransmitted SETUP Request,
-        a late answer, a message of another transaction) is ignored rather than failing
-        the whole establishment: one PNE cannot end the establishment of the others. Only
-        the server's replies (which the I/O layer feeds from the upstream link alone) and
-        the originator's first message follow the table strictly.
+        Once the SETUP Request is in, a message that does not fit the current state (a
+        retransmitted SETUP Request, a late answer, a message of another transaction) is
+        ignored rather than failing the whole establishment: one PNE cannot end the
+        establishment of the others. So is a server reply that does not answer the PN
+        GW's pending upstream request (same txid, from the server, to the PN GW): a PAN
+        peer cannot forge one, since it never sees that txid.
         """
         self._check_live()
-        if (
-            (self._state, type(message)) not in self.TRANSITIONS
-            and not isinstance(message, _UPSTREAM)
-            and self._setup is not None
-        ):
-            return []
+        if self._setup is not None:
+            if (self._state, type(message)) not in self.TRANSITIONS:
+                return []
+            upstream = self._upstream
+            if isinstance(message, _UPSTREAM) and (
+                upstream is None
+                or message.txid != upstream.txid
+                or message.src != upstream.dst
+                or message.dst != upstream.src
+            ):
+                return []
         events = super().receive(message)
         jump, self._jump = self._jump, None
         if jump is not None and self._state is not self._failed:
