@@ -86,6 +86,12 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
         **{p: ("OK", "rand-hash") for p in UI_PNES},
     }
     assert reply["local"] == "OK"
+    # The flow the originator started is carried through the PN GW to the server and to
+    # every invited PNE (docs/logging.md: cpns trace draws it).
+    flow = f"flow={reply['flow_id']}"
+    assert flow in net.log("gw")
+    assert flow in net.log("server")
+    assert flow in net.log("pne-t3")
 
     # The server's PN inventory.
     shown = net.cpns("admin", "pn", "show", "pn-home", "--json", "--data-dir", str(net.server_dir))
