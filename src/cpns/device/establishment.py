@@ -390,6 +390,9 @@ class PNEParticipant:
         self._persist(events)
         await self._flush(machine.messages_to_send())
         self._outcomes(machine, events)
+        if machine.terminal:  # nothing more to route to it
+            for txid in [t for t, m in self._by_txid.items() if m is machine]:
+                del self._by_txid[txid]
 
     async def _flush(self, messages: list[Message]) -> None:
         send = self._send
