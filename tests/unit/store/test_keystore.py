@@ -237,16 +237,22 @@ def test_short_key_and_bad_name_are_refused(tmp_path: Path) -> None:
 
 
 def test_records_round_trip_and_delete(ks: LocalKeyStore, tmp_path: Path) -> None:
-    """save_record() writes one sealed 0600 file per record in <name>.d; load_records()
-    returns them all by name; delete_record() removes one (a missing one is no error)."""
+    """save_record() goes to the journal and load_records() returns every record by name
+    at once; compaction leaves one sealed 0600 file per record in <name>.d; delete_record()
+    removes one (a missing one is no error)."""
     assert ks.load_records() == {}
     ks.save_record("pne-1", {"tk": b"\x07" * 16})
     ks.save_record("pne-2", {"set": {"eukeys": [b"\x01" * 32]}})
     ks.save_record("pne-1", {"tk": b"\x08" * 16})
-    assert ks.load_records() == {
+    expected = {
         "pne-1": {"tk": b"\x08" * 16},
         "pne-2": {"set": {"eukeys": [b"\x01" * 32]}},
     }
+    assert ks.load_records() == expected
+    ks.close_journal()
+    assert ks.compact_records() == 2
+    assert ks.load_records() == expected
+    assert not list(tmp_path.glob("gateway.journal-*")), "a compacted generation is deleted"
     records = tmp_path / "gateway.d"
     assert mode(records) == 0o700
     assert {p.name: mode(p) for p in records.iterdir()} == {
@@ -257,12 +263,18 @@ def test_records_round_trip_and_delete(ks: LocalKeyStore, tmp_path: Path) -> Non
     ks.delete_record("pne-1")
     ks.delete_record("pne-9")
     assert list(ks.load_records()) == ["pne-2"]
+    ks.close_journal()
+    ks.compact_records()
+    assert list(ks.load_records()) == ["pne-2"]
+    assert [p.name for p in records.iterdir()] == ["pne-2.store"]
     assert ks.load() == {}, "records never touch the main file"
 
 
 def test_a_record_write_leaves_the_other_records_alone(ks: LocalKeyStore, tmp_path: Path) -> None:
     """Writing one PNE's record does not rewrite another's file (same bytes, same inode)."""
     ks.save_record("pne-1", {"tk": b"\x07" * 16})
+    ks.close_journal()
+    ks.compact_records()
     other = tmp_path / "gateway.d" / "pne-1.store"
     before = (other.read_bytes(), other.stat().st_ino)
     ks.save_record("pne-2", {"tk": b"\x09" * 16})
@@ -274,6 +286,8 @@ def test_swapped_records_do_not_open(ks: LocalKeyStore, tmp_path: Path) -> None:
     open (StoreError), so one PNE's keys cannot be passed off as another's."""
     ks.save_record("pne-1", {"tk": b"\x07" * 16})
     ks.save_record("pne-2", {"tk": b"\x09" * 16})
+    ks.close_journal()
+    ks.compact_records()
     records = tmp_path / "gateway.d"
     (records / "pne-1.store").write_bytes((records / "pne-2.store").read_bytes())
     with pytest.raises(StoreError, match="does not open"):
@@ -296,6 +310,8 @@ def test_temp_files_and_strangers_in_the_records_dir_are_ignored(
 ) -> None:
     """A temp file left by a crash mid-write, or a file that is no record, is not loaded."""
     ks.save_record("pne-1", {"tk": b"\x07" * 16})
+    ks.close_journal()
+    ks.compact_records()
     records = tmp_path / "gateway.d"
     (records / ".pne-1.store.0123456789abcdef.tmp").write_bytes(b"half")
     (records / "notes.txt").write_text("hello")
