@@ -22,6 +22,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
+from cpns import metrics
 from cpns.gateway.records import PNERecord
 from cpns.store.keystore import LocalKeyStore
 
@@ -134,6 +135,7 @@ class PNELedger:
                 try:
                     changes = {pne_id: self.get(pne_id).encode() for pne_id in names}
                     await asyncio.to_thread(self._store.commit_records, changes)
+                    metrics.GATEWAY_STORE_COMMIT_BATCH.observe(len(changes))
                 except asyncio.CancelledError:
                     write.cancel()
                     raise

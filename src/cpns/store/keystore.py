@@ -64,7 +64,7 @@ from typing import Any, Final, Self
 
 import cbor2
 
-from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
+from cpns.crypto.keywrap import NONCE_LEN, Sealer
 from cpns.errors import AuthenticationFailed, ConfigurationError, LocalProtocolError, StoreError
 from cpns.messages.constants import ID_PATTERN
 from cpns.store.masterkey import MasterKey, fsync_directory, write_private_file
@@ -143,12 +143,19 @@ class LocalKeyStore:
     #: A journal generation is closed once it holds this many bytes (see compact_records).
     journal_limit: int = DEFAULT_JOURNAL_LIMIT
 
-    def __init__(self, path: Path, key: bytes) -> None:
+    def __init__(
+        self, path: Path, key: bytes, *, _sealers: tuple[Sealer, Sealer] | None = None
+    ) -> None:
         """Bind the store to ``path`` and ``key``; nothing is read or created yet."""
         if len(key) < 16:
             raise LocalProtocolError("a key store key is at least 16 bytes")
         self._path = Path(path)
         self._key = bytes(key)
+        # The sealing keys, derived once (a record store shares its parent's).
+        self._sealer, self._journal_sealer = _sealers or (
+            Sealer(self._key, _PURPOSE),
+            Sealer(self._key, _JOURNAL_PURPOSE),
+        )
         self._lock_fd: int | None = None
         #: Serialises appends to the journal (and choosing which generations are closed).
         self._journal_lock = threading.Lock()
@@ -281,9 +288,7 @@ class LocalKeyStore:
         if not blob.startswith(_MAGIC):
             raise StoreError(f"{self._path} is not a CPNS key store (or its header is damaged)")
         try:
-            plaintext = open_sealed(
-                self._key, blob[len(_MAGIC) :], purpose=_PURPOSE, context=(self._path.name,)
-            )
+            plaintext = self._sealer.open(blob[len(_MAGIC) :], context=(self._path.name,))
         except AuthenticationFailed:
             raise StoreError(
                 f"key store {self._path} does not open: the file is truncated or was altered, "
@@ -313,12 +318,8 @@ class LocalKeyStore:
     def _write(self, data: dict[str, Any], *, sync_directory: bool) -> None:
         _check_value(data, "data")
         plaintext: bytes = cbor2.dumps(data, canonical=True)
-        blob = seal(
-            self._key,
-            plaintext,
-            purpose=_PURPOSE,
-            context=(self._path.name,),
-            nonce=secrets.token_bytes(NONCE_LEN),
+        blob = self._sealer.seal(
+            plaintext, context=(self._path.name,), nonce=secrets.token_bytes(NONCE_LEN)
         )
         try:
             write_private_file(
@@ -337,7 +338,11 @@ class LocalKeyStore:
     def _record(self, name: str) -> LocalKeyStore:
         if ID_PATTERN.fullmatch(name) is None:
             raise LocalProtocolError(f"bad record name {name!r}")
-        return LocalKeyStore(self.records_dir / f"{name}.store", self._key)
+        return LocalKeyStore(
+            self.records_dir / f"{name}.store",
+            self._key,
+            _sealers=(self._sealer, self._journal_sealer),
+        )
 
     def load_records(self) -> dict[str, dict[str, Any]]:
         """Every record, by name (``{}`` if there are none yet): the record files, then
@@ -507,11 +512,8 @@ class LocalKeyStore:
             if end > len(blob):
                 break  # a torn last frame
             try:
-                plaintext = open_sealed(
-                    self._key,
-                    blob[pos + header : end],
-                    purpose=_JOURNAL_PURPOSE,
-                    context=(path.name, seq),
+                plaintext = self._journal_sealer.open(
+                    blob[pos + header : end], context=(path.name, seq)
                 )
             except AuthenticationFailed:
                 if not any(blob[end:]):
@@ -530,10 +532,8 @@ class LocalKeyStore:
         journal = self._journal
         if journal is None:
             journal = self._journal = self._new_generation()
-        blob = seal(
-            self._key,
+        blob = self._journal_sealer.seal(
             plaintext,
-            purpose=_JOURNAL_PURPOSE,
             context=(journal.path.name, journal.seq),
             nonce=secrets.token_bytes(NONCE_LEN),
         )
