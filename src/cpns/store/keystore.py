@@ -32,16 +32,18 @@ none returns before its frame is durable. A frame is sealed under the store key,
 the journal file's name and to its sequence number in the file, so frames cannot be
 reordered, dropped from the middle or moved between files without the journal failing to
 open. A crash can only tear the *last* frame of a journal file (each append waits for the
-previous one's flush); a torn last frame was never acknowledged and is ignored on reading,
-while a damaged frame anywhere else is a :class:`~cpns.errors.StoreError`.
+previous one's flush), leaving a prefix of it, or zeros where its end should be; such a
+torn last frame was never acknowledged and is ignored on reading, while a frame that does
+not open anywhere else is a :class:`~cpns.errors.StoreError`.
 
 The journal comes in *generations*, ``<name>.journal-<n>``: a process appends only to the
 generation it created, and closes it once it holds :attr:`LocalKeyStore.journal_limit`
-bytes; :meth:`LocalKeyStore.compact_records` then folds closed generations, oldest first,
-into the record files (each written atomically as above, the directory fsynced once) and
-only then deletes them. Reading is "record files, then every generation oldest first", so
-a crash at any point of a compaction reads the same records as before it: a file already
-rewritten holds exactly the state the generation still replays on top of it.
+bytes; :meth:`LocalKeyStore.compact_records` then folds the closed generations into the
+record files (each record touched written once, atomically as above, the directory
+fsynced once) and only then deletes them, oldest first. Reading is "record files, then
+every generation oldest first", so a crash at any point of a compaction reads the same
+records as before it: a file already rewritten holds exactly the state that what is left
+of the journal replays on top of it.
 
 The sealing key comes from ``<name>.key`` beside the store (a 0600 file, created with the
 OS CSPRNG on first use by :meth:`LocalKeyStore.open_or_create`) or from the caller.
@@ -420,14 +422,15 @@ class LocalKeyStore:
         return self._compaction_due
 
     def compact_records(self) -> int:
-        """Fold every closed journal generation into the record files, oldest first, and
-        delete it; return the number of records written or removed.
+        """Fold every closed journal generation into the record files and delete them;
+        return the number of records written or removed.
 
         A generation is closed when it is not the one this instance appends to (at
-        start-up: every generation on disk). Each record touched is written once, with its
-        newest state in the generation (atomic file, directory fsynced once per
-        generation); the generation file is deleted only after that. Safe to run while
-        another thread commits.
+        start-up: every generation on disk). Each record touched is written once, with
+        its newest state in those generations (atomic files, the directory fsynced once);
+        only then are the generations deleted, oldest first, so a crash at any point
+        reads the same records (what is left of the journal replays the very states the
+        files already hold). Safe to run while another thread commits.
 
         Raises:
             StoreError: a generation cannot be read or a record file cannot be written;
@@ -438,13 +441,13 @@ class LocalKeyStore:
                 current = self._journal.number if self._journal is not None else None
                 closed = [g for g in self._generations() if current is None or g < current]
                 self._compaction_due = False
-            written = 0
             try:
+                folded: dict[str, dict[str, Any] | None] = {}
                 for generation in closed:
-                    folded: dict[str, dict[str, Any] | None] = {}
                     for frame in self._read_generation(generation):
                         folded.update(frame)
-                    written += self._write_record_files(folded)
+                written = self._write_record_files(folded)
+                for generation in closed:
                     path = self._journal_path(generation)
                     try:
                         path.unlink(missing_ok=True)
@@ -516,8 +519,8 @@ class LocalKeyStore:
                     blob[pos + header : end], context=(path.name, seq)
                 )
             except AuthenticationFailed:
-                if not any(blob[end:]):
-                    break  # the last frame, torn (its tail never reached the disk)
+                if not any(blob[end:]) and (end < len(blob) or blob[-1] == 0):
+                    break  # the last frame, torn: its zero-filled tail never reached the disk
                 raise StoreError(
                     f"key store journal {path} is damaged at byte {pos}: a frame does not "
                     "open (altered, cut in the middle, or sealed under another key or name)"

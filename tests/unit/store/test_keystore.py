@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,228 @@ def test_temp_files_and_strangers_in_the_records_dir_are_ignored(
     (records / ".pne-1.store.0123456789abcdef.tmp").write_bytes(b"half")
     (records / "notes.txt").write_text("hello")
     assert list(ks.load_records()) == ["pne-1"]
+
+
+# -- the journal: group commit of records, torn tails, generations, compaction ---------------
+
+
+def frames_of(path: Path) -> list[bytes]:
+    """The frames of a journal file, split by its documented layout (magic, then per frame
+    a 4-byte big-endian length and the sealed bytes)."""
+    blob = path.read_bytes()
+    assert blob.startswith(b"CPNS-KJ1")
+    pos, frames = 8, []
+    while pos < len(blob):
+        size = int.from_bytes(blob[pos : pos + 4], "big")
+        frames.append(blob[pos : pos + 4 + size])
+        pos += 4 + size
+    return frames
+
+
+def journals(directory: Path) -> list[Path]:
+    return sorted(directory.glob("gateway.journal-*"))
+
+
+def test_one_commit_of_several_records_is_one_durable_frame(
+    ks: LocalKeyStore, tmp_path: Path
+) -> None:
+    """Our rule (docs/deployment.md, group commit): commit_records() writes several records
+    and deletions with one append (one frame) of a 0600 journal; no record is in clear."""
+    ks.save_record("pne-3", {"tk": b"\x03" * 16})
+    ks.commit_records({"pne-1": {"tk": b"\x07" * 16}, "pne-2": {"tk": b"\x09" * 16}, "pne-3": None})
+    assert ks.load_records() == {"pne-1": {"tk": b"\x07" * 16}, "pne-2": {"tk": b"\x09" * 16}}
+    (journal,) = journals(tmp_path)
+    assert mode(journal) == 0o600
+    assert len(frames_of(journal)) == 2
+    assert b"\x07" * 16 not in journal.read_bytes()
+    assert not (tmp_path / "gateway.d").exists(), "no record file before a compaction"
+
+
+def test_a_torn_last_frame_is_ignored(ks: LocalKeyStore, tmp_path: Path) -> None:
+    """DESIGN §6 (a crash never leaves half a key): a crash in the middle of an append
+    leaves a prefix of the last frame (or zeros after it); that frame was never
+    acknowledged and reading ignores it, at every cut point, keeping what came before."""
+    ks.save_record("pne-1", {"tk": b"\x01" * 16})
+    ks.save_record("pne-1", {"tk": b"\x02" * 16})
+    ks.close_journal()
+    (journal,) = journals(tmp_path)
+    whole = journal.read_bytes()
+    last = frames_of(journal)[-1]
+    start = len(whole) - len(last)
+    for cut in range(start, len(whole)):
+        journal.write_bytes(whole[:cut])
+        assert ks.load_records() == {"pne-1": {"tk": b"\x01" * 16}}, cut
+    journal.write_bytes(whole[:start] + bytes(len(last)))  # the tail never reached the disk
+    assert ks.load_records() == {"pne-1": {"tk": b"\x01" * 16}}
+    journal.write_bytes(b"CPNS")  # created, crash before the magic was whole
+    assert ks.load_records() == {}
+
+
+def test_a_damaged_reordered_or_moved_frame_is_a_store_error(
+    ks: LocalKeyStore, tmp_path: Path
+) -> None:
+    """DESIGN §6: only the last frame can be torn by a crash. A frame that does not open
+    anywhere else (altered, frames swapped or one dropped from the middle: each is bound to
+    its sequence number), or a journal renamed (bound to its file name), stops the load
+    with a StoreError instead of silently losing or reordering record changes."""
+    for n in range(4):
+        ks.save_record("pne-1", {"n": n})
+    ks.close_journal()
+    (journal,) = journals(tmp_path)
+    whole = journal.read_bytes()
+    one, two, three, four = frames_of(journal)
+    damaged = bytearray(whole)
+    damaged[8 + 20] ^= 1
+    magic = whole[:8]
+    for bad in (bytes(damaged), magic + two + one + three + four, magic + one + three + four):
+        journal.write_bytes(bad)
+        with pytest.raises(StoreError, match="damaged"):
+            ks.load_records()
+    journal.write_bytes(whole)
+    assert ks.load_records() == {"pne-1": {"n": 3}}
+    journal.rename(tmp_path / "gateway.journal-00000007")
+    with pytest.raises(StoreError, match="damaged"):
+        ks.load_records()
+    (tmp_path / "gateway.journal-00000007").write_bytes(b"something else")
+    with pytest.raises(StoreError, match="not a CPNS key store journal"):
+        ks.load_records()
+
+
+def test_a_failed_append_is_not_acknowledged_and_the_next_goes_to_a_new_generation(
+    ks: LocalKeyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our rule (docs/deployment.md): a commit whose flush fails raises StoreError, its
+    frame is cut off again, and the journal file whose tail is in doubt is never appended
+    to again; the next commit works, in a new generation."""
+    ks.save_record("pne-1", {"n": 1})
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(StoreError, match="cannot write key store journal"):
+        ks.save_record("pne-1", {"n": 2})
+    monkeypatch.undo()
+    assert ks.load_records() == {"pne-1": {"n": 1}}
+    assert ks.compaction_due
+    ks.save_record("pne-2", {"n": 3})
+    assert [p.name for p in journals(tmp_path)] == [
+        "gateway.journal-00000001",
+        "gateway.journal-00000002",
+    ]
+    assert ks.load_records() == {"pne-1": {"n": 1}, "pne-2": {"n": 3}}
+
+
+def test_generations_replay_oldest_first_and_compaction_keeps_the_newest(
+    ks: LocalKeyStore, tmp_path: Path
+) -> None:
+    """Our rule (docs/deployment.md): a generation is closed at journal_limit bytes (and a
+    new process starts its own); reading replays the record files and then every generation
+    oldest first, so a later change (or deletion) wins; compaction folds the closed ones
+    into the record files, each record written once with its newest state, and deletes
+    them, leaving the generation in use alone."""
+    ks.journal_limit = 1  # every commit closes its generation
+    ks.save_record("pne-1", {"n": 1})
+    ks.save_record("pne-2", {"n": 1})
+    ks.save_record("pne-1", {"n": 2})
+    ks.delete_record("pne-2")
+    ks.journal_limit = 1 << 20
+    ks.save_record("pne-3", {"n": 1})  # in the open generation
+    other = LocalKeyStore.open_or_create(tmp_path, "gateway")  # a later process
+    other.save_record("pne-4", {"n": 1})
+    expected = {"pne-1": {"n": 2}, "pne-3": {"n": 1}, "pne-4": {"n": 1}}
+    assert len(journals(tmp_path)) == 6
+    assert ks.load_records() == expected
+    assert ks.compaction_due
+    assert ks.compact_records() == 2  # pne-1 (in two generations) once, pne-2 removed
+    assert not ks.compaction_due
+    assert [p.name for p in journals(tmp_path)] == [
+        "gateway.journal-00000005",
+        "gateway.journal-00000006",
+    ]
+    assert sorted(p.name for p in (tmp_path / "gateway.d").iterdir()) == ["pne-1.store"]
+    assert ks.load_records() == expected
+    other.close_journal()
+    ks.close_journal()
+    fresh = LocalKeyStore.open_or_create(tmp_path, "gateway")  # start-up: all are closed
+    assert fresh.compact_records() == 2
+    assert journals(tmp_path) == []
+    assert fresh.load_records() == expected
+
+
+@pytest.mark.parametrize("crash_after", [0, 1, 2, 3])
+def test_a_crash_in_the_middle_of_a_compaction_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_after: int
+) -> None:
+    """DESIGN §6 (nothing written is lost, a crash never leaves half a key): a compaction
+    stopped after any number of record files (or before deleting its generation) reads
+    exactly the same records, and the next compaction finishes the job."""
+    ks = LocalKeyStore.open_or_create(tmp_path, "gateway")
+    ks.save_record("pne-1", {"n": 0})
+    ks.close_journal()
+    ks.compact_records()  # pne-1 has an old record file
+    ks.commit_records({"pne-1": {"n": 1}, "pne-2": {"n": 1}, "pne-3": {"n": 1}})
+    ks.commit_records({"pne-1": {"n": 2}, "pne-3": None})
+    ks.close_journal()
+    expected = {"pne-1": {"n": 2}, "pne-2": {"n": 1}}
+    writes: list[str] = []
+    original = LocalKeyStore._write
+    original_unlink = Path.unlink
+
+    def crashing_write(store: LocalKeyStore, data: dict[str, object], **kw: bool) -> None:
+        if len(writes) == crash_after:
+            raise StoreError("power lost")
+        writes.append(store.path.name)
+        original(store, data, **kw)  # type: ignore[arg-type]
+
+    def crashing_unlink(path: Path, missing_ok: bool = False) -> None:
+        if path.name.startswith("gateway.journal-"):
+            raise OSError(5, "power lost")
+        original_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(LocalKeyStore, "_write", crashing_write)
+    monkeypatch.setattr(Path, "unlink", crashing_unlink)
+    with pytest.raises(StoreError):
+        ks.compact_records()
+    monkeypatch.undo()
+    assert ks.compaction_due, "retried later"
+    fresh = LocalKeyStore.open_or_create(tmp_path, "gateway")
+    assert fresh.load_records() == expected
+    fresh.compact_records()
+    assert journals(tmp_path) == []
+    assert fresh.load_records() == expected
+
+
+def test_commits_from_threads_during_compactions_keep_every_newest_record(
+    ks: LocalKeyStore,
+) -> None:
+    """Our rule (docs/deployment.md): commits from several threads are serialised and a
+    compaction may run meanwhile; at the end every record holds its newest state."""
+    ks.journal_limit = 512
+
+    def writer(w: int) -> None:
+        for n in range(40):
+            ks.commit_records({f"pne-{w}-{n % 5}": {"n": n}, f"pne-{w}-x": {"n": n}})
+
+    def compactor(stop: threading.Event) -> None:
+        while not stop.is_set():
+            ks.compact_records()
+
+    stop = threading.Event()
+    background = threading.Thread(target=compactor, args=(stop,))
+    background.start()
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    background.join()
+    expected = {f"pne-{w}-{k}": {"n": 35 + k} for w in range(4) for k in range(5)}
+    expected.update({f"pne-{w}-x": {"n": 39} for w in range(4)})
+    assert ks.load_records() == dict(sorted(expected.items()))
+    ks.close_journal()
+    ks.compact_records()
+    assert LocalKeyStore.open_or_create(ks.path.parent, "gateway").load_records() == dict(
+        sorted(expected.items())
+    )
