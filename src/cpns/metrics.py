@@ -266,7 +266,7 @@ GATEWAY_DELIVERIES: Final = Counter(
 #: PNE records written per key store journal write (the gateway's group-commit gain).
 GATEWAY_STORE_COMMIT_BATCH: Final = Histogram(
     "cpns_gateway_store_commit_batch_size",
-    "PNE records written with one journal append and fdatasync by the PN GW's key store.",
+    "PNE records written with one durable journal append by the PN GW's key store.",
     buckets=_BATCH_BUCKETS,
 )
 #: Requests stored and not yet answered by the server (resent by the retry loop).

@@ -5,10 +5,10 @@ the gateway knows, loads them from the key store (moving records an earlier rele
 inside the main map out to their own records), and writes them with *group commit*: every
 :meth:`PNELedger.save` that arrives while a write is in flight joins the next one, which
 writes each of those PNEs' newest record in one frame of the key store's journal (one
-``write`` and one ``fdatasync`` for all of them, O(1) in the number of PNEs the gateway
-holds, in a worker thread so the event loop serves other PNEs meanwhile). A caller returns
-only once a write holding its record (or a newer one) is durable, so what it persisted is
-on disk before the reply that depends on it. Closed journal generations are folded into
+synchronous ``write`` for all of them, O(1) in the number of PNEs the gateway holds, in a
+worker thread so the event loop serves other PNEs meanwhile). A caller returns only once
+a write holding its record (or a newer one) is durable, so what it persisted is on disk
+before the reply that depends on it. Closed journal generations are folded into
 the per-PNE record files in the background.
 
 It also hands out one lock per PNE, held by a procedure step that must not interleave with

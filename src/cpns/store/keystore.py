@@ -27,8 +27,9 @@ Why a journal. Even one file per record costs a temp file, two fsyncs and a rena
 change, and a PN GW changes a PNE's record two or three times per assignment, each time
 before it may answer. Record changes therefore go first to an append-only *journal*
 (:meth:`LocalKeyStore.commit_records`): several records in one *frame*, appended with one
-``write`` and one ``fdatasync``, so concurrent writers share one flush (group commit) and
-none returns before its frame is durable. A frame is sealed under the store key, bound to
+synchronous ``write`` (the file is opened ``O_DSYNC``: the call returns once the frame is
+on disk), so concurrent writers share one flush (group commit) and none returns before
+its frame is durable. A frame is sealed under the store key, bound to
 the journal file's name and to its sequence number in the file, so frames cannot be
 reordered, dropped from the middle or moved between files without the journal failing to
 open. A crash can only tear the *last* frame of a journal file (each append waits for the
@@ -393,7 +394,7 @@ class LocalKeyStore:
 
     def commit_records(self, changes: RecordChanges) -> None:
         """Write several records at once (``None`` deletes one): one frame appended to the
-        journal with one ``write`` and one ``fdatasync``.
+        journal with one synchronous ``write`` (data and size on disk when it returns).
 
         When this returns, every change is durable; if it raises, none was acknowledged
         (the frame is cut off again where possible; at worst a crash right then finds it
@@ -531,7 +532,7 @@ class LocalKeyStore:
         return frames
 
     def _append(self, plaintext: bytes) -> None:
-        """Seal and append one frame, then fdatasync (the caller holds the journal lock)."""
+        """Seal and append one frame, durably (the caller holds the journal lock)."""
         journal = self._journal
         if journal is None:
             journal = self._journal = self._new_generation()
@@ -542,8 +543,9 @@ class LocalKeyStore:
         )
         frame = _FRAME_HEADER.pack(len(blob)) + blob
         try:
+            # O_DSYNC: the write returns once the frame (and the file size) is on disk,
+            # one system call where write + fdatasync would be two.
             _write_all(journal.fd, frame)
-            os.fdatasync(journal.fd)
         except OSError as exc:
             # Not acknowledged: cut the frame off again if we can, and never append to
             # this file again (its tail is in doubt); the next commit opens a new one.
@@ -566,7 +568,13 @@ class LocalKeyStore:
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(
                 path,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                os.O_WRONLY
+                | os.O_CREAT
+                | os.O_EXCL
+                | os.O_APPEND
+                | os.O_DSYNC
+                | os.O_NOFOLLOW
+                | os.O_CLOEXEC,
                 0o600,
             )
         except OSError as exc:

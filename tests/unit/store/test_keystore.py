@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cpns.errors import ConfigurationError, LocalProtocolError, StoreError
-from cpns.store import LocalKeyStore
+from cpns.store import LocalKeyStore, keystore
 
 DATA = {
     "entity_id": "gw-1",
@@ -175,7 +175,7 @@ def test_lock_held_by_another_process(tmp_path: Path) -> None:
                 f"""
                 import sys
                 from pathlib import Path
-                from cpns.store import LocalKeyStore
+                from cpns.store import LocalKeyStore, keystore
                 ks = LocalKeyStore.open_or_create(Path({str(tmp_path)!r}), "gw").lock()
                 print("locked", flush=True)
                 sys.stdin.read()
@@ -407,15 +407,17 @@ def test_a_damaged_reordered_or_moved_frame_is_a_store_error(
 def test_a_failed_append_is_not_acknowledged_and_the_next_goes_to_a_new_generation(
     ks: LocalKeyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Our rule (docs/deployment.md): a commit whose flush fails raises StoreError, its
-    frame is cut off again, and the journal file whose tail is in doubt is never appended
-    to again; the next commit works, in a new generation."""
+    """Our rule (docs/deployment.md): a commit whose write fails raises StoreError, what
+    reached the file of its frame is cut off again, and the journal file whose tail is in
+    doubt is never appended to again; the next commit works, in a new generation."""
     ks.save_record("pne-1", {"n": 1})
+    original = keystore._write_all
 
-    def failing(fd: int) -> None:
+    def failing(fd: int, data: bytes) -> None:
+        original(fd, data[: len(data) // 2])  # half the frame reaches the file
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(keystore, "_write_all", failing)
     with pytest.raises(StoreError, match="cannot write key store journal"):
         ks.save_record("pne-1", {"n": 2})
     monkeypatch.undo()
