@@ -203,7 +203,7 @@ def setup_logging(
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging.logAsyncioTasks = False
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # 3.12+, not in typeshed
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JSONFormatter() if json_lines else TextFormatter())
     handler.addFilter(ContextFilter(party))
