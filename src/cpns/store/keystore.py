@@ -87,7 +87,7 @@ _JOURNAL_PURPOSE: Final = "local-keystore-journal"
 #: ``{record name: record map, or None for a deletion}``.
 _FRAME_HEADER: Final = struct.Struct(">I")
 #: Default size at which a journal generation is closed (and then compacted).
-DEFAULT_JOURNAL_LIMIT: Final = 4 * 1024 * 1024
+DEFAULT_JOURNAL_LIMIT: Final = 1024 * 1024
 
 #: Record name -> record map, or None: the record is deleted.
 type RecordChanges = Mapping[str, dict[str, Any] | None]
