@@ -53,13 +53,14 @@ OS CSPRNG on first use by :meth:`LocalKeyStore.open_or_create`) or from the call
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import secrets
 import struct
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -319,17 +320,21 @@ class LocalKeyStore:
         self._write(data, sync_directory=True)
 
     def _write(self, data: dict[str, Any], *, sync_directory: bool) -> None:
-        _check_value(data, "data")
-        plaintext: bytes = cbor2.dumps(data, canonical=True)
-        blob = self._sealer.seal(
-            plaintext, context=(self._path.name,), nonce=secrets.token_bytes(NONCE_LEN)
-        )
+        blob = self._seal(data)
         try:
             write_private_file(
                 self._path, _MAGIC + blob, overwrite=True, sync_directory=sync_directory
             )
         except OSError as exc:
             raise StoreError(f"cannot write key store {self._path}: {exc}") from None
+
+    def _seal(self, data: dict[str, Any]) -> bytes:
+        """The sealed content of this store file holding ``data`` (without the magic)."""
+        _check_value(data, "data")
+        plaintext: bytes = cbor2.dumps(data, canonical=True)
+        return self._sealer.seal(
+            plaintext, context=(self._path.name,), nonce=secrets.token_bytes(NONCE_LEN)
+        )
 
     # -- records ----------------------------------------------------------------------
 
@@ -608,24 +613,78 @@ class LocalKeyStore:
                 journal.path.unlink()
 
     def _write_record_files(self, folded: dict[str, dict[str, Any] | None]) -> int:
-        """Write (or remove) one record file per entry, then fsync the directory once."""
+        """Write (or remove) one record file per entry, durably.
+
+        Every new file goes to a 0600 temp file first; once all of their bytes are on disk
+        (one ``syncfs`` of the file system where Linux has it, else an fsync per file)
+        they are renamed into place, and the directory is fsynced once. A crash leaves each
+        record file old or new, never half written (the journal still replays it)."""
         if not folded:
             return 0
         directory = self.records_dir
+        flush_all = _SYNCFS is not None
+        temps: list[tuple[Path, Path]] = []
         try:
             if not directory.is_dir():
                 directory.mkdir(mode=0o700, exist_ok=True)
                 fsync_directory(self._path.parent)
             for name, data in folded.items():
-                record = self._record(name)
                 if data is None:
-                    record.path.unlink(missing_ok=True)
-                else:
-                    record._write(data, sync_directory=False)
+                    continue
+                record = self._record(name)
+                tmp = directory / f".{record.path.name}.{secrets.token_hex(8)}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                temps.append((tmp, record.path))
+                try:
+                    os.fchmod(fd, 0o600)  # the umask can only remove bits; make it exact
+                    _write_all(fd, _MAGIC + record._seal(data))
+                    if not flush_all:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if flush_all:
+                _syncfs(directory)  # every temp file's bytes on disk before any rename
+            for tmp, path in temps:
+                os.replace(tmp, path)
+            for name, data in folded.items():
+                if data is None:
+                    self._record(name).path.unlink(missing_ok=True)
             fsync_directory(directory)
         except OSError as exc:
             raise StoreError(f"cannot write records in {directory}: {exc}") from None
+        finally:
+            for tmp, _ in temps:  # those not renamed (a failure half way)
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
         return len(folded)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux's ``syncfs(2)`` (flush one file system), or None where libc has none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return function
+
+
+_SYNCFS: Final = _load_syncfs()
+
+
+def _syncfs(directory: Path) -> None:
+    """Flush the file system holding ``directory`` (:data:`_SYNCFS` is not None): every
+    file written there so far is on disk when this returns.
+
+    Raises OSError: the flush failed."""
+    assert _SYNCFS is not None
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+    finally:
+        os.close(fd)
 
 
 def _decode_frame(plaintext: bytes, path: Path) -> dict[str, dict[str, Any] | None]:

@@ -468,13 +468,20 @@ def test_generations_replay_oldest_first_and_compaction_keeps_the_newest(
     assert fresh.load_records() == expected
 
 
-@pytest.mark.parametrize("crash_after", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    ("where", "after"),
+    [("temp", 0), ("temp", 1), ("flush", 0), ("rename", 0), ("rename", 1), ("journal", 0)],
+)
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "fsync-each"])
 def test_a_crash_in_the_middle_of_a_compaction_loses_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_after: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, after: int, syncfs: bool
 ) -> None:
     """DESIGN §6 (nothing written is lost, a crash never leaves half a key): a compaction
-    stopped after any number of record files (or before deleting its generation) reads
-    exactly the same records, and the next compaction finishes the job."""
+    stopped after any number of temp files, before or after the flush, after any number
+    of renames, or before deleting its generation reads exactly the same records, and the
+    next compaction finishes the job. Without syncfs(2) each temp file is fsynced."""
+    if not syncfs:
+        monkeypatch.setattr(keystore, "_SYNCFS", None)
     ks = LocalKeyStore.open_or_create(tmp_path, "gateway")
     ks.save_record("pne-1", {"n": 0})
     ks.close_journal()
@@ -483,23 +490,36 @@ def test_a_crash_in_the_middle_of_a_compaction_loses_nothing(
     ks.commit_records({"pne-1": {"n": 2}, "pne-3": None})
     ks.close_journal()
     expected = {"pne-1": {"n": 2}, "pne-2": {"n": 1}}
-    writes: list[str] = []
-    original = LocalKeyStore._write
-    original_unlink = Path.unlink
+    calls = {"temp": 0, "rename": 0}
+    write_all, replace, unlink = keystore._write_all, os.replace, Path.unlink
 
-    def crashing_write(store: LocalKeyStore, data: dict[str, object], **kw: bool) -> None:
-        if len(writes) == crash_after:
-            raise StoreError("power lost")
-        writes.append(store.path.name)
-        original(store, data, **kw)  # type: ignore[arg-type]
+    def crashing_write(fd: int, data: bytes) -> None:
+        if where == "temp" and calls["temp"] == after:
+            raise OSError(5, "power lost")
+        calls["temp"] += 1
+        write_all(fd, data)
+
+    def crashing_replace(src: Path, dst: Path) -> None:
+        if where == "rename" and calls["rename"] == after:
+            raise OSError(5, "power lost")
+        calls["rename"] += 1
+        replace(src, dst)
+
+    def crashing_flush(directory: Path) -> None:
+        raise OSError(5, "power lost")
 
     def crashing_unlink(path: Path, missing_ok: bool = False) -> None:
-        if path.name.startswith("gateway.journal-"):
+        if where == "journal" and path.name.startswith("gateway.journal-"):
             raise OSError(5, "power lost")
-        original_unlink(path, missing_ok=missing_ok)
+        unlink(path, missing_ok=missing_ok)
 
-    monkeypatch.setattr(LocalKeyStore, "_write", crashing_write)
+    monkeypatch.setattr(keystore, "_write_all", crashing_write)
+    monkeypatch.setattr(os, "replace", crashing_replace)
     monkeypatch.setattr(Path, "unlink", crashing_unlink)
+    if where == "flush" and syncfs:
+        monkeypatch.setattr(keystore, "_syncfs", crashing_flush)
+    if where == "flush" and not syncfs:
+        monkeypatch.setattr(os, "fsync", lambda fd: crashing_flush(tmp_path))
     with pytest.raises(StoreError):
         ks.compact_records()
     monkeypatch.undo()
@@ -509,6 +529,10 @@ def test_a_crash_in_the_middle_of_a_compaction_loses_nothing(
     fresh.compact_records()
     assert journals(tmp_path) == []
     assert fresh.load_records() == expected
+    assert sorted(p.name for p in (tmp_path / "gateway.d").iterdir()) == [
+        "pne-1.store",
+        "pne-2.store",
+    ], "no temp file is left behind"
 
 
 def test_commits_from_threads_during_compactions_keep_every_newest_record(
