@@ -33,6 +33,9 @@ STORE_NAME: Final = "gateway"
 #: Version of the store layout written by this package.
 STORE_VERSION: Final = 1
 
+#: Seconds between two attempts at a compaction that failed.
+COMPACTION_RETRY: Final = 5.0
+
 log = logging.getLogger("cpns.gateway")
 
 
@@ -79,6 +82,8 @@ class PNELedger:
         self._writer: asyncio.Task[None] | None = None
         #: The background compaction of closed journal generations, if one runs.
         self._compactor: asyncio.Task[None] | None = None
+        #: Whether that compaction failed and waits before the next may start.
+        self._compaction_waits = False
         #: One lock per PNE for procedure steps (see lock_for).
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -153,13 +158,19 @@ class PNELedger:
                 self._dirty.clear()
 
     async def _compact(self) -> None:
-        """Fold closed journal generations into the record files (in a worker thread)."""
+        """Fold closed journal generations into the record files (in a worker thread).
+
+        A failure is logged and retried after the next write, but not before
+        :data:`COMPACTION_RETRY` seconds: the journal keeps everything meanwhile."""
         try:
             count = await asyncio.to_thread(self._store.compact_records)
             log.debug("key store journal compacted: %d PNE record(s) written", count)
-        except Exception as exc:  # StoreError; the journal keeps everything meanwhile
-            log.error("cannot compact the key store journal: %s", exc)
+        except Exception as exc:  # StoreError
+            log.error("cannot compact the key store journal (retried later): %s", exc)
+            self._compaction_waits = True
+            await asyncio.sleep(COMPACTION_RETRY)
         finally:
+            self._compaction_waits = False
             self._compactor = None
 
     async def drain(self) -> None:
@@ -167,6 +178,8 @@ class PNELedger:
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
         if self._compactor is not None:
+            if self._compaction_waits:  # a failed one waiting to retry: nothing to finish
+                self._compactor.cancel()
             await asyncio.gather(self._compactor, return_exceptions=True)
 
     def lock_for(self, pne_id: str) -> asyncio.Lock:

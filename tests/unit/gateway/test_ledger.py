@@ -14,7 +14,7 @@ import pytest
 
 from cpns.errors import StoreError
 from cpns.gateway.daemon import offline_status
-from cpns.gateway.ledger import STORE_NAME, PNELedger
+from cpns.gateway.ledger import COMPACTION_RETRY, STORE_NAME, PNELedger
 from cpns.gateway.records import MalformedRecord, PendingRequest, PNERecord
 from cpns.store.keystore import LocalKeyStore, RecordChanges
 
@@ -176,3 +176,37 @@ def test_closed_journal_generations_are_compacted_in_the_background(tmp_path: Pa
         "pne-1.store",
     ]
     assert not list(tmp_path.glob("gateway.journal-*"))
+
+
+def test_a_failed_compaction_loses_nothing_and_waits_before_retrying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our rule (docs/deployment.md): a compaction that fails is logged and retried later
+    (not after every write), the journal keeps every record meanwhile, and stopping does
+    not wait out the retry delay."""
+    store = _store(tmp_path)
+    attempts: list[int] = []
+
+    def failing(s: LocalKeyStore) -> int:
+        attempts.append(1)
+        raise StoreError("disk full")
+
+    async def scenario(ledger: PNELedger) -> None:
+        store.journal_limit = 1
+        for n in range(3):
+            ledger.put(f"pne-{n}", PNERecord(last_status="OK"))
+            await ledger.save(f"pne-{n}")
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await ledger.drain()
+        assert time.monotonic() - started < COMPACTION_RETRY
+
+    with store.lock():
+        ledger = PNELedger(store)
+        ledger.load(store.load())
+        monkeypatch.setattr(LocalKeyStore, "compact_records", failing)
+        asyncio.run(scenario(ledger))
+    monkeypatch.undo()
+    assert attempts == [1]
+    assert "cannot compact the key store journal" in caplog.text
+    assert sorted(store.load_records()) == ["pne-0", "pne-1", "pne-2"]
