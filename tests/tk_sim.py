@@ -197,7 +197,8 @@ class World:
             eukeys=s.eukeys,
             key_index=s.key_index,
             run=run,
-            challenge=challenge,
+            challenge_step=challenge.tk_step,
+            challenge_index=challenge.key_index,
             sealed_eukey=answer.sealed_eukey,
             proof_index=answer.key_index,
         )

@@ -356,6 +356,36 @@ class LocalDeployment:
             stdin=tk.hex() + "\n",
         )
 
+    def enroll_device(
+        self,
+        name: str,
+        *,
+        user_id: str,
+        password: str,
+        pan_port: int,
+        entity_id: str | None = None,
+        check: bool = False,
+        extra: Sequence[str] = (),
+    ) -> CommandResult:
+        """``cpns device enroll``: a PNE with UI gets its own EUKey with its user's
+        password through the PN GW at ``pan_port`` (004 §5.x.1); the password goes on
+        standard input, never on the command line."""
+        args = [
+            "device",
+            "enroll",
+            "--data-dir",
+            str(self.device_dir(name)),
+            "--gateway",
+            f"127.0.0.1:{pan_port}",
+            "--user",
+            user_id,
+            "--password-stdin",
+            *extra,
+        ]
+        if entity_id is not None:
+            args += ["--entity-id", entity_id]
+        return self.cpns(*args, stdin=password + "\n", check=check)
+
     def start_device(
         self, name: str, *, pan_port: int, once: bool = True, timeout: float = 60.0
     ) -> subprocess.Popen[bytes]:

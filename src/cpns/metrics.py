@@ -258,6 +258,12 @@ GATEWAY_ASSIGNMENTS: Final = Counter(
     "EUKey assignment requests (003) completed, by status and the hop that decided.",
     ["status", "hop"],
 )
+#: PNEs' with-UI enrolment requests relayed (004 over the PAN), by what the PNE was sent.
+GATEWAY_PNE_ENROLMENTS: Final = Counter(
+    "cpns_gateway_pne_enrolments",
+    "PNE enrolment requests (004, with UI) relayed, by status sent to the PNE and deciding hop.",
+    ["status", "hop"],
+)
 #: EUKeys whose delivery a PNE proved (a verified acknowledgement).
 GATEWAY_DELIVERIES: Final = Counter(
     "cpns_gateway_deliveries",
@@ -299,6 +305,7 @@ ALL_METRICS: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     GATEWAY_UPSTREAM_DURATION,
     GATEWAY_UPSTREAM_RETRIES,
     GATEWAY_ASSIGNMENTS,
+    GATEWAY_PNE_ENROLMENTS,
     GATEWAY_DELIVERIES,
     GATEWAY_PENDING_REQUESTS,
     GATEWAY_PENDING_DELIVERIES,

@@ -1,4 +1,5 @@
-"""``cpns admin``: users, manufacturer TK records, entities and the audit trail.
+"""``cpns admin``: users, manufacturer TK records, entities, the PN inventory and the
+audit trail.
 
 Works directly on the server's database (``--data-dir`` of the server), safely while the
 server runs. Secrets are never printed unless ``--show-secrets`` is given.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +241,69 @@ def _entity_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(at: int) -> str:
+    """Epoch seconds as UTC ``YYYY-MM-DD HH:MM:SSZ`` for the text tables."""
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))
+
+
+def _pn_list(args: argparse.Namespace) -> int:
+    from cpns.server.admin import pn_view
+
+    _, store = _open(args)
+    try:
+        pns = store.list_pns(owner=args.owner, gateway=args.gateway)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([pn_view(pn) for pn in pns], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("PN ID", "PN GW", "owner", "members", "failed", "updated")
+    for pn in pns:
+        table.add_row(
+            pn.pn_id,
+            pn.gateway_id,
+            pn.owner,
+            str(len(pn.joined)),
+            str(len(pn.failed)),
+            _when(pn.updated_at),
+        )
+    Console().print(table)
+    return 0
+
+
+def _pn_show(args: argparse.Namespace) -> int:
+    from cpns.server.admin import pn_view
+
+    _, store = _open(args)
+    try:
+        pn = store.get_pn(args.pn_id)
+    finally:
+        store.close()
+    if pn is None:
+        raise ConfigurationError(f"no PN {args.pn_id!r}")
+    if args.json:
+        print(json.dumps(pn_view(pn, detail=True), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"PN {pn.pn_id}: PN GW {pn.gateway_id}, owner {pn.owner}, "
+        f"{len(pn.joined)} member(s), {len(pn.failed)} failed; "
+        f"created {_when(pn.created_at)}, updated {_when(pn.updated_at)}",
+        highlight=False,
+    )
+    table = Table("PNE ID", "member", "flow", "status", "when")
+    for m in (*pn.joined, *pn.failed):
+        table.add_row(m.pne_id, "yes" if m.joined else "no", m.flow or "-", m.status, _when(m.at))
+    console.print(table)
+    return 0
+
+
 def _flow_arg(text: str) -> str:
     """A flow ID argument: 16 hex digits (any case), normalised to lowercase."""
     from cpns.flow import flow_bytes
@@ -289,7 +354,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``admin`` command group."""
     admin = sub.add_parser(
         "admin",
-        help="administer users, TK records and entities",
+        help="administer users, TK records, entities and the PN inventory",
         description="Administration of the CPNS Server's database.",
     )
     groups = admin.add_subparsers(dest="admin_group", metavar="GROUP")
@@ -358,6 +423,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     er.add_argument("entity_id")
     er.add_argument("--restore", action="store_true", help="undo a revocation")
     er.set_defaults(func=_entity_revoke)
+
+    pn = groups.add_parser(
+        "pn",
+        help="the PN inventory (Personal Networks, their members and failures)",
+        description="The Personal Networks the server recorded at each PN Establishment: "
+        "PN ID, PN GW, owner, each PNE's flow (rand-hash or tk) and outcome. A PNE whose "
+        "latest attempt failed is listed with its status and is not a member.",
+    ).add_subparsers(metavar="SUBCOMMAND")
+    pl = pn.add_parser(
+        "list",
+        help="list PNs with their member and failure counts",
+        description="List the PNs (PN ID, PN GW, owner, members, failed, last update in "
+        "UTC). Exit codes: 0 listed (possibly none); 2 not a server data directory or the "
+        "database cannot be read.",
+    )
+    add_data_dir(pl, "cpns-server")
+    pl.add_argument("--owner", metavar="USER", help="only this user's PNs")
+    pl.add_argument("--gateway", metavar="GW_ID", help="only the PNs of this PN GW")
+    pl.add_argument("--json", action="store_true", help="JSON output")
+    pl.set_defaults(func=_pn_list)
+    ps = pn.add_parser(
+        "show",
+        help="show one PN: each member and failure with its flow, status and time",
+        description="Show one PN: each member and each failed PNE with its flow, status "
+        "(member, or the error code of its failure) and when. Exit codes: 0 shown; 2 no "
+        "such PN, not a server data directory, or the database cannot be read.",
+    )
+    add_data_dir(ps, "cpns-server")
+    ps.add_argument("pn_id", metavar="PN_ID")
+    ps.add_argument("--json", action="store_true", help="JSON output")
+    ps.set_defaults(func=_pn_show)
 
     bk = groups.add_parser(
         "backup",

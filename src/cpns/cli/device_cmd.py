@@ -1,9 +1,13 @@
-"""``cpns device ...``: provision a PNE with its factory TK, run its agent, show status.
+"""``cpns device ...``: provision a PNE with its factory TK, run its agent, enrol a PNE
+with UI, show status.
 
 ``init`` plays the manufacturer (Entity ID + Temporary Key into the sealed store);
-``run`` is the PNE agent attaching to a PN GW over the PAN link; ``status`` shows the
-key index held, never a key. Exit codes follow :mod:`cpns.cli.main`; ``run --once``
-adds 5 for "connected but no key arrived before --timeout".
+``run`` is the PNE agent attaching to a PN GW over the PAN link; ``enroll`` is a PNE with
+UI getting its own EUKey with its user's password, through the PN GW (004 §5.x.1: the
+password is turned into the password key here and never leaves this process);
+``status`` shows the credential kind and key index held, never a key. Exit codes follow
+:mod:`cpns.cli.main`; ``run --once`` adds 5 for "connected but no key arrived before
+--timeout".
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from cpns.cli._common import add_data_dir, add_log_format
+from cpns.cli._common import add_data_dir, add_log_format, read_password
+from cpns.crypto.kdf import password_key
 from cpns.device.agent import DeviceAgent, device_status, init_device
-from cpns.errors import ConfigurationError
+from cpns.device.enrolment import DEFAULT_SERVER_ID, enroll_device
+from cpns.errors import ConfigurationError, ErrorCode, ProcedureRejected
 from cpns.runtime import run_event_loop
 
 __all__ = [
@@ -37,6 +43,8 @@ __all__ = [
 
 _DEFAULT_DIR: Final = "cpns-device"
 _EXIT_USAGE: Final = 2
+_EXIT_REFUSED: Final = 3
+_EXIT_UNREACHABLE: Final = 4
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -159,6 +167,58 @@ def _run(args: argparse.Namespace) -> int:
     return run_event_loop(_run_agent(agent, args.once, args.timeout))
 
 
+def _enroll(args: argparse.Namespace) -> int:
+    host, port = parse_hostport(args.gateway)
+    if args.timeout <= 0 or args.tries < 1:
+        print("cpns device enroll: --timeout must be > 0 and --tries >= 1", file=sys.stderr)
+        return _EXIT_USAGE
+    password = read_password(args.password_stdin)
+    key = password_key(password, realm=args.realm, user_id=args.user)
+    del password
+    try:
+        result = run_event_loop(
+            enroll_device(
+                args.data_dir,
+                host,
+                port,
+                user_id=args.user,
+                password_key=key,
+                entity_id=args.entity_id,
+                server_id=args.server_id,
+                per_try_timeout=args.timeout,
+                tries=args.tries,
+            )
+        )
+    except ProcedureRejected as exc:
+        name = exc.code.name if isinstance(exc.code, ErrorCode) else str(exc.code)
+        if args.json:
+            print(json.dumps({"ok": False, "status": name, "hop": exc.hop}, sort_keys=True))
+        else:
+            print(f"{name}: enrolment refused at {exc.hop} ({exc.reason})")
+        return _EXIT_UNREACHABLE if exc.code is ErrorCode.UPSTREAM_UNAVAILABLE else _EXIT_REFUSED
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "status": "OK",
+                    "entity_id": result.entity_id,
+                    "user_id": result.user_id,
+                    "txid": result.txid,
+                    "flow": result.flow,
+                    "tries": result.tries,
+                },
+                sort_keys=True,
+            )
+        )
+    else:
+        print(
+            f"OK: PNE {result.entity_id} enrolled for user {result.user_id}; its EUKey is "
+            f"stored (credential ui) (txid {result.txid}, flow {result.flow})"
+        )
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     print(json.dumps(device_status(args.data_dir), indent=2, sort_keys=True))
     return 0
@@ -232,9 +292,65 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=_run)
 
     p = cmds.add_parser(
+        "enroll",
+        help="a PNE with UI gets its own EUKey with its user's password, via the PN GW (004)",
+        description=(
+            "A PNE with UI and no WAN access gets its own EUKey (004 §5.x.1): the user's "
+            "User ID and password (asked for, or one line of stdin with --password-stdin) "
+            "prove the user; the request goes over the PAN to the PN GW, which relays it "
+            "to the CPNS Server and relays the answer back. The password never leaves this "
+            "process, and the PN GW cannot open the EUKey. The EUKey is stored sealed in "
+            "the data directory (credential kind 'ui'). A lost answer is retried with the "
+            "same request (--tries). Stop 'cpns device run' on the same data directory "
+            "first. Exit codes: 0 enrolled, 3 refused (the status and the hop that "
+            "refused are printed), 4 the PN GW or the server could not be reached."
+        ),
+    )
+    add_data_dir(p, _DEFAULT_DIR)
+    p.add_argument("--gateway", required=True, metavar="HOST:PORT", help="the PN GW's PAN port")
+    p.add_argument(
+        "--entity-id",
+        help="this PNE's Entity ID (creates the device store if there is none; a PNE with "
+        "UI needs no factory TK)",
+    )
+    p.add_argument("--user", required=True, help="CPNS User ID owning the PNE")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the user's password from one line of stdin instead of prompting",
+    )
+    p.add_argument(
+        "--realm",
+        default="cpns",
+        help="password realm the server uses for the password key (default: cpns)",
+    )
+    p.add_argument(
+        "--server-id",
+        default=DEFAULT_SERVER_ID,
+        help=f"the CPNS Server's Entity ID (default {DEFAULT_SERVER_ID})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for the answer on one PAN link (default 30)",
+    )
+    p.add_argument(
+        "--tries", type=int, default=3, help="PAN links to try before giving up (default 3)"
+    )
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_log_format(p)
+    p.set_defaults(func=_enroll)
+
+    p = cmds.add_parser(
         "status",
-        help="show the PNE's Entity ID and key index (no secrets)",
-        description="Print, as JSON, the Entity ID, whether an EUKey is held and its index.",
+        help="show the PNE's Entity ID, credential kind and key index (no secrets)",
+        description=(
+            "Print, as JSON, the Entity ID, whether an EUKey is held, its credential kind "
+            "('ui': its own, from the user's password; 'tk': delivered by a PN GW under "
+            "the TK) and its index."
+        ),
     )
     add_data_dir(p, _DEFAULT_DIR)
     p.set_defaults(func=_status)

@@ -58,6 +58,8 @@ from cpns.transport.stream import peer_text, read_message, write_message
 from cpns.types import Random
 
 __all__ = [
+    "CREDENTIAL_TK",
+    "CREDENTIAL_UI",
     "EXIT_OK",
     "EXIT_REFUSED",
     "EXIT_TIMEOUT",
@@ -65,8 +67,10 @@ __all__ = [
     "PAN_ADDRESS",
     "STORE_NAME",
     "DeviceAgent",
+    "credential_kind",
     "device_status",
     "init_device",
+    "send_to_gateway",
 ]
 
 log = logging.getLogger("cpns.device")
@@ -77,6 +81,11 @@ STORE_NAME: Final = "device"
 STORE_VERSION: Final = 1
 #: Destination of PNEHello: whichever PN GW answers this link.
 PAN_ADDRESS: Final = "pan"
+#: Credential kinds a PNE's store may hold (``cpns device status`` shows which).
+#: "ui": its own EUKey from the with-UI enrolment (004 §5.x.1), which no PN GW holds;
+CREDENTIAL_UI: Final = "ui"
+#: "tk": EUKey_i of a chain the PN GW delivered under the PNE's TK (003).
+CREDENTIAL_TK: Final = "tk"
 
 #: ``run`` results (also the CLI exit codes).
 EXIT_OK: Final = 0
@@ -122,9 +131,23 @@ def init_device(data_dir: Path | str, entity_id: str, tk: bytes, *, force: bool 
 
 def _load(store: LocalKeyStore) -> dict[str, Any]:
     data = store.load()
-    if not isinstance(data.get("entity_id"), str) or not isinstance(data.get("tk"), bytes):
-        raise ConfigurationError(f"{store.path} is not initialised (cpns device init)")
+    # A PNE with UI that enrolled with its user's password has no TK (cpns device enroll).
+    if not isinstance(data.get("entity_id"), str) or not (
+        isinstance(data.get("tk"), bytes) or data.get("has_ui") is True
+    ):
+        raise ConfigurationError(
+            f"{store.path} is not initialised (cpns device init, or cpns device enroll)"
+        )
     return data
+
+
+def credential_kind(data: dict[str, Any]) -> str | None:
+    """Which kind of EUKey the store holds: :data:`CREDENTIAL_UI` (its own, from the
+    user's password, 004 §5.x.1), :data:`CREDENTIAL_TK` (EUKey_i of a chain delivered by
+    a PN GW under the TK, 003), or None (no EUKey yet)."""
+    if not isinstance(data.get("eukey"), bytes):
+        return None
+    return CREDENTIAL_UI if data.get("credential") == CREDENTIAL_UI else CREDENTIAL_TK
 
 
 def device_status(data_dir: Path | str) -> dict[str, object]:
@@ -139,14 +162,20 @@ def device_status(data_dir: Path | str) -> dict[str, object]:
         raise ConfigurationError(f"{data_dir} holds no device (cpns device init)")
     data = _load(LocalKeyStore.open_or_create(data_dir, STORE_NAME))
     txid = data.get("txid")
-    return {
+    view: dict[str, object] = {
         "entity_id": data["entity_id"],
         "has_key": isinstance(data.get("eukey"), bytes),
+        "credential": credential_kind(data),
+        "has_tk": isinstance(data.get("tk"), bytes),
         "key_index": data.get("key_index", 0),
         "gateway_id": data.get("gateway_id"),
         "txid": txid.hex() if isinstance(txid, bytes) else None,
         "installed_at": data.get("installed_at", 0),
     }
+    if view["credential"] == CREDENTIAL_UI:
+        view["user_id"] = data.get("user_id")
+        view["server_id"] = data.get("server_id")
+    return view
 
 
 @dataclass(slots=True)
@@ -307,12 +336,12 @@ class DeviceAgent:
             txid=self._rng.token_bytes(TXID_LEN),
             src=entity_id,
             dst=PAN_ADDRESS,
-            has_ui=False,
+            has_ui=self._data.get("has_ui") is True,
             key_index=int(self._data.get("key_index", 0)),
             flow=bytes.fromhex(self._flow),
         )
         try:
-            await _send(writer, hello)
+            await send_to_gateway(writer, hello)
             log.info("PNE %s attached to %s:%d", entity_id, self._host, self._port)
             while True:
                 try:
@@ -363,6 +392,16 @@ class DeviceAgent:
     ) -> bool:
         """Handle one Notification; True if an OK Ack was sent."""
         txid = message.txid.hex()
+        if credential_kind(self._data) == CREDENTIAL_UI or not isinstance(
+            self._data.get("tk"), bytes
+        ):
+            # The PNE holds its own with-UI EUKey (or has no TK): a 003 delivery cannot
+            # replace it (re-enrol with 'cpns device enroll', or 'init --force' for 003).
+            progress.refused = True
+            log.warning(
+                "txid %s: Notification ignored: this PNE holds a with-UI EUKey or no TK", txid
+            )
+            return False
         machine = self._machine()
         events = machine.receive(message)
         installed = False
@@ -382,7 +421,7 @@ class DeviceAgent:
                 log.warning("txid %s: Notification refused: %s (%s)", txid, name, event.reason)
         acked = False
         for out in machine.messages_to_send():
-            await _send(writer, out)
+            await send_to_gateway(writer, out)
             if isinstance(out, EUKeyAssignmentAck) and out.status is ErrorCode.OK:
                 acked = True
         if acked:
@@ -399,6 +438,7 @@ class DeviceAgent:
         data = dict(self._data)
         data.pop("seen_txids", None)  # stores written before epochs kept a txid history
         data.update(
+            credential=CREDENTIAL_TK,
             eukey=event.eukey,
             key_index=event.key_index,
             txid=event.txid,
@@ -410,7 +450,7 @@ class DeviceAgent:
         self._data = data
 
 
-async def _send(writer: asyncio.StreamWriter, message: Message) -> None:
+async def send_to_gateway(writer: asyncio.StreamWriter, message: Message) -> None:
     """Write one message to the gateway in the current flow, and log it."""
     message = stamp(message)
     log_hop(log, "sent", message, "gateway")

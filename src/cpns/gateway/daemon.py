@@ -18,9 +18,11 @@ The daemon is a thin asyncio shell (STYLE §7) made of parts that each own one c
 * the **control socket** (:mod:`cpns.gateway.control`): JSON lines on a Unix socket, used
   by ``cpns gateway assign`` / ``status`` / ``stop``;
 * one **coordinator per procedure** (:mod:`cpns.gateway.procedures`): the gateway's own
-  enrolment (004 §5.x.1, :func:`enroll`, run before the daemon) and the EUKey assignment
+  enrolment (004 §5.x.1, :func:`enroll`, run before the daemon), the EUKey assignment
   for a PNE without UI with its delivery (003,
-  :class:`~cpns.gateway.procedures.eukey_assignment.EUKeyAssignmentCoordinator`). A
+  :class:`~cpns.gateway.procedures.eukey_assignment.EUKeyAssignmentCoordinator`) and the
+  relay of a PNE's own enrolment with UI (004 §5.x.1 over the PAN,
+  :class:`~cpns.gateway.procedures.pne_enrolment.PNEEnrolmentCoordinator`). A
   coordinator drives the sans-I/O machines of :mod:`cpns.protocol` and reaches the PAN
   side, the server and the records through small interfaces only.
 
@@ -48,9 +50,10 @@ from cpns.gateway.ledger import STORE_NAME, PNELedger, decode_all
 from cpns.gateway.pan import PAN_ADDRESS, PANSide
 from cpns.gateway.procedures.enrolment import enroll
 from cpns.gateway.procedures.eukey_assignment import AssignResult, EUKeyAssignmentCoordinator
+from cpns.gateway.procedures.pne_enrolment import PNEEnrolmentCoordinator
 from cpns.gateway.records import Enrolment, status_view
 from cpns.gateway.upstream import ServerClient, Upstream
-from cpns.messages.model import EUKeyAssignmentAck
+from cpns.messages.model import EUKeyAssignmentAck, UserKeyAssignmentRequest
 from cpns.runtime import SystemRandom, wall_time
 from cpns.store.keystore import LocalKeyStore
 from cpns.store.masterkey import write_private_file
@@ -145,6 +148,11 @@ class GatewayDaemon:
             on_attach=self.assignments.offer_delivery,
             handlers={EUKeyAssignmentAck: self.assignments.on_ack},
         )
+        #: The relay of a PNE's own enrolment with UI (004 §5.x.1 over the PAN).
+        self.enrolments = PNEEnrolmentCoordinator(
+            gateway_id=config.entity_id, server_id=config.server_id, pan=self.pan
+        )
+        self.pan.subscribe(handlers={UserKeyAssignmentRequest: self.enrolments.on_request})
         self._control = ControlServer(self, self._connections)
 
     def __repr__(self) -> str:
@@ -200,6 +208,7 @@ class GatewayDaemon:
                     rng=self._rng,
                 )
             self.assignments.bind(eukey, self._upstream)
+            self.enrolments.bind(self._upstream)
             await self.pan.start()
             write_private_file(
                 self._config.port_file, f"{self.pan_port}\n".encode(), overwrite=True

@@ -15,8 +15,11 @@ module owns everything about that hop and nothing about the procedures:
 * **Server authentication by rspauth.** Every 200 to an authenticated request must carry
   ``Authentication-Info`` whose ``rspauth`` proves the server holds our EUKey; a reply
   without it, or with a wrong one, is rejected (DESIGN §5: every relayed message is
-  authenticated). The with-UI enrolment request (:class:`UserKeyAssignmentRequest`) is
-  the exception: we have no EUKey yet, and the proof travels inside the message.
+  authenticated). The gateway's own with-UI enrolment request
+  (:class:`UserKeyAssignmentRequest`) is the exception: we have no EUKey yet, and the
+  proof travels inside the message. An enrolled gateway authenticates every request,
+  so a PNE's with-UI request it relays from the PAN goes with Digest too: the server
+  knows, and audits, which PN GW relayed it.
 * **Bounded, idempotent retries** (DESIGN §5). A connection error, timeout or 5xx is
   retried a bounded number of times with the *identical body*: the server keeps the
   reply of every transaction ID and answers a retry with it, so a retry after a lost
@@ -436,7 +439,10 @@ class ServerClient:
         """
         message = stamp(message)
         body = encode(message)
-        needs_auth = not isinstance(message, UserKeyAssignmentRequest)
+        # Once enrolled, every request is authenticated, the with-UI one too: that is a
+        # PNE's enrolment relayed from the PAN, and the server must know which PN GW
+        # relayed it (docs/procedures/pne-enrolment.md).
+        needs_auth = self._enrolled or not isinstance(message, UserKeyAssignmentRequest)
         if needs_auth and not self._enrolled:
             raise UpstreamAuthFailed("no EUKey: enrol the gateway first", hop="gateway")
         # The most recently used lane first (LIFO): it most likely holds a live nonce.
@@ -464,6 +470,8 @@ class ServerClient:
     async def _exchange_on(
         self, lane: _Lane, body: bytes, needs_auth: bool, message: Message
     ) -> Message:
+        if needs_auth and isinstance(message, UserKeyAssignmentRequest):
+            await self._prime(lane)
         for attempt in range(2):
             response, authenticated = await self._post(lane, body, needs_auth)
             if response.status != 401 or not needs_auth:
@@ -479,6 +487,21 @@ class ServerClient:
         lane.have_nonce = False
         lane.challenges = None
         raise UpstreamAuthFailed("the server refused our Digest credentials", hop="server")
+
+    async def _prime(self, lane: _Lane) -> None:
+        """Make sure the lane can authenticate its next request.
+
+        The server serves an open type (the with-UI request) sent without credentials
+        at once, as a direct enrolment, instead of challenging it; a request we relay must
+        carry Digest, so a lane without a nonce first fetches a challenge with an empty
+        POST (the server answers it 401, like curl's first leg)."""
+        if lane.have_nonce or lane.challenges is not None:
+            return
+        response, _ = await self._post(lane, b"", False)
+        challenges = response.header_list(b"www-authenticate")
+        if response.status != 401 or not challenges:
+            raise TransportError(f"{HOP}: HTTP {response.status} to a Digest challenge request")
+        lane.challenges = challenges
 
     async def _post(self, lane: _Lane, body: bytes, needs_auth: bool) -> tuple[_Response, bool]:
         """One logical POST with bounded retries; returns the response and whether it

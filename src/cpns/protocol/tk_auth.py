@@ -62,8 +62,8 @@ Constants ``TK_WINDOW`` (8), ``REASSIGN_WINDOW``; exception :class:`StaleCredent
 * ``tk_session_key(eukey, tk_t, run, tk_step, key_index)``
 * ``compute_confirm(sk, run, tk_step, key_index)`` / ``verify_confirm(..., tag)``
 * ``server_challenge(tk, tk_step, key_index, run) -> TKChallenge``
-* ``server_verify(tk, tk_step, eukeys, key_index, run, challenge, sealed_eukey,
-  proof_index) -> TKVerified``
+* ``server_verify(tk, tk_step, eukeys, key_index, run, challenge_step, challenge_index,
+  sealed_eukey, proof_index) -> TKVerified``
 * ``gateway_prepare(state, eukeys, run, challenge, nonce) -> GatewayPrepared``,
   ``gateway_confirmed(state, pending) -> GatewayTKState``
 * ``pne_answer(state, run, challenge, sealed_next, nonce) -> PNEAnswer``,
@@ -204,10 +204,8 @@ class TKChallenge:
     key_index: int
     #: AN = MAC(TK_t, ...), 32 bytes.
     an: bytes
-
-    def __post_init__(self) -> None:
-        _check_step(self.tk_step)
-        _check_index(self.key_index)
+    # No range checks here: the PN GW and the PNE build it from received fields, and the
+    # rules (window, index) refuse what is out of range with the right code.
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -347,12 +345,14 @@ def ratchet(tk: bytes, n: int = 1) -> bytes:
 def tk_forward(tk: bytes, step: int, target: int, *, window: int = TK_WINDOW) -> bytes:
     """TK_target from TK_step, if ``step <= target <= step + window``.
 
-    Raises :class:`StaleCredential` (``reassign`` true) otherwise: a target behind the
-    held step cannot be computed (the ratchet is one-way), one beyond the window is
-    refused so that a forged step cannot make the receiver hash without end.
+    Raises :class:`StaleCredential` otherwise. A target behind the held step cannot be
+    computed (the ratchet is one-way): with honest parties that is an old message
+    delivered late, so ``reassign`` is false. One beyond the window is refused so that a
+    forged step cannot make the receiver hash without end; ``reassign`` is true (the
+    receiver has lost track and needs a 003 re-assignment).
     """
     if target < step:
-        raise StaleCredential(f"TK step {target} is behind the held step {step}")
+        raise StaleCredential(f"TK step {target} is behind the held step {step}", reassign=False)
     if target > step + window:
         raise StaleCredential(f"TK step {target} is beyond the window {step}+{window}")
     return ratchet(tk, target - step)
@@ -481,16 +481,17 @@ def server_verify(
     eukeys: Sequence[bytes],
     key_index: int,
     run: TKRun,
-    challenge: TKChallenge,
+    challenge_step: int,
+    challenge_index: int,
     sealed_eukey: bytes,
     proof_index: int,
 ) -> TKVerified:
     """000 §7.5.3, on the AUTHENTICATE Response: open and check EUKey_k, ratchet, SK.
 
     ``tk``/``tk_step``/``key_index`` are the stored state *now* (``TK_s, s, i_s``),
-    ``eukeys`` the PNE's chain (list index 0 holds EUKey_1), ``challenge`` the one sent
-    in this run (from the pending establishment) and ``proof_index`` the index k the PNE
-    says it proved.
+    ``eukeys`` the PNE's chain (list index 0 holds EUKey_1), ``challenge_step`` and
+    ``challenge_index`` the ``(t, i)`` of this run's challenge (kept in the pending
+    establishment) and ``proof_index`` the index k the PNE says it proved.
 
     Raises :class:`~cpns.errors.AuthenticationFailed` (one opaque failure) if the proof
     does not open or is not EUKey_k of the chain; :class:`StaleCredential` with
@@ -498,12 +499,12 @@ def server_verify(
     ``reassign=True`` for a valid proof of a key older than the stored index (a PNE
     restored from a backup, or an old key replayed by a TK holder).
     """
-    t, i = challenge.tk_step, challenge.key_index
+    t, i = challenge_step, challenge_index
     if t < tk_step or (t == tk_step and i != key_index):
         raise StaleCredential("challenge superseded by another run", reassign=False)
     tk_t = tk_forward(tk, tk_step, t)
     n = len(eukeys)
-    valid_index = isinstance(proof_index, int) and 1 <= proof_index <= min(i, n)
+    valid_index = not isinstance(proof_index, bool) and 1 <= proof_index <= min(i, n)
     k = proof_index if valid_index else min(i, n)
     try:
         eukey = open_current_eukey(tk_t, sealed_eukey, run, t, k)
@@ -555,7 +556,7 @@ def gateway_prepare(
     tk_t = tk_forward(state.tk, state.tk_step, challenge.tk_step)
     verify_an(tk_t, run, challenge.tk_step, challenge.key_index, challenge.an)
     i = challenge.key_index
-    if i > len(eukeys):
+    if not 1 <= i <= len(eukeys):
         raise AuthenticationFailed("key index outside the held set")
     sealed_next = None
     if i < len(eukeys):
@@ -592,7 +593,9 @@ def pne_answer(
     Rules (docs/procedures/tk-authentication.md, "Resynchronisation"):
 
     * the challenge's step ``t`` must be in ``[c, c + TK_WINDOW]``, else
-      :class:`StaleCredential`; a wrong AN is an opaque failure;
+      :class:`StaleCredential` (behind: a late challenge, ``reassign`` false; beyond:
+      ``reassign`` true); a wrong AN is an opaque failure; a verified AN at ``t`` proves
+      the server is at ``t``, so the returned state holds TK_t;
     * index ``j``: prove EUKey_j, the pending state becomes (t+1, EUKey_{j+1}) where
       EUKey_{j+1} is the opened ``sealed_next``, checked against the chain (none when the
       PN GW sends none: the chain is exhausted and EUKey_j stays);
@@ -600,7 +603,10 @@ def pne_answer(
       first; then as above;
     * an index beyond what the PNE holds (restored from a backup): prove EUKey_j anyway,
       so the server can answer STALE_CREDENTIAL and trigger a re-assignment;
-    * an index below ``j``: the server went back; :class:`StaleCredential`.
+    * an index below ``j``: the PNE's chain was replaced and it missed the new one (or
+      the server went back); :class:`StaleCredential` with ``reassign`` true.
+
+    Persist ``PNEAnswer.state`` (pending key included) before sending the answer.
     """
     t, i = challenge.tk_step, challenge.key_index
     tk_t = tk_forward(state.tk, state.tk_step, t)

@@ -18,6 +18,19 @@ password key could have made it.
 
 The link is HTTPS with the server's certificate (004 §5.x.4); the seal keeps the EUKey
 confidential even where TLS ends before the service (a proxy).
+
+Relayed by a PN GW
+------------------
+A PNE with UI has no WAN access: its request travels over the PAN to a PN GW, which relays
+it unchanged over its own HTTPS + Digest link (docs/procedures/pne-enrolment.md). The
+server machine is then built with ``relay``, the Digest-authenticated PN GW, and adds the
+rules of a relayed request, checked before the password proof as in the 003 flow
+(D-003-9, D-004-5): only a PN GW relays, only a PNE's request, and only for the PN GW's
+own CPNS User (any other User ID, existing or not, is ``NOT_AUTHORIZED``). Since the
+relaying PN GW is authenticated and of that user, the precise codes are given
+(``UNKNOWN_USER``, ``WRONG_PASSWORD``) instead of the opaque one (D-004-2). The PN GW
+sees the request and the sealed reply but never the password key, so it cannot open the
+EUKey; what it could guess offline is bounded by the password hashing (scrypt).
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from cpns.messages.model import Message, UserKeyAssignmentRequest, UserKeyAssign
 from cpns.protocol._checks import check_addressed, check_fresh, check_reply_to
 from cpns.protocol._machine import Event, Machine, NonceConsumed
 from cpns.protocol.key_assignment import AssignmentPolicy, ServerLookups, check_attempts
+from cpns.records import UserRecord
 from cpns.types import EntityKind, Random
 
 __all__ = [
@@ -54,10 +68,9 @@ EUKEY_PURPOSE: Final = "004/eukey"
 _NO_USER_KEY: Final = bytes(32)
 
 
-def _auth_data(password_key: bytes, request: UserKeyAssignmentRequest) -> bytes:
-    return mac(
-        password_key,
-        AUTH_DATA_LABEL,
+def _auth_parts(request: UserKeyAssignmentRequest) -> tuple[Part, ...]:
+    """The values ``auth_data`` covers, after its label (docs/wire.md 8.7)."""
+    return (
         request.rand,
         request.time,
         request.user_id,
@@ -65,6 +78,10 @@ def _auth_data(password_key: bytes, request: UserKeyAssignmentRequest) -> bytes:
         int(request.entity_kind),
         request.dst,
     )
+
+
+def _auth_data(password_key: bytes, request: UserKeyAssignmentRequest) -> bytes:
+    return mac(password_key, AUTH_DATA_LABEL, *_auth_parts(request))
 
 
 def _reply_key(password_key: bytes, request: UserKeyAssignmentRequest, rand_server: bytes) -> bytes:
@@ -119,7 +136,13 @@ class UserKeyAssignmentServer(Machine[ServerState]):
     HOP: ClassVar[str] = "server"
 
     def __init__(
-        self, *, policy: AssignmentPolicy, lookups: ServerLookups, rng: Random, now: int
+        self,
+        *,
+        policy: AssignmentPolicy,
+        lookups: ServerLookups,
+        rng: Random,
+        now: int,
+        relay: str | None = None,
     ) -> None:
         super().__init__(
             ServerState.EXPECT_REQUEST, done=ServerState.DONE, failed=ServerState.FAILED
@@ -128,6 +151,8 @@ class UserKeyAssignmentServer(Machine[ServerState]):
         self._lookups = lookups
         self._rng = rng
         self._now = now
+        #: The Digest-authenticated PN GW that relayed the request (None: sent directly).
+        self._relay = relay
 
     def _failure_reply(self, incoming: Message | None, code: ErrorCode) -> Message | None:
         if not isinstance(incoming, UserKeyAssignmentRequest):
@@ -150,6 +175,8 @@ class UserKeyAssignmentServer(Machine[ServerState]):
             )
         check_fresh(message.time, now=self._now, window=self._policy.time_window)
         check_attempts(look, self._policy, message.user_id)
+        if self._relay is not None:
+            return self._on_relayed(message)
         # The sender is not authenticated yet, so an unknown user and a wrong password get
         # the same opaque AUTHENTICATION_FAILED (no user enumeration); the precise reason
         # goes to the audit trail only (docs/deviations.md D-004-2).
@@ -159,18 +186,47 @@ class UserKeyAssignmentServer(Machine[ServerState]):
                 user.password_key if user else _NO_USER_KEY,
                 message.auth_data,
                 AUTH_DATA_LABEL,
-                message.rand,
-                message.time,
-                message.user_id,
-                message.src,
-                int(message.entity_kind),
-                message.dst,
+                *_auth_parts(message),
             )
             if user is None:
                 raise AuthenticationFailed
         except AuthenticationFailed:
             reason = "auth_data does not verify" if user else f"no user {message.user_id!r}"
             raise AuthenticationFailed(reason) from None
+        return self._assign(message, user)
+
+    def _on_relayed(self, message: UserKeyAssignmentRequest) -> list[Event]:
+        """A request relayed by the authenticated PN GW ``relay`` (D-004-5)."""
+        look = self._lookups
+        relay = look.get_entity(self._relay) if self._relay is not None else None
+        if relay is None or relay.kind is not EntityKind.PN_GW or relay.revoked:
+            raise RemoteProtocolError(
+                f"{self._relay!r} is not a PN GW that may relay", code=ErrorCode.NOT_AUTHORIZED
+            )
+        if message.entity_kind is not EntityKind.PNE:
+            raise RemoteProtocolError(
+                "a PN GW relays only a PNE's enrolment", code=ErrorCode.WRONG_ENTITY_KIND
+            )
+        # D-003-9 applied to the relay: only the PN GW's own user, existing or not.
+        if message.user_id != relay.owner:
+            raise RemoteProtocolError(
+                f"user {message.user_id!r} does not own relaying PN GW {relay.entity_id!r}",
+                code=ErrorCode.NOT_AUTHORIZED,
+            )
+        user = look.get_user(message.user_id)
+        if user is None:
+            raise RemoteProtocolError(f"no user {message.user_id!r}", code=ErrorCode.UNKNOWN_USER)
+        try:
+            verify_mac(user.password_key, message.auth_data, AUTH_DATA_LABEL, *_auth_parts(message))
+        except AuthenticationFailed:
+            raise RemoteProtocolError(
+                "auth_data does not verify", code=ErrorCode.WRONG_PASSWORD
+            ) from None
+        return self._assign(message, user)
+
+    def _assign(self, message: UserKeyAssignmentRequest, user: UserRecord) -> list[Event]:
+        """The password proof verified: the remaining checks, then a fresh EUKey."""
+        look = self._lookups
         if user.disabled:
             raise RemoteProtocolError("user is disabled", code=ErrorCode.NOT_AUTHORIZED)
         if look.nonce_used(message.rand):

@@ -19,7 +19,7 @@ from cpns.crypto.hashing import KEY_LEN
 from cpns.crypto.kdf import password_key
 from cpns.errors import ConfigurationError
 from cpns.messages.constants import ID_PATTERN, entity_id_problem
-from cpns.records import AuditEvent, EntityRecord, TKRecord, UserRecord
+from cpns.records import AuditEvent, EntityRecord, PNMember, PNRecord, TKRecord, UserRecord
 from cpns.runtime import wall_time
 from cpns.store import bulk
 from cpns.store.base import ServerStore, WriteTx
@@ -34,6 +34,7 @@ __all__ = [
     "import_users_csv",
     "parse_tk_csv",
     "parse_user_csv",
+    "pn_view",
     "purge_audit",
     "set_revoked",
 ]
@@ -373,3 +374,38 @@ def purge_audit(store: ServerStore, *, days: int, now: int | None = None) -> int
         return gone
 
     return store.write(write)
+
+
+# -- the PN inventory ------------------------------------------------------------------------
+
+
+def _member_view(member: PNMember) -> dict[str, object]:
+    return {
+        "pne_id": member.pne_id,
+        "flow": member.flow or None,
+        "status": member.status,
+        "at": member.at,
+    }
+
+
+def pn_view(pn: PNRecord, *, detail: bool = False) -> dict[str, object]:
+    """A PN of the inventory as plain data (``cpns admin pn list|show --json``).
+
+    Without ``detail``: counts of members and failures. With it: each member and each
+    failure with its flow (None if the PNE was refused before one was chosen), status and
+    time. Never a secret: the inventory holds none.
+    """
+    view: dict[str, object] = {
+        "pn_id": pn.pn_id,
+        "gateway_id": pn.gateway_id,
+        "owner": pn.owner,
+        "created_at": pn.created_at,
+        "updated_at": pn.updated_at,
+    }
+    if detail:
+        view["members"] = [_member_view(m) for m in pn.joined]
+        view["failed"] = [_member_view(m) for m in pn.failed]
+    else:
+        view["members"] = len(pn.joined)
+        view["failed"] = len(pn.failed)
+    return view

@@ -31,7 +31,8 @@ In this order, first match wins:
    ``nc``: 401 with a fresh challenge. Right but the nonce expired: 401 with
    ``stale=true``. Right: the body is read and decoded; undecodable is 400 (with
    ``Authentication-Info``), any message is served, the sender being the authenticated
-   entity (for an open type, the message's own proof decides, as without credentials).
+   entity (for an open type, the message's own proof decides, and the authenticated
+   entity is the PN GW that relayed it: a PNE's enrolment relayed over the PAN).
 2. No ``Authorization`` header and an empty body: 401 challenge.
 3. No ``Authorization`` header, a body that does not decode: 400 ErrorMessage (a
    challenge cannot help a client whose bytes are not a CPNS message).
@@ -277,9 +278,7 @@ class CPNSApp:
             reason = [(b"cpns-reason", peer_text(parsed.reason).encode())] if parsed.reason else []
             await _respond(send, parsed.http_status, parsed.body, _CBOR, [*headers, *reason])
             return
-        if not self._service.requires_authentication(parsed):
-            entity = None  # an open type is served on its own proof, whoever sent it
-        elif entity is None:
+        if entity is None and self._service.requires_authentication(parsed):
             await self._challenge(send, False)
             return
         client = scope.get("client")

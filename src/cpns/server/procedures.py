@@ -2,7 +2,8 @@
 
 Each procedure the server takes part in is described ONCE, by a :class:`Procedure`: the
 request type that starts it, whether that request is *open* (sent without HTTP Digest: its
-proof is inside, 004 §5.x.2), its name in the audit trail, metrics and guard counters, the
+proof is inside, 004 §5.x.2; a PN GW relaying it from a PNE sends it with Digest, and the
+machine is then told who relayed it), its name in the audit trail, metrics and guard counters, the
 factory of its sans-I/O server machine, how the facts its events carry are written in the
 request's transaction, and which party sends it (for the hop log lines).
 
@@ -46,7 +47,8 @@ class MachineContext:
     rng: Random
     #: The request's time (seconds since the epoch).
     now: int
-    #: The Digest-authenticated Entity ID; None for an open request.
+    #: The Digest-authenticated Entity ID; None for an open request sent without Digest
+    #: (an open request that carries Digest is relayed by that entity).
     authenticated: str | None
 
 
@@ -74,7 +76,15 @@ class Procedure:
 
 
 def _ui_machine(ctx: MachineContext) -> Machine[Any]:
-    return UserKeyAssignmentServer(policy=ctx.policy, lookups=ctx.lookups, rng=ctx.rng, now=ctx.now)
+    # Open, but a PN GW relaying a PNE's request authenticates with Digest: the machine
+    # then applies the relay rules (docs/procedures/pne-enrolment.md, D-004-5).
+    return UserKeyAssignmentServer(
+        policy=ctx.policy,
+        lookups=ctx.lookups,
+        rng=ctx.rng,
+        now=ctx.now,
+        relay=ctx.authenticated,
+    )
 
 
 def _ui_persist(tx: WriteTx, event: Event, now: int) -> None:

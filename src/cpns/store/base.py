@@ -17,7 +17,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from cpns.errors import StoreError
-from cpns.records import AuditEvent, EntityRecord, StoredReply, TKRecord, UserRecord
+from cpns.records import (
+    AuditEvent,
+    EntityRecord,
+    PendingEntry,
+    PendingEstablishment,
+    PNMember,
+    PNRecord,
+    StoredReply,
+    TKRecord,
+    UserRecord,
+)
 
 __all__ = [
     "AuditEvent",
@@ -25,6 +35,10 @@ __all__ = [
     "ConflictError",
     "EntityRecord",
     "NonceReused",
+    "PNMember",
+    "PNRecord",
+    "PendingEntry",
+    "PendingEstablishment",
     "ServerStore",
     "StoredReply",
     "TKRecord",
@@ -38,7 +52,13 @@ class ConflictError(StoreError):
 
 
 class ClaimConflict(ConflictError):
-    """An assignment lost the race: the entity changed after its checks (one winner)."""
+    """A compare and set lost the race: the row changed after its checks (one winner).
+
+    Raised by an assignment, a TK ratchet or EUKey index advance whose expected value is
+    no longer the stored one, and by the deletion of a pending establishment that is
+    gone (another process finished it, or it expired and was purged). Nothing is written
+    by the operation that raises it.
+    """
 
 
 class NonceReused(StoreError):  # contract name; "Reused" already says error
@@ -116,6 +136,53 @@ class WriteTx(Protocol):
         """
         ...
 
+    # -- PN Establishment (002 §7.5.4, 000) ------------------------------------------------
+
+    def put_establishment(self, establishment: PendingEstablishment) -> None:
+        """Store the pending state of an establishment (at the AUTHENTICATE Request), its
+        secrets sealed at rest; :class:`ConflictError` if (gw_id, est_id) is taken."""
+        ...
+
+    def delete_establishment(self, gateway_id: str, est_id: bytes) -> None:
+        """Delete a pending establishment (when its PN Establishment Response is
+        committed): :class:`ClaimConflict` if it is not there any more (another process
+        took it first, or it was purged), so of two processes finishing one establishment
+        exactly one commits."""
+        ...
+
+    def record_pn(
+        self,
+        pn_id: str,
+        gateway_id: str,
+        owner: str,
+        now: int,
+        results: Sequence[PNMember],
+    ) -> PNRecord:
+        """Upsert the PN ``pn_id`` with the per-PNE results of one establishment; return it.
+
+        A new PN is created at ``now``; a known one gets ``updated_at = now`` and
+        ``gateway_id`` (the PN GW that established it last). Each result replaces that
+        PNE's previous one (the latest attempt counts): status :data:`~cpns.records.MEMBER`
+        makes it a member, any other status (an ErrorCode name) records a failure that is
+        not a member. PNEs not in ``results`` keep their rows. :class:`ConflictError`
+        (nothing written) if the PN belongs to another owner or ``results`` lists a PNE
+        twice; :class:`StoreError` for an unknown flow.
+        """
+        ...
+
+    def set_tk_state(self, entity_id: str, tk: bytes, tk_step: int, *, expected_step: int) -> None:
+        """Compare and set of a PNE's TK ratchet: store TK_{tk_step} if the record is
+        still at ``expected_step``; :class:`ClaimConflict` (nothing written) if it is not,
+        or if there is no TK record."""
+        ...
+
+    def set_key_index(self, entity_id: str, key_index: int, *, expected_index: int) -> None:
+        """Compare and set of an entity's EUKey chain index (000): ``key_index`` if the
+        entity is still at ``expected_index``; :class:`ClaimConflict` (nothing written)
+        if it is not, or if there is no such entity; :class:`StoreError` if
+        ``key_index`` < 1."""
+        ...
+
 
 class ServerStore(Protocol):
     """What the server's service layer and the admin CLI need from persistence."""
@@ -156,6 +223,21 @@ class ServerStore(Protocol):
         """The newest audit events, newest first."""
         ...
 
+    def get_establishment(self, gateway_id: str, est_id: bytes) -> PendingEstablishment | None:
+        """The pending establishment, or None (never stored, finished, or purged).
+
+        An expired one that was not purged yet is returned as it is: the caller compares
+        its ``expires_at`` with its own clock."""
+        ...
+
+    def get_pn(self, pn_id: str) -> PNRecord | None:
+        """The PN with its members and failures, or None."""
+        ...
+
+    def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:
+        """All PNs (optionally of one owner and/or one PN GW), ordered by PN ID."""
+        ...
+
     def write[T](self, fn: Callable[[WriteTx], T]) -> T:
         """Run ``fn`` in one durable transaction (group-committed); return its result."""
         ...
@@ -184,7 +266,8 @@ class ServerStore(Protocol):
         ...
 
     def purge_expired(self, *, now: int) -> int:
-        """Delete expired nonces and replies; return how many rows went."""
+        """Delete expired nonces, replies, failure counters, Digest nc states and pending
+        establishments (``expires_at`` < ``now``); return how many rows went."""
         ...
 
     def close(self) -> None:

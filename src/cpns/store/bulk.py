@@ -306,6 +306,7 @@ def import_tks(
             sealer.seal("tk_records.tk", r.tk, (r.entity_id,)),
             r.source,
             r.imported_at,
+            r.tk_step,
         ),
         progress,
     )
@@ -315,7 +316,7 @@ def import_tks(
         key_column="entity_id",
         what="TK record for entity",
         keys=keys,
-        columns=("entity_id", "tk_sealed", "source", "imported_at"),
+        columns=("entity_id", "tk_sealed", "source", "imported_at", "tk_step"),
         rows=rows,
         audit=audit,
         progress=progress,

@@ -80,9 +80,9 @@ __all__ = ["BackupInfo", "FORMAT_VERSION", "MAGIC", "backup", "read_info", "rest
 MAGIC: Final = b"CPNS-BACKUP\x00v1\n"
 FORMAT_VERSION: Final = 1
 _DIGEST_LEN: Final = 32
-#: Tables dumped first, in this order (foreign keys: users before entities); any other
-#: table of the schema follows in name order.
-_FIRST: Final = ("meta", "users", "entities")
+#: Tables dumped first, in this order (foreign keys: users before entities, pns before
+#: pn_members); any other table of the schema follows in name order.
+_FIRST: Final = ("meta", "users", "entities", "pns")
 #: Not data: the schema version of the database restored into is its own.
 _SKIP: Final = frozenset({"schema_version", "sqlite_sequence"})
 

@@ -18,6 +18,7 @@ immediately, so there is no group commit to observe.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
@@ -30,13 +31,16 @@ from cpns.store.base import (
     ConflictError,
     EntityRecord,
     NonceReused,
+    PendingEstablishment,
+    PNMember,
+    PNRecord,
     ServerStore,
     StoredReply,
     TKRecord,
     UserRecord,
     WriteTx,
 )
-from cpns.store.sql import nonce_digest
+from cpns.store.sql import check_forward, check_pn_results, nonce_digest
 
 __all__ = ["MemoryStore"]
 
@@ -51,7 +55,9 @@ class _Tables:
         "auth_failures",
         "digest_nc",
         "entities",
+        "establishments",
         "nonces",
+        "pns",
         "replies",
         "tks",
         "users",
@@ -69,6 +75,10 @@ class _Tables:
         self.auth_failures: dict[str, tuple[int, int]] = {}
         #: Digest nonce -> (highest nc, window bitmap, keep_until).
         self.digest_nc: dict[str, tuple[int, int, int]] = {}
+        #: (gw_id, est_id) -> pending establishment.
+        self.establishments: dict[tuple[str, bytes], PendingEstablishment] = {}
+        #: PN ID -> PN (members ordered by PNE ID).
+        self.pns: dict[str, PNRecord] = {}
 
 
 class _MemoryWriteTx:
@@ -246,20 +256,76 @@ class _MemoryWriteTx:
         entity = t.entities.get(entity_id)
         if entity is None:
             raise StoreError(f"no entity {entity_id!r}")
-        self._put(
-            t.entities,
-            entity_id,
-            EntityRecord(
-                entity_id=entity.entity_id,
-                kind=entity.kind,
-                owner=entity.owner,
-                eukeys=entity.eukeys,
-                key_index=entity.key_index,
-                assigned_via=entity.assigned_via,
-                assigned_at=entity.assigned_at,
-                revoked=revoked,
-            ),
+        self._put(t.entities, entity_id, dataclasses.replace(entity, revoked=revoked))
+
+    def put_establishment(self, establishment: PendingEstablishment) -> None:
+        """Store a pending establishment; :class:`ConflictError` if its key is taken."""
+        t = self._tables()
+        est = establishment
+        if len(est.est_id) != 16:
+            raise StoreError(f"est_id is 16 bytes, not {len(est.est_id)}")
+        key = (est.gw_id, bytes(est.est_id))
+        if key in t.establishments:
+            raise ConflictError(
+                f"establishment {est.est_id.hex()} of {est.gw_id!r} is already stored"
+            )
+        self._put(t.establishments, key, est)
+
+    def delete_establishment(self, gateway_id: str, est_id: bytes) -> None:
+        """Delete a pending establishment; :class:`ClaimConflict` if it is gone."""
+        t = self._tables()
+        key = (gateway_id, bytes(est_id))
+        if key not in t.establishments:
+            raise ClaimConflict(
+                f"establishment {est_id.hex()} of {gateway_id!r} is not pending (any more)"
+            )
+        old = t.establishments.pop(key)
+        self._undo.append(lambda: t.establishments.__setitem__(key, old))
+
+    def record_pn(
+        self,
+        pn_id: str,
+        gateway_id: str,
+        owner: str,
+        now: int,
+        results: Sequence[PNMember],
+    ) -> PNRecord:
+        """Upsert a PN and its per-PNE results (see :class:`~cpns.store.base.WriteTx`)."""
+        t = self._tables()
+        check_pn_results(pn_id, results)
+        current = t.pns.get(pn_id)
+        if current is not None and current.owner != owner:
+            raise ConflictError(f"PN {pn_id!r} belongs to another user")
+        members = {m.pne_id: m for m in (current.members if current else ())}
+        members.update((r.pne_id, r) for r in results)
+        record = PNRecord(
+            pn_id=pn_id,
+            gateway_id=gateway_id,
+            owner=owner,
+            created_at=current.created_at if current else now,
+            updated_at=now,
+            members=tuple(members[k] for k in sorted(members)),
         )
+        self._put(t.pns, pn_id, record)
+        return record
+
+    def set_tk_state(self, entity_id: str, tk: bytes, tk_step: int, *, expected_step: int) -> None:
+        """Compare and set of the TK ratchet (see :class:`~cpns.store.base.WriteTx`)."""
+        check_forward("the TK step", entity_id, tk_step, expected_step)
+        t = self._tables()
+        current = t.tks.get(entity_id)
+        if current is None or current.tk_step != expected_step:
+            raise ClaimConflict(f"the TK of {entity_id!r} is not at step {expected_step}")
+        self._put(t.tks, entity_id, dataclasses.replace(current, tk=bytes(tk), tk_step=tk_step))
+
+    def set_key_index(self, entity_id: str, key_index: int, *, expected_index: int) -> None:
+        """Compare and set of the EUKey chain index (see :class:`~cpns.store.base.WriteTx`)."""
+        check_forward("the EUKey index", entity_id, key_index, expected_index)
+        t = self._tables()
+        current = t.entities.get(entity_id)
+        if current is None or current.key_index != expected_index:
+            raise ClaimConflict(f"entity {entity_id!r} is not at EUKey index {expected_index}")
+        self._put(t.entities, entity_id, dataclasses.replace(current, key_index=key_index))
 
 
 class MemoryStore:
@@ -336,6 +402,27 @@ class MemoryStore:
         with self._lock:
             return self._open_tables().audit[::-1][:limit]
 
+    def get_establishment(self, gateway_id: str, est_id: bytes) -> PendingEstablishment | None:
+        """The pending establishment, or None."""
+        with self._lock:
+            return self._open_tables().establishments.get((gateway_id, bytes(est_id)))
+
+    def get_pn(self, pn_id: str) -> PNRecord | None:
+        """The PN with its members and failures, or None."""
+        with self._lock:
+            return self._open_tables().pns.get(pn_id)
+
+    def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:
+        """All PNs (optionally of one owner and/or one PN GW), ordered by PN ID."""
+        with self._lock:
+            pns = self._open_tables().pns
+            return [
+                pns[k]
+                for k in sorted(pns)
+                if (owner is None or pns[k].owner == owner)
+                and (gateway is None or pns[k].gateway_id == gateway)
+            ]
+
     def write[T](self, fn: Callable[[WriteTx], T]) -> T:
         """Run ``fn`` all or nothing; return its result or re-raise its exception."""
         if getattr(self._writing, "active", False):
@@ -378,7 +465,8 @@ class MemoryStore:
         )
 
     def purge_expired(self, *, now: int) -> int:
-        """Delete nonces with ``expires_at`` < ``now`` and replies older than the retention."""
+        """Delete nonces and pending establishments with ``expires_at`` < ``now``, replies
+        older than the retention, and spent failure counters and Digest nc states."""
         with self._lock:
             t = self._open_tables()
             nonces = [k for k, exp in t.nonces.items() if exp < now]
@@ -394,7 +482,10 @@ class MemoryStore:
             counters = [c for c, (_, _, until) in t.digest_nc.items() if until < now]
             for c in counters:
                 del t.digest_nc[c]
-            return len(nonces) + len(replies) + len(failures) + len(counters)
+            pending = [k for k, e in t.establishments.items() if e.expires_at < now]
+            for k in pending:
+                del t.establishments[k]
+            return len(nonces) + len(replies) + len(failures) + len(counters) + len(pending)
 
     def close(self) -> None:
         """Mark the store closed; later calls raise :class:`StoreError`."""

@@ -85,6 +85,12 @@ SEALED: Final = (
     SealedColumn("entities", "eukeys_sealed", "entities.eukeys", ("entity_id",)),
     SealedColumn("tk_records", "tk_sealed", "tk_records.tk", ("entity_id",)),
     SealedColumn("replies", "reply_sealed", "replies.reply", ("requester", "txid")),
+    SealedColumn(
+        "pn_establishments",
+        "state_sealed",
+        "pn_establishments.state",
+        ("gateway_id", "est_id"),
+    ),
 )
 
 

@@ -23,8 +23,9 @@ never block and are never blocked by writers. Every connection is tracked and cl
 :meth:`SQLStore.close`.
 
 **Secure Storage (002 §3.2).** Secret columns (``users.password_key``, ``entities.eukeys``,
-``tk_records.tk``, ``replies.reply``) hold :func:`cpns.crypto.keywrap.seal` blobs under the
-master key, which lives outside the database (:class:`cpns.store.masterkey.MasterKey`).
+``tk_records.tk``, ``replies.reply``, ``pn_establishments.state``) hold
+:func:`cpns.crypto.keywrap.seal` blobs under the master key, which lives outside the
+database (:class:`cpns.store.masterkey.MasterKey`).
 The purpose names ``table.column`` and the associated data is the row's primary key, so a
 sealed value copied into another row or column does not open. A ``meta`` row sealed under
 the master key is checked at open: a wrong master key fails at start-up with a clear
@@ -74,18 +75,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
+import cbor2
 import psycopg
 
 from cpns import metrics
 from cpns.crypto.hashing import KEY_LEN, Part, hash_values
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, LocalProtocolError, StoreError
+from cpns.records import FLOW_NONE, FLOW_RAND_HASH, FLOW_TK
 from cpns.store.base import (
     AuditEvent,
     ClaimConflict,
     ConflictError,
     EntityRecord,
     NonceReused,
+    PendingEntry,
+    PendingEstablishment,
+    PNMember,
+    PNRecord,
     ServerStore,
     StoredReply,
     TKRecord,
@@ -96,7 +103,15 @@ from cpns.store.masterkey import MasterKey
 from cpns.store.postgres import PGConnection, PGReaders, is_dsn, redact_dsn, scrub
 from cpns.types import EntityKind
 
-__all__ = ["SQLStore", "WriteStats", "nonce_digest"]
+__all__ = [
+    "SQLStore",
+    "WriteStats",
+    "check_forward",
+    "check_pn_results",
+    "decode_establishment_state",
+    "encode_establishment_state",
+    "nonce_digest",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -330,10 +345,57 @@ class _Q:
     ENTITY_LIST_OWNER: Final = _ENTITY_COLUMNS + " WHERE owner = ? ORDER BY entity_id"
     ENTITY_SET_REVOKED: Final = "UPDATE entities SET revoked = ? WHERE entity_id = ?"
     TK_INSERT: Final = (
-        "INSERT INTO tk_records (entity_id, tk_sealed, source, imported_at) VALUES (?, ?, ?, ?)"
+        "INSERT INTO tk_records (entity_id, tk_sealed, source, imported_at, tk_step) "
+        "VALUES (?, ?, ?, ?, ?)"
     )
     TK_GET: Final = (
-        "SELECT entity_id, tk_sealed, source, imported_at FROM tk_records WHERE entity_id = ?"
+        "SELECT entity_id, tk_sealed, source, imported_at, tk_step FROM tk_records "
+        "WHERE entity_id = ?"
+    )
+    #: Compare and set of the TK ratchet: written only if the step is still the one read.
+    TK_SET_STATE: Final = (
+        "UPDATE tk_records SET tk_sealed = ?, tk_step = ? WHERE entity_id = ? AND tk_step = ?"
+    )
+    #: Compare and set of the EUKey chain index.
+    ENTITY_SET_INDEX: Final = (
+        "UPDATE entities SET key_index = ? WHERE entity_id = ? AND key_index = ?"
+    )
+    EST_INSERT: Final = (
+        "INSERT INTO pn_establishments (gateway_id, est_id, pn_id, state_sealed, created_at, "
+        "expires_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gateway_id, est_id) DO NOTHING"
+    )
+    EST_GET: Final = (
+        "SELECT gateway_id, est_id, pn_id, state_sealed, created_at, expires_at "
+        "FROM pn_establishments WHERE gateway_id = ? AND est_id = ?"
+    )
+    EST_DELETE: Final = "DELETE FROM pn_establishments WHERE gateway_id = ? AND est_id = ?"
+    EST_PURGE: Final = "DELETE FROM pn_establishments WHERE expires_at < ?"
+    #: Upsert of a PN that never changes its owner: a PN of another owner is left alone
+    #: (rowcount 0), in one statement, so two users racing on one PN ID cannot both win.
+    PN_UPSERT: Final = (
+        "INSERT INTO pns (pn_id, gateway_id, owner, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pn_id) DO UPDATE SET "
+        "gateway_id = excluded.gateway_id, updated_at = excluded.updated_at "
+        "WHERE pns.owner = excluded.owner"
+    )
+    PN_MEMBER_UPSERT: Final = (
+        "INSERT INTO pn_members (pn_id, pne_id, flow, status, at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (pn_id, pne_id) DO UPDATE SET flow = excluded.flow, "
+        "status = excluded.status, at = excluded.at"
+    )
+    #: One statement (one snapshot) for a PN and its members: a PN without members comes
+    #: back once with NULL member columns. Filters: see :func:`_pn_query`.
+    _PN_SELECT: Final = (
+        "SELECT p.pn_id, p.gateway_id, p.owner, p.created_at, p.updated_at, "
+        "m.pne_id, m.flow, m.status, m.at FROM pns p "
+        "LEFT JOIN pn_members m ON m.pn_id = p.pn_id"
+    )
+    PN_GET: Final = _PN_SELECT + " WHERE p.pn_id = ? ORDER BY m.pne_id"
+    PN_LIST: Final = _PN_SELECT + " ORDER BY p.pn_id, m.pne_id"
+    PN_LIST_OWNER: Final = _PN_SELECT + " WHERE p.owner = ? ORDER BY p.pn_id, m.pne_id"
+    PN_LIST_GATEWAY: Final = _PN_SELECT + " WHERE p.gateway_id = ? ORDER BY p.pn_id, m.pne_id"
+    PN_LIST_BOTH: Final = (
+        _PN_SELECT + " WHERE p.owner = ? AND p.gateway_id = ? ORDER BY p.pn_id, m.pne_id"
     )
     TK_EXISTS: Final = "SELECT 1 FROM tk_records WHERE entity_id = ?"
     NONCE_INSERT: Final = (
@@ -461,6 +523,121 @@ def _split_eukeys(blob: bytes) -> tuple[bytes, ...]:
     if len(blob) % KEY_LEN:
         raise StoreError(f"entities.eukeys holds {len(blob)} bytes, not a multiple of {KEY_LEN}")
     return tuple(blob[i : i + KEY_LEN] for i in range(0, len(blob), KEY_LEN))
+
+
+#: Version tag of the sealed CBOR state of a pending establishment.
+_EST_STATE_V1: Final = 1
+
+
+def encode_establishment_state(est: PendingEstablishment) -> bytes:
+    """The secret part of a pending establishment (rand_server and its entries) as the
+    CBOR value ``pn_establishments.state`` seals."""
+    entries = [
+        [e.pne_id, e.rand_pne, e.flow, e.local_eukey, e.tk_step, e.key_index, e.status]
+        for e in est.entries
+    ]
+    return cbor2.dumps([_EST_STATE_V1, est.rand_server, entries])
+
+
+def decode_establishment_state(
+    blob: bytes, *, gw_id: str, est_id: bytes, pn_id: str, created_at: int, expires_at: int
+) -> PendingEstablishment:
+    """The inverse of :func:`encode_establishment_state`; :class:`StoreError` if it is
+    not one."""
+    try:
+        version, rand_server, raw = cbor2.loads(blob)
+        if version != _EST_STATE_V1 or not isinstance(rand_server, bytes):
+            raise ValueError("version or rand_server")
+        entries = []
+        for pne_id, rand_pne, flow, local, step, index, status in raw:
+            if not (
+                isinstance(pne_id, str)
+                and isinstance(rand_pne, bytes)
+                and isinstance(flow, str)
+                and isinstance(status, str)
+                and (local is None or isinstance(local, bytes))
+                and (step is None or isinstance(step, int))
+                and (index is None or isinstance(index, int))
+            ):
+                raise ValueError("entry types")
+            entries.append(
+                PendingEntry(
+                    pne_id=pne_id,
+                    rand_pne=rand_pne,
+                    flow=flow,
+                    local_eukey=local,
+                    tk_step=step,
+                    key_index=index,
+                    status=status,
+                )
+            )
+    except (ValueError, TypeError, cbor2.CBORDecodeError) as exc:
+        raise StoreError(
+            f"the pending establishment {est_id.hex()} of {gw_id!r} is malformed: {exc}"
+        ) from None
+    return PendingEstablishment(
+        gw_id=gw_id,
+        est_id=est_id,
+        pn_id=pn_id,
+        rand_server=rand_server,
+        created_at=created_at,
+        expires_at=expires_at,
+        entries=tuple(entries),
+    )
+
+
+def check_pn_results(pn_id: str, results: Sequence[PNMember]) -> None:
+    """The checks :meth:`WriteTx.record_pn` makes before writing (shared by both stores)."""
+    seen: set[str] = set()
+    for r in results:
+        if r.pne_id in seen:
+            raise ConflictError(f"PN {pn_id!r}: the results list PNE {r.pne_id!r} twice")
+        seen.add(r.pne_id)
+        if r.flow not in PN_FLOWS:
+            raise StoreError(f"PN {pn_id!r}: PNE {r.pne_id!r} has unknown flow {r.flow!r}")
+        if not r.status:
+            raise StoreError(f"PN {pn_id!r}: PNE {r.pne_id!r} has an empty status")
+
+
+def check_forward(what: str, entity_id: str, new: int, expected: int) -> None:
+    """A ratchet step or chain index only moves forward (shared by both stores)."""
+    if new <= expected:
+        raise StoreError(f"{what} of {entity_id!r} only moves forward ({expected} -> {new})")
+
+
+#: The flows a PN member row may name.
+PN_FLOWS: Final = frozenset({FLOW_RAND_HASH, FLOW_TK, FLOW_NONE})
+
+
+def _pn_records(rows: list[Any]) -> list[PNRecord]:
+    """PN records from the rows of ``_PN_SELECT`` (ordered by PN ID, then PNE ID)."""
+    out: list[PNRecord] = []
+    head: tuple[Any, ...] | None = None
+    members: list[PNMember] = []
+
+    def flush() -> None:
+        if head is not None:
+            pn_id, gateway_id, owner, created_at, updated_at = head
+            out.append(
+                PNRecord(
+                    pn_id=pn_id,
+                    gateway_id=gateway_id,
+                    owner=owner,
+                    created_at=created_at,
+                    updated_at=updated_at,
+                    members=tuple(members),
+                )
+            )
+
+    for row in rows:
+        if head is None or row[0] != head[0]:
+            flush()
+            head = tuple(row[:5])
+            members = []
+        if row[5] is not None:
+            members.append(PNMember(pne_id=row[5], flow=row[6], status=row[7], at=row[8]))
+    flush()
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -695,6 +872,7 @@ class _SQLWriteTx:
                 self._sealer.seal("tk_records.tk", r.tk, (r.entity_id,)),
                 r.source,
                 r.imported_at,
+                r.tk_step,
             )
             for r in records
         ]
@@ -789,6 +967,81 @@ class _SQLWriteTx:
         except self._dialect.error as exc:
             raise StoreError(f"cannot record a Digest nonce count: {exc}") from None
 
+    def put_establishment(self, establishment: PendingEstablishment) -> None:
+        """Store a pending establishment, sealed; :class:`ConflictError` if its key is taken."""
+        est = establishment
+        if len(est.est_id) != 16:
+            raise StoreError(f"est_id is 16 bytes, not {len(est.est_id)}")
+        row: tuple[Part, ...] = (est.gw_id, est.est_id)
+        sealed = self._sealer.seal("pn_establishments.state", encode_establishment_state(est), row)
+        params = (est.gw_id, est.est_id, est.pn_id, sealed, est.created_at, est.expires_at)
+        try:
+            cur = self._exec(_Q.EST_INSERT, params)
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot store a pending establishment: {exc}") from None
+        if cur.rowcount != 1:
+            raise ConflictError(
+                f"establishment {est.est_id.hex()} of {est.gw_id!r} is already stored"
+            )
+
+    def delete_establishment(self, gateway_id: str, est_id: bytes) -> None:
+        """Delete a pending establishment; :class:`ClaimConflict` if it is gone."""
+        try:
+            cur = self._exec(_Q.EST_DELETE, (gateway_id, est_id))
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot delete a pending establishment: {exc}") from None
+        if cur.rowcount != 1:
+            raise ClaimConflict(
+                f"establishment {est_id.hex()} of {gateway_id!r} is not pending (any more)"
+            )
+
+    def record_pn(
+        self,
+        pn_id: str,
+        gateway_id: str,
+        owner: str,
+        now: int,
+        results: Sequence[PNMember],
+    ) -> PNRecord:
+        """Upsert a PN and its per-PNE results (see :class:`~cpns.store.base.WriteTx`)."""
+        check_pn_results(pn_id, results)
+        try:
+            with self._savepoint("record_pn"):
+                cur = self._exec(_Q.PN_UPSERT, (pn_id, gateway_id, owner, now, now))
+                if cur.rowcount != 1:
+                    raise ConflictError(f"PN {pn_id!r} belongs to another user")
+                conn = self._live()
+                conn.executemany(
+                    self._dialect.sql(_Q.PN_MEMBER_UPSERT),
+                    [(pn_id, r.pne_id, r.flow, r.status, r.at) for r in results],
+                )
+                rows = conn.execute(self._dialect.sql(_Q.PN_GET), (pn_id,)).fetchall()
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot record PN {pn_id!r}: {exc}") from None
+        [record] = _pn_records(rows)
+        return record
+
+    def set_tk_state(self, entity_id: str, tk: bytes, tk_step: int, *, expected_step: int) -> None:
+        """Compare and set of the TK ratchet (see :class:`~cpns.store.base.WriteTx`)."""
+        check_forward("the TK step", entity_id, tk_step, expected_step)
+        sealed = self._sealer.seal("tk_records.tk", tk, (entity_id,))
+        try:
+            cur = self._exec(_Q.TK_SET_STATE, (sealed, tk_step, entity_id, expected_step))
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot advance the TK of {entity_id!r}: {exc}") from None
+        if cur.rowcount != 1:
+            raise ClaimConflict(f"the TK of {entity_id!r} is not at step {expected_step}")
+
+    def set_key_index(self, entity_id: str, key_index: int, *, expected_index: int) -> None:
+        """Compare and set of the EUKey chain index (see :class:`~cpns.store.base.WriteTx`)."""
+        check_forward("the EUKey index", entity_id, key_index, expected_index)
+        try:
+            cur = self._exec(_Q.ENTITY_SET_INDEX, (key_index, entity_id, expected_index))
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot advance the EUKey index of {entity_id!r}: {exc}") from None
+        if cur.rowcount != 1:
+            raise ClaimConflict(f"entity {entity_id!r} is not at EUKey index {expected_index}")
+
     def purge_audit(self, *, before: int) -> int:
         """Delete audit events older than ``before`` (epoch seconds); return how many."""
         try:
@@ -801,6 +1054,7 @@ class _SQLWriteTx:
             gone = self._exec(_Q.NONCE_PURGE, (nonces_before,)).rowcount
             gone += self._exec(_Q.AUTH_FAILURE_PURGE, (nonces_before,)).rowcount
             gone += self._exec(_Q.DIGEST_NC_PURGE, (nonces_before,)).rowcount
+            gone += self._exec(_Q.EST_PURGE, (nonces_before,)).rowcount
             gone += self._exec(_Q.REPLY_PURGE, (replies_before,)).rowcount
         except self._dialect.error as exc:
             raise StoreError(f"cannot purge expired rows: {exc}") from None
@@ -1184,13 +1438,43 @@ class SQLStore:
         rows = self._query(_Q.TK_GET, (entity_id,))
         if not rows:
             return None
-        eid, sealed, source, imported_at = rows[0]
+        eid, sealed, source, imported_at, tk_step = rows[0]
         return TKRecord(
             entity_id=eid,
             tk=self._sealer.open("tk_records.tk", bytes(sealed), (eid,)),
             source=source,
             imported_at=imported_at,
+            tk_step=tk_step,
         )
+
+    def get_establishment(self, gateway_id: str, est_id: bytes) -> PendingEstablishment | None:
+        """The pending establishment, or None; :class:`StoreError` if it does not open."""
+        rows = self._query(_Q.EST_GET, (gateway_id, est_id))
+        if not rows:
+            return None
+        gw, est, pn_id, sealed, created_at, expires_at = rows[0]
+        est = bytes(est)
+        plain = self._sealer.open("pn_establishments.state", bytes(sealed), (gw, est))
+        return decode_establishment_state(
+            plain, gw_id=gw, est_id=est, pn_id=pn_id, created_at=created_at, expires_at=expires_at
+        )
+
+    def get_pn(self, pn_id: str) -> PNRecord | None:
+        """The PN with its members and failures, or None."""
+        found = _pn_records(self._query(_Q.PN_GET, (pn_id,)))
+        return found[0] if found else None
+
+    def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:
+        """All PNs (optionally of one owner and/or one PN GW), ordered by PN ID."""
+        if owner is not None and gateway is not None:
+            rows = self._query(_Q.PN_LIST_BOTH, (owner, gateway))
+        elif owner is not None:
+            rows = self._query(_Q.PN_LIST_OWNER, (owner,))
+        elif gateway is not None:
+            rows = self._query(_Q.PN_LIST_GATEWAY, (gateway,))
+        else:
+            rows = self._query(_Q.PN_LIST, ())
+        return _pn_records(rows)
 
     def get_reply(self, requester: str, txid: bytes) -> StoredReply | None:
         """The stored reply of a transaction, or None."""

@@ -66,6 +66,7 @@ from cpns.store.keystore import LocalKeyStore
 from cpns.store.memory import MemoryStore
 from cpns.transport.framing import encode_frame
 from cpns.transport.stream import read_message, write_message
+from cpns.types import EntityKind
 
 #: Upper bound of every wait in these tests, seconds.
 WAIT = 10.0
@@ -124,7 +125,11 @@ class FakeServer:
             self.on_request(message)
         if self.down:
             raise TransportError("gateway->server: fake server down")
-        authenticated = None if isinstance(message, UserKeyAssignmentRequest) else message.src
+        authenticated: str | None = message.src
+        if isinstance(message, UserKeyAssignmentRequest):
+            # The gateway's own enrolment goes without Digest; a PNE's, relayed by the
+            # gateway, goes with the gateway's (docs/procedures/pne-enrolment.md).
+            authenticated = None if message.entity_kind is EntityKind.PN_GW else "gw-alice"
         reply = await self.service.handle(message, authenticated=authenticated)
         if self.lose_replies:
             self.lose_replies -= 1
@@ -1407,3 +1412,45 @@ def test_refused_pan_frames_write_no_info_hop_lines(
     run(scenario())
     assert not [r for r in caplog.records if getattr(r, "event", None) == "message"]
     assert len(caplog.records) < 50
+
+
+# -- a PNE with UI enrols through the daemon (004 §5.x.1 over the PAN) -----------------------
+
+
+def test_a_pne_with_ui_enrols_through_the_daemon(
+    enrolled: GatewayConfig, server: FakeServer, alice_key: bytes, tmp_path: Path
+) -> None:
+    """004 §5.x.1 through the PN GW: the real PNE side (enroll_device) against the real
+    daemon's PAN port; the server's answer to the relayed request is lost once on the
+    way back to the gateway (UPSTREAM_UNAVAILABLE to the PNE), the PNE sends the same
+    request again and gets the stored answer: one assignment, the EUKey held by the PNE
+    and the server, not in the gateway's key store."""
+    from cpns.device.enrolment import enroll_device
+
+    async def go() -> Any:
+        async with running_gateway(enrolled, server) as daemon:
+            server.lose_replies = 1
+            return await enroll_device(
+                tmp_path / "pne",
+                "127.0.0.1",
+                daemon.pan_port,
+                user_id="alice",
+                password_key=alice_key,
+                entity_id="pne-ui",
+                rng=FixedRandom(6),
+                clock=lambda: FIXED_NOW,
+                per_try_timeout=WAIT,
+                backoff=0,
+            )
+
+    result = run(go())
+    assert result.tries == 2
+    first, second = (decode(r) for r in server.received[-2:])
+    assert first == second
+    assert isinstance(first, UserKeyAssignmentRequest)
+    eukey = server.eukeys("pne-ui")[0]
+    assert device_status(tmp_path / "pne")["credential"] == "ui"
+    assert LocalKeyStore.open_or_create(tmp_path / "pne", "device").load()["eukey"] == eukey
+    assert eukey.hex() not in json.dumps(gateway_store(enrolled), default=lambda b: b.hex())
+    [event] = [e for e in server.store.audit_events(limit=10) if e.entity_id == "pne-ui"]
+    assert (event.actor, event.outcome) == ("gw-alice", "OK")

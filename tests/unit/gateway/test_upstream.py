@@ -35,6 +35,7 @@ from cpns.messages.model import (
     EUKeyAssignmentResponse,
     Message,
     UserKeyAssignmentRequest,
+    UserKeyAssignmentResponse,
 )
 from cpns.protocol.digest import DigestServer, parse_digest
 from cpns.server.tls import generate_self_signed
@@ -334,6 +335,60 @@ def test_enrolment_request_needs_no_digest(tls_files: tuple[Path, Path]) -> None
     (reply,), server = _scenario(tls_files, DigestEndpoint(), [message], eukey=None)
     assert reply.txid == message.txid
     assert [("authorization" in r.headers) for r in server.seen] == [False]
+
+
+class RelayEndpoint(DigestEndpoint):
+    """The real server's rule for the open type: an empty POST without credentials is
+    challenged; a with-UI request is served with or without Digest (with it, the
+    authenticated PN GW relayed it)."""
+
+    async def __call__(self, seen: Seen) -> Answer:
+        header = seen.headers.get("authorization")
+        if not seen.body and header is None:
+            values = self.digest.challenge(now=FIXED_NOW, rng=self.rng)
+            return Answer(status=401, headers=[("www-authenticate", v) for v in values])
+        message = decode(seen.body)
+        reply = UserKeyAssignmentResponse(
+            txid=message.txid, src=SERVER_ID, dst=message.src, status=ErrorCode.WRONG_PASSWORD
+        )
+        if header is None:
+            return Answer(body=encode(reply))
+        ok = self.digest.verify(
+            method="POST",
+            uri=seen.target,
+            authorization=header,
+            lookup={"gw-alice": _GW_KEY.hex()}.get,
+            now=FIXED_NOW,
+        )
+        return Answer(body=encode(reply), headers=[("authentication-info", ok.authentication_info)])
+
+
+def _pne_enrolment(txid: bytes) -> UserKeyAssignmentRequest:
+    return UserKeyAssignmentRequest(
+        txid=txid,
+        src="pne-ui",
+        dst=SERVER_ID,
+        user_id="alice",
+        entity_kind=EntityKind.PNE,
+        time=FIXED_NOW,
+        rand=b"\x05" * 32,
+        auth_data=b"\x06" * 32,
+    )
+
+
+def test_a_relayed_enrolment_request_carries_digest(tls_files: tuple[Path, Path]) -> None:
+    """Our rule (docs/procedures/pne-enrolment.md): an enrolled PN GW relays a PNE's
+    with-UI request authenticated as itself, so the server knows which PN GW relayed it.
+    The server would serve the open type without credentials, so a lane without a nonce
+    first fetches the challenge with an empty POST; the next relay reuses the nonce."""
+    first, second = _pne_enrolment(b"\x07" * 16), _pne_enrolment(b"\x08" * 16)
+    replies, server = _scenario(tls_files, RelayEndpoint(), [first, second])
+    assert [r.txid for r in replies] == [first.txid, second.txid]
+    sent = server.seen
+    assert [r.body for r in sent] == [b"", encode(first), encode(second)]
+    assert "authorization" not in sent[0].headers
+    assert "nc=00000001" in sent[1].headers["authorization"]
+    assert "nc=00000002" in sent[2].headers["authorization"]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.helpers import ref_hkdf, ref_parts, ref_seal_ad, ref_seal_key
-from tests.tk_sim import IDS, Hop, World
+from tests.tk_sim import IDS, Hop, ServerSide, World
 
 from cpns.crypto.hashchain import build_chain
 from cpns.errors import AuthenticationFailed, ErrorCode
@@ -31,6 +31,7 @@ from cpns.protocol.tk_auth import (
     StaleCredential,
     TKChallenge,
     TKRun,
+    TKVerified,
     compute_an,
     gateway_prepare,
     pne_answer,
@@ -53,6 +54,23 @@ def sha(label: str, *parts: bytes | str | int) -> bytes:
 
 def hm(key: bytes, label: str, *parts: bytes | str | int) -> bytes:
     return hmac.new(key, ref_parts(label, *parts), hashlib.sha256).digest()
+
+
+def verify(
+    s: ServerSide, run: TKRun, challenge: TKChallenge, sealed: bytes, index: int
+) -> TKVerified:
+    """The server's check of a proof against its stored state ``s``."""
+    return server_verify(
+        tk=s.tk,
+        tk_step=s.tk_step,
+        eukeys=s.eukeys,
+        key_index=s.key_index,
+        run=run,
+        challenge_step=challenge.tk_step,
+        challenge_index=challenge.key_index,
+        sealed_eukey=sealed,
+        proof_index=index,
+    )
 
 
 def ok(world: World, **kwargs: Any) -> None:
@@ -303,16 +321,10 @@ def test_old_key_replayed_is_refused() -> None:
     tk_t = s.tk
     forged = seal_current_eukey(tk_t, s.eukeys[0], run, s.tk_step, 1, nonce=bytes(12))
     with pytest.raises(StaleCredential) as info:
-        server_verify(
-            tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=run,
-            challenge=challenge, sealed_eukey=forged, proof_index=1,
-        )  # fmt: skip
+        verify(s, run, challenge, forged, 1)
     assert info.value.reassign
     with pytest.raises(AuthenticationFailed):
-        server_verify(
-            tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=run,
-            challenge=challenge, sealed_eukey=old_answer.sealed_eukey, proof_index=1,
-        )  # fmt: skip
+        verify(s, run, challenge, old_answer.sealed_eukey, 1)
     assert world.server == s
 
 
@@ -387,10 +399,7 @@ def test_a_late_confirmation_of_an_older_run_does_not_move_the_pne() -> None:
         world.pne, run=first, challenge=ch1, sealed_next=prep1.sealed_next, nonce=bytes(12)
     )
     s = world.server
-    v1 = server_verify(
-        tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=first,
-        challenge=ch1, sealed_eukey=ans1.sealed_eukey, proof_index=ans1.key_index,
-    )  # fmt: skip
+    v1 = verify(s, first, ch1, ans1.sealed_eukey, ans1.key_index)
     world.server = dataclasses.replace(s, tk=v1.tk, tk_step=v1.tk_step, key_index=v1.key_index)
     world.pne = ans1.state
     # The confirmation of run 1 is delayed; run 2 is answered (its proof then lost).
@@ -422,17 +431,11 @@ def test_concurrent_runs_one_wins_the_other_is_superseded() -> None:
         )
         world.pne = answers[-1].state
     s = world.server
-    v = server_verify(
-        tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=runs[0],
-        challenge=chs[0], sealed_eukey=answers[0].sealed_eukey, proof_index=1,
-    )  # fmt: skip
+    v = verify(s, runs[0], chs[0], answers[0].sealed_eukey, 1)
     world.server = dataclasses.replace(s, tk=v.tk, tk_step=v.tk_step, key_index=v.key_index)
     s = world.server
     with pytest.raises(StaleCredential) as info:
-        server_verify(
-            tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=runs[1],
-            challenge=chs[1], sealed_eukey=answers[1].sealed_eukey, proof_index=1,
-        )  # fmt: skip
+        verify(s, runs[1], chs[1], answers[1].sealed_eukey, 1)
     assert not info.value.reassign
     ok(world)
     in_sync(world)
@@ -503,10 +506,7 @@ def test_tampered_proof_or_index_fails_opaquely_at_the_server() -> None:
     ]
     for sealed, index, r in cases:
         with pytest.raises(AuthenticationFailed) as info:
-            server_verify(
-                tk=s.tk, tk_step=s.tk_step, eukeys=s.eukeys, key_index=s.key_index, run=r,
-                challenge=challenge, sealed_eukey=sealed, proof_index=index,
-            )  # fmt: skip
+            verify(s, r, challenge, sealed, index)
         assert type(info.value) is AuthenticationFailed
         assert info.value.code is ErrorCode.AUTHENTICATION_FAILED
 
@@ -554,9 +554,97 @@ def test_state_records_refuse_bad_values() -> None:
     with pytest.raises(LocalProtocolError):
         PNETKState(tk=bytes(32), tk_step=0, eukey=bytes(32), key_index=0)
     with pytest.raises(LocalProtocolError):
-        TKChallenge(tk_step=-1, key_index=1, an=bytes(32))
+        GatewayTKState(tk=bytes(32), tk_step=-1)
     with pytest.raises(LocalProtocolError):
         TKRun(**IDS, est_id=bytes(15), rand_pne=bytes(32), rand_server=bytes(32))
     assert compute_an(
         bytes(32), TKRun(**IDS, est_id=bytes(16), rand_pne=bytes(32), rand_server=bytes(32)), 0, 1
     )
+
+
+def test_gateway_refuses_an_old_challenge_without_reassignment() -> None:
+    """N1, PN GW: a challenge older than its step is an old one delivered late:
+    STALE_CREDENTIAL without re-assignment."""
+    world = World.new()
+    run = world.new_run()
+    old = world.challenge(run)
+    ok(world)
+    with pytest.raises(StaleCredential) as info:
+        gateway_prepare(
+            world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=old, nonce=bytes(12)
+        )
+    assert not info.value.reassign
+
+
+def test_gateway_restored_past_the_window_recovers_by_reassignment() -> None:
+    """N1, PN GW: a PN GW restored from a backup more than TK_WINDOW runs old refuses the
+    challenge (STALE_CREDENTIAL, reassign); the 003 re-assignment gives it the server's
+    TK step and a new set, and the PNE authenticates again."""
+    world = World.new(chain_len=20)
+    backup = world.gateway
+    for _ in range(TK_WINDOW + 1):
+        ok(world)
+    world.gateway = backup
+    outcome = world.run()
+    assert outcome.result == "STALE_CREDENTIAL"
+    assert world.reassign_due
+    world.reassign()
+    ok(world)
+    in_sync(world)
+
+
+def test_pne_refuses_a_late_old_challenge_without_reassignment() -> None:
+    """N1, PNE: a challenge whose step is behind the PNE's confirmed step cannot be
+    checked (one-way ratchet) and is an old one: STALE_CREDENTIAL, no re-assignment."""
+    world = World.new()
+    run = world.new_run()
+    old = world.challenge(run)
+    ok(world)
+    with pytest.raises(StaleCredential) as info:
+        pne_answer(world.pne, run=run, challenge=old, sealed_next=None, nonce=bytes(12))
+    assert not info.value.reassign
+
+
+def test_pne_asked_for_an_older_key_than_its_own_needs_reassignment() -> None:
+    """N1, PNE: a verified challenge naming a key older than the PNE's (its chain was
+    replaced while it missed the new one) is STALE_CREDENTIAL with re-assignment."""
+    world = World.new()
+    ok(world)
+    s = world.server
+    world.server = dataclasses.replace(s, key_index=1)  # the server asks for EUKey_1 again
+    run = world.new_run()
+    with pytest.raises(StaleCredential) as info:
+        pne_answer(
+            world.pne, run=run, challenge=world.challenge(run), sealed_next=None, nonce=bytes(12)
+        )
+    assert info.value.reassign
+
+
+def test_gateway_refuses_an_index_outside_its_set() -> None:
+    """000 §7.5.2 step 1: the PN GW selects EUKey_{i+1} among [EUKeyPNE]; a challenge for
+    an index beyond the set is an opaque failure; at i = n it sends no next key."""
+    world = World.new(chain_len=3)
+    run = world.new_run()
+    s = world.server
+    far = tk_auth.server_challenge(tk=s.tk, tk_step=0, key_index=4, run=run)
+    with pytest.raises(AuthenticationFailed):
+        gateway_prepare(
+            world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=far, nonce=bytes(12)
+        )
+    last = tk_auth.server_challenge(tk=s.tk, tk_step=0, key_index=3, run=run)
+    prepared = gateway_prepare(
+        world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=last, nonce=bytes(12)
+    )
+    assert prepared.sealed_next is None
+    assert prepared.pending.tk_step == 1
+
+
+def test_gateway_refuses_index_zero() -> None:
+    """000 §7.5.2 step 1: index 0 names no key of [EUKeyPNE] (keys are numbered from 1)."""
+    world = World.new()
+    run = world.new_run()
+    zero = tk_auth.server_challenge(tk=world.server.tk, tk_step=0, key_index=0, run=run)
+    with pytest.raises(AuthenticationFailed):
+        gateway_prepare(
+            world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=zero, nonce=bytes(12)
+        )

@@ -562,3 +562,82 @@ def test_host_port_and_ipv6_literals_are_not_entity_ids(text: str) -> None:
     assert entity_id_problem(text) == "not a valid Entity ID"
     with pytest.raises(ValueError, match="src"):
         make_request(lambda u, p: bytes(32), entity=text)
+
+
+# -- relayed by a PN GW (docs/procedures/pne-enrolment.md, D-004-5) ------------------------------
+
+
+def relayed_server(world: Directory, relay: str = "gw-alice") -> UserKeyAssignmentServer:
+    return UserKeyAssignmentServer(
+        policy=AssignmentPolicy(),
+        lookups=world.lookups(),
+        rng=FixedRandom(2),
+        now=FIXED_NOW,
+        relay=relay,
+    )
+
+
+def test_relayed_pne_enrolment_succeeds(world: Directory, password_key: KeyOf) -> None:
+    """004 §5.x.1 through the PN GW: a PNE's request relayed by its user's PN GW is
+    assigned an EUKey stored with the PNE's Entity ID and User ID, sealed as for a direct
+    request (the relay adds no key of its own to the reply)."""
+    request = make_request(password_key, entity="pne-ui", kind=EntityKind.PNE)
+    server = relayed_server(world)
+    events = server.receive(request)
+    eukey = FixedRandom(2).token_bytes(32)
+    assert (
+        EUKeyAssigned(entity_id="pne-ui", kind=EntityKind.PNE, user_id=USER, eukey=eukey) in events
+    )
+    [response] = server.messages_to_send()
+    direct = new_server(world)
+    direct.receive(request)
+    assert direct.messages_to_send() == [response]
+
+
+@pytest.mark.parametrize(
+    ("change", "relay", "code"),
+    [
+        # The precise code: the relaying PN GW is authenticated and of this user.
+        ({"password": "wrong password"}, "gw-alice", ErrorCode.WRONG_PASSWORD),
+        # D-003-9 applied to the relay: another user, existing or not.
+        ({"user": "bob", "password": PASSWORDS["bob"]}, "gw-alice", ErrorCode.NOT_AUTHORIZED),
+        ({"user": "mallory"}, "gw-alice", ErrorCode.NOT_AUTHORIZED),
+        # Only a PNE's request is relayed.
+        ({"kind": EntityKind.PN_GW, "entity": "gw-new"}, "gw-alice", ErrorCode.WRONG_ENTITY_KIND),
+        # Only a PN GW relays.
+        ({}, "pne-1", ErrorCode.NOT_AUTHORIZED),
+        ({}, "gw-unknown", ErrorCode.NOT_AUTHORIZED),
+    ],
+    ids=["wrong-password", "other-user", "unknown-user", "gw-kind", "relay-is-pne", "no-relay"],
+)
+def test_relayed_refusals(
+    world: Directory, password_key: KeyOf, change: dict[str, Any], relay: str, code: ErrorCode
+) -> None:
+    """D-004-5: the rules of a relayed request, each with its wire code, answered with a
+    UserKeyAssignmentResponse the PN GW relays unchanged; nothing is assigned."""
+    world.add_entity("pne-1", EntityKind.PNE, USER, eukeys=(bytes(32),), key_index=1)
+    fields: dict[str, Any] = {"entity": "pne-ui", "kind": EntityKind.PNE, **change}
+    request = make_request(password_key, **fields)
+    server = relayed_server(world, relay)
+    events = server.receive(request)
+    assert events == [FailedWith(code, "server")]
+    [response] = server.messages_to_send()
+    assert isinstance(response, UserKeyAssignmentResponse)
+    assert (response.status, response.sealed_eukey) == (code, None)
+
+
+def test_relayed_request_for_a_revoked_gateway(world: Directory, password_key: KeyOf) -> None:
+    """D-004-5: a revoked PN GW relays nothing (NOT_AUTHORIZED)."""
+    world.update_entity("gw-alice", revoked=True)
+    request = make_request(password_key, entity="pne-ui", kind=EntityKind.PNE)
+    assert relayed_server(world).receive(request) == [
+        FailedWith(ErrorCode.NOT_AUTHORIZED, "server")
+    ]
+
+
+def test_relayed_request_when_the_owner_is_gone(world: Directory, password_key: KeyOf) -> None:
+    """D-004-5: the relaying PN GW's owner no longer exists: UNKNOWN_USER (precise, the
+    relay is authenticated)."""
+    request = make_request(password_key, entity="pne-ui", kind=EntityKind.PNE)
+    del world.users[USER]
+    assert relayed_server(world).receive(request) == [FailedWith(ErrorCode.UNKNOWN_USER, "server")]

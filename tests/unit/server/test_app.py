@@ -433,6 +433,59 @@ def test_the_open_type_is_served_without_credentials(store: MemoryStore) -> None
     assert decode(reply.body).TYPE is MessageType.USER_KEY_ASSIGNMENT_RESPONSE
 
 
+def _pne_enrolment(*, user: str = "alice", password: str | None = None) -> bytes:
+    """A PNE's UserKeyAssignmentRequest, as ``cpns device enroll`` builds it."""
+    from cpns.messages.codec import encode
+    from cpns.protocol.user_key_assignment import UserKeyAssignmentClient
+
+    client = UserKeyAssignmentClient(
+        entity_id="pne-ui", entity_kind=EntityKind.PNE, server_id=SERVER_ID, rng=FixedRandom(8)
+    )
+    key = cached_password_key(user, password or PASSWORDS.get(user, "x"))
+    client.start(user_id=user, password_key=key, now=FIXED_NOW)
+    [message] = client.messages_to_send()
+    return encode(message)
+
+
+def _relayed(app: CPNSApp, body: bytes) -> Response:
+    """``body`` sent with gw-alice's Digest credentials, as its relay does."""
+    first = call(app, body=b"")
+    assert first.status == 401
+    client = DigestClient(GW, GATEWAY_KEYS[GW].hex())
+    header = client.authorization(
+        challenges=_challenges(first), method="POST", uri="/cpns/v1/messages", rng=FixedRandom(1)
+    )
+    return call(app, body=body, headers=[(b"authorization", header.encode())])
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "status"),
+    [
+        ("alice", None, ErrorCode.OK),
+        ("alice", "wrong password", ErrorCode.WRONG_PASSWORD),
+        ("bob", None, ErrorCode.NOT_AUTHORIZED),
+    ],
+)
+def test_an_open_type_with_credentials_is_relayed_by_that_entity(
+    store: MemoryStore, user: str, password: str | None, status: ErrorCode
+) -> None:
+    """D-004-5 (docs/procedures/pne-enrolment.md): a with-UI request that carries Digest
+    is a PNE's enrolment relayed by the authenticated PN GW: the relay rules apply (only
+    the PN GW's own user; precise codes), the answer carries rspauth, and the audit
+    record names the PN GW as the actor and the PNE as the entity."""
+    reply = _relayed(make_app(store), _pne_enrolment(user=user, password=password))
+    assert reply.status == 200
+    assert reply.header(b"authentication-info") is not None
+    answer = decode(reply.body)
+    assert getattr(answer, "status", None) is status
+    if status is ErrorCode.OK:
+        [event] = store.audit_events(limit=1)
+        assert (event.actor, event.entity_id, event.outcome) == (GW, "pne-ui", "OK")
+        entity = store.get_entity("pne-ui")
+        assert entity is not None
+        assert (entity.owner, entity.kind, entity.assigned_via) == ("alice", EntityKind.PNE, None)
+
+
 def test_wrong_credentials_are_challenged_before_the_body_is_read(store: MemoryStore) -> None:
     """Issue 5 item 14: an Authorization header is verified from the request line and the
     header alone; a wrong one is challenged without reading or decoding the body."""

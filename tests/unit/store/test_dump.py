@@ -17,6 +17,9 @@ from cpns.store import (
     AuditEvent,
     EntityRecord,
     MasterKey,
+    PendingEntry,
+    PendingEstablishment,
+    PNMember,
     SQLStore,
     StoredReply,
     TKRecord,
@@ -71,7 +74,20 @@ def fill(store: SQLStore) -> None:
                 epoch=3,
             )
         )
-        tx.put_tks([TKRecord(entity_id="pne-1", tk=b"T" * 32, source="acme.csv", imported_at=5)])
+        tx.put_tks(
+            [TKRecord(entity_id="pne-1", tk=b"T" * 32, source="acme.csv", imported_at=5, tk_step=4)]
+        )
+        tx.put_establishment(PENDING)
+        tx.record_pn(
+            "pn-home",
+            "gw-alice",
+            "alice",
+            40,
+            [
+                PNMember(pne_id="pne-1", flow="tk", status="member", at=40),
+                PNMember(pne_id="pne-x", flow="", status="POLICY_DENIED", at=40),
+            ],
+        )
         tx.use_nonce(b"n" * 16, expires_at=2**40)
         tx.put_reply(
             StoredReply(
@@ -89,6 +105,21 @@ def fill(store: SQLStore) -> None:
     store.write(write)
 
 
+#: A pending establishment (far from expiry) with a LocalEUKey: its state is sealed.
+PENDING = PendingEstablishment(
+    gw_id="gw-alice",
+    est_id=b"e" * 16,
+    pn_id="pn-home",
+    rand_server=b"r" * 32,
+    created_at=40,
+    expires_at=2**40,
+    entries=(
+        PendingEntry(pne_id="pne-1", rand_pne=b"p" * 32, flow="tk", tk_step=4, key_index=2),
+        PendingEntry(pne_id="pne-2", rand_pne=b"q" * 32, flow="rand-hash", local_eukey=b"L" * 32),
+    ),
+)
+
+
 def snapshot(store: SQLStore) -> dict[str, object]:
     """Everything a server reads, secrets opened."""
     return {
@@ -98,6 +129,8 @@ def snapshot(store: SQLStore) -> dict[str, object]:
         "nonce": store.nonce_used(b"n" * 16),
         "reply": store.get_reply("gw-alice", b"x" * 16),
         "failures": store.auth_failures("mallory", now=200),
+        "pending": store.get_establishment("gw-alice", b"e" * 16),
+        "pns": store.list_pns(),
         "audit": [e for e in store.audit_events(limit=10) if e.procedure not in OPERATIONS],
     }
 
@@ -113,18 +146,21 @@ def test_backup_restores_every_row_across_back_ends(
     """Every table comes back equal (secrets open under the same master key), from either
     back end into either back end; the file is 0600 and starts with the magic; new audit
     rows after a restore get new ids (PostgreSQL's identity moved past the restored ones);
-    the backup is audited in the source, the restore in the target."""
+    the backup is audited in the source, the restore in the target. The PN inventory and
+    the pending establishments (issue 6: sealed state, TK step) come back too, PNs before
+    their members."""
     path = tmp_path / "cpns.backup"
     with SQLStore.open(store_target, master_key=KEY) as source:
         fill(source)
         before = snapshot(source)
         info = backup(source, path, server_id="cpns-server", realm="cpns")
         [event] = source.audit_events(limit=1)
-        assert (event.procedure, event.detail) == ("backup", "13 rows to cpns.backup")
+        assert (event.procedure, event.detail) == ("backup", "17 rows to cpns.backup")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert path.read_bytes().startswith(MAGIC)
     assert info.rows["users"] == 2
     assert info.rows["audit"] == 3
+    assert (info.rows["pns"], info.rows["pn_members"], info.rows["pn_establishments"]) == (1, 2, 1)
     assert read_info(path).rows == info.rows
     restored = restore(second_target, path, master_key=KEY, server_id="cpns-server", realm="cpns")
     assert restored.rows == info.rows
@@ -135,7 +171,7 @@ def test_backup_restores_every_row_across_back_ends(
         )
         newest = target.audit_events(limit=3)
         assert [e.procedure for e in newest] == ["x", "restore", "p2"]
-        assert newest[1].detail.startswith("13 rows from cpns.backup")
+        assert newest[1].detail.startswith("17 rows from cpns.backup")
 
 
 def test_restore_refuses_a_database_that_is_not_empty(store_target: str, tmp_path: Path) -> None:

@@ -49,13 +49,19 @@ def test_rotation_reseals_every_secret_and_swaps_the_key_file(
     assert MasterKey.load(key_file) == new
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert not new_key_path(key_file).exists()
-    assert counts == {"users": 2, "entities": 2, "tk_records": 1, "replies": 1}
+    assert counts == {
+        "users": 2,
+        "entities": 2,
+        "tk_records": 1,
+        "replies": 1,
+        "pn_establishments": 1,
+    }
     assert set(counts) == {c.table for c in SEALED}
     with SQLStore.open(store_target, master_key=new) as store:
         assert snapshot(store) == before
         [event] = store.audit_events(limit=1)
         assert event.procedure == "master-key-rotate"
-        assert event.detail == f"from {old.key_id} to {new.key_id}, 6 values re-sealed"
+        assert event.detail == f"from {old.key_id} to {new.key_id}, 7 values re-sealed"
     with pytest.raises(StoreError, match="wrong master key"):
         SQLStore.open(store_target, master_key=old)
 

@@ -9,7 +9,9 @@ reads as the procedure's section of the standard:
 * :mod:`.enrolment`: the gateway's own EUKey from the server, for an entity with UI
   (004 §5.x.1);
 * :mod:`.eukey_assignment`: the EUKey assignment for a PNE without UI (003 §7.4.2.1.1),
-  its request to the server and its delivery to the PNE over the PAN.
+  its request to the server and its delivery to the PNE over the PAN;
+* :mod:`.pne_enrolment`: the relay of a PNE's own EUKey assignment with UI (004 §5.x.1):
+  its request from the PAN to the server and the server's answer back, unchanged.
 """
 
 from __future__ import annotations
