@@ -51,8 +51,9 @@ GW_ID = "gw-alice"
 OWNER = "alice"
 PN_ID = "pn-alice-home"
 
-#: A tamper hook: the message as sent -> the message delivered, or None to drop it.
-type Tamper = Callable[[Message], Message | None]
+#: A tamper hook: the message as sent -> the message delivered, None to drop it, or a
+#: list of messages to deliver instead (a duplicate, an injected message).
+type Tamper = Callable[[Message], Message | list[Message] | None]
 
 
 @dataclass
@@ -98,6 +99,15 @@ class Outcome:
         """The PN GW's end-of-establishment event, or None."""
         found = [e for e in self.gateway if isinstance(e, EstablishmentFinished)]
         return found[0] if found else None
+
+
+def _tampered(message: Message, tamper: Tamper | None) -> list[Message]:
+    if tamper is None:
+        return [message]
+    changed = tamper(message)
+    if changed is None:
+        return []
+    return changed if isinstance(changed, list) else [changed]
 
 
 class World:
@@ -272,13 +282,8 @@ class World:
 
         for _ in range(10_000):
             while queue:
-                message = queue.popleft()
-                if tamper is not None:
-                    changed = tamper(message)
-                    if changed is None:
-                        continue
-                    message = changed
-                deliver(message)
+                for message in _tampered(queue.popleft(), tamper):
+                    deliver(message)
             if gateway.terminal:
                 break
             waiting = gateway.awaiting()
@@ -296,13 +301,8 @@ class World:
         else:  # pragma: no cover - a livelock would be a bug
             raise AssertionError("the establishment did not end")
         while queue:  # the PN GW's last messages
-            message = queue.popleft()
-            if tamper is not None:
-                changed = tamper(message)
-                if changed is None:
-                    continue
-                message = changed
-            deliver(message)
+            for message in _tampered(queue.popleft(), tamper):
+                deliver(message)
         return outcome
 
     def _serve(
@@ -313,6 +313,8 @@ class World:
     ) -> list[Message]:
         """One HTTP exchange: a fresh server machine each time, built from stored facts."""
         machine: ServerSetup | ServerCompletion
+        if not isinstance(message, PNEstablishRequest | AuthenticateResponse):
+            return []  # the HTTP layer answers other types with an ErrorMessage: dropped here
         if isinstance(message, PNEstablishRequest):
             if setup_tamper is not None:
                 message = setup_tamper(message)
@@ -324,7 +326,6 @@ class World:
                 now=self.now,
             )
         else:
-            assert isinstance(message, AuthenticateResponse)
             machine = ServerCompletion(
                 server_id=SERVER_ID,
                 requester=GW_ID,

@@ -907,7 +907,20 @@ class GatewayEstablishment(Machine[GatewayState]):
 
     def receive(self, message: Message) -> list[Event]:
         """Feed one message; the handler may move on further than the table's default
-        (all PNEs answered) or stay (more answers awaited)."""
+        (all PNEs answered) or stay (more answers awaited).
+
+        A PAN message that does not fit the current state (a retransmitted SETUP Request,
+        a late answer, a message of another transaction) is ignored rather than failing
+        the whole establishment: one PNE cannot end the establishment of the others. Only
+        the server's messages, and the originator's first one, follow the table strictly.
+        """
+        self._check_live()
+        if (
+            (self._state, type(message)) not in self.TRANSITIONS
+            and message.src != self._server_id
+            and self._setup is not None
+        ):
+            return []
         events = super().receive(message)
         jump, self._jump = self._jump, None
         if jump is not None and self._state is not self._failed:
