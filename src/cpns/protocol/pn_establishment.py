@@ -770,10 +770,8 @@ class ServerCompletion(Machine[ServerCompletionState]):
                 eukeys=entity.eukeys,
                 key_index=entity.key_index,
                 run=run,
-                # The AN is not needed to check the proof: only (t, i) of the challenge.
-                challenge=tk_auth.TKChallenge(
-                    tk_step=entry.tk_step, key_index=entry.key_index, an=b""
-                ),
+                challenge_step=entry.tk_step,
+                challenge_index=entry.key_index,
                 sealed_eukey=proof.sealed_eukey,
                 proof_index=proof.key_index,
             )
