@@ -83,7 +83,7 @@ from cpns.messages.model import (
     PNSetupResponse,
 )
 from cpns.protocol import tk_auth
-from cpns.protocol._machine import Event, Machine, ProcedureFailed
+from cpns.protocol._machine import Event, ProcedureFailed
 from cpns.protocol.pn_establishment import (
     EstablishmentLookups,
     EstablishmentPending,
@@ -272,30 +272,14 @@ class SimServer:
         the reply lost)."""
         digest = hashlib.sha256(encode(message)).digest()
         stored = self.store.get_reply(message.src, message.txid)
-        if stored is not None:
-            if stored.request_digest != digest:
-                raise SimulationFailure("a PN GW reused a txid with other content")
-            return (None if crash else decode(stored.reply)), []
-        machine: Machine[Any]
-        if isinstance(message, PNEstablishRequest):
-            machine = ServerSetup(
-                server_id=SERVER_ID,
-                requester=message.src,
-                lookups=self.lookups(),
-                rng=self.rng,
-                now=now,
-            )
-        elif isinstance(message, AuthenticateResponse):
-            record = self.store.get_establishment(message.src, message.est_id)
-            machine = ServerCompletion(
-                server_id=SERVER_ID,
-                requester=message.src,
-                pending=pending_event(record) if record is not None else None,
-                lookups=self.lookups(),
-                now=now,
-            )
-        else:
+        if stored is not None and stored.request_digest == digest:
+            return (None if crash else decode(stored.reply)), []  # a retry: the same reply
+        machine = self._machine(message, now)
+        if machine is None:
             return None, []  # the HTTP layer answers an ErrorMessage: nothing to feed
+        if stored is not None:  # the txid reused with other content
+            machine.fail(ErrorCode.REPLAY, "transaction ID reused with other content", message)
+            return (None if crash else machine.messages_to_send()[0]), []
         events = machine.receive(message)
         [reply] = machine.messages_to_send()
         if any(isinstance(e, ProcedureFailed) for e in events):
@@ -318,6 +302,27 @@ class SimServer:
 
         self.store.write(write)
         return (None if crash else decode(body)), events
+
+    def _machine(self, message: Message, now: int) -> ServerSetup | ServerCompletion | None:
+        """A fresh machine for the request, built from the store (any process could)."""
+        if isinstance(message, PNEstablishRequest):
+            return ServerSetup(
+                server_id=SERVER_ID,
+                requester=message.src,
+                lookups=self.lookups(),
+                rng=self.rng,
+                now=now,
+            )
+        if isinstance(message, AuthenticateResponse):
+            record = self.store.get_establishment(message.src, message.est_id)
+            return ServerCompletion(
+                server_id=SERVER_ID,
+                requester=message.src,
+                pending=pending_event(record) if record is not None else None,
+                lookups=self.lookups(),
+                now=now,
+            )
+        return None
 
 
 # -- the parties' I/O layers -----------------------------------------------------------------
@@ -420,6 +425,8 @@ class Simulation:
         self._track_credentials()
         self._checked: set[bytes] = set()
         self.seen_pan: list[Message] = []
+        #: Every request the PN GW sent the server, retries included.
+        self.upstream_log: list[Message] = []
         self.log = RoundLog()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -822,6 +829,7 @@ class Simulation:
     def _upstream(self, run: GatewayRun, request: Message, tries: int) -> None:
         """One HTTP exchange with the server (lossy, duplicated, delayed both ways)."""
         run.outstanding = (request, tries)
+        self.upstream_log.append(request)
         self._check_message(request)
         epoch = self.epoch["gw"]
         self._note(f"http {type(request).__name__} try {tries}")
