@@ -98,6 +98,7 @@ from cpns.protocol.pn_establishment import (
     PNEstablished,
     PNEState,
     PNETKUpdated,
+    ReassignmentRequested,
     ServerCompletion,
     ServerSetup,
     TKAdvanced,
@@ -133,6 +134,8 @@ PNE_ABANDON = 150.0
 STEP_BUDGET = 20_000
 #: Another user's PNE and an ID the server does not know (refused, never members).
 OTHER_USER_PNE, UNKNOWN_PNE = "pne-bob", "pne-ghost"
+#: The PN of an establishment that overlaps another.
+SECOND_PN_ID = "pn-alice-office"
 _MASTER_KEY = bytes(range(32))
 _FLOWS = {flow_name(f): f for f in AuthFlow}
 
@@ -381,8 +384,11 @@ class Simulation:
         rounds: int | None = None,
         faults: Faults | None = None,
         store_dir: Path | None = None,
+        concurrency: float = 0.3,
     ) -> None:
         self.seed = seed
+        #: Chance that a second establishment overlaps a chaotic round's.
+        self.concurrency = concurrency
         self.rnd = random.Random(seed)
         self.world = World(self.rnd.getrandbits(32))
         self.faults = faults or Faults()
@@ -651,13 +657,15 @@ class Simulation:
         assert isinstance(machine, OriginatingPNE | InvitedPNE)
         return machine
 
-    def start(self, originator: str, invite: list[str]) -> None:
+    def start(self, originator: str, invite: list[str], pn_id: str = PN_ID) -> None:
         """The originating PNE starts an establishment (its SETUP Request)."""
+        if not self.pne_up[originator]:
+            return
         machine = self._pne_new_machine(originator, invited=False)
         assert isinstance(machine, OriginatingPNE)
-        machine.start(pn_id=PN_ID, invite=tuple(invite), local_eukey=originator in self.wants_local)
+        machine.start(pn_id=pn_id, invite=tuple(invite), local_eukey=originator in self.wants_local)
         assert machine.request is not None
-        entry = PNEMachine(machine=machine, pn_id=PN_ID, txid=machine.request.txid)
+        entry = PNEMachine(machine=machine, pn_id=pn_id, txid=machine.request.txid)
         self.pne_machines[originator].append(entry)
         self._pne_outbox(originator, entry)
         self._originator_timer(originator, entry, 1)
@@ -791,6 +799,11 @@ class Simulation:
                 self.world.gw_tk[event.pne_id] = GatewayTKHolding(
                     state=event.state, eukeys=held.eukeys
                 )
+            elif isinstance(event, ReassignmentRequested):
+                if event.reason is not ErrorCode.CHAIN_EXHAUSTED:
+                    # No PNE of the simulation is restored from a backup: nothing but an
+                    # exhausted chain may ask for a 003 re-assignment.
+                    raise self.fail(f"re-assignment of {event.pne_id} asked: {event.reason!s}")
             elif isinstance(event, LocalEUKeyStored):
                 if self.server_local.get((event.pne_id, event.est_id)) != event.local_eukey:
                     raise self.fail("the PN GW stored a LocalEUKey the server did not give")
@@ -964,16 +977,24 @@ class Simulation:
     def chaotic_round(self) -> RoundLog:
         """One establishment under the faults; returns its log."""
         self.log = RoundLog()
-        originator = self.rnd.choice(self.pne_ids)
-        others = [p for p in self.pne_ids if p != originator]
-        invite = self.rnd.sample(others, self.rnd.randint(0, len(others)))
-        if self._chance(0.3):
-            invite.append(OTHER_USER_PNE)
-        if self._chance(0.2):
-            invite.append(UNKNOWN_PNE)
-        self.rnd.shuffle(invite)
-        self._note(f"ROUND {originator} invites {invite}")
-        self.at(0.0, lambda: self.start(originator, invite) if self.pne_up[originator] else None)
+        originators = self.rnd.sample(self.pne_ids, 2)
+        # Sometimes a second establishment (another PN) overlaps the first one.
+        concurrent = self._chance(self.concurrency)
+        for originator, pn_id, when in zip(
+            originators[: 2 if concurrent else 1],
+            (PN_ID, SECOND_PN_ID),
+            (0.0, self.rnd.uniform(0.0, 15.0)),
+            strict=False,
+        ):
+            others = [p for p in self.pne_ids if p != originator]
+            invite = self.rnd.sample(others, self.rnd.randint(0, len(others)))
+            if self._chance(0.3):
+                invite.append(OTHER_USER_PNE)
+            if self._chance(0.2):
+                invite.append(UNKNOWN_PNE)
+            self.rnd.shuffle(invite)
+            self._note(f"ROUND {originator} invites {invite} to {pn_id}")
+            self.at(when, lambda o=originator, i=invite, p=pn_id: self.start(o, i, p))
         self._drain()
         self._check_round_ended()
         return self.log
