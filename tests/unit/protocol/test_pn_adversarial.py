@@ -289,6 +289,12 @@ def _duplicate_refused(world: World, outcome: Outcome) -> None:
     assert statuses.count(("pne-r1", OK)) == 1
 
 
+def _both_refused(world: World, outcome: Outcome) -> None:
+    status = outcome.server_status()
+    assert status["pne-r0"] is AF
+    assert status["pne-r1"] is AF
+
+
 def _server_counts_it(world: World, outcome: Outcome) -> None:
     # The server verified the PNE (its inventory says member); the PNE does not count
     # itself one: a forged or lost hash_server costs that PNE this run, nothing more.
@@ -371,6 +377,7 @@ ROWS: dict[str, Row] = {
         refuses="server",
         attack=_swap_proofs,
         joins=("pne-t2", "pne-t3"),
+        extra=_both_refused,
     ),
     "unknown PNE ID": Row(
         target="pne-ghost",
