@@ -385,10 +385,17 @@ class Simulation:
         faults: Faults | None = None,
         store_dir: Path | None = None,
         concurrency: float = 0.3,
+        exclusive: bool | None = None,
     ) -> None:
         self.seed = seed
         #: Chance that a second establishment overlaps a chaotic round's.
         self.concurrency = concurrency
+        #: Whether a PNE runs one establishment machine at a time (a new invitation
+        #: supersedes the old machine) or one per invitation; drawn aside from the
+        #: schedule's stream so that seeds keep their schedules.
+        self.exclusive = (
+            exclusive if exclusive is not None else random.Random(seed ^ 0x5EED).random() < 0.5
+        )
         self.rnd = random.Random(seed)
         self.world = World(self.rnd.getrandbits(32))
         self.faults = faults or Faults()
@@ -651,11 +658,23 @@ class Simulation:
     # -- PNE I/O layer --------------------------------------------------------------------
 
     def _pne_new_machine(self, pne_id: str, *, invited: bool) -> OriginatingPNE | InvitedPNE:
-        for old in self.pne_machines[pne_id]:
-            old.abandoned = True  # one establishment machine per PNE
-        machine = self.world.pne_machine(pne_id, invited=invited, local=pne_id in self.wants_local)
-        assert isinstance(machine, OriginatingPNE | InvitedPNE)
-        return machine
+        if self.exclusive:
+            for old in self.pne_machines[pne_id]:
+                old.abandoned = True  # one establishment machine per PNE
+        holder = self.world.pnes[pne_id]
+        common: dict[str, Any] = {
+            "pne_id": pne_id,
+            "gw_id": GW_ID,
+            "server_id": SERVER_ID,
+            "eukey": holder.eukey,
+            "tk_state": holder.tk_state,
+            "rng": self.world.rng,
+            # The machine reads the stored TK state when it answers or confirms.
+            "tk_lookup": lambda: holder.tk_state,
+        }
+        if invited:
+            return InvitedPNE(local_eukey=pne_id in self.wants_local, **common)
+        return OriginatingPNE(**common)
 
     def start(self, originator: str, invite: list[str], pn_id: str = PN_ID) -> None:
         """The originating PNE starts an establishment (its SETUP Request)."""

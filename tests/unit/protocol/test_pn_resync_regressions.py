@@ -100,3 +100,14 @@ def test_overlapping_establishments_schedule_298() -> None:
     PNs established at once through one PN GW with a TK PNE in both end without a
     re-assignment request, and every PNE joins afterwards."""
     Simulation(298, concurrency=1.0).run()
+
+
+@pytest.mark.parametrize("seed", [69, 143, 146, 147])
+def test_two_establishment_machines_of_one_pne_never_move_its_state_back(seed: int) -> None:
+    """N1 (simulator, overlapping establishments, a PNE running one machine per
+    invitation): each PNE machine answers and confirms from the TK state as stored when
+    it does so (``tk_lookup``), so a machine built before another establishment of the same
+    PNE finished cannot store an older state over a newer one (losing the pending
+    EUKey_{j+1} the server already moved to: locked out until a re-assignment). These
+    seeds failed while the machines answered from the copy they were built with."""
+    Simulation(seed, concurrency=1.0, exclusive=False).run()
