@@ -93,7 +93,6 @@ from cpns.protocol.pn_establishment import (
     InvitedPNE,
     LocalEUKeyStored,
     OriginatingPNE,
-    PendingPNE,
     PNEJoined,
     PNEstablished,
     PNEState,
@@ -102,14 +101,9 @@ from cpns.protocol.pn_establishment import (
     ServerCompletion,
     ServerSetup,
     TKAdvanced,
-    flow_name,
 )
 from cpns.protocol.pne_auth import open_local_eukey
 from cpns.records import (
-    MEMBER,
-    PendingEntry,
-    PendingEstablishment,
-    PNMember,
     StoredReply,
     TKRecord,
     UserRecord,
@@ -137,7 +131,6 @@ OTHER_USER_PNE, UNKNOWN_PNE = "pne-bob", "pne-ghost"
 #: The PN of an establishment that overlaps another.
 SECOND_PN_ID = "pn-alice-office"
 _MASTER_KEY = bytes(range(32))
-_FLOWS = {flow_name(f): f for f in AuthFlow}
 
 
 def replay_hint(seed: int) -> str:
@@ -172,59 +165,11 @@ CLEAN = Faults(drop=0.0, duplicate=0.0, delay=0.0, crash=0.0, adversary=0.0)
 # -- the server: the store, and each request run the way the service runs it ----------------
 
 
-def pending_record(event: EstablishmentPending) -> PendingEstablishment:
-    """The store's record of a pending establishment (the facts of the event)."""
-    return PendingEstablishment(
-        gw_id=event.gw_id,
-        est_id=event.est_id,
-        pn_id=event.pn_id,
-        rand_server=event.rand_server,
-        created_at=event.created_at,
-        expires_at=event.expires_at,
-        entries=tuple(
-            PendingEntry(
-                pne_id=e.pne_id,
-                rand_pne=e.rand_pne,
-                flow=flow_name(e.flow),
-                local_eukey=e.local_eukey,
-                tk_step=e.tk_step,
-                key_index=e.key_index,
-                status=e.status.name,
-            )
-            for e in event.entries
-        ),
-    )
-
-
-def pending_event(record: PendingEstablishment) -> EstablishmentPending:
-    """A stored pending establishment as the completion machine takes it."""
-    return EstablishmentPending(
-        gw_id=record.gw_id,
-        est_id=record.est_id,
-        pn_id=record.pn_id,
-        rand_server=record.rand_server,
-        created_at=record.created_at,
-        expires_at=record.expires_at,
-        entries=tuple(
-            PendingPNE(
-                pne_id=e.pne_id,
-                rand_pne=e.rand_pne,
-                status=ErrorCode[e.status],
-                flow=_FLOWS.get(e.flow),
-                local_eukey=e.local_eukey,
-                tk_step=e.tk_step,
-                key_index=e.key_index,
-            )
-            for e in record.entries
-        ),
-    )
-
-
 def persist(tx: WriteTx, events: list[Event], now: int) -> None:
     """Write the facts of the server machines' events (one transaction with the reply)."""
     for event in events:
         if isinstance(event, EstablishmentPending):
-            tx.put_establishment(pending_record(event))
+            tx.put_establishment(event.to_record())
         elif isinstance(event, TKAdvanced):
             tx.set_tk_state(
                 event.pne_id, event.tk, event.tk_step, expected_step=event.expected_step
@@ -232,21 +177,7 @@ def persist(tx: WriteTx, events: list[Event], now: int) -> None:
             if event.key_index != event.expected_index:  # the chain's last key stays
                 tx.set_key_index(event.pne_id, event.key_index, expected_index=event.expected_index)
         elif isinstance(event, PNEstablished):
-            tx.record_pn(
-                event.pn_id,
-                event.gw_id,
-                event.owner,
-                now,
-                [
-                    PNMember(
-                        pne_id=r.pne_id,
-                        flow=flow_name(r.flow),
-                        status=MEMBER if r.joined else r.status.name,
-                        at=now,
-                    )
-                    for r in event.results
-                ],
-            )
+            tx.record_pn(event.pn_id, event.gw_id, event.owner, now, event.members())
             tx.delete_establishment(event.gw_id, event.est_id)
 
 
@@ -321,7 +252,7 @@ class SimServer:
             return ServerCompletion(
                 server_id=SERVER_ID,
                 requester=message.src,
-                pending=pending_event(record) if record is not None else None,
+                pending=EstablishmentPending.from_record(record) if record is not None else None,
                 lookups=self.lookups(),
                 now=now,
             )

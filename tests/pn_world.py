@@ -42,7 +42,7 @@ from cpns.protocol.pn_establishment import (
     ServerSetup,
     TKAdvanced,
 )
-from cpns.records import EntityRecord
+from cpns.records import EntityRecord, PendingEstablishment, PNMember
 from cpns.types import EntityKind
 from tests.helpers import FIXED_NOW, FixedRandom
 
@@ -101,6 +101,10 @@ class Outcome:
         return found[0] if found else None
 
 
+def _from_store(record: PendingEstablishment | None) -> EstablishmentPending | None:
+    return EstablishmentPending.from_record(record) if record is not None else None
+
+
 def _tampered(message: Message, tamper: Tamper | None) -> list[Message]:
     if tamper is None:
         return [message]
@@ -128,10 +132,12 @@ class World:
         }
         #: The server's TK states: pne_id -> (TK_s, s).
         self.server_tk: dict[str, tuple[bytes, int]] = {}
-        #: Pending establishments by (gw_id, est_id) (the store's).
-        self.pending: dict[tuple[str, bytes], EstablishmentPending] = {}
+        #: Pending establishments by (gw_id, est_id), as the store's records.
+        self.pending: dict[tuple[str, bytes], PendingEstablishment] = {}
         #: The PN inventory: pn_id -> {pne_id: status}.
         self.inventory: dict[str, dict[str, ErrorCode]] = {}
+        #: The same, as the store's PNMember records.
+        self.members: dict[str, dict[str, PNMember]] = {}
         self.gw_tk: dict[str, GatewayTKHolding] = {}
         self.gw_local: dict[tuple[str, str], bytes] = {}
         self.pnes: dict[str, PNEHolder] = {}
@@ -180,7 +186,7 @@ class World:
     def _apply_server(self, events: Iterable[Event]) -> None:
         for event in events:
             if isinstance(event, EstablishmentPending):
-                self.pending[(event.gw_id, event.est_id)] = event
+                self.pending[(event.gw_id, event.est_id)] = event.to_record()
             elif isinstance(event, TKAdvanced):
                 _, step = self.server_tk[event.pne_id]
                 entity = self.entities[event.pne_id]
@@ -192,6 +198,9 @@ class World:
                 del self.pending[(event.gw_id, event.est_id)]
                 pn = self.inventory.setdefault(event.pn_id, {})
                 pn.update({r.pne_id: r.status for r in event.results})
+                self.members.setdefault(event.pn_id, {}).update(
+                    {m.pne_id: m for m in event.members()}
+                )
 
     def _apply_gateway(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -329,7 +338,7 @@ class World:
             machine = ServerCompletion(
                 server_id=SERVER_ID,
                 requester=GW_ID,
-                pending=self.pending.get((message.src, message.est_id)),
+                pending=_from_store(self.pending.get((message.src, message.est_id))),
                 lookups=self.lookups(),
                 now=self.now,
             )
