@@ -855,6 +855,12 @@ class Simulation:
                             {entry.pne_id, GW_ID, SERVER_ID},
                         )
             elif isinstance(event, PNEstablished):
+                # The inventory now holds exactly this establishment's verdicts.
+                pn = self.store.get_pn(event.pn_id)
+                stored = {m.pne_id: m.status for m in pn.members} if pn is not None else {}
+                for m in event.members():
+                    if stored.get(m.pne_id) != m.status:
+                        raise self.fail(f"inventory of {event.pn_id}: {m.pne_id} not {m.status}")
                 for r in event.results:
                     self.committed[(r.pne_id, event.est_id)] = (r.status, r.sk)
                     if r.joined and (r.pne_id, event.est_id) not in self.log.proofs:

@@ -264,6 +264,10 @@ def _bob(world: World, _: Outcome | None) -> Outcome:
     return world.establish(ORIGINATOR, [*INVITED, BOB])
 
 
+def _ghost_invited(world: World, _: Outcome | None) -> Outcome:
+    return world.establish(ORIGINATOR, [*INVITED, "pne-ghost"])
+
+
 # -- extra checks -------------------------------------------------------------------------
 
 
@@ -385,6 +389,13 @@ ROWS: dict[str, Row] = {
         pne=None,
         refuses="server",
         attack=_listed(_ghost),
+    ),
+    "unknown PNE invited (it never answers)": Row(
+        target="pne-ghost",
+        server=None,
+        pne=None,
+        refuses="gateway",
+        attack=_ghost_invited,
     ),
     "PNE of another user": Row(
         target=BOB,
@@ -517,6 +528,13 @@ def test_adversarial_row(name: str) -> None:
         assert failure is not None
         assert failure.hop == "device"
         assert row.server is OK or (answers and answers[0] is not OK)
+    elif row.refuses == "gateway":
+        # The PN GW left it out (TIMEOUT) before the server heard of it.
+        finished = outcome.finished()
+        assert finished is not None
+        statuses = {m.pne_id: m.status for m in finished.members}
+        assert statuses[row.target] is ErrorCode.TIMEOUT
+        assert row.target not in world.inventory[PN_ID]
     else:
         assert row.refuses == "server"
         assert all(a is OK for a in answers)
