@@ -85,6 +85,7 @@ from cpns.messages.model import (
 from cpns.protocol import tk_auth
 from cpns.protocol._machine import Event, ProcedureFailed
 from cpns.protocol.pn_establishment import (
+    PENDING_TTL,
     EstablishmentLookups,
     EstablishmentPending,
     GatewayEstablishment,
@@ -184,9 +185,11 @@ def persist(tx: WriteTx, events: list[Event], now: int) -> None:
 class SimServer:
     """The CPNS Server over a store: :meth:`handle` runs one HTTP exchange of the PN GW."""
 
-    def __init__(self, store: ServerStore, rng: Any) -> None:
+    def __init__(self, store: ServerStore, rng: Any, *, ttl: int = PENDING_TTL) -> None:
         self.store = store
         self.rng = rng
+        #: Seconds a pending establishment lives (the server purges expired ones).
+        self.ttl = ttl
 
     def lookups(self) -> EstablishmentLookups:
         """The machines' reads, from the store."""
@@ -204,6 +207,7 @@ class SimServer:
 
         ``crash``: "before-commit" (nothing written, no reply) or "after-commit" (written,
         the reply lost)."""
+        self.store.purge_expired(now=now)  # as the server's housekeeping does
         digest = hashlib.sha256(encode(message)).digest()
         stored = self.store.get_reply(message.src, message.txid)
         if stored is not None and stored.request_digest == digest:
@@ -246,6 +250,7 @@ class SimServer:
                 lookups=self.lookups(),
                 rng=self.rng,
                 now=now,
+                ttl=self.ttl,
             )
         if isinstance(message, AuthenticateResponse):
             record = self.store.get_establishment(message.src, message.est_id)
@@ -324,6 +329,9 @@ class Simulation:
         #: Whether a PNE runs one establishment machine at a time (a new invitation
         #: supersedes the old machine) or one per invitation; drawn aside from the
         #: schedule's stream so that seeds keep their schedules.
+        #: The server's pending-establishment lifetime: the default, or short enough that
+        #: a slow establishment outlives its pending state (UNKNOWN_ESTABLISHMENT).
+        self.ttl = random.Random(seed ^ 0x7711).choice([PENDING_TTL, PENDING_TTL, 8, 20])
         self.exclusive = (
             exclusive if exclusive is not None else random.Random(seed ^ 0x5EED).random() < 0.5
         )
@@ -350,7 +358,7 @@ class Simulation:
         self.wants_local = {p for p in self.pne_ids if self.rnd.random() < 0.3}
         self.store = self._open_store(first=True)
         self._load_store()
-        self.server = SimServer(self.store, self.world.rng)
+        self.server = SimServer(self.store, self.world.rng, ttl=self.ttl)
         self.server_up = True
         self.gw_up = True
         self.pne_up = dict.fromkeys(self.world.pnes, True)
@@ -480,7 +488,7 @@ class Simulation:
             if self._store_dir is not None:
                 self.store.close()
                 self.store = self._open_store()
-            self.server = SimServer(self.store, self.world.rng)
+            self.server = SimServer(self.store, self.world.rng, ttl=self.ttl)
             self.server_up = True
         elif party == "gw":
             self.gw_up = True
