@@ -9,7 +9,9 @@ What each party keeps across a crash (its stored facts) and what it loses:
   :class:`~cpns.store.sql.SQLStore` in a temporary directory, closed and reopened at each
   restart). Each request runs the way the service runs it: a stored reply answers a retry
   (same txid, same bytes); otherwise a fresh machine built from the store, and every fact
-  its events carry written with the reply in ONE transaction. A crash falls before the
+  its events carry written with the reply in ONE transaction; a reused txid with other
+  content is REPLAY. It purges what expired before each request; a pending establishment
+  lives the default 300 s or, in half the schedules, 8 or 20 s. A crash falls before the
   commit (nothing written, no reply) or after it (the reply is lost).
 * PN GW: its records (the TK state and EUKey set of each TK-flow PNE, its LocalEUKeys),
   written when its machine reports them, before anything is sent; it loses its running
@@ -22,10 +24,14 @@ What each party keeps across a crash (its stored facts) and what it loses:
 * PNE: its credential (EUKey, or TK state persisted on every ``PNETKUpdated``) and its
   LocalEUKey; it loses its machines. The originating PNE resends its SETUP Request
   unchanged until the SETUP Response; an invited PNE abandons an establishment that does
-  not end in time. A PNE runs ONE establishment machine at a time (a new invitation
-  supersedes an unfinished one) and routes a PAN message to the machine of its
-  transaction (a retry of the request it answered, or the request it waits for); any
-  other message is dropped.
+  not end in time. In half the schedules a PNE runs ONE establishment machine at a time
+  (a new invitation supersedes an unfinished one), in the others one per invitation;
+  each machine reads the stored TK state when it answers or confirms (``tk_lookup``). A
+  PAN message goes to the machine of its transaction (a retry of the request it
+  answered, or the request it waits for); any other message is dropped.
+
+Rounds: one to three chaotic establishments (in 30% of them a second one, of another PN
+and originator, overlaps), then one clean one with every PNE.
 
 The adversary sits on the PAN (no Secure PAN): it flips a byte of a field, injects a
 well-formed SETUP Response or PNEstablishmentNotify with a random hash_server and key
@@ -43,8 +49,10 @@ Checks, at every step (SAFETY) and at the end of each round (LIVENESS):
 * stored state consistent: for a TK-flow PNE, server step s and index i against the PNE's
   stored (c, j, pending) and the PN GW's step g: ``c <= s <= c + 1``, ``g <= s``,
   ``j <= i <= j + 1`` (i = j + 1 only with the pending EUKey_{j+1}); every PNE the server
-  recorded a member proved itself in that establishment, and no PNE of another user or
-  unknown PNE is ever a member;
+  recorded a member proved itself in that establishment, the stored PN inventory holds
+  exactly the verdicts of each committed establishment, no PNE of another user or
+  unknown PNE is ever a member, and no 003 re-assignment is asked for but for an
+  exhausted chain (no PNE here is restored from a backup);
 * every round ends (the event queue drains within a step budget) and the PN GW's machine
   reaches DONE or FAILED unless it crashed; after the chaotic rounds one clean
   establishment with every PNE makes every PNE a member (N1: nothing locks a PNE out).
