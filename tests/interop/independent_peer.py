@@ -18,7 +18,7 @@ import ssl
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import cbor2
 from cryptography.hazmat.primitives import hashes
@@ -162,7 +162,14 @@ def local_eukey_context(
 
 
 def open_local_eukey(
-    holder_key: bytes, blob: bytes, server: str, gw: str, pne: str, pn_id: str, est_id: bytes, holder: str
+    holder_key: bytes,
+    blob: bytes,
+    server: str,
+    gw: str,
+    pne: str,
+    pn_id: str,
+    est_id: bytes,
+    holder: str,
 ) -> bytes:
     return open_sealed(
         holder_key,
@@ -215,7 +222,9 @@ def tk_an(tk_t: bytes, run: TKRun, t: int, i: int) -> bytes:
     )
 
 
-def tk_seal_next(tk_t: bytes, next_key: bytes, run: TKRun, t: int, i: int, nonce: bytes | None = None) -> bytes:
+def tk_seal_next(
+    tk_t: bytes, next_key: bytes, run: TKRun, t: int, i: int, nonce: bytes | None = None
+) -> bytes:
     """By the PN GW: EUKey_{i+1} under TK_t, context (gw, pne, est, t, i+1)."""
     return seal(tk_t, next_key, "tk-next-eukey", run.gw, run.pne, run.est, t, i + 1, nonce=nonce)
 
@@ -224,7 +233,9 @@ def tk_open_next(tk_t: bytes, blob: bytes, run: TKRun, t: int, i: int) -> bytes:
     return open_sealed(tk_t, blob, "tk-next-eukey", run.gw, run.pne, run.est, t, i + 1)
 
 
-def tk_seal_current(tk_t: bytes, key: bytes, run: TKRun, t: int, k: int, nonce: bytes | None = None) -> bytes:
+def tk_seal_current(
+    tk_t: bytes, key: bytes, run: TKRun, t: int, k: int, nonce: bytes | None = None
+) -> bytes:
     """By the PNE: EUKey_k under TK_t, context (pne, server, est, t, k)."""
     return seal(tk_t, key, "tk-current-eukey", run.pne, run.server, run.est, t, k, nonce=nonce)
 
@@ -407,6 +418,11 @@ class ServerLink:
     _challenge: dict[str, str] = field(default_factory=dict)
     _nc: int = 0
     rspauth_checked: int = 0
+    #: every link made, so a test can close them all (class-level, not a field)
+    opened: ClassVar[list[ServerLink]] = []
+
+    def __post_init__(self) -> None:
+        ServerLink.opened.append(self)
 
     def _connection(self) -> http.client.HTTPSConnection:
         if self._conn is None:
@@ -420,11 +436,18 @@ class ServerLink:
             self._conn.close()
             self._conn = None
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, list[str]], bytes]:
+    def _post(
+        self, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, list[str]], bytes]:
         for attempt in range(2):
             conn = self._connection()
             try:
-                conn.request("POST", self.path, body=body, headers={"Content-Type": "application/cbor", **headers})
+                conn.request(
+                    "POST",
+                    self.path,
+                    body=body,
+                    headers={"Content-Type": "application/cbor", **headers},
+                )
                 resp = conn.getresponse()
                 data = resp.read()
             except (ConnectionError, http.client.HTTPException, OSError):
@@ -446,14 +469,24 @@ class ServerLink:
         return data
 
     def _authorization(self) -> tuple[str, str, str]:
-        assert self.username is not None and self.eukey is not None
+        assert self.username is not None
+        assert self.eukey is not None
         ch = self._challenge
         algorithm = ch.get("algorithm", "MD5")
         self._nc += 1
         nc = f"{self._nc:08x}"
         cnonce = os.urandom(16).hex()
         response = digest_response(
-            algorithm, self.username, ch["realm"], self.eukey.hex(), "POST", self.path, ch["nonce"], nc, cnonce, "auth"
+            algorithm,
+            self.username,
+            ch["realm"],
+            self.eukey.hex(),
+            "POST",
+            self.path,
+            ch["nonce"],
+            nc,
+            cnonce,
+            "auth",
         )
         parts = [
             f'username="{self.username}"',
@@ -471,7 +504,9 @@ class ServerLink:
         return "Digest " + ", ".join(parts), nc, cnonce
 
     def _take_challenge(self, hdrs: dict[str, list[str]]) -> None:
-        offers = [_parse_challenge(h) for h in hdrs.get("www-authenticate", []) if h.startswith("Digest ")]
+        offers = [
+            _parse_challenge(h) for h in hdrs.get("www-authenticate", []) if h.startswith("Digest ")
+        ]
         sha = [o for o in offers if o.get("algorithm", "MD5").upper() == "SHA-256"]
         if not sha:
             raise DigestError(f"no SHA-256 challenge in {offers}")
@@ -536,7 +571,9 @@ def enrol_004(
     txid, rand, now = os.urandom(16), os.urandom(32), int(time.time())
     auth_data = MAC(pk, "cpns/v1/004/auth-data", rand, now, user_id, entity_id, kind, server)
     body = {1: user_id, 2: kind, 3: now, 4: rand, 5: auth_data}
-    reply = decode(link.open_post(encode(USER_KEY_ASSIGNMENT_REQUEST, txid, entity_id, server, body)))
+    reply = decode(
+        link.open_post(encode(USER_KEY_ASSIGNMENT_REQUEST, txid, entity_id, server, body))
+    )
     if reply[1] != USER_KEY_ASSIGNMENT_RESPONSE or reply[2] != txid or reply[6][1] != OK:
         raise AssertionError(f"enrolment refused: {reply}")
     reply_key = HKDF_(pk, rand + reply[6][2], "cpns/v1/004/reply-key", entity_id, user_id, txid)
@@ -600,16 +637,23 @@ class UIPNE:
         est, rand_server = body[1], body[3]
         ctx = rh_ctx(pn_id, gw, server, self.pne_id)
         if 4 in body:
-            self.local_eukey = open_local_eukey(self.eukey, body[4], server, gw, self.pne_id, pn_id, est, self.pne_id)
+            self.local_eukey = open_local_eukey(
+                self.eukey, body[4], server, gw, self.pne_id, pn_id, est, self.pne_id
+            )
         self.sk = rh_sk(self.eukey, ctx, self.rand_pne, rand_server)
         self.hash_pne = rh_hash_pne(self.eukey, ctx, self.rand_pne, rand_server, self.sk)
         self._pending = (ctx, rand_server)
-        return encode(PNE_AUTHENTICATE_RESPONSE, req[2], self.pne_id, gw, {1: est, 2: OK, 3: self.hash_pne})
+        return encode(
+            PNE_AUTHENTICATE_RESPONSE, req[2], self.pne_id, gw, {1: est, 2: OK, 3: self.hash_pne}
+        )
 
     def result(self, hash_server: bytes) -> None:
         ctx, rand_server = self._pending
-        assert self.sk is not None and self.hash_pne is not None
-        expected = rh_hash_server(self.eukey, ctx, self.rand_pne, rand_server, self.sk, self.hash_pne)
+        assert self.sk is not None
+        assert self.hash_pne is not None
+        expected = rh_hash_server(
+            self.eukey, ctx, self.rand_pne, rand_server, self.sk, self.hash_pne
+        )
         self.joined = hmac.compare_digest(expected, hash_server)
 
 
@@ -635,7 +679,13 @@ class TKPNE:
         run = TKRun(pn_id, gw, server, self.pne_id, est, self.rand_pne, rand_server)
         tk_t = tk_at(self.tk, self.step, t)
         if not hmac.compare_digest(tk_an(tk_t, run, t, i), an):
-            return encode(PNE_AUTHENTICATE_RESPONSE, req[2], self.pne_id, gw, {1: est, 2: AUTHENTICATION_FAILED})
+            return encode(
+                PNE_AUTHENTICATE_RESPONSE,
+                req[2],
+                self.pne_id,
+                gw,
+                {1: est, 2: AUTHENTICATION_FAILED},
+            )
         if i != self.index:
             raise AssertionError(f"challenge at index {i}, PNE holds {self.index}")
         next_key = tk_open_next(tk_t, body[8], run, t, i)
@@ -656,7 +706,8 @@ class TKPNE:
 
     def result(self, confirm: bytes) -> None:
         run, t, k, tk_t = self._run
-        assert self.sk is not None and self.pending is not None
+        assert self.sk is not None
+        assert self.pending is not None
         if hmac.compare_digest(tk_confirm(self.sk, run, t, k), confirm):
             self.joined = True
             self.tk, self.step = tk_ratchet(tk_t), t + 1
@@ -691,13 +742,17 @@ class IndependentGateway:
             {1: p.pne_id, 2: p.rand_pne, 3: bool(getattr(p, "wants_local", False))} for p in pnes
         ]
         txid1 = os.urandom(16)
-        req = encode(PN_ESTABLISH_REQUEST, txid1, self.gw_id, self.server_id, {1: entries}, pn_id=pn_id)
+        req = encode(
+            PN_ESTABLISH_REQUEST, txid1, self.gw_id, self.server_id, {1: entries}, pn_id=pn_id
+        )
         self.trace.append(("pn_establish_request", req))
         raw = self.link.post(req)
         self.trace.append(("authenticate_request", raw))
         areq = decode(raw)
-        assert areq[1] == AUTHENTICATE_REQUEST and areq[2] == txid1, areq
-        assert areq[3] == self.server_id and areq[4] == self.gw_id
+        assert areq[1] == AUTHENTICATE_REQUEST, areq
+        assert areq[2] == txid1
+        assert areq[3] == self.server_id
+        assert areq[4] == self.gw_id
         body = areq[6]
         assert body[1] == OK, body
         est, rand_server = body[2], body[3]
@@ -714,12 +769,21 @@ class IndependentGateway:
             pbody: dict[int, Any] = {1: est, 2: ch[3], 3: rand_server, 4: ch.get(5)}
             if 4 in ch:  # our copy of the LocalEUKey
                 self.local_eukeys[pne.pne_id] = open_local_eukey(
-                    self.eukey, ch[4], self.server_id, self.gw_id, pne.pne_id, pn_id, est, self.gw_id
+                    self.eukey,
+                    ch[4],
+                    self.server_id,
+                    self.gw_id,
+                    pne.pne_id,
+                    pn_id,
+                    est,
+                    self.gw_id,
                 )
             if ch[3] == FLOW_TK:
                 state = self.tk_pnes[pne.pne_id]
                 t, i = ch[7], ch[8]
-                run = TKRun(pn_id, self.gw_id, self.server_id, pne.pne_id, est, pne.rand_pne, rand_server)
+                run = TKRun(
+                    pn_id, self.gw_id, self.server_id, pne.pne_id, est, pne.rand_pne, rand_server
+                )
                 tk_t = tk_at(state.tk, state.step, t)
                 if not hmac.compare_digest(tk_an(tk_t, run, t, i), ch[6]):
                     raise AssertionError("AN does not verify at the PN GW")
@@ -728,12 +792,15 @@ class IndependentGateway:
                 if i < len(state.eukeys):
                     pbody[8] = tk_seal_next(tk_t, state.eukeys[i], run, t, i)  # EUKey_{i+1}
             ptxid = os.urandom(16)
-            preq = encode(PNE_AUTHENTICATE_REQUEST, ptxid, self.gw_id, pne.pne_id, pbody, pn_id=pn_id)
+            preq = encode(
+                PNE_AUTHENTICATE_REQUEST, ptxid, self.gw_id, pne.pne_id, pbody, pn_id=pn_id
+            )
             self.trace.append((f"pne_authenticate_request:{pne.pne_id}", preq))
             pres_raw = pne.answer(decode(preq), gw=self.gw_id, server=self.server_id)
             self.trace.append((f"pne_authenticate_response:{pne.pne_id}", pres_raw))
             pres = decode(pres_raw)
-            assert pres[1] == PNE_AUTHENTICATE_RESPONSE and pres[2] == ptxid
+            assert pres[1] == PNE_AUTHENTICATE_RESPONSE
+            assert pres[2] == ptxid
             pb = pres[6]
             proof: dict[int, Any] = {1: pne.pne_id, 2: pb[2]}
             for src_key, dst_key in ((3, 3), (4, 4), (5, 5), (6, 6)):
@@ -743,12 +810,20 @@ class IndependentGateway:
 
         # 3. AuthenticateResponse -> PNEstablishResponse.
         txid2 = os.urandom(16)
-        ares = encode(AUTHENTICATE_RESPONSE, txid2, self.gw_id, self.server_id, {1: est, 2: proofs}, pn_id=pn_id)
+        ares = encode(
+            AUTHENTICATE_RESPONSE,
+            txid2,
+            self.gw_id,
+            self.server_id,
+            {1: est, 2: proofs},
+            pn_id=pn_id,
+        )
         self.trace.append(("authenticate_response", ares))
         raw = self.link.post(ares)
         self.trace.append(("pn_establish_response", raw))
         eres = decode(raw)
-        assert eres[1] == PN_ESTABLISH_RESPONSE and eres[2] == txid2, eres
+        assert eres[1] == PN_ESTABLISH_RESPONSE, eres
+        assert eres[2] == txid2
         assert eres[6][2] == est
         # 4. Hand each PNE its result (PNSetupResponse / PNEstablishmentNotify) and
         # adopt TK_{t+1} for each TK PNE the server said OK for.
