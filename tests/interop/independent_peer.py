@@ -668,6 +668,8 @@ class TKPNE:
     index: int
     rand_pne: bytes = field(default_factory=lambda: os.urandom(32))
     pending: tuple[int, bytes] | None = None
+    wants_local: bool = False
+    local_eukey: bytes | None = None
     sk: bytes | None = None
     joined: bool = False
 
@@ -691,6 +693,10 @@ class TKPNE:
         next_key = tk_open_next(tk_t, body[8], run, t, i)
         if chain_prev(next_key) != self.eukey:
             raise AssertionError("next key is not the chain's successor")
+        if 4 in body:  # the PNE's LocalEUKey copy: sealed under EUKey_i (wire.md 8.10)
+            self.local_eukey = open_local_eukey(
+                self.eukey, body[4], server, gw, self.pne_id, pn_id, est, self.pne_id
+            )
         k = self.index
         proof = tk_seal_current(tk_t, self.eukey, run, t, k)
         self.sk = tk_sk(self.eukey, tk_t, run, t, k)
@@ -738,9 +744,7 @@ class IndependentGateway:
 
     def establish(self, pn_id: str, pnes: list[UIPNE | TKPNE]) -> dict[int, Any]:
         # 1. PNEstablishRequest: every PNE ID and rand_PNE, the originator first.
-        entries = [
-            {1: p.pne_id, 2: p.rand_pne, 3: bool(getattr(p, "wants_local", False))} for p in pnes
-        ]
+        entries = [{1: p.pne_id, 2: p.rand_pne, 3: p.wants_local} for p in pnes]
         txid1 = os.urandom(16)
         req = encode(
             PN_ESTABLISH_REQUEST, txid1, self.gw_id, self.server_id, {1: entries}, pn_id=pn_id

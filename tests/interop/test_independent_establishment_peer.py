@@ -316,7 +316,7 @@ def test_independent_gateway_establishes_a_pn_with_both_kinds_of_pne(
     gateway = peer.IndependentGateway(gw_id, gw_key, server_id, link)
     gateway.tk_pnes["pne-tk"] = peer.GatewayTK(bundle.tk, 0, bundle.eukeys)
     ui = peer.UIPNE("pne-ui", ui_key, wants_local=True)
-    tkp = peer.TKPNE("pne-tk", tk, 0, bundle.eukeys[0], 1)
+    tkp = peer.TKPNE("pne-tk", tk, 0, bundle.eukeys[0], 1, wants_local=True)
 
     eres = gateway.establish("pn-peer", [ui, tkp])
     body = eres[6]
@@ -331,6 +331,8 @@ def test_independent_gateway_establishes_a_pn_with_both_kinds_of_pne(
     assert tkp.joined, "confirm did not verify at the TK PNE"
     assert ui.local_eukey is not None
     assert gateway.local_eukeys["pne-ui"] == ui.local_eukey
+    assert tkp.local_eukey is not None
+    assert gateway.local_eukeys["pne-tk"] == tkp.local_eukey != ui.local_eukey
     assert (tkp.step, tkp.index, tkp.eukey) == (1, 2, bundle.eukeys[1])
     assert link.rspauth_checked >= 3
 
