@@ -504,3 +504,72 @@ def test_server_answers_of_the_second_half_follow_the_docs(
     )
     assert peer.decode(link.post(forged))[6] == {1: 205, 4: []}
     link.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[LocalDeployment, bytes]]:
+    """The real parties: server, alice's ``cpns gateway`` and a ``cpns device`` agent for
+    the TK PNE pne-t1, assigned by 003 with its label's claim code, attached."""
+    tk = secrets.token_bytes(32)
+    net = LocalDeployment(tmp_path / "net")
+    net.init_server(users=[("alice", PASSWORD)], tk_records=[("pne-t1", tk)])
+    with net.running():
+        url = net.start_server()
+        net.enroll_gateway(entity_id="gw-alice", user_id="alice", password=PASSWORD, server_url=url)
+        pan = net.start_gateway()
+        net.init_device("pne-t1", entity_id="pne-t1", tk=tk)
+        net.start_device(
+            "pne-t1", pan_port=pan, once=False, timeout=600, extra=["--gateway-id", "gw-alice"]
+        )
+        assigned = net.assign(pne_id="pne-t1", user_id="alice", password=PASSWORD, wait=30)
+        assert assigned.returncode == 0, assigned.stdout + assigned.stderr
+        net.wait_attached(["pne-t1"])
+        result, reply = net.establish("pne-t1", pn_id="pn-home")
+        assert result.returncode == 0, reply
+        yield net, tk
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: the label's claim code is CLAIM_NOT_PROVEN once the TK has ratcheted",
+)
+def test_reassignment_through_the_real_gateway_after_a_tk_establishment(
+    stack: tuple[LocalDeployment, bytes],
+) -> None:
+    """tk-authentication.md rule 7 and pn-establishment.md "The PN GW daemon" step 5: a
+    queued re-assignment is run by the operator with `cpns gateway assign --pne PNE`,
+    which takes the claim code printed on the label (wire.md 8.8). After one TK-flow
+    establishment that must still work, and the PNE must then join with its new chain."""
+    net, _ = stack
+    again = net.assign(pne_id="pne-t1", user_id="alice", password=PASSWORD, wait=30)
+    assert again.returncode == 0, again.stdout + again.stderr
+    result, reply = net.establish("pne-t1", pn_id="pn-home")
+    assert result.returncode == 0, reply
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway and device bugs: a chain re-assigned at TK step s > 0 is not usable: "
+    "the gateway seals the Notification under TK_s but keeps the new set at tk_step 0, so "
+    "its AN check fails (PNSetupResponse AUTHENTICATION_FAILED before any challenge), and "
+    "the device agent does not open a Notification sealed under TK_s (it answers "
+    "AUTHENTICATION_FAILED)",
+)
+def test_a_set_reassigned_at_a_later_tk_step_is_usable(
+    stack: tuple[LocalDeployment, bytes],
+) -> None:
+    """tk-authentication.md rule 7: the new chain's EUKey_1 is sealed under TK_s, the PN GW
+    stores (TK_s, s), the PNE computes TK_s forward and starts at index 1; the next
+    establishment then succeeds. The re-assignment is made here with the claim code the
+    server accepts today (derived from TK_1, see the test above), so that this checks the
+    gateway and the device alone."""
+    net, tk = stack
+    code = peer.claim_code(peer.tk_ratchet(tk), "pne-t1")
+    again = net.assign(
+        pne_id="pne-t1", user_id="alice", password=PASSWORD, wait=20, claim_code=code
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    result, reply = net.establish("pne-t1", pn_id="pn-home")
+    assert result.returncode == 0, reply
