@@ -322,6 +322,7 @@ async def _measure(args: argparse.Namespace, base: Path) -> tuple[list[Figures],
         print("provisioning ...", file=sys.stderr)
         gateways, slot_pnes = _provision(net, args, group)
         url, server_pid = _start_server(net)
+        print(f"server pid {server_pid} at {url}", file=sys.stderr)
         rng = SystemRandom()
         per_gateway = -(-args.concurrency // args.gateways)
         clients = {
