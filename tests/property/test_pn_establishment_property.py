@@ -19,17 +19,30 @@ Then the same PNEs establish again over clean links. Properties:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.helpers import field_strategy
-from tests.pn_world import PN_ID, SERVER_ID, Outcome, World
+from tests.helpers import ANY_MESSAGE, FixedRandom, field_strategy
+from tests.pn_world import GW_ID, PN_ID, SERVER_ID, Outcome, World
 
-from cpns.errors import ErrorCode
-from cpns.messages.codec import encode
-from cpns.messages.model import Message, Record, specs
-from cpns.protocol.pn_establishment import PNEJoined
+from cpns.errors import ErrorCode, LocalProtocolError
+from cpns.messages.codec import decode, encode
+from cpns.messages.constants import AuthFlow
+from cpns.messages.model import Message, PNSetupRequest, Record, specs
+from cpns.protocol._machine import Machine, ProcedureFailed
+from cpns.protocol.local_auth import LocalAuthGateway, LocalAuthPNE
+from cpns.protocol.pn_establishment import (
+    EstablishmentPending,
+    GatewayEstablishment,
+    OriginatingPNE,
+    PendingPNE,
+    PNEJoined,
+    ServerCompletion,
+    ServerSetup,
+)
 
 ACTIONS = st.sampled_from(["pass"] * 12 + ["drop", "duplicate", "alter", "alter-entry", "redirect"])
 
@@ -147,3 +160,119 @@ def test_adversarial_links_then_clean_links(scenario: dict[str, Any], data: st.D
     for pne_id in ids:
         assert status[pne_id] is ErrorCode.OK, (pne_id, status)
         assert second.joined(pne_id) is not None, pne_id
+
+
+# -- every role, any message ------------------------------------------------------------------
+
+
+def _roles() -> dict[str, Callable[[], Machine[Any]]]:
+    world = World(99)
+    world.add_rand_hash_pne("pne-0")
+    world.add_tk_pne("pne-1")
+    gw_key = world.gw_eukey
+    pending = EstablishmentPending(
+        gw_id=GW_ID,
+        est_id=b"\x01" * 16,
+        pn_id=PN_ID,
+        rand_server=b"\x02" * 32,
+        created_at=world.now,
+        expires_at=world.now + 300,
+        entries=(
+            PendingPNE(
+                pne_id="pne-0", rand_pne=b"\x03" * 32, status=ErrorCode.OK, flow=AuthFlow.RAND_HASH
+            ),
+        ),
+    )
+
+    def gateway_after_setup() -> Machine[Any]:
+        gateway = GatewayEstablishment(
+            gw_id=GW_ID,
+            gw_eukey=gw_key,
+            server_id=SERVER_ID,
+            rng=FixedRandom(1),
+            tk_lookup=world.gw_tk.get,
+        )
+        gateway.receive(
+            PNSetupRequest(
+                txid=b"\x05" * 16,
+                src="pne-0",
+                dst=GW_ID,
+                pn_id=PN_ID,
+                rand_pne=b"\x06" * 32,
+                local_eukey=True,
+                invite=("pne-1",),
+            )
+        )
+        gateway.messages_to_send()
+        return gateway
+
+    def originating() -> Machine[Any]:
+        pne = world.pne_machine("pne-0", invited=False)
+        assert isinstance(pne, OriginatingPNE)
+        pne.start(pn_id=PN_ID)
+        pne.messages_to_send()
+        return pne
+
+    def local_pne() -> Machine[Any]:
+        pne = LocalAuthPNE(
+            pne_id="pne-0", gw_id=GW_ID, pn_id=PN_ID, local_eukey=b"\x07" * 32, rng=FixedRandom(2)
+        )
+        pne.start()
+        pne.messages_to_send()
+        return pne
+
+    return {
+        "server-setup": lambda: ServerSetup(
+            server_id=SERVER_ID,
+            requester=GW_ID,
+            lookups=world.lookups(),
+            rng=FixedRandom(3),
+            now=world.now,
+        ),
+        "server-completion": lambda: ServerCompletion(
+            server_id=SERVER_ID,
+            requester=GW_ID,
+            pending=pending,
+            lookups=world.lookups(),
+            now=world.now,
+        ),
+        "gateway": lambda: GatewayEstablishment(
+            gw_id=GW_ID,
+            gw_eukey=gw_key,
+            server_id=SERVER_ID,
+            rng=FixedRandom(4),
+            tk_lookup=world.gw_tk.get,
+        ),
+        "gateway-after-setup": gateway_after_setup,
+        "originating-pne": originating,
+        "invited-pne": lambda: world.pne_machine("pne-1", invited=True),
+        "local-pne": local_pne,
+        "local-gateway": lambda: LocalAuthGateway(
+            gw_id=GW_ID, local_eukey=lambda _p, _n: b"\x07" * 32, rng=FixedRandom(5)
+        ),
+    }
+
+
+ROLES = _roles()
+
+
+@pytest.mark.parametrize("role", sorted(ROLES))
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(message=ANY_MESSAGE)
+def test_any_message_in_a_live_state(role: str, message: Message) -> None:
+    """STYLE §5/§8: whatever valid message a role gets, receive() never raises; the role
+    either moves on, ignores it (the PN GW, for a PAN message out of turn), or ends in FAILED
+    with exactly one ProcedureFailed; whatever it queues round-trips through the codec."""
+    machine = ROLES[role]()
+    events = machine.receive(message)
+    failures = [e for e in events if isinstance(e, ProcedureFailed)]
+    assert len(failures) <= 1
+    if machine.state.name == "FAILED":
+        assert len(failures) == 1
+    else:
+        assert not failures
+    for queued in machine.messages_to_send():
+        assert decode(encode(queued)) == queued
+    if machine.terminal:
+        with pytest.raises(LocalProtocolError):
+            machine.receive(message)

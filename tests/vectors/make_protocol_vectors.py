@@ -611,6 +611,12 @@ def _establishment() -> dict[str, Any]:
         ("pne_authenticate_response_local", "PNE -> PN GW (PAN), flow LOCAL"),
         ("local_auth_response", "PN GW -> PNE (PAN)"),
     ]
+    # The role machines, fed the same random values, send exactly these messages in this
+    # order (PNE, PN GW, server and the LocalEUKey authentication that follows).
+    machines, local_machines = _by_the_machines()
+    order = {m: i for i, m in enumerate(machines)}
+    assert sorted(msgs, key=lambda m: order[m]) == machines, "the machines disagree"
+    assert local_machines == local_msgs, "the local machines disagree"
     return {
         "inputs": {
             "server_id": SERVER_ID,
@@ -642,6 +648,118 @@ def _establishment() -> dict[str, Any]:
             ],
         },
     }
+
+
+def _by_the_machines() -> tuple[list[Message], list[Message]]:
+    """The same establishment and LocalEUKey authentication driven through the role
+    machines with the fixed random values above: what the code sends, in order."""
+    from cpns.protocol import local_auth as la
+    from cpns.protocol import pn_establishment as pe
+    from cpns.records import EntityRecord
+
+    entities = {
+        GATEWAY_ID: EntityRecord(
+            entity_id=GATEWAY_ID,
+            kind=EntityKind.PN_GW,
+            owner=USER_ID,
+            eukeys=(GATEWAY_EUKEY,),
+            key_index=1,
+        ),
+        PNE_ID: EntityRecord(
+            entity_id=PNE_ID, kind=EntityKind.PNE, owner=USER_ID, eukeys=(PNE_EUKEY_1,), key_index=1
+        ),
+        PNE_ID_2: EntityRecord(
+            entity_id=PNE_ID_2,
+            kind=EntityKind.PNE,
+            owner=USER_ID,
+            eukeys=(PNE_EUKEY_2,),
+            key_index=1,
+        ),
+    }
+    lookups = pe.EstablishmentLookups(get_entity=entities.get, get_tk_state=lambda _: None)
+    origin = pe.OriginatingPNE(
+        pne_id=PNE_ID,
+        gw_id=GATEWAY_ID,
+        server_id=SERVER_ID,
+        eukey=PNE_EUKEY_1,
+        tk_state=None,
+        rng=_Script(RAND_PNE_1, SETUP_TXID),
+    )
+    invited = pe.InvitedPNE(
+        pne_id=PNE_ID_2,
+        gw_id=GATEWAY_ID,
+        server_id=SERVER_ID,
+        eukey=PNE_EUKEY_2,
+        tk_state=None,
+        rng=_Script(RAND_PNE_2),
+    )
+    gateway = pe.GatewayEstablishment(
+        gw_id=GATEWAY_ID,
+        gw_eukey=GATEWAY_EUKEY,
+        server_id=SERVER_ID,
+        rng=_Script(INVITE_TXID, UP_TXID_1, AUTH_TXID_1, AUTH_TXID_2, UP_TXID_2),
+        tk_lookup=lambda _: None,
+    )
+    server_rng = _Script(EST_ID, RAND_SERVER_EST, LOCAL_EUKEY, NONCE_LOCAL_PNE, NONCE_LOCAL_GW)
+    pending: list[pe.EstablishmentPending] = []
+    sent: list[Message] = []
+
+    def serve(message: Message) -> list[Message]:
+        machine: pe.ServerSetup | pe.ServerCompletion
+        if isinstance(message, PNEstablishRequest):
+            machine = pe.ServerSetup(
+                server_id=SERVER_ID, requester=GATEWAY_ID, lookups=lookups, rng=server_rng, now=NOW
+            )
+        else:
+            machine = pe.ServerCompletion(
+                server_id=SERVER_ID,
+                requester=GATEWAY_ID,
+                pending=pending[0],
+                lookups=lookups,
+                now=NOW,
+            )
+        events = machine.receive(message)
+        pending.extend(e for e in events if isinstance(e, pe.EstablishmentPending))
+        return machine.messages_to_send()
+
+    parties: dict[str, Any] = {PNE_ID: origin, PNE_ID_2: invited, GATEWAY_ID: gateway}
+    origin.start(pn_id=PN_ID, invite=(PNE_ID_2,), local_eukey=True)
+    queue = origin.messages_to_send()
+    local_key = b""
+    while queue:
+        message = queue.pop(0)
+        sent.append(message)
+        if message.dst == SERVER_ID:
+            queue += serve(message)
+            continue
+        events = parties[message.dst].receive(message)
+        local_key = next(
+            (e.local_eukey for e in events if isinstance(e, pe.LocalEUKeyStored)), local_key
+        )
+        queue += parties[message.dst].messages_to_send()
+    assert local_key == LOCAL_EUKEY
+    pne = la.LocalAuthPNE(
+        pne_id=PNE_ID,
+        gw_id=GATEWAY_ID,
+        pn_id=PN_ID,
+        local_eukey=local_key,
+        rng=_Script(RAND_PNE_LOCAL, LOCAL_TXID),
+    )
+    gw = la.LocalAuthGateway(
+        gw_id=GATEWAY_ID,
+        local_eukey=lambda _p, _n: LOCAL_EUKEY,
+        rng=_Script(LOCAL_EST_ID, RAND_GW_LOCAL),
+    )
+    pne.start()
+    local_sent: list[Message] = []
+    queue = pne.messages_to_send()
+    while queue:
+        message = queue.pop(0)
+        local_sent.append(message)
+        party: Any = gw if message.dst == GATEWAY_ID else pne
+        party.receive(message)
+        queue += party.messages_to_send()
+    return sent, local_sent
 
 
 def _tk_and_refusal_messages() -> list[dict[str, Any]]:
@@ -1094,9 +1212,41 @@ def render_example(vectors: dict[str, Any]) -> str:
         f"ack proof     = {a['ack_proof']['tag']}",
         f"PAN frame header: {len(a['ack']['cbor']) // 2:08x}",
         *_hex_block("EUKeyAssignmentAck, PAN payload", a["ack"]["cbor"]),
+        "",
+        *_establishment_example(vectors["establishment_002"]),
         "```",
     ]
     return "\n".join(out) + "\n"
+
+
+def _establishment_example(e: dict[str, Any]) -> list[str]:
+    """The PN Establishment part of the worked example (section 8.10 values, two messages)."""
+    by_name = {m["name"]: m for m in e["messages"]}
+    out = [
+        "== 002 PN Establishment: two PNEs (rand/hash), the originator with a LocalEUKey ==",
+        f"inputs: PN {e['inputs']['pn_id']!r}, est_id {e['inputs']['est_id']}, "
+        f"rand_server {e['inputs']['rand_server']}",
+    ]
+    for pne, v in zip(e["inputs"]["pnes"], e["rand_hash"], strict=True):
+        out += [
+            f"{pne['pne_id']}: EUKey {pne['eukey']}, rand_PNE {pne['rand_pne']}",
+            f"  SK          = {v['sk']['key']}",
+            f"  hash_PNE    = {v['hash_pne']['tag']}",
+            f"  hash_server = {v['hash_server']['tag']}",
+        ]
+    out += [
+        f"LocalEUKey    = {e['inputs']['local_eukey']}",
+        *_hex_block("its copy for the PNE", e["local_eukey_copy_pne"]["blob"]),
+        *_hex_block("its copy for the PN GW", e["local_eukey_copy_gw"]["blob"]),
+        *_hex_block("PNEstablishRequest, POST body", by_name["pn_establish_request"]["cbor"]),
+        *_hex_block("AuthenticateResponse, POST body", by_name["authenticate_response"]["cbor"]),
+        *_hex_block("PNEstablishResponse, 200 body", by_name["pn_establish_response"]["cbor"]),
+        "LocalEUKey authentication that follows (K = LocalEUKey):",
+        f"  SK          = {e['local_auth']['rand_hash']['sk']['key']}",
+        f"  hash_PNE    = {e['local_auth']['rand_hash']['hash_pne']['tag']}",
+        f"  hash_GW     = {e['local_auth']['rand_hash']['hash_server']['tag']}",
+    ]
+    return out
 
 
 _ENTITY_IDS = """\

@@ -27,6 +27,17 @@ type Part = bytes | str | int
 
 
 def _encode_one(value: Part) -> bytes:
+    # Exact types first (the common case, and the hot path of the server's per-PNE
+    # checks); subclasses such as IntEnum and bool take the general path below.
+    if type(value) is bytes:
+        return len(value).to_bytes(4, "big") + value
+    if type(value) is str:
+        raw = value.encode("utf-8")
+        return len(raw).to_bytes(4, "big") + raw
+    return _encode_general(value)
+
+
+def _encode_general(value: Part) -> bytes:
     if isinstance(value, bool):  # bool is an int; refuse it rather than guess
         raise LocalProtocolError("bool is not a hashable CPNS value")
     if isinstance(value, int):

@@ -4,11 +4,14 @@ For each CPNS message the HTTP layer hands over, :class:`CPNSService`:
 
 1. answers a retried transaction with the reply it already sent (idempotent retries,
    DESIGN §5), and refuses a reused transaction ID with other content as a replay;
-2. builds the procedure's server machine with synchronous store lookups, feeds it the
-   message and collects its events and reply;
+2. builds the procedure's server machine with synchronous store lookups (and the stored
+   state a later step continues from: the procedure's ``load``), feeds it the message and
+   collects its events and reply;
 3. persists every fact the events carry (nonce used, EUKey or chain assigned, the reply
    itself, the audit record) in ONE durable, group-committed transaction, and only then
-   returns the reply (DESIGN §6: facts are persisted before the reply that depends on them).
+   returns the reply (DESIGN §6: facts are persisted before the reply that depends on them);
+   a write that loses a compare and set is run again from fresh reads when the procedure
+   asks for it (``rerun_on_conflict``), else refused.
 
 It knows nothing of HTTP or Digest: the caller says which entity authenticated. Nor does
 it know any procedure by name: each request's procedure (its machine, whether it is open,

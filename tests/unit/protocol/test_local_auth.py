@@ -116,9 +116,9 @@ def test_the_same_code_answers_and_verifies_both_procedures() -> None:
     """Issue 6 item 3 ("reuse the same machines"): the PNE side of both procedures is
     pne_auth.RandHashResponder and the verifier side pne_auth.verify_proof."""
     assert local_auth.RandHashResponder is pne_auth.RandHashResponder
-    assert pn_establishment.RandHashResponder is pne_auth.RandHashResponder
+    assert pn_establishment.pne.RandHashResponder is pne_auth.RandHashResponder
     assert local_auth.verify_proof is pne_auth.verify_proof
-    assert pn_establishment.verify_proof is pne_auth.verify_proof
+    assert pn_establishment.server.verify_proof is pne_auth.verify_proof
 
 
 def _flip(cls: type[Message], **changes: object) -> Callable[[Message], Message]:

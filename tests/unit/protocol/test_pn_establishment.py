@@ -761,3 +761,61 @@ def test_flow_names_are_the_stores() -> None:
     ]
     assert OWNER == "alice"
     assert AuthChallenge(pne_id="p", status=OK).flow is None
+
+
+def test_a_replayed_authenticate_response_is_unknown_establishment() -> None:
+    """Issue 6 adversarial table: the AUTHENTICATE Response of a finished establishment,
+    replayed (the pending state was deleted with the reply), is UNKNOWN_ESTABLISHMENT and
+    changes nothing: no TK or index moves, no inventory row changes."""
+    world = eight(21)
+    outcome = run_eight(world)
+    (response,) = [m for m in outcome.delivered if isinstance(m, AuthenticateResponse)]
+    before = (dict(world.server_tk), dict(world.inventory[PN_ID]))
+    replay = ServerCompletion(
+        server_id=SERVER_ID,
+        requester=GW_ID,
+        pending=None,  # what the store returns for a finished est_id
+        lookups=world.lookups(),
+        now=world.now,
+    )
+    events = replay.receive(response)
+    assert [type(e) for e in events] == [ProcedureFailed]
+    (reply,) = replay.messages_to_send()
+    assert isinstance(reply, PNEstablishResponse)
+    assert reply.status is ErrorCode.UNKNOWN_ESTABLISHMENT
+    assert (dict(world.server_tk), dict(world.inventory[PN_ID])) == before
+
+
+def test_a_rand_server_from_another_establishment_fails_that_pne() -> None:
+    """Issue 6 adversarial table: a PN GW that hands a PNE the rand_server of another
+    establishment (swapping challenges between runs) gets a hash_PNE the server refuses
+    (AUTHENTICATION_FAILED for that PNE alone)."""
+    world = eight(22)
+    first = run_eight(world)
+    (old,) = [m for m in first.delivered if isinstance(m, AuthenticateRequest)]
+    assert old.rand_server is not None
+    outcome = run_eight(
+        world, tamper=_tamper_field(PNEAuthenticateRequest, "pne-r3", rand_server=old.rand_server)
+    )
+    assert outcome.server_status()["pne-r3"] is AF
+    check_joined(world, outcome, [p for p in RAND_HASH + TK if p != "pne-r3"])
+
+
+def test_a_forged_server_reply_from_the_pan_is_ignored() -> None:
+    """One PNE cannot end the establishment of the others: a server reply that does not
+    answer the PN GW's pending upstream request (another txid; or out of turn) is ignored,
+    and the real reply is still acted on."""
+    world = eight(23)
+    forged_once: list[bool] = []
+
+    def tamper(message: Message) -> Message | list[Message]:
+        if isinstance(message, AuthenticateRequest) and not forged_once:
+            forged_once.append(True)
+            fake = dataclasses.replace(message, txid=b"\x66" * 16, rand_server=FLIP)
+            late = dataclasses.replace(message, entries=())
+            return [fake, message, late]  # a forgery first, the real one, then a copy
+        return message
+
+    outcome = run_eight(world, tamper=tamper)
+    check_joined(world, outcome, RAND_HASH + TK)
+    assert [e for e in outcome.gateway if isinstance(e, ProcedureFailed)] == []

@@ -23,6 +23,7 @@ from cpns.messages.codec import decode, encode
 from cpns.messages.model import (
     AuthenticateResponse,
     Message,
+    PNEAuthenticateRequest,
     PNEstablishRequest,
     PNEstablishResponse,
 )
@@ -511,3 +512,64 @@ def test_an_exhausted_chain_still_authenticates_and_asks_for_reassignment() -> N
     assert tk is not None
     assert entity is not None
     assert (tk.tk_step, entity.key_index) == (1, 2)
+
+
+def test_only_an_enrolled_pn_gw_may_start_an_establishment(store: MemoryStore) -> None:
+    """002 §7.5.4.2 (the PN GW sends the SETUP Request): a Digest-authenticated PNE that
+    sends one as if it were a PN GW is refused as a whole with NOT_AUTHORIZED; nothing is
+    pending and no PN is recorded."""
+    svc = _service(store)
+    pretender = PNGateway(
+        gw_id="rh-4",
+        gw_eukey=_key("rh-4"),
+        server_id=SERVER_ID,
+        exchange=service_exchange(svc, "rh-4"),
+        rng=FixedRandom(10),
+    )
+    pretender.add_rand_hash_pne("rh-1", _key("rh-1"))
+    run = asyncio.run(pretender.establish("rh-1", pn_id=PN))
+    request = run.authenticate_request
+    assert request is not None
+    assert request.status is ErrorCode.NOT_AUTHORIZED
+    assert store.get_pn(PN) is None
+    rows = [(e.procedure, e.actor, e.outcome) for e in store.audit_events()]
+    assert (SETUP, "rh-4", "NOT_AUTHORIZED") in rows
+
+
+def test_the_tk_state_moves_only_on_a_verified_proof(store: MemoryStore) -> None:
+    """000 §7.5.3 with our rule N1: the server's TK step and EUKey index advance only for a
+    TK PNE whose proof verified (tk-1); a tampered proof (tk-2, AUTHENTICATION_FAILED) and
+    a PNE that never answered (tk-3, TIMEOUT from the PN GW) leave them where they were,
+    so both can authenticate in the next establishment."""
+
+    def tamper(message: Message) -> Message | None:
+        if isinstance(message, AuthenticateResponse):
+            entries = tuple(
+                dataclasses.replace(e, sealed_eukey=bytes(61)) if e.pne_id == "tk-2" else e
+                for e in message.entries
+            )
+            return dataclasses.replace(message, entries=entries)
+        if isinstance(message, PNEAuthenticateRequest) and message.dst == "tk-3":
+            return None
+        return message
+
+    svc = _service(store)
+    client = _gateway(service_exchange(svc, GW))
+    run = _establish(client, ("tk-1", "tk-2", "tk-3"), tamper=tamper)
+    assert run.server_status() == {
+        "rh-1": ErrorCode.OK,
+        "tk-1": ErrorCode.OK,
+        "tk-2": ErrorCode.AUTHENTICATION_FAILED,
+        "tk-3": ErrorCode.TIMEOUT,
+    }
+
+    def state(pne_id: str) -> tuple[int, int]:
+        tk, entity = store.get_tk(pne_id), store.get_entity(pne_id)
+        assert tk is not None
+        assert entity is not None
+        return tk.tk_step, entity.key_index
+
+    assert [state(p) for p in ("tk-1", "tk-2", "tk-3")] == [(1, 2), (0, 1), (0, 1)]
+    again = _establish(client, ("tk-2", "tk-3"))
+    assert again.server_status() == dict.fromkeys(("rh-1", "tk-2", "tk-3"), ErrorCode.OK)
+    assert [state(p) for p in ("tk-2", "tk-3")] == [(1, 2), (1, 2)]
