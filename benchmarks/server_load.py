@@ -56,9 +56,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadgen import cpu_seconds
+from loadgen import children, cpu_seconds
 
 from cpns.crypto.hashchain import build_chain
+from cpns.device.establishment import AGENT_SOCKET
 from cpns.errors import ErrorCode
 from cpns.gateway.upstream import ServerClient
 from cpns.localnet import LocalDeployment
@@ -393,6 +394,166 @@ async def _measure(args: argparse.Namespace, base: Path) -> tuple[list[Figures],
     return results, info
 
 
+# -- through one real PN GW daemon --------------------------------------------------------------
+
+
+@dataclass
+class GatewayFigures:
+    """``--through-gateway``: establishments through one ``cpns gateway run``."""
+
+    pnes_per_est: int
+    groups: int
+    seconds: float
+    establishments: int
+    auths: int
+    server_cpu_s: float
+    gateway_cpu_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def est_per_s(self) -> float:
+        return self.establishments / self.seconds if self.seconds else 0.0
+
+    @property
+    def gateway_ms_per_exchange(self) -> float:
+        """Two upstream exchanges per establishment (its SETUP and AUTHENTICATE halves)."""
+        n = 2 * self.establishments
+        return 1000 * self.gateway_cpu_s / n if n else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["est_per_s"] = round(self.est_per_s, 1)
+        out["gateway_cpu_ms_per_upstream_exchange"] = round(self.gateway_ms_per_exchange, 3)
+        out["est_per_server_core_s"] = (
+            round(self.establishments / self.server_cpu_s, 1) if self.server_cpu_s else 0.0
+        )
+        return out
+
+
+def _child_pid(command: str) -> int:
+    """The PID of our child process whose command line holds ``command``."""
+    for pid in children(os.getpid()):
+        with contextlib.suppress(OSError):
+            if command in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                return pid
+    raise RuntimeError(f"no child process runs {command!r}")
+
+
+async def _agent_establish(path: Path, pn_id: str, invite: list[str]) -> dict[str, Any]:
+    """``cpns device establish`` without the CLI: one request on the agent's socket."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        request = {"op": "establish", "pn_id": pn_id, "invite": invite, "timeout": 60}
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        reply: dict[str, Any] = json.loads(await asyncio.wait_for(reader.readline(), 120))
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return reply
+
+
+async def _through_gateway(args: argparse.Namespace, base: Path) -> GatewayFigures:
+    """One PN GW daemon and ``--gw-groups`` groups of 8 PNE agents (half TK flow, half
+    rand/hash), every credential obtained the real way (003 through the PN GW, 004
+    through its relay); each group's first PNE originates establishments of its group
+    back to back through its agent's control socket."""
+    k = 8
+    rng = SystemRandom()
+    password = secrets.token_urlsafe(12)
+    gw_id = "bench-gw"
+    groups = [[f"g{g}-pne{j}" for j in range(k)] for g in range(args.gw_groups)]
+    tk_pnes = [p for group in groups for j, p in enumerate(group) if _is_tk(j, args.tk_share)]
+    tks = {p: rng.token_bytes(32) for p in tk_pnes}
+    net = LocalDeployment(base)
+    net.init_server(
+        users=[(USER, password)], tk_records=sorted(tks.items()), database=args.database
+    )
+    with net.running():
+        print("through one PN GW daemon: credentials the real way ...", file=sys.stderr)
+        url, server_pid = _start_server(net)
+        net.enroll_gateway(entity_id=gw_id, user_id=USER, password=password, server_url=url)
+        pan_port = net.start_gateway()  # on LOAD_CPU, with the agents and this script
+        gateway_pid = _child_pid("gateway run")
+        for pne in tk_pnes:
+            net.init_device(pne, entity_id=pne, tk=tks[pne])
+            net.start_device(pne, pan_port=pan_port, once=True, timeout=60)
+            assigned = net.assign(pne_id=pne, user_id=USER, password=password, wait=30)
+            if assigned.returncode != 0 or net.wait(pne) != 0:
+                raise RuntimeError(f"003 assignment of {pne} failed: {assigned.stdout}")
+        for group in groups:
+            for pne in group:
+                if pne not in tks:
+                    net.enroll_device(
+                        pne,
+                        entity_id=pne,
+                        user_id=USER,
+                        password=password,
+                        pan_port=pan_port,
+                        check=True,
+                    )
+        every = [p for group in groups for p in group]
+        for pne in every:
+            net.start_device(
+                pne, pan_port=pan_port, once=False, timeout=3600, extra=["--gateway-id", gw_id]
+            )
+        net.wait_attached(every)
+        tally = Tally()
+
+        async def loop(g: int, group: list[str], until: float, measured: bool) -> None:
+            path = net.device_dir(group[0]) / AGENT_SOCKET
+            while time.monotonic() < until:
+                started = time.perf_counter()
+                try:
+                    reply = await _agent_establish(path, f"pn-gw-{g}", group[1:])
+                except (OSError, TimeoutError, ValueError) as exc:
+                    tally.errors[type(exc).__name__] += 1
+                    continue
+                elapsed = time.perf_counter() - started
+                if not measured:
+                    continue
+                members = reply.get("members") or []
+                joined = sum(1 for m in members if m.get("status") == "OK")
+                for m in members:
+                    if m.get("status") != "OK":
+                        tally.statuses[f"pne:{m.get('status')}"] += 1
+                if reply.get("ok") and joined:
+                    tally.establishments += 1
+                    tally.auths += joined
+                    tally.latencies.append(elapsed)
+                else:
+                    tally.statuses[f"est:{reply.get('status')}"] += 1
+
+        if args.warmup:
+            until = time.monotonic() + args.warmup
+            await asyncio.gather(*(loop(g, gr, until, False) for g, gr in enumerate(groups)))
+        server_before = cpu_seconds(server_pid)
+        gateway_before = cpu_seconds(gateway_pid)
+        started = time.monotonic()
+        until = started + args.seconds
+        await asyncio.gather(*(loop(g, gr, until, True) for g, gr in enumerate(groups)))
+        elapsed = time.monotonic() - started
+        server_cpu = cpu_seconds(server_pid) - server_before
+        gateway_cpu = cpu_seconds(gateway_pid) - gateway_before
+    p50, p99 = _quantiles(tally.latencies)
+    statuses = dict(tally.statuses)
+    statuses.update({f"error:{e}": n for e, n in tally.errors.items()})
+    return GatewayFigures(
+        pnes_per_est=k,
+        groups=len(groups),
+        seconds=round(elapsed, 3),
+        establishments=tally.establishments,
+        auths=tally.auths,
+        server_cpu_s=round(server_cpu, 2),
+        gateway_cpu_s=round(gateway_cpu, 2),
+        p50_ms=p50,
+        p99_ms=p99,
+        statuses=statuses,
+    )
+
+
 # -- FreeRADIUS ------------------------------------------------------------------------------------
 
 
@@ -511,6 +672,20 @@ def _report(
         )
 
 
+def _report_gateway(g: GatewayFigures) -> None:
+    print(
+        f"  through one PN GW daemon ({g.pnes_per_est} PNE agents per establishment, "
+        f"{g.groups} at once): {g.est_per_s:.1f} est/s, p50 {g.p50_ms} ms, p99 {g.p99_ms} ms, "
+        f"gateway CPU {100 * g.gateway_cpu_s / g.seconds:.0f}% of a core = "
+        f"{2 * g.gateway_ms_per_exchange:.2f} ms per establishment "
+        f"({g.gateway_ms_per_exchange:.2f} ms per upstream exchange, 2 per establishment, "
+        f"PAN side included), "
+        f"server CPU {100 * g.server_cpu_s / g.seconds:.0f}%"
+    )
+    if g.statuses:
+        print(f"  {'':>8}not OK: {g.statuses}")
+
+
 def _parse_list(text: str) -> list[int]:
     values = [int(x) for x in text.split(",") if x.strip()]
     if not values or not all(1 <= v <= 64 for v in values):
@@ -531,7 +706,7 @@ def main() -> int:
         "--tk-share", type=float, default=0.5, help="share of PNEs on the TK flow (0.5)"
     )
     parser.add_argument(
-        "--chain", type=int, default=1024, help="EUKey chain length of TK-flow PNEs (1024)"
+        "--chain", type=int, default=128, help="EUKey chain length of TK-flow PNEs (128)"
     )
     parser.add_argument("--database", help="a postgresql:// URL instead of SQLite")
     parser.add_argument(
@@ -541,6 +716,14 @@ def main() -> int:
         help="the FreeRADIUS reference scripts (../shared/bench/freeradius)",
     )
     parser.add_argument("--no-freeradius", action="store_true", help="our figures only")
+    parser.add_argument(
+        "--through-gateway",
+        action="store_true",
+        help="also: 8-PNE establishments through one real PN GW daemon and PNE agents",
+    )
+    parser.add_argument(
+        "--gw-groups", type=int, default=1, help="with --through-gateway: groups of 8 PNEs (1)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON document")
     args = parser.parse_args()
     if not (0 < args.seconds <= 600 and 0 <= args.warmup <= 60 and 0 <= args.tk_share <= 1):
@@ -549,10 +732,17 @@ def main() -> int:
         parser.error("--concurrency 1..256, --gateways 1..concurrency")
     if not 2 <= args.chain <= 1024:
         parser.error("--chain 2..1024")
+    if not 1 <= args.gw_groups <= 8:
+        parser.error("--gw-groups 1..8")
     if _pinning():
         os.sched_setaffinity(0, {LOAD_CPU})
     with tempfile.TemporaryDirectory(prefix="cpns-server-load-") as tmp:
-        results, info = run_event_loop(_measure(args, Path(tmp)))
+        results, info = run_event_loop(_measure(args, Path(tmp) / "direct"))
+        through = (
+            run_event_loop(_through_gateway(args, Path(tmp) / "gateway"))
+            if args.through_gateway
+            else None
+        )
     radius: dict[str, dict[str, Any]] = {}
     if not args.no_freeradius:
         for mode in ("pap", "eapmd5"):
@@ -570,13 +760,17 @@ def main() -> int:
                 **info,
             },
             "cpns": [r.as_json() for r in results],
+            "through_gateway": through.as_json() if through is not None else None,
             "freeradius": radius,
             "targets": targets,
         }
         print(json.dumps(doc, indent=2))
     else:
         _report(args, results, radius, targets, info)
-    return 0 if all(not r.statuses and not r.errors for r in results) else 1
+        if through is not None:
+            _report_gateway(through)
+    clean = all(not r.statuses and not r.errors for r in results)
+    return 0 if clean and (through is None or not through.statuses) else 1
 
 
 if __name__ == "__main__":
