@@ -81,7 +81,7 @@ import psycopg
 
 from cpns import metrics
 from cpns.crypto.hashing import KEY_LEN, Part, hash_values
-from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
+from cpns.crypto.keywrap import NONCE_LEN, SealingKey
 from cpns.errors import AuthenticationFailed, LocalProtocolError, StoreError
 from cpns.records import FLOW_NONE, FLOW_RAND_HASH, FLOW_TK
 from cpns.store.base import (
@@ -457,26 +457,30 @@ class _Q:
 class _Sealer:
     """Seals and opens secret columns under the master key, bound to table.column and row."""
 
-    __slots__ = ("_key", "key_id")
+    __slots__ = ("_key", "_keys", "key_id")
 
     def __init__(self, master_key: MasterKey) -> None:
         self._key = master_key.key
         self.key_id = master_key.key_id
+        #: One sealing key per column, derived on first use (a handful of columns): each
+        #: PNE authentication opens several sealed values, and deriving the column's key
+        #: (HKDF + AES key schedule) each time was most of the cost of an open.
+        self._keys: dict[str, SealingKey] = {}
+
+    def _for(self, column: str) -> SealingKey:
+        key = self._keys.get(column)
+        if key is None:
+            key = self._keys[column] = SealingKey(self._key, "store/" + column)
+        return key
 
     def seal(self, column: str, value: bytes, row: tuple[Part, ...]) -> bytes:
         """Seal ``value`` of ``column`` ("table.column") for the row with primary key ``row``."""
-        return seal(
-            self._key,
-            value,
-            purpose="store/" + column,
-            context=row,
-            nonce=secrets.token_bytes(NONCE_LEN),
-        )
+        return self._for(column).seal(value, context=row, nonce=secrets.token_bytes(NONCE_LEN))
 
     def open(self, column: str, blob: bytes, row: tuple[Part, ...]) -> bytes:
         """Open a sealed ``column`` value; :class:`StoreError` if it does not open."""
         try:
-            return open_sealed(self._key, blob, purpose="store/" + column, context=row)
+            return self._for(column).open(blob, context=row)
         except AuthenticationFailed:
             raise StoreError(
                 f"the sealed {column} of row {_describe(row)} does not open: the row was "

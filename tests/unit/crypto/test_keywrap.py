@@ -10,7 +10,14 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.helpers import ref_seal_ad, ref_seal_key
 
-from cpns.crypto.keywrap import NONCE_LEN, SEAL_OVERHEAD, SEAL_VERSION, open_sealed, seal
+from cpns.crypto.keywrap import (
+    NONCE_LEN,
+    SEAL_OVERHEAD,
+    SEAL_VERSION,
+    SealingKey,
+    open_sealed,
+    seal,
+)
 from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError
 
 VECTORS = json.loads(
@@ -184,3 +191,26 @@ def test_all_failures_are_indistinguishable() -> None:
         )
     }
     assert all(e.__suppress_context__ or e.__context__ is None for e in errors)
+
+
+def test_sealing_key_is_seal_with_the_key_derived_once() -> None:
+    """DESIGN §4 (one key per purpose): a SealingKey derived once for (secret, purpose)
+    makes the very blobs of seal() and opens them, with the same opaque failure for
+    another purpose, another context or an altered blob; its repr shows no key."""
+    key = SealingKey(SECRET, "test/p")
+    blob = key.seal(b"k" * 32, context=CONTEXT, nonce=NONCE)
+    assert blob == sealed()
+    assert key.open(sealed(), context=CONTEXT) == b"k" * 32
+    assert open_sealed(SECRET, blob, purpose="test/p", context=CONTEXT) == b"k" * 32
+    for bad_key, bad_blob, context in (
+        (SealingKey(SECRET, "test/q"), blob, CONTEXT),
+        (key, blob, (*CONTEXT[:3], 4)),
+        (key, blob[:-1] + bytes([blob[-1] ^ 1]), CONTEXT),
+        (key, blob[: SEAL_OVERHEAD - 1], CONTEXT),
+    ):
+        with pytest.raises(AuthenticationFailed):
+            bad_key.open(bad_blob, context=context)
+    with pytest.raises(LocalProtocolError):
+        key.seal(b"x", context=CONTEXT, nonce=b"short")
+    assert SECRET.hex() not in repr(key)
+    assert repr(key) == "SealingKey(purpose='test/p')"
