@@ -86,6 +86,12 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
         **{p: ("OK", "rand-hash") for p in UI_PNES},
     }
     assert reply["local"] == "OK"
+    # The flow the originator started is carried through the PN GW to the server and to
+    # every invited PNE (docs/logging.md: cpns trace draws it).
+    flow = f"flow={reply['flow_id']}"
+    assert flow in net.log("gw")
+    assert flow in net.log("server")
+    assert flow in net.log("pne-t3")
 
     # The server's PN inventory.
     shown = net.cpns("admin", "pn", "show", "pn-home", "--json", "--data-dir", str(net.server_dir))
@@ -122,6 +128,9 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
         status = net.device_status(pne)
         assert (status["tk_step"], status["tk_key_index"]) == (2, 3)
     assert {p["pne_id"]: p["tk_step"] for p in net.gateway_status()["pnes"]}["pne-t2"] == 2
+    for pne in TK_PNES:  # the server's index of each chain moved with them
+        shown = net.cpns("admin", "entity", "show", pne, "--data-dir", str(net.server_dir))
+        assert json.loads(shown.stdout)["key_index"] == 3
 
     # No key, TK, rand or hash in any log: only IDs, txids and statuses.
     for name in ("gw", "server", origin, "pne-t1"):

@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from cpns.errors import ConfigurationError, ErrorCode
+from cpns.flow import new_flow
+from cpns.logs import flow_scope
 from cpns.messages.constants import AuthFlow
 from cpns.messages.model import (
     LocalAuthResponse,
@@ -201,6 +203,8 @@ class EstablishResult:
     hop: str | None = None
     #: Why (internal reason), if failed.
     reason: str | None = None
+    #: The flow ID (hex) this PNE started for the establishment (``cpns trace``).
+    flow_id: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """The control socket's and ``--json``'s form."""
@@ -214,6 +218,7 @@ class EstablishResult:
             "local": self.local,
             "hop": self.hop,
             "reason": self.reason,
+            "flow_id": self.flow_id,
         }
 
 
@@ -385,6 +390,9 @@ class PNEParticipant:
         self._persist(events)
         await self._flush(machine.messages_to_send())
         self._outcomes(machine, events)
+        if machine.terminal:  # nothing more to route to it
+            for txid in [t for t, m in self._by_txid.items() if m is machine]:
+                del self._by_txid[txid]
 
     async def _flush(self, messages: list[Message]) -> None:
         send = self._send
@@ -538,19 +546,27 @@ class PNEParticipant:
             tk_state=tk_state,
             rng=self._rng,
         )
-        machine.start(pn_id=pn_id, invite=tuple(invite), local_eukey=local_eukey)
+        # This PNE starts the procedure, so it starts its flow (docs/logging.md).
+        flow_id = new_flow(self._rng)
+        machine.start(
+            pn_id=pn_id,
+            invite=tuple(invite),
+            local_eukey=local_eukey,
+            flow=bytes.fromhex(flow_id),
+        )
         setup = machine.request
         assert setup is not None
         waiter: asyncio.Future[EstablishResult] = asyncio.get_running_loop().create_future()
         self._waiters[setup.txid] = waiter
         self._by_txid[setup.txid] = machine
         self._by_pn[pn_id] = machine
-        log.info("establishing PN %s with %d invited PNE(s)", pn_id, len(invite))
-        await self._flush(machine.messages_to_send())
+        with flow_scope(flow_id):
+            log.info("establishing PN %s with %d invited PNE(s)", pn_id, len(invite))
+            await self._flush(machine.messages_to_send())
         try:
-            return await asyncio.wait_for(waiter, timeout)
+            result = await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
-            return EstablishResult(
+            result = EstablishResult(
                 status="TIMEOUT",
                 pn_id=pn_id,
                 est_id=None,
@@ -562,6 +578,7 @@ class PNEParticipant:
             )
         finally:
             self._waiters.pop(setup.txid, None)
+        return dataclasses.replace(result, flow_id=flow_id)
 
     # -- LocalEUKey authentication ("7.5.5") -----------------------------------------------
 

@@ -334,6 +334,7 @@ class GatewayDaemon:
         for path in (self._config.control_socket, self._config.port_file):
             with contextlib.suppress(OSError):
                 path.unlink()
+        await self.ledger.drain()  # a write or compaction in flight ends before the unlock
         self._store.unlock()
         log.info("PN GW %s stopped", self._config.entity_id)
 
@@ -387,6 +388,10 @@ class GatewayDaemon:
                 "host": self._config.pan_host,
                 "port": self.pan_port if self.pan.listening else None,
             },
+            running_establishments=[
+                {"pn_id": pn_id, "originator": pne_id}
+                for pn_id, pne_id in self.establishments.running()
+            ],
             establishments=[
                 {
                     "pn_id": o.pn_id,

@@ -81,7 +81,7 @@ import psycopg
 
 from cpns import metrics
 from cpns.crypto.hashing import KEY_LEN, Part, hash_values
-from cpns.crypto.keywrap import NONCE_LEN, SealingKey
+from cpns.crypto.keywrap import NONCE_LEN, Sealer
 from cpns.errors import AuthenticationFailed, LocalProtocolError, StoreError
 from cpns.records import FLOW_NONE, FLOW_RAND_HASH, FLOW_TK
 from cpns.store.base import (
@@ -462,15 +462,15 @@ class _Sealer:
     def __init__(self, master_key: MasterKey) -> None:
         self._key = master_key.key
         self.key_id = master_key.key_id
-        #: One sealing key per column, derived on first use (a handful of columns): each
+        #: One keywrap.Sealer per column, derived on first use (a handful of columns): each
         #: PNE authentication opens several sealed values, and deriving the column's key
         #: (HKDF + AES key schedule) each time was most of the cost of an open.
-        self._keys: dict[str, SealingKey] = {}
+        self._keys: dict[str, Sealer] = {}
 
-    def _for(self, column: str) -> SealingKey:
+    def _for(self, column: str) -> Sealer:
         key = self._keys.get(column)
         if key is None:
-            key = self._keys[column] = SealingKey(self._key, "store/" + column)
+            key = self._keys[column] = Sealer(self._key, "store/" + column)
         return key
 
     def seal(self, column: str, value: bytes, row: tuple[Part, ...]) -> bytes:

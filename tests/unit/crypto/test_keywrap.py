@@ -14,7 +14,7 @@ from cpns.crypto.keywrap import (
     NONCE_LEN,
     SEAL_OVERHEAD,
     SEAL_VERSION,
-    SealingKey,
+    Sealer,
     open_sealed,
     seal,
 )
@@ -193,24 +193,24 @@ def test_all_failures_are_indistinguishable() -> None:
     assert all(e.__suppress_context__ or e.__context__ is None for e in errors)
 
 
-def test_sealing_key_is_seal_with_the_key_derived_once() -> None:
-    """DESIGN §4 (one key per purpose): a SealingKey derived once for (secret, purpose)
-    makes the very blobs of seal() and opens them, with the same opaque failure for
-    another purpose, another context or an altered blob; its repr shows no key."""
-    key = SealingKey(SECRET, "test/p")
-    blob = key.seal(b"k" * 32, context=CONTEXT, nonce=NONCE)
+def test_a_sealer_seals_and_opens_as_the_functions_do() -> None:
+    """DESIGN §4 (one seal construction): a Sealer, which derives the AES key of its
+    (secret, purpose) once, makes the very blobs seal() makes, opens theirs, and fails
+    the same single way on another context, purpose or altered byte; its repr names
+    the purpose only."""
+    sealer = Sealer(SECRET, "test/p")
+    blob = sealer.seal(b"k" * 32, context=CONTEXT, nonce=NONCE)
     assert blob == sealed()
-    assert key.open(sealed(), context=CONTEXT) == b"k" * 32
-    assert open_sealed(SECRET, blob, purpose="test/p", context=CONTEXT) == b"k" * 32
-    for bad_key, bad_blob, context in (
-        (SealingKey(SECRET, "test/q"), blob, CONTEXT),
-        (key, blob, (*CONTEXT[:3], 4)),
-        (key, blob[:-1] + bytes([blob[-1] ^ 1]), CONTEXT),
-        (key, blob[: SEAL_OVERHEAD - 1], CONTEXT),
+    assert sealer.open(sealed(), context=CONTEXT) == b"k" * 32
+    for bad in (
+        lambda: sealer.open(blob, context=(*CONTEXT[:3], 4)),
+        lambda: Sealer(SECRET, "test/q").open(blob, context=CONTEXT),
+        lambda: sealer.open(blob[:-1] + bytes([blob[-1] ^ 1]), context=CONTEXT),
+        lambda: sealer.open(blob[: SEAL_OVERHEAD - 1], context=CONTEXT),
     ):
         with pytest.raises(AuthenticationFailed):
-            bad_key.open(bad_blob, context=context)
+            bad()
     with pytest.raises(LocalProtocolError):
-        key.seal(b"x", context=CONTEXT, nonce=b"short")
-    assert SECRET.hex() not in repr(key)
-    assert repr(key) == "SealingKey(purpose='test/p')"
+        sealer.seal(b"x", context=CONTEXT, nonce=b"short")
+    assert repr(sealer) == "<Sealer 'test/p'>"
+    assert SECRET.hex() not in repr(sealer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,27 @@ def test_a_pne_asking_for_a_local_eukey_authenticates_with_its_gateway(tmp_path:
     run(scenario())
 
 
+def test_an_invited_pne_asking_for_a_local_eukey_authenticates_too(tmp_path: Path) -> None:
+    """002 §7.5.4.1: an invited PNE indicates its LocalEUKey need in its SETUP Response;
+    after the establishment it authenticates with the PN GW using the LocalEUKey ("7.5.5")
+    and both store the session key."""
+
+    async def scenario() -> None:
+        world = GatewayWorld(tmp_path)
+        origin = world.add_ui_pne("pne-0")
+        world.add_tk_pne("pne-1", want_local_eukey=True)
+        result = await origin.establish("pn-1", ["pne-1"])
+        await world.settle()
+        assert _statuses(result) == {"pne-0": "OK", "pne-1": "OK"}
+        entry = world.holders["pne-1"].data["pns"]["pn-1"]
+        membership = world.ledger.get("pne-1").membership("pn-1")
+        assert membership is not None
+        assert membership.local_sk is not None
+        assert entry["local_sk"] == membership.local_sk
+
+    run(scenario())
+
+
 def test_secure_pan_skips_the_local_authentication(tmp_path: Path) -> None:
     """002 §7.5.4: the LocalEUKey authentication runs only where the PAN is not a Secure
     PAN; on a Secure PAN the LocalEUKey is stored and nothing more happens."""
@@ -219,6 +241,27 @@ def test_a_reply_to_another_transaction_ends_the_run(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_one_running_establishment_per_originator(tmp_path: Path) -> None:
+    """Our rule (bounded resources): while a PNE's establishment runs, another SETUP
+    Request of the same PNE is refused TOO_MANY_ATTEMPTS; the first one goes on."""
+
+    async def scenario() -> None:
+        world = GatewayWorld(tmp_path, answer_timeout=0.3)
+        origin = world.add_ui_pne("pne-0")
+        world.add_ui_pne("pne-1")
+        world.silent.add("pne-1")  # keeps the first establishment waiting
+        first = asyncio.ensure_future(origin.establish("pn-1", ["pne-1"]))
+        while not world.gateway.running():
+            await asyncio.sleep(0.01)
+        second = await origin.establish("pn-2", [])
+        assert second.status == "TOO_MANY_ATTEMPTS"
+        result = await first
+        await world.settle()
+        assert _statuses(result) == {"pne-0": "OK", "pne-1": "TIMEOUT"}
+
+    run(scenario())
+
+
 def test_exhausted_chain_joins_and_queues_a_reassignment(tmp_path: Path) -> None:
     """000 with our resync rule: a TK PNE at the last key of its chain joins with it; the
     server sets reassign and the PN GW queues a 003 re-assignment in the PNE's record."""
@@ -231,6 +274,28 @@ def test_exhausted_chain_joins_and_queues_a_reassignment(tmp_path: Path) -> None
         await world.settle()
         assert _statuses(result)["pne-1"] == "OK"
         assert world.ledger.get("pne-1").reassign == "CHAIN_EXHAUSTED"
+
+    run(scenario())
+
+
+def test_a_pne_restored_from_an_old_backup_is_stale_and_queued_for_reassignment(
+    tmp_path: Path,
+) -> None:
+    """000 with our resync rule: a TK PNE holding an older EUKey than the server's index
+    (restored from a backup) fails alone with STALE_CREDENTIAL; the PN GW queues a 003
+    re-assignment for it; the others join."""
+
+    async def scenario() -> None:
+        world = GatewayWorld(tmp_path)
+        origin = world.add_ui_pne("pne-0")
+        world.add_tk_pne("pne-1")
+        entity = world.server.entities["pne-1"]
+        world.server.entities["pne-1"] = replace(entity, key_index=2)  # the server moved on
+        result = await origin.establish("pn-1", ["pne-1"])
+        await world.settle()
+        assert _statuses(result) == {"pne-0": "OK", "pne-1": "STALE_CREDENTIAL"}
+        assert world.ledger.get("pne-1").reassign == "STALE_CREDENTIAL"
+        assert world.gateway.routes == {"pn-1": ("pne-0",)}
 
     run(scenario())
 

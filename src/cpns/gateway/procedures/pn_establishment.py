@@ -7,7 +7,8 @@ one :class:`~cpns.protocol.local_auth.LocalAuthGateway` per local authentication
 PAN side, the server link and the PNE records. It reads as the seed section:
 
 1. The originating PNE's SETUP Request (:class:`PNSetupRequest`) arrives on its PAN link
-   (its ``src`` must be the link's PNE). A run starts, in the request's flow.
+   (its ``src`` must be the link's PNE). A run starts, in the request's flow (one per
+   originating PNE at a time: another is refused ``TOO_MANY_ATTEMPTS``).
 2. The PN GW sends a PN_INVITE (the PN GW's SETUP Request to an invited PNE) to each
    invited PNE on its PAN link; an invited PNE that is not attached, or does not answer
    within ``answer_timeout``, is reported to the machine as ``TIMEOUT`` and the others go
@@ -69,6 +70,7 @@ from cpns.messages.model import (
     PNInvite,
     PNInviteResponse,
     PNSetupRequest,
+    PNSetupResponse,
 )
 from cpns.protocol import tk_auth
 from cpns.protocol._machine import Event, ProcedureFailed
@@ -169,6 +171,10 @@ class PNEstablishmentCoordinator:
         self._eukey, self._upstream = eukey, upstream
         self.routes = pn_routes(self._ledger.records)
 
+    def running(self) -> list[tuple[str, str]]:
+        """(PN ID, originating PNE) of every establishment running now."""
+        return [(r.pn_id, r.originator) for r in self._runs.values() if not r.done.is_set()]
+
     async def wait_idle(self) -> None:
         """Wait until no establishment or local authentication is running."""
         while self._tasks:
@@ -183,10 +189,11 @@ class PNEstablishmentCoordinator:
 
     # -- what the PAN side hands over ------------------------------------------------------
 
-    async def _own(self, link: Link, message: Message) -> bool:
+    async def _own(self, link: Link, message: Message, *, log_it: bool = True) -> bool:
         """Whether ``message`` names the link's PNE (else: a peer fault, the link ends)."""
         if message.src == link.pne_id:
-            log_hop(log, "received", message, "pne")
+            if log_it:
+                log_hop(log, "received", message, "pne")
             return True
         log_hop(log, "received", message, "pne", level=logging.DEBUG)
         self._pan.peer_fault(link, f"{message.TYPE.name} for another PNE", message.src)
@@ -210,6 +217,26 @@ class PNEstablishmentCoordinator:
                     message.txid.hex(),
                 )
             return True  # running: its answer comes; ended: the PNE was answered
+        if any(r.originator == message.src and not r.done.is_set() for r in self._runs.values()):
+            # One establishment per originating PNE at a time: a PNE cannot make the PN GW
+            # (and the server) run many at once.
+            log.info(
+                "PN %s: %s already originates a running establishment: refused",
+                message.pn_id,
+                message.src,
+            )
+            await link.send(
+                PNSetupResponse(
+                    txid=message.txid,
+                    src=self._gateway_id,
+                    dst=message.src,
+                    pn_id=message.pn_id,
+                    flow=message.flow,
+                    status=ErrorCode.TOO_MANY_ATTEMPTS,
+                    members=(),
+                )
+            )
+            return True
         self._forget_finished()
         machine = GatewayEstablishment(
             gw_id=self._gateway_id,
@@ -236,17 +263,21 @@ class PNEstablishmentCoordinator:
         """An invited PNE's SETUP Response, or a PNE's AUTHENTICATE Response: to the run
         that sent the request it answers (by txid); anything else is ignored."""
         assert isinstance(message, PNInviteResponse | PNEAuthenticateResponse)
-        if not await self._own(link, message):
+        if not await self._own(link, message, log_it=False):
             return False
         run = self._by_txid.get(message.txid)
         if run is None or run.done.is_set():
-            log.info(
-                "%s from %s (txid %s) answers no running establishment: ignored",
-                message.TYPE.name,
-                message.src,
-                message.txid.hex(),
-            )
+            # Late or unsolicited: at DEBUG, and one budgeted line (D-PAN-4).
+            log_hop(log, "received", message, "pne", level=logging.DEBUG)
+            if self._pan.log_allowed():
+                log.info(
+                    "%s from %s (txid %s) answers no running establishment: ignored",
+                    message.TYPE.name,
+                    message.src,
+                    message.txid.hex(),
+                )
             return True
+        log_hop(log, "received", message, "pne")
         run.inbox.put_nowait(message)
         return True
 
@@ -417,6 +448,9 @@ class PNEstablishmentCoordinator:
     # -- facts to store, before what depends on them is sent ---------------------------------
 
     async def _apply(self, run: _Run, events: list[Event]) -> None:
+        """Store the events' facts: every PNE record changed, in one group commit of the
+        ledger, before the caller sends what depends on them."""
+        dirty: set[str] = set()
         for event in events:
             if isinstance(event, GatewayTKUpdated):
                 record = self._ledger.get(event.pne_id)
@@ -425,9 +459,9 @@ class PNEstablishmentCoordinator:
                     tk_step=event.state.tk_step,
                     set_txid=record.key_set.txid if record.key_set is not None else b"",
                 )
-                await self._save(event.pne_id, dataclasses.replace(record, tk_state=holding))
+                self._put(dirty, event.pne_id, dataclasses.replace(record, tk_state=holding))
             elif isinstance(event, LocalEUKeyStored):
-                await self._store_local(event)
+                self._store_local(dirty, event)
             elif isinstance(event, ReassignmentRequested):
                 log.warning(
                     "PNE %s: the server asks for a 003 re-assignment (%s); queued: "
@@ -437,13 +471,13 @@ class PNEstablishmentCoordinator:
                     event.pne_id,
                 )
                 record = self._ledger.get(event.pne_id)
-                await self._save(
-                    event.pne_id, dataclasses.replace(record, reassign=event.reason.name)
+                self._put(
+                    dirty, event.pne_id, dataclasses.replace(record, reassign=event.reason.name)
                 )
             elif isinstance(event, EstablishmentFinished):
-                await self._finished(run, event)
+                self._finished(dirty, run, event)
             elif isinstance(event, LocalSessionEstablished):
-                await self._local_session(event)
+                self._local_session(dirty, event)
             elif isinstance(event, ProcedureFailed):
                 log.warning(
                     "PN %s (%s): %s at %s: %s",
@@ -465,11 +499,14 @@ class PNEstablishmentCoordinator:
                         ),
                     )
 
-    async def _save(self, pne_id: str, record: PNERecord) -> None:
-        self._ledger.put(pne_id, record)
-        await self._ledger.save(pne_id)
+        if dirty:
+            await asyncio.gather(*(self._ledger.save(pne_id) for pne_id in sorted(dirty)))
 
-    async def _store_local(self, event: LocalEUKeyStored) -> None:
+    def _put(self, dirty: set[str], pne_id: str, record: PNERecord) -> None:
+        self._ledger.put(pne_id, record)
+        dirty.add(pne_id)
+
+    def _store_local(self, dirty: set[str], event: LocalEUKeyStored) -> None:
         record = self._ledger.get(event.pne_id)
         old = record.membership(event.pn_id)
         membership = Membership(
@@ -480,10 +517,9 @@ class PNEstablishmentCoordinator:
             at=self._clock(),
             local_eukey=event.local_eukey,
         )
-        self._ledger.put(event.pne_id, record.with_membership(membership))
-        await self._ledger.save(event.pne_id)
+        self._put(dirty, event.pne_id, record.with_membership(membership))
 
-    async def _finished(self, run: _Run, event: EstablishmentFinished) -> None:
+    def _finished(self, dirty: set[str], run: _Run, event: EstablishmentFinished) -> None:
         """Memberships and the routing table, stored before the results are relayed."""
         now = self._clock()
         est = event.est_id.hex() if event.est_id is not None else None
@@ -500,8 +536,7 @@ class PNEstablishmentCoordinator:
                 at=now,
                 local_eukey=local,
             )
-            self._ledger.put(member.pne_id, record.with_membership(membership))
-            await self._ledger.save(member.pne_id)
+            self._put(dirty, member.pne_id, record.with_membership(membership))
             log.info(
                 "PN %s: PNE %s %s (%s)",
                 event.pn_id,
@@ -521,14 +556,13 @@ class PNEstablishmentCoordinator:
         run.outcome = outcome
         self.outcomes = [*self.outcomes[-31:], outcome]
 
-    async def _local_session(self, event: LocalSessionEstablished) -> None:
+    def _local_session(self, dirty: set[str], event: LocalSessionEstablished) -> None:
         record = self._ledger.get(event.pne_id)
         old = record.membership(event.pn_id)
         if old is None:  # the machine only runs with a stored LocalEUKey
             return
         updated = dataclasses.replace(old, local_sk=event.sk, local_at=self._clock())
-        self._ledger.put(event.pne_id, record.with_membership(updated))
-        await self._ledger.save(event.pne_id)
+        self._put(dirty, event.pne_id, record.with_membership(updated))
         log.info(
             "PNE %s and PN GW authenticated with the LocalEUKey of PN %s; session key stored",
             event.pne_id,
