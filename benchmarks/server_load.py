@@ -318,7 +318,7 @@ def _quantiles(latencies: list[float]) -> tuple[float | None, float | None]:
 async def _measure(args: argparse.Namespace, base: Path) -> tuple[list[Figures], dict[str, Any]]:
     group = max(args.pnes_per_est)
     net = LocalDeployment(base)
-    info: dict[str, Any] = {"pinned": _pinning()}
+    info: dict[str, Any] = {"pinned": _pinning(), "loadavg_start": round(os.getloadavg()[0], 2)}
     with net.running():
         print("provisioning ...", file=sys.stderr)
         gateways, slot_pnes = _provision(net, args, group)
@@ -391,6 +391,7 @@ async def _measure(args: argparse.Namespace, base: Path) -> tuple[list[Figures],
         finally:
             for client in clients.values():
                 await client.aclose()
+    info["loadavg_end"] = round(os.getloadavg()[0], 2)
     return results, info
 
 
@@ -640,6 +641,12 @@ def _report(
         print(f"  server pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}")
     else:
         print("  NOT pinned (fewer than 2 CPUs available to this process)")
+    busy = max(info["loadavg_start"], info["loadavg_end"]) > 2
+    print(
+        f"  1-minute load average {info['loadavg_start']} at the start, {info['loadavg_end']} "
+        f"at the end"
+        + (": other jobs shared these CPUs (compare per core-second figures)" if busy else "")
+    )
     print(
         f"  {'PNEs/est':>8}{'est/s':>9}{'auths/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'server CPU':>12}{'auths/core-s':>14}{'est/core-s':>12}{'loadgen CPU':>13}"
