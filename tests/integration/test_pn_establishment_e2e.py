@@ -69,7 +69,7 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
     asking for a LocalEUKey and then authenticating with its PN GW ("7.5.5", the PAN is
     not a Secure PAN); every party records the PN. Then a second establishment of the
     same PNEs works: the TK ratchet and the EUKey chain advanced on every side (server,
-    PN GW, PNE) and stay in step."""
+    PN GW, PNE) and stay in step, across a restart of the PN GW daemon."""
     net, _ = network
     everyone = TK_PNES + UI_PNES
     origin = "pne-u1"
@@ -119,6 +119,12 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
         if pne in TK_PNES:
             assert (status["tk_step"], status["tk_key_index"]) == (1, 2)
     assert net.device_status(origin)["pns"][0]["local_session"] is True
+
+    # The PN GW restarts: its TK states, memberships and routing table are in its store.
+    net.stop("gw")
+    net.start_gateway()
+    net.wait_attached(everyone)
+    assert net.gateway_status()["pns"] == {"pn-home": sorted(everyone)}
 
     # A second establishment, from a TK PNE: the ratchet advanced everywhere, and works.
     result, again = net.establish("pne-t1", pn_id="pn-home", invite=everyone[1:])
