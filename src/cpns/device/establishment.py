@@ -315,6 +315,12 @@ class PNEParticipant:
             return data["eukey"], None
         return None, tk_state_of(data)
 
+    def _stored_tk_state(self) -> tk_auth.PNETKState | None:
+        """The TK state as stored now: several establishments of this PNE may run at once
+        (it is originator of one and invited to another), and each must answer and confirm
+        from the latest stored state, never from the one it started with."""
+        return self._credentials()[1]
+
     async def close(self) -> None:
         """Cancel background local authentications (agent stop)."""
         for task in self._tasks:
@@ -372,6 +378,7 @@ class PNEParticipant:
             tk_state=tk_state,
             rng=self._rng,
             local_eukey=self._want_local,
+            tk_lookup=self._stored_tk_state,
         )
         self._by_txid[message.txid] = machine
         if message.pn_id is not None:
@@ -545,6 +552,7 @@ class PNEParticipant:
             eukey=eukey,
             tk_state=tk_state,
             rng=self._rng,
+            tk_lookup=self._stored_tk_state,
         )
         # This PNE starts the procedure, so it starts its flow (docs/logging.md).
         flow_id = new_flow(self._rng)
