@@ -109,7 +109,8 @@ class KeySet:
     txid: bytes
     #: The owner.
     user_id: str
-    #: The PNE's TK (seals the Notification).
+    #: The PNE's TK as the server held it, TK_t at step :attr:`tk_step` (seals the
+    #: Notification; the TK flow of 000 starts again from it).
     tk: bytes = dataclasses.field(repr=False)
     #: [EUKey_1..EUKey_n].
     eukeys: tuple[bytes, ...] = dataclasses.field(repr=False)
@@ -125,9 +126,13 @@ class KeySet:
     delivered_at: int | None = None
     #: Flow ID (8 bytes) of the assignment; a later delivery carries it.
     flow: bytes | None = None
+    #: t, the TK ratchet step of :attr:`tk` (a re-assignment after TK-based
+    #: authentications); 0 in records written before steps were kept.
+    tk_step: int = 0
 
     def encode(self) -> dict[str, Any]:
-        """The key store's map (``delivered_at`` only once delivered, as before)."""
+        """The key store's map (``delivered_at`` only once delivered, as before;
+        ``tk_step`` only when not 0)."""
         data: dict[str, Any] = {
             "txid": self.txid,
             "user_id": self.user_id,
@@ -141,6 +146,8 @@ class KeySet:
         }
         if self.delivered_at is not None:
             data["delivered_at"] = self.delivered_at
+        if self.tk_step:  # absent at step 0: the map earlier releases wrote and read
+            data["tk_step"] = self.tk_step
         return data
 
     @classmethod
@@ -155,6 +162,9 @@ class KeySet:
         ):
             raise MalformedRecord(f"{where}: 'eukeys' must be a non-empty list of bytes")
         epoch = _optional(m, "epoch", int, where)
+        tk_step = _optional(m, "tk_step", int, where)
+        if tk_step is not None and tk_step < 0:
+            raise MalformedRecord(f"{where}: 'tk_step' must not be negative")
         return cls(
             txid=_get(m, "txid", bytes, where),
             user_id=_get(m, "user_id", str, where),
@@ -166,6 +176,7 @@ class KeySet:
             stored_at=_optional(m, "stored_at", int, where),
             delivered_at=_optional(m, "delivered_at", int, where),
             flow=_optional(m, "flow", bytes, where),
+            tk_step=0 if tk_step is None else tk_step,
         )
 
 
