@@ -124,7 +124,9 @@ def reassign_by_003(
     installed = result.of(EUKeyInstalled)
     if result.failure is not None or result.of(EUKeyDelivered) is None:
         return result
-    assert chain is not None and key_set is not None and installed is not None
+    assert chain is not None
+    assert key_set is not None
+    assert installed is not None
     assert installed.tk_state is not None
     # Applied as the I/O shells persist the facts (server: _tk_persist keeps the TK record).
     world.server = ServerSide(tk=s.tk, tk_step=s.tk_step, key_index=1, eukeys=chain.eukeys)

@@ -62,7 +62,8 @@ def test_reassignment_after_k_ratchets_then_authentication_succeeds(
     assert key_set is not None
     assert (key_set.tk_step, key_set.tk) == (k, ratchet(factory, k))
     chain = result.of(EUKeyChainAssigned)
-    assert chain is not None and chain.eukeys != old_chain
+    assert chain is not None
+    assert chain.eukeys != old_chain
     assert (world.server.tk_step, world.server.key_index) == (k, 1)
     _in_sync(world)
     _ok(world)
@@ -125,7 +126,8 @@ def test_a_pne_ahead_of_the_notification_step_refuses_it_cleanly(password_key: K
     )
     assert refused.failure is not None
     assert refused.failure.code is ErrorCode.STALE_CREDENTIAL
-    assert world2.pne is not ahead and world2.server.tk_step == 0  # nothing applied
+    assert world2.pne is not ahead
+    assert world2.server.tk_step == 0
     world.pne = ahead
     _ok(world)
 
