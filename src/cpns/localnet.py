@@ -10,6 +10,7 @@ by hand from the README.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cpns.errors import TransportError
 from cpns.protocol.key_assignment import claim_code
@@ -387,9 +389,16 @@ class LocalDeployment:
         return self.cpns(*args, stdin=password + "\n", check=check)
 
     def start_device(
-        self, name: str, *, pan_port: int, once: bool = True, timeout: float = 60.0
+        self,
+        name: str,
+        *,
+        pan_port: int,
+        once: bool = True,
+        timeout: float = 60.0,
+        extra: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start ``cpns device run`` against a gateway's PAN port."""
+        """Start ``cpns device run`` against a gateway's PAN port (``extra``: more options,
+        e.g. ``--gateway-id``)."""
         args = [
             "device",
             "run",
@@ -402,7 +411,65 @@ class LocalDeployment:
         ]
         if once:
             args.append("--once")
-        return self.start(name, *args)
+        return self.start(name, *args, *extra)
+
+    def gateway_status(self, name: str = "gw") -> dict[str, Any]:
+        """``cpns gateway status`` as JSON."""
+        out = self.cpns("gateway", "status", "--data-dir", str(self.gateway_dir(name))).stdout
+        view: dict[str, Any] = json.loads(out)
+        return view
+
+    def device_status(self, name: str) -> dict[str, Any]:
+        """``cpns device status`` as JSON."""
+        out = self.cpns("device", "status", "--data-dir", str(self.device_dir(name))).stdout
+        view: dict[str, Any] = json.loads(out)
+        return view
+
+    def wait_attached(
+        self, pne_ids: Sequence[str], *, name: str = "gw", timeout: float = 60.0
+    ) -> None:
+        """Wait until every PNE of ``pne_ids`` is attached to the gateway ``name``."""
+        deadline = time.monotonic() + timeout
+        missing: set[str] = set(pne_ids)
+        while time.monotonic() < deadline:
+            missing = set(pne_ids) - set(self.gateway_status(name).get("attached", []))
+            if not missing:
+                return
+            time.sleep(0.1)
+        raise TransportError(f"not attached within {timeout:.0f}s: {sorted(missing)}")
+
+    def establish(
+        self,
+        name: str,
+        *,
+        pn_id: str,
+        invite: Sequence[str] = (),
+        local_eukey: bool = False,
+        timeout: float = 60.0,
+    ) -> tuple[CommandResult, dict[str, Any]]:
+        """``cpns device establish --json`` on the PNE ``name`` (its agent must run): a PN
+        Establishment it originates (002 §7.5.4); the result and its JSON."""
+        args = [
+            "device",
+            "establish",
+            "--data-dir",
+            str(self.device_dir(name)),
+            "--pn-id",
+            pn_id,
+            "--timeout",
+            str(timeout),
+            "--json",
+        ]
+        for pne_id in invite:
+            args += ["--invite", pne_id]
+        if local_eukey:
+            args.append("--local-eukey")
+        result = self.cpns(*args, check=False, timeout=timeout + 60)
+        try:
+            reply: dict[str, Any] = json.loads(result.stdout)
+        except json.JSONDecodeError:
+            reply = {"ok": False, "status": "NO_REPLY", "error": result.stderr}
+        return result, reply
 
     def wait(self, name: str, timeout: float = 60.0) -> int:
         """Wait for a daemon started with :meth:`start` to exit; return its code."""

@@ -166,6 +166,12 @@ SERVER_PASSWORD_PROOF_FAILURES: Final = Counter(
     "Password proofs that did not verify (WRONG_PASSWORD, AUTHENTICATION_FAILED), by procedure.",
     ["procedure"],
 )
+#: Per-PNE outcomes of the procedures that handle many PNEs at once (PN Establishment).
+SERVER_PNE_OUTCOMES: Final = Counter(
+    "cpns_server_pne_outcomes",
+    "Per-PNE outcomes of multi-PNE procedures, by procedure, flow and outcome (ErrorCode name).",
+    ["procedure", "flow", "outcome"],
+)
 
 #: HTTPS connections of the protocol port open now (admitted by the caps).
 SERVER_CONNECTIONS: Final = Gauge(
@@ -291,6 +297,7 @@ ALL_METRICS: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     SERVER_HTTP_RESPONSES,
     SERVER_DIGEST_FAILURES,
     SERVER_PASSWORD_PROOF_FAILURES,
+    SERVER_PNE_OUTCOMES,
     SERVER_CONNECTIONS,
     SERVER_CONNECTIONS_REFUSED,
     SERVER_CONNECTIONS_CLOSED,

@@ -5,7 +5,9 @@ with UI, show status.
 ``run`` is the PNE agent attaching to a PN GW over the PAN link; ``enroll`` is a PNE with
 UI getting its own EUKey with its user's password, through the PN GW (004 §5.x.1: the
 password is turned into the password key here and never leaves this process);
-``status`` shows the credential kind and key index held, never a key. Exit codes follow
+``establish`` asks the running agent (its control socket) to start a PN Establishment
+as the originating PNE (002 §7.5.4) and prints each member's outcome; ``status`` shows
+the credential kind, key index and PNs joined, never a key. Exit codes follow
 :mod:`cpns.cli.main`; ``run --once`` adds 5 for "connected but no key arrived before
 --timeout".
 """
@@ -19,6 +21,7 @@ import getpass
 import json
 import os
 import signal
+import socket
 import stat
 import string
 import sys
@@ -29,6 +32,7 @@ from cpns.cli._common import add_data_dir, add_log_format, read_password
 from cpns.crypto.kdf import password_key
 from cpns.device.agent import DeviceAgent, device_status, init_device
 from cpns.device.enrolment import DEFAULT_SERVER_ID, enroll_device
+from cpns.device.establishment import AGENT_SOCKET
 from cpns.errors import ConfigurationError, ErrorCode, ProcedureRejected
 from cpns.runtime import run_event_loop
 
@@ -163,8 +167,76 @@ def _run(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         print("cpns device run: --timeout must be > 0", file=sys.stderr)
         return _EXIT_USAGE
-    agent = DeviceAgent(args.data_dir, host, port)
+    agent = DeviceAgent(
+        args.data_dir,
+        host,
+        port,
+        gateway_id=args.gateway_id,
+        server_id=args.server_id,
+        secure_pan=args.secure_pan,
+        want_local_eukey=args.local_eukey,
+    )
     return run_event_loop(_run_agent(agent, args.once, args.timeout))
+
+
+def _agent_call(data_dir: Path, request: dict[str, object], timeout: float) -> dict[str, object]:
+    """One JSON request on the agent's control socket; ConnectionError if none answers."""
+    path = data_dir / AGENT_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            with sock.makefile("rb") as stream:
+                line = stream.readline()
+        except OSError as exc:
+            raise ConnectionError(f"no PNE agent answers on {path} ({exc})") from None
+    if not line:
+        raise ConnectionError(f"the PNE agent closed {path} without answering")
+    reply = json.loads(line)
+    if not isinstance(reply, dict):
+        raise ConnectionError("the PNE agent sent a malformed reply")
+    return reply
+
+
+def _establish(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        print("cpns device establish: --timeout must be > 0", file=sys.stderr)
+        return _EXIT_USAGE
+    request: dict[str, object] = {
+        "op": "establish",
+        "pn_id": args.pn_id,
+        "invite": list(args.invite),
+        "local_eukey": args.local_eukey,
+        "timeout": args.timeout,
+    }
+    try:
+        reply = _agent_call(args.data_dir, request, args.timeout + 30)
+    except ConnectionError as exc:
+        print(f"cpns device establish: {exc} (start 'cpns device run' first)", file=sys.stderr)
+        return _EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(reply, sort_keys=True))
+    else:
+        status = reply.get("status")
+        print(
+            f"{status}: PN {args.pn_id}"
+            + (f" (establishment {reply['est_id']})" if reply.get("est_id") else "")
+            + (f" at {reply['hop']}: {reply.get('reason')}" if reply.get("hop") else "")
+            + (f": {reply['error']}" if reply.get("error") else "")
+        )
+        members = reply.get("members")
+        for m in members if isinstance(members, list) else []:
+            flow = f" ({m['flow']} flow)" if m.get("flow") else ""
+            verdict = "joined" if m["status"] == "OK" else f"not joined: {m['status']}"
+            print(f"  {m['pne_id']}: {verdict}{flow}")
+        if reply.get("local") is not None:
+            print(f"  LocalEUKey authentication with the PN GW: {reply['local']}")
+    if reply.get("ok"):
+        return 0
+    if reply.get("status") in ("NOT_READY", "TIMEOUT", "UPSTREAM_UNAVAILABLE"):
+        return _EXIT_UNREACHABLE
+    return _EXIT_REFUSED
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -288,8 +360,58 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--timeout", type=float, metavar="S", help="give up after S seconds (default: never)"
     )
+    p.add_argument(
+        "--gateway-id",
+        help="the PN GW's Entity ID (PN Establishment; default: the one that assigned the "
+        "key, else learned from its first invitation)",
+    )
+    p.add_argument(
+        "--server-id",
+        help=f"the CPNS Server's Entity ID (default: the enrolment's, else {DEFAULT_SERVER_ID})",
+    )
+    p.add_argument(
+        "--secure-pan",
+        action="store_true",
+        help="the PAN is a Secure PAN: skip the LocalEUKey authentication after a PN "
+        "Establishment (002 §7.5.4)",
+    )
+    p.add_argument(
+        "--local-eukey",
+        action="store_true",
+        help="ask for a LocalEUKey when invited to a PN",
+    )
     add_log_format(p)
     p.set_defaults(func=_run)
+
+    p = cmds.add_parser(
+        "establish",
+        help="establish a PN as the originating PNE (002 §7.5.4), through the running agent",
+        description=(
+            "Ask the running agent ('cpns device run' on the same data directory, attached "
+            "to its PN GW) to send the SETUP Request of a PN Establishment: this PNE and "
+            "each --invite PNE authenticate mutually with the CPNS Server through the PN "
+            "GW (rand/hash for a PNE enrolled with UI, TK-based for one assigned without "
+            "UI) and share a fresh session key with it. Prints each member's outcome. With "
+            "--local-eukey the PNE also gets a LocalEUKey shared with its PN GW and, on a "
+            "PAN that is not a Secure PAN, authenticates with the PN GW using it. Exit "
+            "codes: 0 this PNE joined, 3 refused, 4 no agent, not attached, or no answer."
+        ),
+    )
+    add_data_dir(p, _DEFAULT_DIR)
+    p.add_argument("--pn-id", required=True, help="the PN ID")
+    p.add_argument(
+        "--invite",
+        action="append",
+        default=[],
+        metavar="PNE_ID",
+        help="a PNE to invite (repeat; each must be attached to the same PN GW)",
+    )
+    p.add_argument("--local-eukey", action="store_true", help="ask for a LocalEUKey")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)"
+    )
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.set_defaults(func=_establish)
 
     p = cmds.add_parser(
         "enroll",
@@ -345,11 +467,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = cmds.add_parser(
         "status",
-        help="show the PNE's Entity ID, credential kind and key index (no secrets)",
+        help="show the PNE's Entity ID, credential kind, key index and PNs (no secrets)",
         description=(
             "Print, as JSON, the Entity ID, whether an EUKey is held, its credential kind "
             "('ui': its own, from the user's password; 'tk': delivered by a PN GW under "
-            "the TK) and its index."
+            "the TK), its index, the TK flow's step, and the PNs joined (flow, "
+            "establishment, whether a session key, a LocalEUKey and a local session key "
+            "are held)."
         ),
     )
     add_data_dir(p, _DEFAULT_DIR)

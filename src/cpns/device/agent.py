@@ -41,6 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from cpns.device.establishment import (
+    AGENT_SOCKET,
+    HANDLED,
+    AgentControl,
+    PNEParticipant,
+    pns_view,
+)
 from cpns.device.tk_state import encode_tk_state, tk_state_of
 from cpns.errors import ConfigurationError, DecodeError, ErrorCode, StoreError
 from cpns.flow import log_hop, message_scope, new_flow, stamp
@@ -178,6 +185,11 @@ def device_status(data_dir: Path | str) -> dict[str, object]:
     if view["credential"] == CREDENTIAL_UI:
         view["user_id"] = data.get("user_id")
         view["server_id"] = data.get("server_id")
+    tk_state = tk_state_of(data)
+    if tk_state is not None:  # the TK flow's position (000): step and current index
+        view["tk_step"] = tk_state.tk_step
+        view["tk_key_index"] = tk_state.key_index
+    view["pns"] = pns_view(data)
     return view
 
 
@@ -214,6 +226,10 @@ class DeviceAgent:
         rng: Random | None = None,
         backoff: float = 0.1,
         max_backoff: float = 5.0,
+        gateway_id: str | None = None,
+        server_id: str | None = None,
+        secure_pan: bool = False,
+        want_local_eukey: bool = False,
     ) -> None:
         if backoff <= 0 or max_backoff < backoff:
             raise ValueError("0 < backoff <= max_backoff")
@@ -228,6 +244,27 @@ class DeviceAgent:
         self._stop = asyncio.Event()
         #: Flow ID (hex) of the current run, carried in its PNEHellos.
         self._flow = new_flow()
+        #: PN Establishment and the LocalEUKey authentication (002 §7.5.4, 000).
+        self.participant = PNEParticipant(
+            self,
+            rng=self._rng,
+            clock=wall_time,
+            gateway_id=gateway_id,
+            server_id=server_id,
+            secure_pan=secure_pan,
+            want_local_eukey=want_local_eukey,
+        )
+        self._control = AgentControl(self.participant)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The store's map as held (read-only use; :meth:`save` replaces it)."""
+        return self._data
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Persist the store's map (atomic) and hold it. Raises StoreError."""
+        self._store.save(data)
+        self._data = data
 
     def __repr__(self) -> str:
         return f"<DeviceAgent {str(self._data_dir)!r} -> {self._host}:{self._port}>"
@@ -251,6 +288,8 @@ class DeviceAgent:
         self._flow = new_flow()  # this PNE starts a flow: one per run
         with self._store.lock(), flow_scope(self._flow):
             self._data = _load(self._store)
+            sock = self._data_dir / AGENT_SOCKET
+            await self._control.start(sock)
             serve = asyncio.ensure_future(self._serve(once, progress))
             stop = asyncio.ensure_future(self._stop.wait())
             try:
@@ -261,6 +300,8 @@ class DeviceAgent:
                 for task in (serve, stop):
                     task.cancel()
                 await asyncio.gather(serve, stop, return_exceptions=True)
+                await self.participant.close()
+                await self._control.close(sock)
             failure = None if serve.cancelled() else serve.exception()
             if failure is not None:
                 raise failure
@@ -346,6 +387,7 @@ class DeviceAgent:
         try:
             await send_to_gateway(writer, hello)
             log.info("PNE %s attached to %s:%d", entity_id, self._host, self._port)
+            self.participant.attach(lambda out: send_to_gateway(writer, out))
             while True:
                 try:
                     message = await read_message(reader)
@@ -361,6 +403,9 @@ class DeviceAgent:
                         session.useful = True
                         if await self._on_notification(writer, message, progress) and once:
                             return True
+                    elif isinstance(message, HANDLED):
+                        session.useful = True
+                        await self.participant.handle(message)
                     elif isinstance(message, ErrorMessage):
                         log.warning(
                             "gateway reported %s (txid %s)",
@@ -372,6 +417,8 @@ class DeviceAgent:
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.info("PAN link lost: %s", exc)
             return False
+        finally:
+            self.participant.detach()
 
     def _machine(self) -> EUKeyAssignmentDevice:
         data = self._data

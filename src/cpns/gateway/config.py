@@ -93,6 +93,10 @@ class GatewayConfig:
     #: PAN: seconds the rest of a frame may take once its 4-byte header arrived, and a
     #: send may wait for a peer that does not read.
     pan_frame_timeout: float = 10.0
+    #: PAN: seconds a PNE has to answer the PN GW in a PN Establishment (its invitation, its
+    #: AUTHENTICATE Request) or a LocalEUKey authentication; then it is reported TIMEOUT
+    #: and the others go on.
+    pan_answer_timeout: float = 10.0
     #: PAN: most links open at once; more are closed at once, without a reply. Lowered at
     #: start-up to what the process's file-descriptor limit leaves after a reserve of 64
     #: for the control socket, the server link and the store.
@@ -122,7 +126,12 @@ class GatewayConfig:
             raise ConfigurationError("operator_port must differ from pan_port")
         if self.per_try_timeout <= 0 or self.retries < 0 or self.retry_interval <= 0:
             raise ConfigurationError("timeouts and intervals must be positive, retries >= 0")
-        for name in ("pan_hello_timeout", "pan_idle_timeout", "pan_frame_timeout"):
+        for name in (
+            "pan_hello_timeout",
+            "pan_idle_timeout",
+            "pan_frame_timeout",
+            "pan_answer_timeout",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigurationError(f"{name} must be a positive number of seconds")

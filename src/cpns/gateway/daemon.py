@@ -22,7 +22,9 @@ The daemon is a thin asyncio shell (STYLE §7) made of parts that each own one c
   for a PNE without UI with its delivery (003,
   :class:`~cpns.gateway.procedures.eukey_assignment.EUKeyAssignmentCoordinator`) and the
   relay of a PNE's own enrolment with UI (004 §5.x.1 over the PAN,
-  :class:`~cpns.gateway.procedures.pne_enrolment.PNEEnrolmentCoordinator`). A
+  :class:`~cpns.gateway.procedures.pne_enrolment.PNEEnrolmentCoordinator`), and PN
+  Establishment with the LocalEUKey authentication (002 §7.5.4, 000,
+  :class:`~cpns.gateway.procedures.pn_establishment.PNEstablishmentCoordinator`). A
   coordinator drives the sans-I/O machines of :mod:`cpns.protocol` and reaches the PAN
   side, the server and the records through small interfaces only.
 
@@ -50,10 +52,19 @@ from cpns.gateway.ledger import STORE_NAME, PNELedger, decode_all
 from cpns.gateway.pan import PAN_ADDRESS, PANSide
 from cpns.gateway.procedures.enrolment import enroll
 from cpns.gateway.procedures.eukey_assignment import AssignResult, EUKeyAssignmentCoordinator
+from cpns.gateway.procedures.pn_establishment import PNEstablishmentCoordinator
 from cpns.gateway.procedures.pne_enrolment import PNEEnrolmentCoordinator
 from cpns.gateway.records import Enrolment, status_view
 from cpns.gateway.upstream import ServerClient, Upstream
-from cpns.messages.model import EUKeyAssignmentAck, UserKeyAssignmentRequest
+from cpns.messages.model import (
+    EUKeyAssignmentAck,
+    LocalAuthRequest,
+    PNEAuthenticateResponse,
+    PNInviteResponse,
+    PNSetupRequest,
+    UserKeyAssignmentRequest,
+)
+from cpns.protocol.pn_establishment import flow_name
 from cpns.runtime import SystemRandom, wall_time
 from cpns.store.keystore import LocalKeyStore
 from cpns.store.masterkey import write_private_file
@@ -153,6 +164,24 @@ class GatewayDaemon:
             gateway_id=config.entity_id, server_id=config.server_id, pan=self.pan
         )
         self.pan.subscribe(handlers={UserKeyAssignmentRequest: self.enrolments.on_request})
+        #: PN Establishment (002 §7.5.4.2, 000 §7.5.2) and the LocalEUKey authentication.
+        self.establishments = PNEstablishmentCoordinator(
+            gateway_id=config.entity_id,
+            server_id=config.server_id,
+            ledger=self.ledger,
+            pan=self.pan,
+            rng=self._rng,
+            clock=clock,
+            answer_timeout=config.pan_answer_timeout,
+        )
+        self.pan.subscribe(
+            handlers={
+                PNSetupRequest: self.establishments.on_setup,
+                PNInviteResponse: self.establishments.on_pne_message,
+                PNEAuthenticateResponse: self.establishments.on_pne_message,
+                LocalAuthRequest: self.establishments.on_local_request,
+            }
+        )
         self._control = ControlServer(self, self._connections)
 
     def __repr__(self) -> str:
@@ -209,6 +238,7 @@ class GatewayDaemon:
                 )
             self.assignments.bind(eukey, self._upstream)
             self.enrolments.bind(self._upstream)
+            self.establishments.bind(eukey, self._upstream)
             await self.pan.start()
             write_private_file(
                 self._config.port_file, f"{self.pan_port}\n".encode(), overwrite=True
@@ -286,6 +316,7 @@ class GatewayDaemon:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
+        await self.establishments.close()
         # Callers waiting for a delivery get the stage reached so far, now.
         self.assignments.cancel_waiters()
         await self._connections.close_all(_SHUTDOWN_GRACE)
@@ -356,5 +387,22 @@ class GatewayDaemon:
                 "host": self._config.pan_host,
                 "port": self.pan_port if self.pan.listening else None,
             },
+            running_establishments=[
+                {"pn_id": pn_id, "originator": pne_id}
+                for pn_id, pne_id in self.establishments.running()
+            ],
+            establishments=[
+                {
+                    "pn_id": o.pn_id,
+                    "originator": o.originator,
+                    "est_id": o.est_id,
+                    "failure": o.failure,
+                    "members": [
+                        {"pne_id": m.pne_id, "status": m.status.name, "flow": flow_name(m.flow)}
+                        for m in o.members
+                    ],
+                }
+                for o in self.establishments.outcomes
+            ],
         )
         return view

@@ -5,7 +5,11 @@ The key store's main map holds the gateway's :class:`Enrolment` (004 §5.x.1).
 
 One :class:`PNERecord` per PNE (one sealed file each in the key store's ``gateway.d/``)
 holds the outstanding request (:class:`PendingRequest`), the key set received for the PNE
-with its delivery state (:class:`KeySet`), and the last status the server gave.
+with its delivery state (:class:`KeySet`), and the last status the server gave; since PN
+Establishment (002 §7.5.4, 000) also the gateway's TK state for the PNE's TK flow
+(:class:`TKHolding`), its PN memberships with the LocalEUKeys the server gave the gateway
+(:class:`Membership`), and a queued 003 re-assignment (``reassign``). The routing table
+PN ID -> member PNEs (:func:`pn_routes`) is derived from the memberships.
 
 The records are values: a change builds a new record (:func:`dataclasses.replace`), so a
 copy taken for a write never changes under the writer. :meth:`PNERecord.encode` and
@@ -31,9 +35,12 @@ __all__ = [
     "Enrolment",
     "KeySet",
     "MalformedRecord",
+    "Membership",
     "PNERecord",
     "PendingRequest",
     "Stage",
+    "TKHolding",
+    "pn_routes",
     "status_view",
 ]
 
@@ -181,6 +188,89 @@ class KeySet:
 
 
 @dataclass(frozen=True, slots=True)
+class TKHolding:
+    """The PN GW's TK state for a TK-flow PNE (000 §7.5.2): TK_g at step g, for the key set
+    of assignment ``set_txid`` (a new 003 set starts again from its TK at the set's ``tk_step``)."""
+
+    #: TK_g.
+    tk: bytes = dataclasses.field(repr=False)
+    #: g (advanced only when the server said OK for the PNE: the resync rule).
+    tk_step: int
+    #: The :class:`KeySet` txid this state belongs to.
+    set_txid: bytes
+
+    def encode(self) -> dict[str, Any]:
+        """The key store's map."""
+        return {"tk": self.tk, "tk_step": self.tk_step, "set_txid": self.set_txid}
+
+    @classmethod
+    def decode(cls, data: object, where: str = "tk_state") -> TKHolding:
+        """From the key store's map; MalformedRecord if it is not one."""
+        m = _map(data, where)
+        return cls(
+            tk=_get(m, "tk", bytes, where),
+            tk_step=_get(m, "tk_step", int, where),
+            set_txid=_get(m, "set_txid", bytes, where),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """The PNE in one PN as the PN GW saw it (002 §7.5.4), and the LocalEUKey it shares
+    with the PNE there, if the PNE asked for one."""
+
+    #: PN ID.
+    pn_id: str
+    #: The establishment (hex of est_id; None if the server never named it).
+    est_id: str | None
+    #: "member", or the ErrorCode name of why not.
+    status: str
+    #: Flow used: "rand-hash", "tk", or "" (refused before a flow was chosen).
+    flow: str
+    #: When (seconds since the epoch).
+    at: int
+    #: The LocalEUKey (002 §7.5.4.2: "decrypt ... and store"), if any.
+    local_eukey: bytes | None = dataclasses.field(default=None, repr=False)
+    #: The session key of the last LocalEUKey authentication ("7.5.5"), if any.
+    local_sk: bytes | None = dataclasses.field(default=None, repr=False)
+    #: When that authentication succeeded.
+    local_at: int | None = None
+
+    @property
+    def joined(self) -> bool:
+        """Whether the PNE is a member of the PN."""
+        return self.status == "member"
+
+    def encode(self) -> dict[str, Any]:
+        """The key store's map."""
+        return {
+            "pn_id": self.pn_id,
+            "est_id": self.est_id,
+            "status": self.status,
+            "flow": self.flow,
+            "at": self.at,
+            "local_eukey": self.local_eukey,
+            "local_sk": self.local_sk,
+            "local_at": self.local_at,
+        }
+
+    @classmethod
+    def decode(cls, data: object, where: str = "pn") -> Membership:
+        """From the key store's map; MalformedRecord if it is not one."""
+        m = _map(data, where)
+        return cls(
+            pn_id=_get(m, "pn_id", str, where),
+            est_id=_optional(m, "est_id", str, where),
+            status=_get(m, "status", str, where),
+            flow=_get(m, "flow", str, where),
+            at=_get(m, "at", int, where),
+            local_eukey=_optional(m, "local_eukey", bytes, where),
+            local_sk=_optional(m, "local_sk", bytes, where),
+            local_at=_optional(m, "local_at", int, where),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class PNERecord:
     """Everything the PN GW keeps about one PNE."""
 
@@ -190,6 +280,31 @@ class PNERecord:
     key_set: KeySet | None = None
     #: ErrorCode name of the server's last answer ("OK" or the refusal), if any.
     last_status: str | None = None
+    #: The TK-flow state for the current key set (None: the set's TK at its ``tk_step``).
+    tk_state: TKHolding | None = None
+    #: PN memberships, one per PN ID (the latest establishment of each).
+    pns: tuple[Membership, ...] = ()
+    #: A queued 003 re-assignment: why (CHAIN_EXHAUSTED or STALE_CREDENTIAL), else None.
+    reassign: str | None = None
+
+    def membership(self, pn_id: str) -> Membership | None:
+        """The PNE's membership record of ``pn_id``, or None."""
+        return next((m for m in self.pns if m.pn_id == pn_id), None)
+
+    def with_membership(self, membership: Membership) -> PNERecord:
+        """A copy with ``membership`` replacing the one of its PN."""
+        others = tuple(m for m in self.pns if m.pn_id != membership.pn_id)
+        return dataclasses.replace(self, pns=(*others, membership))
+
+    def tk_holding(self) -> tuple[bytes, int] | None:
+        """(TK_g, g) for the current key set, or None without a key set."""
+        if self.key_set is None:
+            return None
+        state = self.tk_state
+        if state is None or state.set_txid != self.key_set.txid:
+            # A new 003 set restarts the TK flow at its TK's step (re-assignment, rule 7).
+            return self.key_set.tk, self.key_set.tk_step
+        return state.tk, state.tk_step
 
     @property
     def stage(self) -> Stage:
@@ -216,6 +331,12 @@ class PNERecord:
             data["set"] = self.key_set.encode()
         if self.last_status is not None:
             data["last_status"] = self.last_status
+        if self.tk_state is not None:
+            data["tk_state"] = self.tk_state.encode()
+        if self.pns:
+            data["pns"] = [m.encode() for m in self.pns]
+        if self.reassign is not None:
+            data["reassign"] = self.reassign
         return data
 
     @classmethod
@@ -224,10 +345,17 @@ class PNERecord:
         m = _map(data, where)
         request = m.get("request")
         key_set = m.get("set")
+        tk_state = m.get("tk_state")
+        pns = m.get("pns", [])
+        if not isinstance(pns, list):
+            raise MalformedRecord(f"{where}: 'pns' must be a list")
         return cls(
             request=None if request is None else PendingRequest.decode(request, f"{where}.request"),
             key_set=None if key_set is None else KeySet.decode(key_set, f"{where}.set"),
             last_status=_optional(m, "last_status", str, where),
+            tk_state=None if tk_state is None else TKHolding.decode(tk_state, f"{where}.tk_state"),
+            pns=tuple(Membership.decode(p, f"{where}.pns[{i}]") for i, p in enumerate(pns)),
+            reassign=_optional(m, "reassign", str, where),
         )
 
 
@@ -276,6 +404,16 @@ class Enrolment:
         )
 
 
+def pn_routes(records: Mapping[str, PNERecord]) -> dict[str, tuple[str, ...]]:
+    """The routing table PN ID -> member PNEs (sorted), from the PNE records."""
+    routes: dict[str, list[str]] = {}
+    for pne_id, record in records.items():
+        for m in record.pns:
+            if m.joined:
+                routes.setdefault(m.pn_id, []).append(pne_id)
+    return {pn: tuple(sorted(members)) for pn, members in sorted(routes.items())}
+
+
 def status_view(
     enrolment: Enrolment | None,
     records: Mapping[str, PNERecord],
@@ -304,6 +442,19 @@ def status_view(
                 "txid": key_set.txid.hex() if key_set else None,
                 "connected": pne_id in attached,
                 "last_status": record.last_status,
+                "tk_step": (record.tk_holding() or (b"", 0))[1],
+                "reassign": record.reassign,
+                "pns": [
+                    {
+                        "pn_id": m.pn_id,
+                        "status": m.status,
+                        "flow": m.flow,
+                        "est_id": m.est_id,
+                        "local_eukey": m.local_eukey is not None,
+                        "local_session": m.local_sk is not None,
+                    }
+                    for m in record.pns
+                ],
             }
         )
     return {
@@ -314,4 +465,5 @@ def status_view(
         "enrolled": enrolment is not None,
         "attached": sorted(attached),
         "pnes": pnes,
+        "pns": {pn: list(members) for pn, members in pn_routes(records).items()},
     }

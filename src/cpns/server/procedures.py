@@ -7,6 +7,16 @@ machine is then told who relayed it), its name in the audit trail, metrics and g
 factory of its sans-I/O server machine, how the facts its events carry are written in the
 request's transaction, and which party sends it (for the hop log lines).
 
+A procedure whose second step continues from stored state (PN Establishment: the
+AUTHENTICATE Response continues the establishment its SETUP Request started) names a
+``load``: the service runs it with the request's other store reads and hands its result
+to the machine factory (:attr:`MachineContext.loaded`), so any server process, or one
+restarted in between, takes the step. A procedure whose write is a compare and set that
+a racing copy may lose (``rerun_on_conflict``) is run again from fresh reads when its
+write loses, instead of being refused. A procedure that handles many PNEs at once names
+``pne_outcomes``: each PNE's outcome, read from its reply, gets an audit row and a
+metric.
+
 The service layer knows no message type by name: it looks the request's type up here
 (:func:`procedure_for`). Adding a procedure means writing its machine in
 :mod:`cpns.protocol`, then adding one :class:`Procedure` to :data:`PROCEDURES`.
@@ -18,7 +28,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from cpns.messages.model import EUKeyAssignmentRequest, Message, UserKeyAssignmentRequest
+from cpns.errors import ErrorCode
+from cpns.messages.model import (
+    AuthenticateRequest,
+    AuthenticateResponse,
+    EUKeyAssignmentRequest,
+    Message,
+    PNEstablishRequest,
+    PNEstablishResponse,
+    UserKeyAssignmentRequest,
+)
 from cpns.protocol._machine import Event, Machine
 from cpns.protocol.key_assignment import (
     AssignmentPolicy,
@@ -26,12 +45,28 @@ from cpns.protocol.key_assignment import (
     EUKeyChainAssigned,
     ServerLookups,
 )
+from cpns.protocol.pn_establishment import (
+    EstablishmentLookups,
+    EstablishmentPending,
+    PNEstablished,
+    ServerCompletion,
+    ServerSetup,
+    TKAdvanced,
+    flow_name,
+)
 from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
 from cpns.records import EntityRecord
-from cpns.store.base import WriteTx
+from cpns.store.base import ServerStore, WriteTx
 from cpns.types import EntityKind, Random
 
-__all__ = ["PROCEDURES", "MachineContext", "Party", "Procedure", "procedure_for"]
+__all__ = [
+    "PROCEDURES",
+    "MachineContext",
+    "PNEOutcome",
+    "Party",
+    "Procedure",
+    "procedure_for",
+]
 
 #: Who sent a request, as named in the hop log lines (docs/logging.md).
 type Party = Literal["gateway", "pne"]
@@ -50,6 +85,23 @@ class MachineContext:
     #: The Digest-authenticated Entity ID; None for an open request sent without Digest
     #: (an open request that carries Digest is relayed by that entity).
     authenticated: str | None
+    #: What the procedure's ``load`` read from the store for this request (None without
+    #: ``load``, and for a machine built only to refuse a request).
+    loaded: Any = None
+    #: The PN inventory's owner of a PN ID (None: no such PN yet).
+    get_pn_owner: Callable[[str], str | None] = lambda _pn_id: None
+
+
+@dataclass(frozen=True, slots=True)
+class PNEOutcome:
+    """One PNE's outcome in a multi-PNE procedure's reply (an audit row and a metric)."""
+
+    #: PNE Entity ID.
+    pne_id: str
+    #: OK or the ErrorCode of its refusal or failure.
+    status: ErrorCode | int
+    #: The flow ("rand-hash", "tk"), "" when refused before a flow was chosen.
+    flow: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +122,14 @@ class Procedure:
     persist: Callable[[WriteTx, Event, int], None]
     #: Who sends the request (for the hop log lines).
     party: Callable[[Message], Party]
+    #: Reads the stored state the machine continues from (given the store, the request
+    #: and the Digest-authenticated entity); its result is :attr:`MachineContext.loaded`.
+    load: Callable[[ServerStore, Message, str | None], Any] | None = None
+    #: Whether a write that loses a compare and set (another process or a racing copy
+    #: committed first) runs the request again from fresh reads rather than refusing it.
+    rerun_on_conflict: bool = False
+    #: Each PNE's outcome as the reply carries it (empty for a single-entity procedure).
+    pne_outcomes: Callable[[Message], tuple[PNEOutcome, ...]] = lambda _reply: ()
 
 
 # -- EUKey assignment for an entity with UI (004 §5.x.1) --------------------------------------
@@ -146,6 +206,85 @@ def _from_gateway(message: Message) -> Party:
     return "gateway"
 
 
+# -- PN Establishment (002 §7.5.4, 000 §7.5) ---------------------------------------------------
+
+
+def _establishment_lookups(ctx: MachineContext) -> EstablishmentLookups:
+    get_tk = ctx.lookups.get_tk
+
+    def tk_state(pne_id: str) -> tuple[bytes, int] | None:
+        record = get_tk(pne_id)
+        return None if record is None else (record.tk, record.tk_step)
+
+    return EstablishmentLookups(
+        get_entity=ctx.lookups.get_entity, get_tk_state=tk_state, get_pn_owner=ctx.get_pn_owner
+    )
+
+
+def _setup_machine(ctx: MachineContext) -> Machine[Any]:
+    assert ctx.authenticated is not None  # not open: the service authenticated it
+    return ServerSetup(
+        server_id=ctx.policy.server_id,
+        requester=ctx.authenticated,
+        lookups=_establishment_lookups(ctx),
+        rng=ctx.rng,
+        now=ctx.now,
+    )
+
+
+def _setup_persist(tx: WriteTx, event: Event, now: int) -> None:
+    if isinstance(event, EstablishmentPending):
+        tx.put_establishment(event.to_record())
+
+
+def _complete_load(
+    store: ServerStore, message: Message, authenticated: str | None
+) -> EstablishmentPending | None:
+    """The pending establishment the AUTHENTICATE Response continues: the authenticated
+    PN GW's, by est_id (None: unknown, finished or purged)."""
+    assert isinstance(message, AuthenticateResponse)
+    if authenticated is None:
+        return None
+    record = store.get_establishment(authenticated, message.est_id)
+    return None if record is None else EstablishmentPending.from_record(record)
+
+
+def _complete_machine(ctx: MachineContext) -> Machine[Any]:
+    assert ctx.authenticated is not None
+    return ServerCompletion(
+        server_id=ctx.policy.server_id,
+        requester=ctx.authenticated,
+        pending=ctx.loaded,
+        lookups=_establishment_lookups(ctx),
+        now=ctx.now,
+    )
+
+
+def _complete_persist(tx: WriteTx, event: Event, now: int) -> None:
+    if isinstance(event, TKAdvanced):
+        # 000 N1: the TK ratchet and the chain index advance only on a verified proof,
+        # each a compare and set against the values it was checked with.
+        tx.set_tk_state(event.pne_id, event.tk, event.tk_step, expected_step=event.expected_step)
+        if event.key_index != event.expected_index:  # the same at the chain's end
+            tx.set_key_index(event.pne_id, event.key_index, expected_index=event.expected_index)
+    elif isinstance(event, PNEstablished):
+        # Compare and set: of two copies finishing one establishment, one commits.
+        tx.delete_establishment(event.gw_id, event.est_id)
+        tx.record_pn(event.pn_id, event.gw_id, event.owner, event.at, event.members())
+
+
+def _challenged(reply: Message) -> tuple[PNEOutcome, ...]:
+    if not isinstance(reply, AuthenticateRequest):
+        return ()
+    return tuple(PNEOutcome(e.pne_id, e.status, flow_name(e.flow)) for e in reply.entries)
+
+
+def _results(reply: Message) -> tuple[PNEOutcome, ...]:
+    if not isinstance(reply, PNEstablishResponse):
+        return ()
+    return tuple(PNEOutcome(e.pne_id, e.status, flow_name(e.flow)) for e in reply.entries)
+
+
 #: Every procedure the server runs.
 PROCEDURES: Final[tuple[Procedure, ...]] = (
     Procedure(
@@ -163,6 +302,26 @@ PROCEDURES: Final[tuple[Procedure, ...]] = (
         machine=_tk_machine,
         persist=_tk_persist,
         party=_from_gateway,
+    ),
+    Procedure(
+        name="pn-establishment-setup",
+        request=PNEstablishRequest,
+        open=False,
+        machine=_setup_machine,
+        persist=_setup_persist,
+        party=_from_gateway,
+        pne_outcomes=_challenged,
+    ),
+    Procedure(
+        name="pn-establishment-complete",
+        request=AuthenticateResponse,
+        open=False,
+        machine=_complete_machine,
+        persist=_complete_persist,
+        party=_from_gateway,
+        load=_complete_load,
+        rerun_on_conflict=True,
+        pne_outcomes=_results,
     ),
 )
 

@@ -4,11 +4,14 @@ For each CPNS message the HTTP layer hands over, :class:`CPNSService`:
 
 1. answers a retried transaction with the reply it already sent (idempotent retries,
    DESIGN §5), and refuses a reused transaction ID with other content as a replay;
-2. builds the procedure's server machine with synchronous store lookups, feeds it the
-   message and collects its events and reply;
+2. builds the procedure's server machine with synchronous store lookups (and the stored
+   state a later step continues from: the procedure's ``load``), feeds it the message and
+   collects its events and reply;
 3. persists every fact the events carry (nonce used, EUKey or chain assigned, the reply
    itself, the audit record) in ONE durable, group-committed transaction, and only then
-   returns the reply (DESIGN §6: facts are persisted before the reply that depends on them).
+   returns the reply (DESIGN §6: facts are persisted before the reply that depends on them);
+   a write that loses a compare and set is run again from fresh reads when the procedure
+   asks for it (``rerun_on_conflict``), else refused.
 
 It knows nothing of HTTP or Digest: the caller says which entity authenticated. Nor does
 it know any procedure by name: each request's procedure (its machine, whether it is open,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -43,6 +47,15 @@ from cpns.store.base import ClaimConflict, ConflictError, NonceReused, ServerSto
 from cpns.types import Random
 
 __all__ = ["CPNSService", "Reply"]
+
+#: How many times a request whose compare and set lost a race is run again (its
+#: procedure's ``rerun_on_conflict``) before it is refused as an ordinary lost race.
+_MAX_RERUNS = 3
+
+
+class _Rerun(Exception):
+    """Internal: the request's write lost a compare and set; run it again."""
+
 
 log = logging.getLogger("cpns.server")
 
@@ -168,16 +181,27 @@ class CPNSService:
         return procedure is None or not procedure.open
 
     def _machine(
-        self, message: Message, authenticated: str | None, now: int, source: str | None = None
+        self,
+        message: Message,
+        authenticated: str | None,
+        now: int,
+        source: str | None = None,
+        *,
+        load: bool = False,
     ) -> Machine[Any]:
         """The server machine of the procedure ``message`` starts; LookupError if none.
 
+        With ``load``, the procedure's stored state is read first (its ``load``) and
+        handed to the machine; without, the machine is only good for refusing the request.
         The guard counts an open request's failures for its network ``source``, an
         authenticated one's for the authenticated entity."""
         procedure = procedure_for(message)
         if procedure is None:
             raise LookupError(type(message).__name__)
         counted = source if procedure.open else authenticated
+        loaded = None
+        if load and procedure.load is not None:
+            loaded = procedure.load(self._store, message, authenticated)
         return procedure.machine(
             MachineContext(
                 policy=self._policy,
@@ -185,8 +209,14 @@ class CPNSService:
                 rng=self._rng,
                 now=now,
                 authenticated=authenticated,
+                loaded=loaded,
+                get_pn_owner=self._pn_owner,
             )
         )
+
+    def _pn_owner(self, pn_id: str) -> str | None:
+        pn = self._store.get_pn(pn_id)
+        return None if pn is None else pn.owner
 
     async def handle(
         self, message: Message, *, authenticated: str | None, source: str | None = None
@@ -241,10 +271,40 @@ class CPNSService:
         # The flow ID is not a security input (docs/wire.md 2.3): a retry is told from a
         # reused txid by the request without it.
         digest = hashlib.sha256(encode(dataclasses.replace(message, flow=None))).digest()
+        procedure = procedure_for(message)
+        reruns = _MAX_RERUNS if procedure is not None and procedure.rerun_on_conflict else 0
+        while True:
+            try:
+                return await self._attempt(
+                    message, authenticated, requester, digest, now, source, rerun=reruns > 0
+                )
+            except _Rerun:
+                # Its compare and set lost to another process (or a racing copy): run it
+                # again from what is stored now (a stored reply, a finished establishment).
+                reruns -= 1
+
+    async def _attempt(
+        self,
+        message: Message,
+        authenticated: str | None,
+        requester: str,
+        digest: bytes,
+        now: int,
+        source: str | None,
+        *,
+        rerun: bool,
+    ) -> Reply:
+        """One run of a request (:class:`_Rerun` if it should run again: ``rerun``)."""
         if (answered := await self._stored_answer(message, digest, requester)) is not None:
             return answered
         try:
-            machine = self._machine(message, authenticated, now, source)
+            machine = await self._read(
+                functools.partial(self._machine, load=True),
+                message,
+                authenticated,
+                now,
+                source,
+            )
         except LookupError:
             # A well-formed message no server procedure starts with (a response, a PAN message).
             error = ErrorMessage(
@@ -290,31 +350,57 @@ class CPNSService:
         try:
             cleared = await self._store.write_async(
                 lambda tx: self._persist(
-                    tx, message, requester, digest, reply_bytes, events, now, source
+                    tx, message, requester, digest, reply, reply_bytes, events, now, source
                 )
             )
-        except ClaimConflict:
-            # Another assignment of this entity committed after our checks read it: the
-            # first one wins, this one gets a refusal and no key material (racing claims).
-            return await self._lost_race(
-                message, authenticated, requester, now, source, ErrorCode.CLAIM_CONFLICT
-            )
-        except (NonceReused, ConflictError):
-            # A concurrent copy of this very request may have won the race: answer as it did.
-            if (answered := await self._stored_answer(message, digest, requester)) is not None:
-                return answered
-            return await self._lost_race(
-                message, authenticated, requester, now, source, ErrorCode.REPLAY
-            )
+        except ConflictError as exc:
+            if rerun:
+                # A compare and set lost to a concurrent commit (another process, a racing
+                # copy of this request): nothing was written; run the request again.
+                raise _Rerun from None
+            if isinstance(exc, ClaimConflict):
+                # Another assignment of this entity committed after our checks read it:
+                # the first one wins, this one gets a refusal and no key material.
+                return await self._lost_race(
+                    message, authenticated, requester, now, source, ErrorCode.CLAIM_CONFLICT
+                )
+            return await self._raced_copy(message, authenticated, requester, digest, now, source)
+        except NonceReused:
+            return await self._raced_copy(message, authenticated, requester, digest, now, source)
         if cleared is not None:
             self.guard.forget(cleared)
+        procedure = procedure_for(message)
+        assert procedure is not None  # only a procedure's request gets this far
+        for outcome in procedure.pne_outcomes(reply):
+            metrics.SERVER_PNE_OUTCOMES.labels(
+                procedure.name, outcome.flow or "none", _status_name(outcome.status)
+            ).inc()
+        status = _reply_status(reply)
         log.info(
-            "%s OK for %s",
+            "%s %s for %s",
             _name(message),
+            _status_name(status),
             requester,
-            extra={"txid": message.txid.hex(), "entity": requester, "status": "OK"},
+            extra={"txid": message.txid.hex(), "entity": requester, "status": _status_name(status)},
         )
-        return Reply(200, reply_bytes, ErrorCode.OK, message=reply)
+        return Reply(200, reply_bytes, status, message=reply)
+
+    async def _raced_copy(
+        self,
+        message: Message,
+        authenticated: str | None,
+        requester: str,
+        digest: bytes,
+        now: int,
+        source: str | None,
+    ) -> Reply:
+        """A concurrent copy of this very request may have won the race: answer as it
+        did; else the request is refused as a replay."""
+        if (answered := await self._stored_answer(message, digest, requester)) is not None:
+            return answered
+        return await self._lost_race(
+            message, authenticated, requester, now, source, ErrorCode.REPLAY
+        )
 
     async def _lost_race(
         self,
@@ -375,12 +461,15 @@ class CPNSService:
         message: Message,
         requester: str,
         digest: bytes,
-        reply: bytes,
+        reply: Message,
+        reply_bytes: bytes,
         events: list[Event],
         now: int,
         source: str | None,
     ) -> str | None:
-        """Write every fact of a successful step in the caller's transaction.
+        """Write every fact of a successful step in the caller's transaction: its events'
+        facts, the reply (for retries), the audit row of the request and one per PNE
+        outcome the reply carries.
 
         Returns the guard counter key this success reset, if any.
         """
@@ -396,7 +485,7 @@ class CPNSService:
                 requester=requester,
                 txid=message.txid,
                 request_digest=digest,
-                reply=reply,
+                reply=reply_bytes,
                 created_at=now,
             )
         )
@@ -404,7 +493,15 @@ class CPNSService:
         cleared = None
         if user_id is not None:
             cleared = self.guard.succeeded(tx, procedure.name, user_id, source)
-        tx.audit(_audit_event(message, requester, ErrorCode.OK, now, ""))
+        tx.audit(_audit_event(message, requester, _reply_status(reply), now, ""))
+        for outcome in procedure.pne_outcomes(reply):
+            tx.audit(
+                dataclasses.replace(
+                    _audit_event(message, requester, outcome.status, now, ""),
+                    entity_id=outcome.pne_id,
+                    detail=f"flow {outcome.flow}" if outcome.flow else "",
+                )
+            )
         return cleared
 
     async def _audit(
@@ -463,6 +560,12 @@ class CPNSService:
         )
         event = _audit_event(message, requester, code, now, reason)
         await self._store.write_async(lambda tx: tx.audit(event))
+
+
+def _reply_status(reply: Message) -> ErrorCode | int:
+    """The protocol status a reply carries (OK for a reply without one)."""
+    status: ErrorCode | int = getattr(reply, "status", ErrorCode.OK)
+    return status
 
 
 def _status_name(code: ErrorCode | int) -> str:

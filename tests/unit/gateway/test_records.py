@@ -14,8 +14,11 @@ from cpns.gateway.records import (
     Enrolment,
     KeySet,
     MalformedRecord,
+    Membership,
     PendingRequest,
     PNERecord,
+    TKHolding,
+    pn_routes,
     status_view,
 )
 
@@ -170,6 +173,9 @@ def test_status_view_shows_ids_and_flags_never_keys() -> None:
             "txid": TXID.hex(),
             "connected": False,
             "last_status": "OK",
+            "tk_step": 0,
+            "reassign": None,
+            "pns": [],
         },
         {
             "pne_id": "pne-2",
@@ -180,6 +186,9 @@ def test_status_view_shows_ids_and_flags_never_keys() -> None:
             "txid": None,
             "connected": True,
             "last_status": None,
+            "tk_step": 0,
+            "reassign": None,
+            "pns": [],
         },
     ]
     assert "eeee" not in repr(view)
@@ -215,3 +224,49 @@ def test_a_malformed_enrolment_is_refused(key: str, value: object) -> None:
     """A main map holding an EUKey but not a well-formed enrolment is refused."""
     with pytest.raises(MalformedRecord, match=key):
         Enrolment.decode({**_enrolment_map(), key: value})
+
+
+def test_pn_establishment_parts_round_trip_and_give_the_routing_table() -> None:
+    """002 §7.5.4 / 000 at the PN GW: a PNE record keeps its TK state (for the key set it
+    belongs to), its PN memberships with the LocalEUKey and a queued re-assignment; the
+    map round-trips exactly, and the routing table lists each PN's members."""
+    key_set = KeySet.decode(_set_map())
+    record = PNERecord(
+        key_set=key_set,
+        tk_state=TKHolding(tk=b"u" * 32, tk_step=3, set_txid=key_set.txid),
+        pns=(
+            Membership(
+                pn_id="pn-1",
+                est_id="00" * 16,
+                status="member",
+                flow="tk",
+                at=5,
+                local_eukey=b"l" * 32,
+                local_sk=b"s" * 32,
+                local_at=6,
+            ),
+            Membership(pn_id="pn-2", est_id=None, status="TIMEOUT", flow="", at=7),
+        ),
+        reassign="CHAIN_EXHAUSTED",
+    )
+    assert PNERecord.decode(record.encode()) == record
+    assert record.tk_holding() == (b"u" * 32, 3)
+    assert "uuuu" not in repr(record)
+    assert "llll" not in repr(record)
+    # A state of another (older) key set does not count: the new set starts at step 0.
+    other = dataclasses.replace(record, tk_state=TKHolding(tk=b"u" * 32, tk_step=3, set_txid=b"o"))
+    assert other.tk_holding() == (key_set.tk, 0)
+    assert PNERecord().tk_holding() is None
+    assert pn_routes({"pne-2": record, "pne-1": record, "pne-3": PNERecord()}) == {
+        "pn-1": ("pne-1", "pne-2")
+    }
+    # Records written before PN Establishment load unchanged.
+    assert PNERecord.decode({"set": _set_map()}).pns == ()
+
+
+def test_malformed_membership_is_refused() -> None:
+    """A stored membership of the wrong shape is refused as a whole (MalformedRecord)."""
+    with pytest.raises(MalformedRecord, match="pns"):
+        PNERecord.decode({"pns": {"pn-1": 1}})
+    with pytest.raises(MalformedRecord, match=r"pns\[0\]"):
+        PNERecord.decode({"pns": [{"pn_id": "pn-1"}]})

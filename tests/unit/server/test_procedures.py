@@ -3,14 +3,26 @@ read by the service layer for the machine, openness, persistence and audit name.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from tests.helpers import FIXED_NOW, SERVER_ID, FixedRandom
 
+from cpns.errors import ErrorCode
+from cpns.messages.constants import AuthFlow
 from cpns.messages.model import (
+    AuthChallenge,
+    AuthenticateRequest,
+    AuthenticateResponse,
+    AuthProof,
+    AuthResult,
     EUKeyAssignmentAck,
     EUKeyAssignmentRequest,
     EUKeyAssignmentResponse,
     PNEHello,
+    PNEstablishRequest,
+    PNEstablishResponse,
+    PNSetupRequest,
     UserKeyAssignmentRequest,
 )
 from cpns.protocol.key_assignment import (
@@ -19,11 +31,18 @@ from cpns.protocol.key_assignment import (
     EUKeyChainAssigned,
     ServerLookups,
 )
+from cpns.protocol.pn_establishment import (
+    EstablishmentPending,
+    PendingPNE,
+    ServerCompletion,
+    ServerSetup,
+)
 from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
 from cpns.records import UserRecord
 from cpns.server.procedures import (
     PROCEDURES,
     MachineContext,
+    PNEOutcome,
     Procedure,
     _index,
     procedure_for,
@@ -50,15 +69,28 @@ def _context(authenticated: str | None) -> MachineContext:
 
 
 def test_each_request_type_has_one_procedure_with_its_audit_name() -> None:
-    """The registry maps the two request types to their procedures, under the audit names
-    already stored by earlier releases; other messages start no procedure."""
-    ui = procedure_for(UserKeyAssignmentRequest)
-    tk = procedure_for(EUKeyAssignmentRequest)
-    assert ui is not None
-    assert tk is not None
-    assert (ui.name, tk.name) == ("eukey-assignment-ui-004", "eukey-assignment-tk-003")
-    assert {p.request for p in PROCEDURES} == {UserKeyAssignmentRequest, EUKeyAssignmentRequest}
-    for kind in (EUKeyAssignmentResponse, EUKeyAssignmentAck, PNEHello):
+    """The registry maps the four request types to their procedures, under the audit names
+    already stored by earlier releases (and the two halves of PN Establishment, 002
+    §7.5.4.3); other messages start no procedure."""
+    names = {
+        UserKeyAssignmentRequest: "eukey-assignment-ui-004",
+        EUKeyAssignmentRequest: "eukey-assignment-tk-003",
+        PNEstablishRequest: "pn-establishment-setup",
+        AuthenticateResponse: "pn-establishment-complete",
+    }
+    for request, name in names.items():
+        procedure = procedure_for(request)
+        assert procedure is not None
+        assert procedure.name == name
+    assert {p.request for p in PROCEDURES} == set(names)
+    for kind in (
+        EUKeyAssignmentResponse,
+        EUKeyAssignmentAck,
+        PNEHello,
+        AuthenticateRequest,
+        PNEstablishResponse,
+        PNSetupRequest,
+    ):
         assert procedure_for(kind) is None
 
 
@@ -117,7 +149,7 @@ def test_each_procedure_persists_only_its_own_events() -> None:
 def test_the_registry_refuses_two_entries_for_one_request() -> None:
     """Adding a procedure is one entry: a second entry for the same request type, or a
     reused audit name, is refused when the registry is built."""
-    (ui, tk) = PROCEDURES
+    (ui, tk, *_) = PROCEDURES
     with pytest.raises(ValueError, match="two procedures"):
         _index((ui, Procedure(**{**_fields(tk), "request": ui.request})))
     with pytest.raises(ValueError, match="unique"):
@@ -126,3 +158,88 @@ def test_the_registry_refuses_two_entries_for_one_request() -> None:
 
 def _fields(procedure: Procedure) -> dict[str, object]:
     return {name: getattr(procedure, name) for name in Procedure.__dataclass_fields__}
+
+
+def test_pn_establishment_halves_are_authenticated_and_the_second_loads_its_state() -> None:
+    """002 §7.5.4.3: both halves are sent by a Digest-authenticated PN GW; the second
+    continues from the pending establishment stored by the first, read by (authenticated
+    PN GW, est_id) through the entry's ``load`` (so another process can take it), and is
+    run again from fresh reads when its compare and set loses a race."""
+    setup = procedure_for(PNEstablishRequest)
+    complete = procedure_for(AuthenticateResponse)
+    assert setup is not None
+    assert complete is not None
+    assert not setup.open
+    assert not complete.open
+    assert setup.load is None
+    assert complete.load is not None
+    assert complete.rerun_on_conflict
+    assert isinstance(setup.machine(_context("gw-alice")), ServerSetup)
+
+    store = MemoryStore()
+    pending = EstablishmentPending(
+        gw_id="gw-alice",
+        est_id=bytes(16),
+        pn_id="pn-1",
+        rand_server=bytes(32),
+        created_at=FIXED_NOW,
+        expires_at=FIXED_NOW + 300,
+        entries=(PendingPNE(pne_id="pne-1", rand_pne=bytes(32), status=ErrorCode.OK),),
+    )
+
+    def write(tx: WriteTx) -> None:
+        setup.persist(tx, pending, FIXED_NOW)
+        complete.persist(tx, pending, FIXED_NOW)  # not its event: left alone
+
+    store.write(write)
+    response = AuthenticateResponse(
+        txid=bytes(16),
+        src="gw-alice",
+        dst=SERVER_ID,
+        est_id=bytes(16),
+        entries=(AuthProof(pne_id="pne-1", status=ErrorCode.TIMEOUT),),
+    )
+    assert complete.load(store, response, "gw-alice") == pending
+    assert complete.load(store, response, "gw-bob") is None
+    ctx = dataclasses.replace(_context("gw-alice"), loaded=pending)
+    assert isinstance(complete.machine(ctx), ServerCompletion)
+
+
+def test_pne_outcomes_are_read_from_the_reply() -> None:
+    """Our audit rule: each PNE's outcome in the AUTHENTICATE Request (first half) and in
+    the SETUP Response (second half) becomes one audit row and one metric sample; the
+    single-entity procedures have none."""
+    setup = procedure_for(PNEstablishRequest)
+    complete = procedure_for(AuthenticateResponse)
+    ui = procedure_for(UserKeyAssignmentRequest)
+    assert setup is not None
+    assert complete is not None
+    assert ui is not None
+    challenge = AuthenticateRequest(
+        txid=bytes(16),
+        src=SERVER_ID,
+        dst="gw-alice",
+        status=ErrorCode.OK,
+        entries=(
+            AuthChallenge(pne_id="pne-1", status=ErrorCode.OK, flow=AuthFlow.TK),
+            AuthChallenge(pne_id="pne-2", status=ErrorCode.POLICY_DENIED),
+        ),
+    )
+    result = PNEstablishResponse(
+        txid=bytes(16),
+        src=SERVER_ID,
+        dst="gw-alice",
+        status=ErrorCode.OK,
+        est_id=bytes(16),
+        entries=(
+            AuthResult(
+                pne_id="pne-1", status=ErrorCode.OK, flow=AuthFlow.RAND_HASH, reassign=False
+            ),
+        ),
+    )
+    assert setup.pne_outcomes(challenge) == (
+        PNEOutcome("pne-1", ErrorCode.OK, "tk"),
+        PNEOutcome("pne-2", ErrorCode.POLICY_DENIED, ""),
+    )
+    assert complete.pne_outcomes(result) == (PNEOutcome("pne-1", ErrorCode.OK, "rand-hash"),)
+    assert ui.pne_outcomes(result) == ()

@@ -417,6 +417,7 @@ class EUKeyAssignmentCoordinator:
             dataclasses.replace(
                 before,
                 request=None,
+                reassign=None,  # a new set answers a re-assignment queued by PN Establishment
                 key_set=KeySet(
                     txid=request.txid,
                     user_id=event.user_id,

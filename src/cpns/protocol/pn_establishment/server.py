@@ -70,6 +70,9 @@ class EstablishmentLookups:
     get_entity: Callable[[str], EntityRecord | None]
     #: A PNE's TK state (TK_s, s), or None without TK record.
     get_tk_state: Callable[[str], tuple[bytes, int] | None]
+    #: The CPNS User owning the PN ``pn_id`` in the inventory, or None if there is no such
+    #: PN yet (a PN ID is one user's: another user's PN GW cannot take it over).
+    get_pn_owner: Callable[[str], str | None] = field(default=lambda _pn_id: None)
 
 
 class ServerSetupState(Enum):
@@ -89,6 +92,15 @@ def _requesting_gateway(lookups: EstablishmentLookups, requester: str) -> Entity
     if gateway.revoked:
         raise RemoteProtocolError("requesting PN GW is revoked", code=ErrorCode.ENTITY_REVOKED)
     return gateway
+
+
+def _check_pn_owner(lookups: EstablishmentLookups, pn_id: str, owner: str) -> None:
+    """A PN ID already in the inventory belongs to its user: POLICY_DENIED for another's."""
+    known = lookups.get_pn_owner(pn_id)
+    if known is not None and known != owner:
+        raise RemoteProtocolError(
+            "the PN ID belongs to another user's PN", code=ErrorCode.POLICY_DENIED
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +188,7 @@ class ServerSetup(Machine[ServerSetupState]):
         check_addressed(message, to=self._server_id, sender=self._requester)
         gateway = _requesting_gateway(self._lookups, self._requester)
         assert gateway.eukey is not None
+        _check_pn_owner(self._lookups, message.pn_id, gateway.owner)
         est_id = self._rng.token_bytes(EST_ID_LEN)
         rand_server = self._rng.token_bytes(32)
         seen: set[str] = set()
@@ -365,6 +378,8 @@ class ServerCompletion(Machine[ServerCompletionState]):
                 "no pending establishment with this ID", code=ErrorCode.UNKNOWN_ESTABLISHMENT
             )
         gateway = self._lookups.get_entity(self._requester)
+        if gateway is not None:  # another user's PN may have taken the PN ID meanwhile
+            _check_pn_owner(self._lookups, p.pn_id, gateway.owner)
         proofs: dict[str, AuthProof] = {}
         for proof in message.entries:
             proofs.setdefault(proof.pne_id, proof)
