@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +29,7 @@ PNE = "pne-t1"
 
 
 @pytest.fixture
-def network(tmp_path: Path) -> Iterator[LocalDeployment]:
+def network(tmp_path: Path) -> Iterator[tuple[LocalDeployment, int]]:
     """Server with chain length 2 (AssignmentPolicy.chain_length from server.toml), alice's
     PN GW, and one PNE without UI holding EUKey_1 of its first chain, attached."""
     tk = secrets.token_bytes(32)
@@ -48,11 +50,11 @@ def network(tmp_path: Path) -> Iterator[LocalDeployment]:
             PNE, pan_port=pan_port, once=False, timeout=600, extra=["--gateway-id", GW]
         )
         net.wait_attached([PNE])
-        yield net
+        yield net, pan_port
 
 
 def _establish(net: LocalDeployment, n: int) -> dict[str, object]:
-    result, reply = net.establish(PNE, pn_id="pn-solo")
+    result, reply = net.establish(PNE, pn_id="pn-solo", timeout=30)
     assert result.returncode == 0, f"run {n}: " + result.stdout + result.stderr + net.log("gw")
     assert reply["status"] == "OK", reply
     members = reply["members"]
@@ -75,7 +77,7 @@ def _server_entity(net: LocalDeployment) -> dict[str, object]:
 
 
 def test_exhausted_chain_is_reassigned_after_ratchets_and_the_pne_authenticates_again(
-    network: LocalDeployment,
+    network: tuple[LocalDeployment, int],
 ) -> None:
     """000 + 003, rule 7: chain of 2; run 1 proves EUKey_1 (step 0 -> 1), run 2 proves
     EUKey_2 = EUKey_n (reassign queued at the PN GW), run 3 still works with EUKey_2 (the
@@ -83,7 +85,7 @@ def test_exhausted_chain_is_reassigned_after_ratchets_and_the_pne_authenticates_
     (no label check: the record is ratcheted and the PNE is alice's, D-003-13); PN GW and
     PNE restart at (TK_3, 3) with EUKey_1 of the new chain; the server's step is still 3;
     run 4 authenticates with the new chain."""
-    net = network
+    net, _ = network
     assert _positions(net) == (0, 1, 0, None)
     _establish(net, 1)
     assert _positions(net) == (1, 2, 1, None)
@@ -105,3 +107,51 @@ def test_exhausted_chain_is_reassigned_after_ratchets_and_the_pne_authenticates_
     assert _positions(net) == (4, 2, 4, None)
     _establish(net, 5)
     assert _positions(net) == (5, 2, 5, "CHAIN_EXHAUSTED")  # the new chain's end, again
+
+
+def _restart_agent(net: LocalDeployment, pan_port: int, *, restore: Path | None = None) -> None:
+    """Stop the PNE's agent (the PN GW sees its link close), optionally put back a copy of
+    its store, and start it again attached."""
+    net.stop(PNE)
+    deadline = time.monotonic() + 30
+    while PNE in net.gateway_status().get("attached", []):
+        assert time.monotonic() < deadline, "the PN GW still lists the stopped PNE"
+        time.sleep(0.1)
+    if restore is not None:
+        shutil.rmtree(net.device_dir(PNE))
+        shutil.copytree(restore, net.device_dir(PNE))
+    net.start_device(PNE, pan_port=pan_port, once=False, timeout=600, extra=["--gateway-id", GW])
+    net.wait_attached([PNE])
+
+
+def test_pne_restored_from_an_old_backup_is_reassigned_and_authenticates_again(
+    network: tuple[LocalDeployment, int], tmp_path: Path
+) -> None:
+    """N1 backup edge, rule 7: the PNE's store is backed up at step 0 with EUKey_1; two
+    TK-based authentications move every party to step 2 and EUKey_2; the PNE is restored
+    from the backup: its next run proves the old key, the server answers
+    STALE_CREDENTIAL for it and the PN GW queues a re-assignment; the re-assignment (TK_2
+    computed forward from the backup's step 0 by the PNE) brings it back, and it
+    authenticates again."""
+    net, pan_port = network
+    backup = tmp_path / "pne-backup"
+    net.stop(PNE)
+    shutil.copytree(net.device_dir(PNE), backup)
+    _restart_agent(net, pan_port)
+    _establish(net, 1)
+    _establish(net, 2)
+    assert _positions(net)[:3] == (2, 2, 2)
+
+    _restart_agent(net, pan_port, restore=backup)
+    assert net.device_status(PNE)["tk_step"] == 0
+    result, reply = net.establish(PNE, pn_id="pn-solo", timeout=30)
+    assert result.returncode != 0
+    assert (reply["status"], reply["members"]) == ("STALE_CREDENTIAL", []), reply
+    assert _positions(net)[3] == "STALE_CREDENTIAL"
+    assert _server_entity(net)["tk_step"] == 2  # the server did not move
+
+    reassigned = net.assign(pne_id=PNE, user_id="alice", password=PASSWORD, wait=30)
+    assert reassigned.returncode == 0, reassigned.stdout + reassigned.stderr + net.log("gw")
+    assert _positions(net) == (2, 1, 2, None)
+    _establish(net, 3)
+    assert _positions(net) == (3, 2, 3, None)
