@@ -763,8 +763,10 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
     (:class:`~cpns.protocol.tk_auth.PNETKState`), None before its first assignment, when
     ``tk`` (the manufacturer TK, step 0) is used. TK_t is computed forward with
     :func:`~cpns.protocol.tk_auth.pne_tk_at` (window ``REASSIGN_WINDOW``); a step behind
-    the PNE's or beyond the window is refused with STALE_CREDENTIAL. The installed key
-    comes with the new state (:func:`~cpns.protocol.tk_auth.pne_reassigned`).
+    the PNE's or beyond the window is refused with STALE_CREDENTIAL, except the delivery
+    the PNE holds (same epoch, txid and index) whose Ack was lost before TK-based
+    authentications moved past its step: acknowledged again with the key held. The
+    installed key comes with the new state (:func:`~cpns.protocol.tk_auth.pne_reassigned`).
     """
 
     HOP: ClassVar[str] = "device"
@@ -815,6 +817,19 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
         if message.sealed_eukey is None or message.epoch is None:
             raise RemoteProtocolError("OK notification without a key or an epoch")
         tk_step = message.tk_step or 0
+        held = self._current
+        if (
+            held is not None
+            and self._tk_state is not None
+            and tk_step < self._tk_state.tk_step
+            and (message.epoch, message.txid, message.key_index)
+            == (held.epoch, held.txid, held.key_index)
+        ):
+            # This delivery is installed, its Ack was lost, and TK-based authentications
+            # have since ratcheted past its step: the TK that seals it is gone. Acknowledge
+            # again with the key held (the same Ack as before); nothing is installed.
+            self._send(self._ack(message, held.eukey))
+            return []
         tk = self._tk_at(tk_step)
         eukey = open_sealed(
             tk,
@@ -830,7 +845,6 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
             ),
         )
         events: list[Event] = []
-        held = self._current
         if held is not None and message.epoch <= held.epoch:
             same = (
                 message.epoch == held.epoch
@@ -861,24 +875,27 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
                     else None,
                 )
             )
-        self._send(
-            EUKeyAssignmentAck(
-                txid=message.txid,
-                src=self._entity_id,
-                dst=message.src,
-                status=ErrorCode.OK,
-                key_index=message.key_index,
-                proof=_ack_proof(
-                    eukey,
-                    gateway_id=message.src,
-                    pne_id=self._entity_id,
-                    txid=message.txid,
-                    index=message.key_index,
-                    epoch=message.epoch,
-                ),
-            )
-        )
+        self._send(self._ack(message, eukey))
         return events
+
+    def _ack(self, message: EUKeyAssignmentNotification, eukey: bytes) -> EUKeyAssignmentAck:
+        """The OK Ack proving ``eukey`` for this delivery (D-003-4)."""
+        assert message.epoch is not None
+        return EUKeyAssignmentAck(
+            txid=message.txid,
+            src=self._entity_id,
+            dst=message.src,
+            status=ErrorCode.OK,
+            key_index=message.key_index,
+            proof=_ack_proof(
+                eukey,
+                gateway_id=message.src,
+                pne_id=self._entity_id,
+                txid=message.txid,
+                index=message.key_index,
+                epoch=message.epoch,
+            ),
+        )
 
     TRANSITIONS = MappingProxyType(
         {

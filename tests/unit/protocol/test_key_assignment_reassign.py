@@ -40,6 +40,7 @@ from cpns.protocol.key_assignment import (
     EUKeyChainAssigned,
     EUKeyInstalled,
     EUKeySetReceived,
+    HeldKey,
     claim_key,
 )
 from cpns.protocol.tk_auth import REASSIGN_WINDOW, PNETKPending, PNETKState, ratchet
@@ -324,3 +325,36 @@ def test_a_16_byte_manufacturer_tk_still_installs_without_tk_flow_state() -> Non
     (event,) = device.receive(note)
     assert isinstance(event, EUKeyInstalled)
     assert event.tk_state is None
+
+
+def test_a_held_delivery_whose_ack_was_lost_is_acknowledged_after_the_tk_moved_on() -> None:
+    """Rule 7 liveness: the PNE installed EUKey_1 at step 2, its Ack was lost, then TK-based
+    authentications moved it to step 4; the PN GW re-sends the same Notification (step 2,
+    which the PNE can no longer compute). The PNE acknowledges again with the key it holds
+    (the Ack the PN GW verifies), installs nothing; a different delivery at that step is
+    still refused."""
+    note = _notification(2)
+    held = HeldKey(txid=TXID, key_index=1, eukey=EUKEY, epoch=2)
+    moved = PNETKState(tk=ratchet(TKS[PNE], 4), tk_step=4, eukey=EUKEY, key_index=1)
+    device = EUKeyAssignmentDevice(
+        entity_id=PNE, tk=TKS[PNE], rng=FixedRandom(3), current=held, tk_state=moved
+    )
+    assert device.receive(note) == []
+    (ack,) = device.messages_to_send()
+    assert isinstance(ack, EUKeyAssignmentAck)
+    assert ack.status is ErrorCode.OK
+    first = _device(None)
+    first.receive(note)
+    (original,) = first.messages_to_send()
+    assert isinstance(original, EUKeyAssignmentAck)
+    assert ack.proof == original.proof
+    other = EUKeyAssignmentDevice(
+        entity_id=PNE,
+        tk=TKS[PNE],
+        rng=FixedRandom(3),
+        current=HeldKey(txid=b"\x05" * 16, key_index=1, eukey=EUKEY, epoch=2),
+        tk_state=moved,
+    )
+    (failed,) = other.receive(note)
+    assert isinstance(failed, ProcedureFailed)
+    assert failed.code is ErrorCode.STALE_CREDENTIAL
