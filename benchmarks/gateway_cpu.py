@@ -59,6 +59,7 @@ from cpns.store.keystore import LocalKeyStore
 USER = "bench"
 _TICK = os.sysconf("SC_CLK_TCK")
 _EXCHANGES = "cpns_gateway_upstream_exchanges_total"
+_BATCH = "cpns_gateway_store_commit_batch_size"
 
 
 @dataclass
@@ -71,6 +72,14 @@ class Figures:
     server_cpu: float
     latencies: str
     statuses: dict[str, int]
+    #: Key store journal writes and the PNE records they held (0, 0 on a gateway that
+    #: does not count them).
+    journal_writes: float = 0.0
+    journal_records: float = 0.0
+
+    @property
+    def records_per_write(self) -> float:
+        return self.journal_records / self.journal_writes if self.journal_writes else 0.0
 
     @property
     def ms_per_exchange(self) -> float:
@@ -98,15 +107,21 @@ def _thread_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def _exchanges(metrics_url: str) -> float:
-    """The sum of the gateway's upstream exchange counter over all its labels."""
+def _scrape(metrics_url: str) -> tuple[float, float, float]:
+    """The sum of the gateway's upstream exchange counter over all its labels, and its
+    key store journal writes and the records they held."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(_EXCHANGES + "{")
-    )
+    exchanges = writes = records = 0.0
+    for line in text.splitlines():
+        value = line.rsplit(" ", 1)[-1]
+        if line.startswith(_EXCHANGES + "{"):
+            exchanges += float(value)
+        elif line.startswith(_BATCH + "_count"):
+            writes = float(value)
+        elif line.startswith(_BATCH + "_sum"):
+            records = float(value)
+    return exchanges, writes, records
 
 
 async def _one(args: argparse.Namespace, base: Path) -> Figures:
@@ -135,7 +150,7 @@ async def _one(args: argparse.Namespace, base: Path) -> Figures:
         claims = {p: claim_key(c).hex() for p, c in net.claim_codes.items()}
         load = Load([net.gateway_dir() / "control.sock"], USER, key_hex, claims)
         await load.closed_loop(args.warmup, args.concurrency)
-        exchanges_before = _exchanges(metrics_url)
+        exchanges_before, writes_before, records_before = _scrape(metrics_url)
         gateway_before = cpu_seconds(gateway.pid)
         main_before = _thread_cpu(gateway.pid)
         server_before = tree_cpu_seconds(server.pid)
@@ -145,7 +160,8 @@ async def _one(args: argparse.Namespace, base: Path) -> Figures:
         gateway_cpu = cpu_seconds(gateway.pid) - gateway_before
         main_thread_cpu = _thread_cpu(gateway.pid) - main_before
         server_cpu = tree_cpu_seconds(server.pid) - server_before
-        exchanges = _exchanges(metrics_url) - exchanges_before
+        exchanges_after, writes_after, records_after = _scrape(metrics_url)
+        exchanges = exchanges_after - exchanges_before
     ok = tally.statuses["OK"]
     return Figures(
         assignments=ok,
@@ -156,6 +172,8 @@ async def _one(args: argparse.Namespace, base: Path) -> Figures:
         server_cpu=server_cpu,
         latencies=percentiles_ms(tally.latencies),
         statuses=dict(tally.statuses),
+        journal_writes=writes_after - writes_before,
+        journal_records=records_after - records_before,
     )
 
 
@@ -239,13 +257,15 @@ async def _main(args: argparse.Namespace) -> int:
     )
     print(
         f"  {'run':>4}{'assign/s':>10}{'exchanges':>11}{'GW CPU s':>10}"
-        f"{'GW CPU ms/exchange':>20}{'main thread':>13}{'server ms/assign':>18}   latency ms"
+        f"{'GW CPU ms/exchange':>20}{'main thread':>13}{'server ms/assign':>18}"
+        f"{'records/fsync':>15}   latency ms"
     )
     for n, r in enumerate(results, 1):
         print(
             f"  {n:>4}{r.rate:>10.1f}{r.exchanges:>11.0f}{r.gateway_cpu:>10.2f}"
             f"{r.ms_per_exchange:>20.3f}{r.main_ms_per_exchange:>13.3f}"
-            f"{r.server_ms_per_assignment:>18.3f}   {r.latencies}  {r.statuses}"
+            f"{r.server_ms_per_assignment:>18.3f}{r.records_per_write:>15.2f}"
+            f"   {r.latencies}  {r.statuses}"
         )
     median = statistics.median
     print(

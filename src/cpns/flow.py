@@ -97,6 +97,8 @@ def log_hop(
     and the message's own ``flow`` (else the context's). Never a field value of the body
     other than the status.
     """
+    if not logger.isEnabledFor(level):
+        return
     status = getattr(message, "status", None)
     fields: dict[str, object] = {
         "event": HOP_EVENT,

@@ -93,16 +93,21 @@ def flow_scope(flow: str | None) -> Iterator[None]:
         _FLOW.reset(token)
 
 
+_PLAIN_RECORD: Final = vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))
 #: LogRecord attributes that are not structured extras.
-_STANDARD: Final = frozenset(
-    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))
-) | {"message", "asctime", "party", "flow", "taskName"}
+_STANDARD: Final = frozenset(_PLAIN_RECORD) | {"message", "asctime", "party", "flow", "taskName"}
+#: How many attributes LogRecord.__init__ sets, always first: extras come after them.
+_INIT_ATTRIBUTES: Final = len(_PLAIN_RECORD)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
     """The structured extras of ``record`` (``extra={...}``), JSON-ready."""
     out: dict[str, object] = {}
-    for key, value in vars(record).items():
+    attributes = vars(record)
+    if len(attributes) <= _INIT_ATTRIBUTES:
+        return out
+    # Only what was added after __init__ (in the order added) can be an extra.
+    for key, value in list(attributes.items())[_INIT_ATTRIBUTES:]:
         if key in _STANDARD or key.startswith("_"):
             continue
         if not isinstance(value, str | int | float | bool) and value is not None:
@@ -112,12 +117,19 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
     return out
 
 
+#: (second, its formatted date and time): every line of one second shares them.
+_second: tuple[int, str] = (-1, "")
+
+
 def _timestamp(record: logging.LogRecord) -> str:
     """RFC 3339 UTC with milliseconds: ``2026-12-02T04:05:06.789Z``."""
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        + f".{int(record.msecs):03d}Z"
-    )
+    global _second
+    second, text = _second
+    if second != int(record.created):
+        second = int(record.created)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = (second, text)
+    return f"{text}.{int(record.msecs):03d}Z"
 
 
 class ContextFilter(logging.Filter):
@@ -186,6 +198,12 @@ def setup_logging(
     stream: TextIO | None = None,
 ) -> None:
     """Route the ``cpns`` loggers to stderr (or ``stream``), as text or JSON lines."""
+    # Record fields neither formatter writes are not computed for every line (the logging
+    # HOWTO's "Optimization"): a daemon logs a few lines per request.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # 3.12+, not in typeshed
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JSONFormatter() if json_lines else TextFormatter())
     handler.addFilter(ContextFilter(party))

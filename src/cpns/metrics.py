@@ -275,6 +275,12 @@ GATEWAY_DELIVERIES: Final = Counter(
     "cpns_gateway_deliveries",
     "EUKeys delivered to a PNE and proven by its acknowledgement.",
 )
+#: PNE records written per key store journal write (the gateway's group-commit gain).
+GATEWAY_STORE_COMMIT_BATCH: Final = Histogram(
+    "cpns_gateway_store_commit_batch_size",
+    "PNE records written with one durable journal append by the PN GW's key store.",
+    buckets=_BATCH_BUCKETS,
+)
 #: Requests stored and not yet answered by the server (resent by the retry loop).
 GATEWAY_PENDING_REQUESTS: Final = Gauge(
     "cpns_gateway_pending_requests",
@@ -314,6 +320,7 @@ ALL_METRICS: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     GATEWAY_ASSIGNMENTS,
     GATEWAY_PNE_ENROLMENTS,
     GATEWAY_DELIVERIES,
+    GATEWAY_STORE_COMMIT_BATCH,
     GATEWAY_PENDING_REQUESTS,
     GATEWAY_PENDING_DELIVERIES,
 )

@@ -186,6 +186,60 @@ def _keystore_seeds() -> list[bytes]:
     ]
 
 
+class _JournalFile:
+    """A PN GW key-store journal: the fuzz input is the plaintext of one frame, sealed as
+    :meth:`LocalKeyStore.commit_records` would seal it, followed by the raw input again as
+    a second frame's bytes (its framing, a torn or a damaged tail). ``load_records`` may
+    raise only :class:`StoreError`.
+    """
+
+    def __init__(self) -> None:
+        shm = Path("/dev/shm")
+        where = str(shm) if shm.is_dir() else None
+        self._dir = Path(tempfile.mkdtemp(prefix="cpns-fuzz-kj-", dir=where))
+        atexit.register(shutil.rmtree, self._dir, True)
+        self._store = LocalKeyStore(self._dir / "fuzz.store", b"\x07" * 32)
+        self._path = self._dir / "fuzz.journal-00000001"
+
+    def run(self, data: bytes) -> bool:
+        from cpns.crypto.keywrap import seal
+        from cpns.store import keystore
+
+        blob = seal(
+            b"\x07" * 32,
+            data,
+            purpose=keystore._JOURNAL_PURPOSE,
+            context=(self._path.name, 0),
+            nonce=b"\x00" * 12,
+        )
+        self._path.write_bytes(
+            keystore._JOURNAL_MAGIC + keystore._FRAME_HEADER.pack(len(blob)) + blob + data
+        )
+        try:
+            self._store.load_records()
+        except StoreError:
+            return False
+        return True
+
+
+def _journal_seeds() -> list[bytes]:
+    import cbor2
+
+    record = {"set": {"tk": b"\x01" * 32, "eukeys": [b"\x02" * 32], "key_index": 1}}
+    return [
+        cbor2.dumps({"pne-1": record}),
+        cbor2.dumps({"pne-1": None, "pne-2": {"last_status": "OK"}}),
+        cbor2.dumps({}),
+    ]
+
+
+def _journal_target() -> Target:
+    journal = _JournalFile()
+    return Target(
+        "keystore-journal", journal.run, (StoreError,), _journal_seeds, cbor=True, dictionary=()
+    )
+
+
 # -- PAN frames -----------------------------------------------------------------------------
 
 
@@ -388,6 +442,7 @@ TARGETS: dict[str, Callable[[], Target]] = {
         "key-bundle", _run_key_bundle, (DecodeError,), _bundle_seeds, True
     ),
     "keystore": _keystore_target,
+    "keystore-journal": _journal_target,
     "frames": lambda: Target("frames", _run_frames, (DecodeError,), _frame_seeds),
     "digest": lambda: Target(
         "digest", _run_digest, (AuthenticationFailed,), _digest_seeds, dictionary=_DIGEST_WORDS

@@ -69,7 +69,7 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
     asking for a LocalEUKey and then authenticating with its PN GW ("7.5.5", the PAN is
     not a Secure PAN); every party records the PN. Then a second establishment of the
     same PNEs works: the TK ratchet and the EUKey chain advanced on every side (server,
-    PN GW, PNE) and stay in step."""
+    PN GW, PNE) and stay in step, across a restart of the PN GW daemon."""
     net, _ = network
     everyone = TK_PNES + UI_PNES
     origin = "pne-u1"
@@ -86,6 +86,12 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
         **{p: ("OK", "rand-hash") for p in UI_PNES},
     }
     assert reply["local"] == "OK"
+    # The flow the originator started is carried through the PN GW to the server and to
+    # every invited PNE (docs/logging.md: cpns trace draws it).
+    flow = f"flow={reply['flow_id']}"
+    assert flow in net.log("gw")
+    assert flow in net.log("server")
+    assert flow in net.log("pne-t3")
 
     # The server's PN inventory.
     shown = net.cpns("admin", "pn", "show", "pn-home", "--json", "--data-dir", str(net.server_dir))
@@ -114,6 +120,12 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
             assert (status["tk_step"], status["tk_key_index"]) == (1, 2)
     assert net.device_status(origin)["pns"][0]["local_session"] is True
 
+    # The PN GW restarts: its TK states, memberships and routing table are in its store.
+    net.stop("gw")
+    net.start_gateway()
+    net.wait_attached(everyone)
+    assert net.gateway_status()["pns"] == {"pn-home": sorted(everyone)}
+
     # A second establishment, from a TK PNE: the ratchet advanced everywhere, and works.
     result, again = net.establish("pne-t1", pn_id="pn-home", invite=everyone[1:])
     assert result.returncode == 0, result.stdout + result.stderr + net.log("gw")
@@ -122,6 +134,9 @@ def test_eight_pnes_of_both_kinds_establish_a_pn_then_establish_again(
         status = net.device_status(pne)
         assert (status["tk_step"], status["tk_key_index"]) == (2, 3)
     assert {p["pne_id"]: p["tk_step"] for p in net.gateway_status()["pnes"]}["pne-t2"] == 2
+    for pne in TK_PNES:  # the server's index of each chain moved with them
+        shown = net.cpns("admin", "entity", "show", pne, "--data-dir", str(net.server_dir))
+        assert json.loads(shown.stdout)["key_index"] == 3
 
     # No key, TK, rand or hash in any log: only IDs, txids and statuses.
     for name in ("gw", "server", origin, "pne-t1"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from tests.pn_client import PNGateway, Run
 from cpns.crypto.kdf import password_key
 from cpns.errors import ErrorCode
 from cpns.gateway.upstream import ServerClient
+from cpns.messages.codec import encode
 from cpns.messages.model import AuthenticateResponse, Message
 from cpns.protocol.key_assignment import claim_code
 from cpns.protocol.user_key_assignment import EUKeyReceived, UserKeyAssignmentClient
@@ -224,3 +226,59 @@ def test_a_server_restarted_between_the_halves_finishes_the_establishment(runnin
     assert run.joined("pne-1") is not None
     members = {m["pne_id"]: m["flow"] for m in _pn(running)["members"]}
     assert members == {"ui-1": "rand-hash", "pne-1": "tk"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_one_authenticate_response_at_two_server_processes_commits_once(running: Net) -> None:
+    """Our rule (docs/procedures/pn-establishment.md, "In the CPNS Server"): a second
+    ``cpns server run`` over the same database; the PN GW's AUTHENTICATE Response reaches
+    both processes at once (a retry sent elsewhere while the first is in flight). Whatever
+    the interleaving, both answer the same SETUP Response, the establishment is finished
+    once, and the TK PNE's chain index moved exactly one step."""
+    net = running.net
+    client = _credentials(running, ("pne-1",), ("ui-1",))
+    port = _free_port()
+    net.start(
+        "server-2",
+        "server",
+        "run",
+        "--data-dir",
+        str(net.server_dir),
+        env={"CPNS_SERVER_PORT": str(port)},
+    )
+
+    def upstream(url: str) -> ServerClient:
+        return ServerClient(
+            server_url=url, ca_file=net.ca_file, entity_id=GW, eukey=client.gw_eukey, retries=8
+        )
+
+    async def go() -> tuple[Run, list[Message]]:
+        copies: list[Message] = []
+        async with upstream(running.url) as first, upstream(f"https://localhost:{port}") as second:
+            for _ in range(300):  # the second process is up when it answers /healthz
+                if await second.healthz():
+                    break
+                await asyncio.sleep(0.1)
+
+            async def exchange(message: Message) -> Message:
+                if not isinstance(message, AuthenticateResponse):
+                    return await first.exchange(message)
+                copies.extend(
+                    await asyncio.gather(first.exchange(message), second.exchange(message))
+                )
+                return copies[0]
+
+            client.exchange = exchange
+            return await client.establish("ui-1", ("pne-1",), pn_id=PN), copies
+
+    run, copies = asyncio.run(go())
+    assert len(copies) == 2
+    assert encode(copies[0]) == encode(copies[1])
+    assert run.server_status() == {"ui-1": ErrorCode.OK, "pne-1": ErrorCode.OK}
+    assert _show(running, "pne-1")["key_index"] == 2
+    assert {m["pne_id"] for m in _pn(running)["members"]} == {"ui-1", "pne-1"}

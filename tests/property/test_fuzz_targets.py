@@ -19,7 +19,12 @@ from tests.fuzz.targets import TARGETS, PropertyViolation, Target
 from cpns.server.admin import TKImportError, parse_tk_csv
 
 #: Inputs per target in CI: the targets together stay well under a minute.
-CI_RUNS = {"keystore": 8000, "digest": 15000, "pn-establishment": 15000}
+CI_RUNS = {
+    "keystore": 8000,
+    "keystore-journal": 8000,
+    "digest": 15000,
+    "pn-establishment": 15000,
+}
 DEFAULT_RUNS = 30000
 
 

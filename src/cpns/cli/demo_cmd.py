@@ -201,6 +201,18 @@ def _run(args: argparse.Namespace) -> int:
                 f"(cpns trace {flow} {' '.join(p.name for p in logs)}):"
             )
             console.print(draw(flow, lines), soft_wrap=True, markup=False, highlight=False)
+    est_flow = established.get("flow_id")
+    est_logs = [*(base / f"{n}.log" for n in names), base / "gw.log", base / "server.log"]
+    if est_flow and all(p.exists() for p in est_logs):
+        from cpns.cli.trace_cmd import draw, read_lines
+
+        est_lines = list(read_lines(est_logs, est_flow))
+        if est_lines:
+            console.print(
+                f"\nThe PN Establishment as the PNEs, the PN GW and the server logged it "
+                f"(cpns trace {est_flow} {' '.join(p.name for p in est_logs)}):"
+            )
+            console.print(draw(est_flow, est_lines), soft_wrap=True, markup=False, highlight=False)
     table = Table("party", "what it holds now (no secrets shown)", title="Each party's view")
     for e in server_view:
         table.add_row(

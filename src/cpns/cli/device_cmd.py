@@ -224,6 +224,7 @@ def _establish(args: argparse.Namespace) -> int:
             + (f" (establishment {reply['est_id']})" if reply.get("est_id") else "")
             + (f" at {reply['hop']}: {reply.get('reason')}" if reply.get("hop") else "")
             + (f": {reply['error']}" if reply.get("error") else "")
+            + (f" (flow {reply['flow_id']})" if reply.get("flow_id") else "")
         )
         members = reply.get("members")
         for m in members if isinstance(members, list) else []:

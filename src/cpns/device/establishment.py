@@ -49,6 +49,8 @@ from typing import Any, Final, Protocol
 
 from cpns.device.tk_state import encode_tk_state, tk_state_of
 from cpns.errors import ConfigurationError, ErrorCode
+from cpns.flow import new_flow
+from cpns.logs import flow_scope
 from cpns.messages.constants import AuthFlow
 from cpns.messages.model import (
     LocalAuthResponse,
@@ -160,6 +162,8 @@ class EstablishResult:
     hop: str | None = None
     #: Why (internal reason), if failed.
     reason: str | None = None
+    #: The flow ID (hex) this PNE started for the establishment (``cpns trace``).
+    flow_id: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """The control socket's and ``--json``'s form."""
@@ -173,6 +177,7 @@ class EstablishResult:
             "local": self.local,
             "hop": self.hop,
             "reason": self.reason,
+            "flow_id": self.flow_id,
         }
 
 
@@ -269,6 +274,12 @@ class PNEParticipant:
             return data["eukey"], None
         return None, tk_state_of(data)
 
+    def _stored_tk_state(self) -> tk_auth.PNETKState | None:
+        """The TK state as stored now: several establishments of this PNE may run at once
+        (it is originator of one and invited to another), and each must answer and confirm
+        from the latest stored state, never from the one it started with."""
+        return self._credentials()[1]
+
     async def close(self) -> None:
         """Cancel background local authentications (agent stop)."""
         for task in self._tasks:
@@ -326,6 +337,7 @@ class PNEParticipant:
             tk_state=tk_state,
             rng=self._rng,
             local_eukey=self._want_local,
+            tk_lookup=self._stored_tk_state,
         )
         self._by_txid[message.txid] = machine
         if message.pn_id is not None:
@@ -344,6 +356,9 @@ class PNEParticipant:
         self._persist(events)
         await self._flush(machine.messages_to_send())
         self._outcomes(machine, events)
+        if machine.terminal:  # nothing more to route to it
+            for txid in [t for t, m in self._by_txid.items() if m is machine]:
+                del self._by_txid[txid]
 
     async def _flush(self, messages: list[Message]) -> None:
         send = self._send
@@ -496,20 +511,29 @@ class PNEParticipant:
             eukey=eukey,
             tk_state=tk_state,
             rng=self._rng,
+            tk_lookup=self._stored_tk_state,
         )
-        machine.start(pn_id=pn_id, invite=tuple(invite), local_eukey=local_eukey)
+        # This PNE starts the procedure, so it starts its flow (docs/logging.md).
+        flow_id = new_flow(self._rng)
+        machine.start(
+            pn_id=pn_id,
+            invite=tuple(invite),
+            local_eukey=local_eukey,
+            flow=bytes.fromhex(flow_id),
+        )
         setup = machine.request
         assert setup is not None
         waiter: asyncio.Future[EstablishResult] = asyncio.get_running_loop().create_future()
         self._waiters[setup.txid] = waiter
         self._by_txid[setup.txid] = machine
         self._by_pn[pn_id] = machine
-        log.info("establishing PN %s with %d invited PNE(s)", pn_id, len(invite))
-        await self._flush(machine.messages_to_send())
+        with flow_scope(flow_id):
+            log.info("establishing PN %s with %d invited PNE(s)", pn_id, len(invite))
+            await self._flush(machine.messages_to_send())
         try:
-            return await asyncio.wait_for(waiter, timeout)
+            result = await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
-            return EstablishResult(
+            result = EstablishResult(
                 status="TIMEOUT",
                 pn_id=pn_id,
                 est_id=None,
@@ -521,6 +545,7 @@ class PNEParticipant:
             )
         finally:
             self._waiters.pop(setup.txid, None)
+        return dataclasses.replace(result, flow_id=flow_id)
 
     # -- LocalEUKey authentication ("7.5.5") -----------------------------------------------
 

@@ -334,6 +334,7 @@ class GatewayDaemon:
         for path in (self._config.control_socket, self._config.port_file):
             with contextlib.suppress(OSError):
                 path.unlink()
+        await self.ledger.drain()  # a write or compaction in flight ends before the unlock
         self._store.unlock()
         log.info("PN GW %s stopped", self._config.entity_id)
 

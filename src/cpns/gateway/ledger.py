@@ -1,19 +1,28 @@
-"""The PN GW's PNE records in memory and on disk (one sealed file per PNE).
+"""The PN GW's PNE records in memory and on disk (the key store's records and journal).
 
 :class:`PNELedger` holds the typed :class:`~cpns.gateway.records.PNERecord` of every PNE
 the gateway knows, loads them from the key store (moving records an earlier release kept
-inside the main map out to their own files), and writes one PNE's record at a time: atomic
-and fsynced, O(1) in the number of PNEs, in a worker thread so the event loop serves other
-PNEs meanwhile. It also hands out one lock per PNE, held by a procedure step that must not
-interleave with another on the same PNE (a request and its resend).
+inside the main map out to their own records), and writes them with *group commit*: every
+:meth:`PNELedger.save` that arrives while a write is in flight joins the next one, which
+writes each of those PNEs' newest record in one frame of the key store's journal (one
+synchronous ``write`` for all of them, O(1) in the number of PNEs the gateway holds, in a
+worker thread so the event loop serves other PNEs meanwhile). A caller returns only once
+a write holding its record (or a newer one) is durable, so what it persisted is on disk
+before the reply that depends on it. Closed journal generations are folded into
+the per-PNE record files in the background.
+
+It also hands out one lock per PNE, held by a procedure step that must not interleave with
+another on the same PNE (a request and its resend).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
+from cpns import metrics
 from cpns.gateway.records import PNERecord
 from cpns.store.keystore import LocalKeyStore
 
@@ -23,6 +32,11 @@ __all__ = ["STORE_NAME", "STORE_VERSION", "PNELedger", "load_pne_maps"]
 STORE_NAME: Final = "gateway"
 #: Version of the store layout written by this package.
 STORE_VERSION: Final = 1
+
+#: Seconds between two attempts at a compaction that failed.
+COMPACTION_RETRY: Final = 5.0
+
+log = logging.getLogger("cpns.gateway")
 
 
 def load_pne_maps(store: LocalKeyStore, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -48,14 +62,28 @@ def decode_all(maps: Mapping[str, object]) -> dict[str, PNERecord]:
     return {pne_id: PNERecord.decode(m, f"record of {pne_id!r}") for pne_id, m in maps.items()}
 
 
+def _retrieve(batch: asyncio.Future[None]) -> None:
+    """Mark a batch's outcome as seen (its callers may all have been cancelled)."""
+    if not batch.cancelled():
+        batch.exception()
+
+
 class PNELedger:
-    """Every PNE's record, as the daemon sees it; the store is written one PNE at a time."""
+    """Every PNE's record, as the daemon sees it; the store is written by group commit."""
 
     def __init__(self, store: LocalKeyStore) -> None:
         self._store = store
         self._records: dict[str, PNERecord] = {}
-        #: One lock per PNE record file: its writes never overlap (see save).
-        self._write_locks: dict[str, asyncio.Lock] = {}
+        #: PNEs whose record the next write holds (an ordered set).
+        self._dirty: dict[str, None] = {}
+        #: Resolved once the next write is durable (or has failed).
+        self._next_write: asyncio.Future[None] | None = None
+        #: The task writing batches, while there is anything to write.
+        self._writer: asyncio.Task[None] | None = None
+        #: The background compaction of closed journal generations, if one runs.
+        self._compactor: asyncio.Task[None] | None = None
+        #: Whether that compaction failed and waits before the next may start.
+        self._compaction_waits = False
         #: One lock per PNE for procedure steps (see lock_for).
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -63,10 +91,12 @@ class PNELedger:
         return f"<PNELedger {len(self._records)} PNE(s)>"
 
     def load(self, data: dict[str, Any]) -> None:
-        """Read every record of the locked store whose main map is ``data``.
+        """Read every record of the locked store whose main map is ``data``, then fold
+        what an earlier run left in the journal into the record files.
 
         Raises StoreError (MalformedRecord for a record of the wrong shape)."""
         self._records = decode_all(load_pne_maps(self._store, data))
+        self._store.compact_records()
 
     @property
     def records(self) -> Mapping[str, PNERecord]:
@@ -82,17 +112,75 @@ class PNELedger:
         self._records[pne_id] = record
 
     async def save(self, pne_id: str) -> None:
-        """Persist one PNE's record (atomic, fsynced; O(1) in the number of PNEs).
+        """Persist the PNE's record: return once it (or a newer one) is durable.
 
-        The write and its fsyncs run in a worker thread, so the loop serves other PNEs
-        meanwhile. Writes of one PNE are serialised and each encodes the record only once
-        it is its turn, so the file always ends with the newest state, whatever order
-        concurrent callers (an assignment, an Ack) come in.
+        Group commit: the PNE joins the next write, which starts as soon as the one in
+        flight (if any) is done and holds every PNE saved meanwhile, each encoded only
+        then, so the store always ends with each PNE's newest state, whatever order
+        concurrent callers (an assignment, an Ack) come in. One write is in flight at a
+        time, so writes land in order. Cancelling a caller does not cancel the write.
 
-        Raises StoreError."""
-        async with self._write_locks.setdefault(pne_id, asyncio.Lock()):
-            snapshot = self.get(pne_id).encode()
-            await asyncio.to_thread(self._store.save_record, pne_id, snapshot)
+        Raises StoreError (the whole write failed: nothing of it is acknowledged)."""
+        self._dirty[pne_id] = None
+        write = self._next_write
+        if write is None:
+            write = self._next_write = asyncio.get_running_loop().create_future()
+            write.add_done_callback(_retrieve)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_batches())
+        await asyncio.shield(write)
+
+    async def _write_batches(self) -> None:
+        """Write batches until no PNE waits; then start a compaction if one is due."""
+        try:
+            while self._dirty:
+                names, self._dirty = self._dirty, {}
+                write, self._next_write = self._next_write, None
+                assert write is not None
+                try:
+                    changes = {pne_id: self.get(pne_id).encode() for pne_id in names}
+                    await asyncio.to_thread(self._store.commit_records, changes)
+                    metrics.GATEWAY_STORE_COMMIT_BATCH.observe(len(changes))
+                except asyncio.CancelledError:
+                    write.cancel()
+                    raise
+                except Exception as exc:  # StoreError, or a bug: the callers see it
+                    write.set_exception(exc)
+                else:
+                    write.set_result(None)
+                if self._store.compaction_due and self._compactor is None:
+                    self._compactor = asyncio.get_running_loop().create_task(self._compact())
+        finally:
+            self._writer = None
+            if self._next_write is not None:  # cancelled: the callers waiting see it
+                self._next_write.cancel()
+                self._next_write = None
+                self._dirty.clear()
+
+    async def _compact(self) -> None:
+        """Fold closed journal generations into the record files (in a worker thread).
+
+        A failure is logged and retried after the next write, but not before
+        :data:`COMPACTION_RETRY` seconds: the journal keeps everything meanwhile."""
+        try:
+            count = await asyncio.to_thread(self._store.compact_records)
+            log.debug("key store journal compacted: %d PNE record(s) written", count)
+        except Exception as exc:  # StoreError
+            log.error("cannot compact the key store journal (retried later): %s", exc)
+            self._compaction_waits = True
+            await asyncio.sleep(COMPACTION_RETRY)
+        finally:
+            self._compaction_waits = False
+            self._compactor = None
+
+    async def drain(self) -> None:
+        """Wait until nothing is being written or compacted (before the store is closed)."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._compactor is not None:
+            if self._compaction_waits:  # a failed one waiting to retry: nothing to finish
+                self._compactor.cancel()
+            await asyncio.gather(self._compactor, return_exceptions=True)
 
     def lock_for(self, pne_id: str) -> asyncio.Lock:
         """The PNE's procedure lock."""

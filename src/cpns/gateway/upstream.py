@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import urlsplit
 
 import h11
@@ -73,6 +74,9 @@ from cpns.messages.model import ErrorMessage, Message, UserKeyAssignmentRequest
 from cpns.protocol.digest import DigestClient
 from cpns.runtime import SystemRandom
 from cpns.types import Random
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Histogram
 
 __all__ = [
     "HOP",
@@ -462,8 +466,8 @@ class ServerClient:
             raise
         finally:
             self._lanes.put_nowait(lane)
-            metrics.GATEWAY_UPSTREAM_DURATION.labels(kind).observe(time.perf_counter() - started)
-            metrics.GATEWAY_UPSTREAM_EXCHANGES.labels(kind, outcome).inc()
+            _duration_metric(kind).observe(time.perf_counter() - started)
+            _exchange_metric(kind, outcome).inc()
         log_hop(log, "received", reply, "server")
         return reply
 
@@ -598,6 +602,18 @@ class ServerClient:
             raise TransportError(
                 f"{HOP}: reply to txid {sent.txid.hex()} is not a CPNS message ({exc.reason})"
             ) from None
+
+
+@functools.cache
+def _duration_metric(kind: str) -> Histogram:
+    """The upstream duration histogram of one message type (labels looked up once)."""
+    return metrics.GATEWAY_UPSTREAM_DURATION.labels(kind)
+
+
+@functools.cache
+def _exchange_metric(kind: str, outcome: str) -> Counter:
+    """The upstream exchange counter of one message type and outcome (looked up once)."""
+    return metrics.GATEWAY_UPSTREAM_EXCHANGES.labels(kind, outcome)
 
 
 def _describe(exc: BaseException) -> str:

@@ -48,7 +48,9 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
+def write_private_file(
+    path: Path, data: bytes, *, overwrite: bool, sync_directory: bool = True
+) -> None:
     """Write ``data`` to ``path`` atomically as a 0600 file.
 
     The bytes go to a temp file in the same directory (created 0600, so they are never
@@ -58,6 +60,10 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
 
     With ``overwrite=False`` the temp file is hard-linked to ``path``, which fails if
     ``path`` exists (:class:`FileExistsError`); ``os.replace`` would silently clobber it.
+
+    ``sync_directory=False`` leaves the directory fsync to the caller, who writes several
+    files into one directory and then fsyncs it once (until then, a crash may leave the
+    old file in place of the new one, never half of either).
 
     Raises:
         FileExistsError: ``overwrite`` is False and ``path`` exists.
@@ -85,7 +91,8 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_directory(directory)
+    if sync_directory:
+        fsync_directory(directory)
 
 
 def _parse_key(raw: bytes, *, origin: str) -> bytes:

@@ -10,7 +10,14 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.helpers import ref_seal_ad, ref_seal_key
 
-from cpns.crypto.keywrap import NONCE_LEN, SEAL_OVERHEAD, SEAL_VERSION, open_sealed, seal
+from cpns.crypto.keywrap import (
+    NONCE_LEN,
+    SEAL_OVERHEAD,
+    SEAL_VERSION,
+    Sealer,
+    open_sealed,
+    seal,
+)
 from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError
 
 VECTORS = json.loads(
@@ -184,3 +191,26 @@ def test_all_failures_are_indistinguishable() -> None:
         )
     }
     assert all(e.__suppress_context__ or e.__context__ is None for e in errors)
+
+
+def test_a_sealer_seals_and_opens_as_the_functions_do() -> None:
+    """DESIGN §4 (one seal construction): a Sealer, which derives the AES key of its
+    (secret, purpose) once, makes the very blobs seal() makes, opens theirs, and fails
+    the same single way on another context, purpose or altered byte; its repr names
+    the purpose only."""
+    sealer = Sealer(SECRET, "test/p")
+    blob = sealer.seal(b"k" * 32, context=CONTEXT, nonce=NONCE)
+    assert blob == sealed()
+    assert sealer.open(sealed(), context=CONTEXT) == b"k" * 32
+    for bad in (
+        lambda: sealer.open(blob, context=(*CONTEXT[:3], 4)),
+        lambda: Sealer(SECRET, "test/q").open(blob, context=CONTEXT),
+        lambda: sealer.open(blob[:-1] + bytes([blob[-1] ^ 1]), context=CONTEXT),
+        lambda: sealer.open(blob[: SEAL_OVERHEAD - 1], context=CONTEXT),
+    ):
+        with pytest.raises(AuthenticationFailed):
+            bad()
+    with pytest.raises(LocalProtocolError):
+        sealer.seal(b"x", context=CONTEXT, nonce=b"short")
+    assert repr(sealer) == "<Sealer 'test/p'>"
+    assert SECRET.hex() not in repr(sealer)

@@ -62,7 +62,7 @@ from cpns.protocol.key_assignment import (
 )
 from cpns.server.service import CPNSService
 from cpns.store.base import WriteTx
-from cpns.store.keystore import LocalKeyStore
+from cpns.store.keystore import LocalKeyStore, RecordChanges
 from cpns.store.memory import MemoryStore
 from cpns.transport.framing import encode_frame
 from cpns.transport.stream import read_message, write_message
@@ -388,14 +388,14 @@ def test_set_is_stored_before_the_pne_is_notified(
         async with running_gateway(enrolled, server) as gw, pan_client(gw) as (reader, writer):
             await write_message(writer, hello())
             await wait_until(lambda: gw.status()["attached"] == ["pne-1"])
-            original = LocalKeyStore.save
+            original = LocalKeyStore.commit_records
 
-            def failing_save(store: LocalKeyStore, data: dict[str, Any]) -> None:
-                if "set" in data:  # the PNE's record, with its key set
+            def failing_commit(store: LocalKeyStore, changes: RecordChanges) -> None:
+                if any(data and "set" in data for data in changes.values()):  # the key set
                     raise StoreError("disk full")
-                original(store, data)
+                original(store, changes)
 
-            monkeypatch.setattr(LocalKeyStore, "save", failing_save)
+            monkeypatch.setattr(LocalKeyStore, "commit_records", failing_commit)
             reply = await control(enrolled, assign_op("pne-1", alice_key))
             monkeypatch.undo()
             try:
@@ -1174,28 +1174,33 @@ def test_writes_of_one_pne_record_never_overlap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """DESIGN §6 (a crash never leaves half a key, and no write is lost): record writes run
-    in worker threads; two writes of the same PNE (say an Ack and a new assignment) are
-    serialised, so a slow first write cannot land after, and undo, the second."""
+    in a worker thread, one at a time (group commit); a save made while a slow write is in
+    flight goes in the next write, which starts only once the first is done, so the slow
+    first write cannot land after, and undo, the second: the newest record is on disk."""
     spans: list[str] = []
-    original = LocalKeyStore.save_record
+    original = LocalKeyStore.commit_records
 
-    def slow_save(store: LocalKeyStore, name: str, data: dict[str, Any]) -> None:
-        spans.append(f"start {name}")
+    def slow_commit(store: LocalKeyStore, changes: RecordChanges) -> None:
+        spans.append(f"start {sorted(changes)}")
         if len(spans) == 1:
             time.sleep(0.05)  # the first write is slow (a loaded disk)
-        original(store, name, data)
-        spans.append(f"end {name}")
+        original(store, changes)
+        spans.append(f"end {sorted(changes)}")
 
     async def scenario() -> None:
         async with running_gateway(enrolled, server) as gw:
             await control(enrolled, assign_op("pne-1", alice_key))
             spans.clear()
-            monkeypatch.setattr(LocalKeyStore, "save_record", slow_save)
-            await asyncio.gather(gw.ledger.save("pne-1"), gw.ledger.save("pne-1"))
+            monkeypatch.setattr(LocalKeyStore, "commit_records", slow_commit)
+            first = asyncio.create_task(gw.ledger.save("pne-1"))
+            await wait_until(lambda: len(spans) == 1)  # the first write is in flight
+            gw.ledger.put("pne-1", dataclasses.replace(gw.ledger.get("pne-1"), last_status="X"))
+            await asyncio.gather(first, gw.ledger.save("pne-1"))
             monkeypatch.undo()
 
     run(scenario())
-    assert spans == ["start pne-1", "end pne-1", "start pne-1", "end pne-1"]
+    assert spans == ["start ['pne-1']", "end ['pne-1']", "start ['pne-1']", "end ['pne-1']"]
+    assert gateway_store(enrolled)["pnes"]["pne-1"]["last_status"] == "X"
 
 
 # -- flows (docs/logging.md) -----------------------------------------------------------------

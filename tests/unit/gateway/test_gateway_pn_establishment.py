@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,28 @@ def test_exhausted_chain_joins_and_queues_a_reassignment(tmp_path: Path) -> None
         await world.settle()
         assert _statuses(result)["pne-1"] == "OK"
         assert world.ledger.get("pne-1").reassign == "CHAIN_EXHAUSTED"
+
+    run(scenario())
+
+
+def test_a_pne_restored_from_an_old_backup_is_stale_and_queued_for_reassignment(
+    tmp_path: Path,
+) -> None:
+    """000 with our resync rule: a TK PNE holding an older EUKey than the server's index
+    (restored from a backup) fails alone with STALE_CREDENTIAL; the PN GW queues a 003
+    re-assignment for it; the others join."""
+
+    async def scenario() -> None:
+        world = GatewayWorld(tmp_path)
+        origin = world.add_ui_pne("pne-0")
+        world.add_tk_pne("pne-1")
+        entity = world.server.entities["pne-1"]
+        world.server.entities["pne-1"] = replace(entity, key_index=2)  # the server moved on
+        result = await origin.establish("pn-1", ["pne-1"])
+        await world.settle()
+        assert _statuses(result) == {"pne-0": "OK", "pne-1": "STALE_CREDENTIAL"}
+        assert world.ledger.get("pne-1").reassign == "STALE_CREDENTIAL"
+        assert world.gateway.routes == {"pn-1": ("pne-0",)}
 
     run(scenario())
 

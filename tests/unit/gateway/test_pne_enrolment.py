@@ -4,7 +4,7 @@ The coordinator runs against a PAN link and a server that are small in-memory do
 of the interfaces it uses (:class:`~cpns.gateway.procedures.Link`, ``PAN`` and
 ``Upstream``); the server double runs the real :class:`UserKeyAssignmentServer` machine
 (relayed), so what the relay sees is exactly what the server sends. The real daemon,
-server and PNE processes are exercised in tests/integration/test_pne_enrolment.py.
+server and PNE processes are exercised in tests/integration/test_pne_enrolment_end_to_end.py.
 """
 
 from __future__ import annotations

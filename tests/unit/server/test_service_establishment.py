@@ -23,6 +23,7 @@ from cpns.messages.codec import decode, encode
 from cpns.messages.model import (
     AuthenticateResponse,
     Message,
+    PNEAuthenticateRequest,
     PNEstablishRequest,
     PNEstablishResponse,
 )
@@ -533,3 +534,42 @@ def test_only_an_enrolled_pn_gw_may_start_an_establishment(store: MemoryStore) -
     assert store.get_pn(PN) is None
     rows = [(e.procedure, e.actor, e.outcome) for e in store.audit_events()]
     assert (SETUP, "rh-4", "NOT_AUTHORIZED") in rows
+
+
+def test_the_tk_state_moves_only_on_a_verified_proof(store: MemoryStore) -> None:
+    """000 §7.5.3 with our rule N1: the server's TK step and EUKey index advance only for a
+    TK PNE whose proof verified (tk-1); a tampered proof (tk-2, AUTHENTICATION_FAILED) and
+    a PNE that never answered (tk-3, TIMEOUT from the PN GW) leave them where they were,
+    so both can authenticate in the next establishment."""
+
+    def tamper(message: Message) -> Message | None:
+        if isinstance(message, AuthenticateResponse):
+            entries = tuple(
+                dataclasses.replace(e, sealed_eukey=bytes(61)) if e.pne_id == "tk-2" else e
+                for e in message.entries
+            )
+            return dataclasses.replace(message, entries=entries)
+        if isinstance(message, PNEAuthenticateRequest) and message.dst == "tk-3":
+            return None
+        return message
+
+    svc = _service(store)
+    client = _gateway(service_exchange(svc, GW))
+    run = _establish(client, ("tk-1", "tk-2", "tk-3"), tamper=tamper)
+    assert run.server_status() == {
+        "rh-1": ErrorCode.OK,
+        "tk-1": ErrorCode.OK,
+        "tk-2": ErrorCode.AUTHENTICATION_FAILED,
+        "tk-3": ErrorCode.TIMEOUT,
+    }
+
+    def state(pne_id: str) -> tuple[int, int]:
+        tk, entity = store.get_tk(pne_id), store.get_entity(pne_id)
+        assert tk is not None
+        assert entity is not None
+        return tk.tk_step, entity.key_index
+
+    assert [state(p) for p in ("tk-1", "tk-2", "tk-3")] == [(1, 2), (0, 1), (0, 1)]
+    again = _establish(client, ("tk-2", "tk-3"))
+    assert again.server_status() == dict.fromkeys(("rh-1", "tk-2", "tk-3"), ErrorCode.OK)
+    assert [state(p) for p in ("tk-2", "tk-3")] == [(1, 2), (1, 2)]

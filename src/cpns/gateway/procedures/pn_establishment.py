@@ -448,6 +448,9 @@ class PNEstablishmentCoordinator:
     # -- facts to store, before what depends on them is sent ---------------------------------
 
     async def _apply(self, run: _Run, events: list[Event]) -> None:
+        """Store the events' facts: every PNE record changed, in one group commit of the
+        ledger, before the caller sends what depends on them."""
+        dirty: set[str] = set()
         for event in events:
             if isinstance(event, GatewayTKUpdated):
                 record = self._ledger.get(event.pne_id)
@@ -456,9 +459,9 @@ class PNEstablishmentCoordinator:
                     tk_step=event.state.tk_step,
                     set_txid=record.key_set.txid if record.key_set is not None else b"",
                 )
-                await self._save(event.pne_id, dataclasses.replace(record, tk_state=holding))
+                self._put(dirty, event.pne_id, dataclasses.replace(record, tk_state=holding))
             elif isinstance(event, LocalEUKeyStored):
-                await self._store_local(event)
+                self._store_local(dirty, event)
             elif isinstance(event, ReassignmentRequested):
                 log.warning(
                     "PNE %s: the server asks for a 003 re-assignment (%s); queued: "
@@ -468,13 +471,13 @@ class PNEstablishmentCoordinator:
                     event.pne_id,
                 )
                 record = self._ledger.get(event.pne_id)
-                await self._save(
-                    event.pne_id, dataclasses.replace(record, reassign=event.reason.name)
+                self._put(
+                    dirty, event.pne_id, dataclasses.replace(record, reassign=event.reason.name)
                 )
             elif isinstance(event, EstablishmentFinished):
-                await self._finished(run, event)
+                self._finished(dirty, run, event)
             elif isinstance(event, LocalSessionEstablished):
-                await self._local_session(event)
+                self._local_session(dirty, event)
             elif isinstance(event, ProcedureFailed):
                 log.warning(
                     "PN %s (%s): %s at %s: %s",
@@ -496,11 +499,14 @@ class PNEstablishmentCoordinator:
                         ),
                     )
 
-    async def _save(self, pne_id: str, record: PNERecord) -> None:
-        self._ledger.put(pne_id, record)
-        await self._ledger.save(pne_id)
+        if dirty:
+            await asyncio.gather(*(self._ledger.save(pne_id) for pne_id in sorted(dirty)))
 
-    async def _store_local(self, event: LocalEUKeyStored) -> None:
+    def _put(self, dirty: set[str], pne_id: str, record: PNERecord) -> None:
+        self._ledger.put(pne_id, record)
+        dirty.add(pne_id)
+
+    def _store_local(self, dirty: set[str], event: LocalEUKeyStored) -> None:
         record = self._ledger.get(event.pne_id)
         old = record.membership(event.pn_id)
         membership = Membership(
@@ -511,10 +517,9 @@ class PNEstablishmentCoordinator:
             at=self._clock(),
             local_eukey=event.local_eukey,
         )
-        self._ledger.put(event.pne_id, record.with_membership(membership))
-        await self._ledger.save(event.pne_id)
+        self._put(dirty, event.pne_id, record.with_membership(membership))
 
-    async def _finished(self, run: _Run, event: EstablishmentFinished) -> None:
+    def _finished(self, dirty: set[str], run: _Run, event: EstablishmentFinished) -> None:
         """Memberships and the routing table, stored before the results are relayed."""
         now = self._clock()
         est = event.est_id.hex() if event.est_id is not None else None
@@ -531,8 +536,7 @@ class PNEstablishmentCoordinator:
                 at=now,
                 local_eukey=local,
             )
-            self._ledger.put(member.pne_id, record.with_membership(membership))
-            await self._ledger.save(member.pne_id)
+            self._put(dirty, member.pne_id, record.with_membership(membership))
             log.info(
                 "PN %s: PNE %s %s (%s)",
                 event.pn_id,
@@ -552,14 +556,13 @@ class PNEstablishmentCoordinator:
         run.outcome = outcome
         self.outcomes = [*self.outcomes[-31:], outcome]
 
-    async def _local_session(self, event: LocalSessionEstablished) -> None:
+    def _local_session(self, dirty: set[str], event: LocalSessionEstablished) -> None:
         record = self._ledger.get(event.pne_id)
         old = record.membership(event.pn_id)
         if old is None:  # the machine only runs with a stored LocalEUKey
             return
         updated = dataclasses.replace(old, local_sk=event.sk, local_at=self._clock())
-        self._ledger.put(event.pne_id, record.with_membership(updated))
-        await self._ledger.save(event.pne_id)
+        self._put(dirty, event.pne_id, record.with_membership(updated))
         log.info(
             "PNE %s and PN GW authenticated with the LocalEUKey of PN %s; session key stored",
             event.pne_id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum, auto
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -77,6 +77,7 @@ class _PNEBase(Machine[PNEState]):
         eukey: bytes | None,
         tk_state: tk_auth.PNETKState | None,
         rng: Random,
+        tk_lookup: Callable[[], tk_auth.PNETKState | None] | None = None,
     ) -> None:
         super().__init__(initial, done=PNEState.DONE, failed=PNEState.FAILED)
         self._pne_id = pne_id
@@ -84,6 +85,7 @@ class _PNEBase(Machine[PNEState]):
         self._server_id = server_id
         self._eukey = eukey
         self._tk_state = tk_state
+        self._tk_lookup = tk_lookup
         self._rng = rng
         self._pn_id: str | None = None
         self._rand_pne: bytes | None = None
@@ -106,6 +108,13 @@ class _PNEBase(Machine[PNEState]):
             )
         return None
 
+    def _current_tk(self) -> tk_auth.PNETKState | None:
+        """The TK state to move from: as stored now when the machine reads it through
+        ``tk_lookup`` (another establishment of this PNE may have moved it since this
+        machine was built; answering or confirming from an older copy would take the
+        stored state back, losing a pending EUKey), else the machine's own copy."""
+        return self._tk_lookup() if self._tk_lookup is not None else self._tk_state
+
     def _on_authenticate(self, message: Message) -> list[Event]:
         """002 §7.5.4.1 (rand/hash) or 000 §7.5.1 (TK): answer, open the LocalEUKey copy."""
         assert isinstance(message, PNEAuthenticateRequest)
@@ -123,7 +132,7 @@ class _PNEBase(Machine[PNEState]):
             )
             proof: dict[str, Any] = {"hash_pne": self._responder.answer(message.rand_server)}
             key = self._eukey
-        elif message.auth_flow is AuthFlow.TK and self._tk_state is not None:
+        elif message.auth_flow is AuthFlow.TK and (tk_state := self._current_tk()) is not None:
             if message.an is None or message.tk_step is None or message.key_index is None:
                 raise AuthenticationFailed("TK challenge without AN, step or index")
             run = _tk_run(
@@ -136,7 +145,7 @@ class _PNEBase(Machine[PNEState]):
                 message.rand_server,
             )
             answer = tk_auth.pne_answer(
-                self._tk_state,
+                tk_state,
                 run=run,
                 challenge=tk_auth.TKChallenge(
                     tk_step=message.tk_step, key_index=message.key_index, an=message.an
@@ -218,7 +227,7 @@ class _PNEBase(Machine[PNEState]):
                 raise AuthenticationFailed("no hash_server")
             sk = self._responder.accept(message.hash_server)
         else:
-            answer, run, state = self._tk_answer, self._tk_run, self._tk_state
+            answer, run, state = self._tk_answer, self._tk_run, self._current_tk()
             assert answer is not None
             assert run is not None
             assert state is not None
@@ -248,6 +257,9 @@ class OriginatingPNE(_PNEBase):
 
     ``eukey`` is its EUKey (rand/hash flow, enrolled with UI), ``tk_state`` its TK-flow
     state (003 chain); either may be None. ``server_id`` is the CPNS Server it trusts.
+    ``tk_lookup``, if given, reads the PNE's stored TK state when the machine answers or
+    confirms (instead of ``tk_state``): a device that runs more than one establishment at
+    a time must give it, so that no machine moves the stored state back.
     """
 
     def __init__(
@@ -259,6 +271,7 @@ class OriginatingPNE(_PNEBase):
         eukey: bytes | None,
         tk_state: tk_auth.PNETKState | None,
         rng: Random,
+        tk_lookup: Callable[[], tk_auth.PNETKState | None] | None = None,
     ) -> None:
         super().__init__(
             PNEState.START,
@@ -268,6 +281,7 @@ class OriginatingPNE(_PNEBase):
             eukey=eukey,
             tk_state=tk_state,
             rng=rng,
+            tk_lookup=tk_lookup,
         )
         self._setup: PNSetupRequest | None = None
 
@@ -347,6 +361,7 @@ class InvitedPNE(_PNEBase):
         tk_state: tk_auth.PNETKState | None,
         rng: Random,
         local_eukey: bool = False,
+        tk_lookup: Callable[[], tk_auth.PNETKState | None] | None = None,
     ) -> None:
         super().__init__(
             PNEState.EXPECT_INVITE,
@@ -356,6 +371,7 @@ class InvitedPNE(_PNEBase):
             eukey=eukey,
             tk_state=tk_state,
             rng=rng,
+            tk_lookup=tk_lookup,
         )
         self._local_wanted = local_eukey
         self._invite: PNInvite | None = None
@@ -377,7 +393,7 @@ class InvitedPNE(_PNEBase):
         assert isinstance(message, PNInvite)
         assert message.pn_id is not None
         check_addressed(message, to=self._pne_id, sender=self._gw_id)
-        if self._eukey is None and self._tk_state is None:
+        if self._eukey is None and self._current_tk() is None:
             raise RemoteProtocolError("no credential to join with", code=ErrorCode.UNKNOWN_ENTITY)
         self._invite, self._pn_id = message, message.pn_id
         self._rand_pne = self._rng.token_bytes(32)

@@ -429,7 +429,12 @@ class ServerCompletion(Machine[ServerCompletionState]):
                 status = _AF
             elif proof.status is not _OK:
                 status = _verdict(proof.status)
-                reassign = status is ErrorCode.STALE_CREDENTIAL
+                # A PN GW's (or PNE's) STALE_CREDENTIAL asks for a 003 re-assignment only
+                # when this challenge is still the current one: a challenge superseded by
+                # another run (an overlapping establishment moved the TK) is merely late.
+                reassign = status is ErrorCode.STALE_CREDENTIAL and not self._superseded(
+                    entry, entity
+                )
             elif entity is None or entity.eukey is None:
                 status = ErrorCode.UNKNOWN_ENTITY
             elif entity.revoked:
@@ -469,6 +474,13 @@ class ServerCompletion(Machine[ServerCompletionState]):
             reassign=reassign,
         )
         return (result, wire), events
+
+    def _superseded(self, entry: PendingPNE, entity: EntityRecord | None) -> bool:
+        """Whether the stored TK state moved past this TK challenge since it was made."""
+        if entry.flow is not AuthFlow.TK or entity is None or entry.tk_step is None:
+            return False
+        held = self._lookups.get_tk_state(entry.pne_id)
+        return held is not None and (held[1] > entry.tk_step or entity.key_index != entry.key_index)
 
     def _verify_tk(
         self, p: EstablishmentPending, entry: PendingPNE, entity: EntityRecord, proof: AuthProof
