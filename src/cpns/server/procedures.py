@@ -186,7 +186,9 @@ def _tk_machine(ctx: MachineContext) -> Machine[Any]:
 
 def _tk_persist(tx: WriteTx, event: Event, now: int) -> None:
     if isinstance(event, EUKeyChainAssigned):
-        # Compare and set: the checks and this write are one atomic step.
+        # Compare and set: the checks and this write are one atomic step. A re-assignment
+        # after TK-based authentications leaves the TK record (TK_s, s) as it is: the new
+        # chain starts at index 1 under the server's current TK step (D-003-13).
         tx.assign_entity(
             EntityRecord(
                 entity_id=event.pne_id,
