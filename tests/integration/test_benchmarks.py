@@ -4,6 +4,7 @@ and exit 0."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,36 @@ def test_gateway_cpu_benchmark_runs() -> None:
         str(BENCHMARKS / "gateway_cpu.py"), "--client-only", "--seconds", "1", "--warmup", "0"
     )
     assert "client CPU" in out
+
+
+def test_server_load_benchmark_runs() -> None:
+    """Issue 6 item 11: PN Establishment load against a real server (both flows, 1 and 3
+    PNEs per establishment, tiny), without FreeRADIUS: every establishment ends OK (exit
+    0) and the per server core-second figures are printed, as text and as JSON."""
+    args = (
+        str(BENCHMARKS / "server_load.py"),
+        "--seconds",
+        "1",
+        "--warmup",
+        "0",
+        "--concurrency",
+        "2",
+        "--gateways",
+        "2",
+        "--pnes-per-est",
+        "1,3",
+        "--chain",
+        "8",
+        "--no-freeradius",
+    )
+    out = _run(*args)
+    assert "auths/core-s" in out
+    assert "est/core-s" in out
+    doc = json.loads(_run(*args, "--json"))
+    assert [r["pnes_per_est"] for r in doc["cpns"]] == [1, 3]
+    for r in doc["cpns"]:
+        assert r["auths"] >= r["establishments"] > 0
+        assert r["auths_per_server_core_s"] > 0
+        assert r["statuses"] == {}
+        assert r["errors"] == {}
+    assert doc["freeradius"] == {}

@@ -255,13 +255,21 @@ def test_enrolment_004() -> None:
     assert body(e["response"]) == {1: 0, 2: rand_server, 3: x(sealed["blob"])}
 
 
-def test_assignment_003() -> None:
+@pytest.mark.parametrize("name", ["assignment_003", "reassignment_003"])
+def test_assignment_003(name: str) -> None:
     """8.8: claim code, claim key and proof, AuthData, SeedPNE, chain, the sealed bundle,
-    the sealed Notification and the Ack proof, against the messages that carry them."""
-    a = VECTORS["assignment_003"]
+    the sealed Notification and the Ack proof, against the messages that carry them; the
+    re-assignment carries the server's TK_t at its ratchet step t (000) in the bundle and
+    seals the Notification under TK_t, t named and bound (docs/procedures/eukey-assignment.md)."""
+    a = VECTORS[name]
     i = a["inputs"]
     gw, pne, server, txid = i["gateway_id"], i["pne_id"], i["server_id"], x(i["txid"])
     tk, rand_pngw, epoch = x(i["tk"]), x(i["rand_pngw"]), i["epoch"]
+    step = i["tk_step"]
+    tk_t = tk
+    for _ in range(step):
+        tk_t = h("cpns/v1/tk-ratchet", tk_t)
+    assert tk_t.hex() == a["tk_t"]
     raw = m(tk, "cpns/v1/003/claim-code", pne)[:10]
     text = base64.b32encode(raw).decode()
     code = "-".join(text[k : k + 4] for k in range(0, 16, 4))
@@ -292,7 +300,7 @@ def test_assignment_003() -> None:
         keys.append(h("cpns/v1/eukey-chain", keys[-1]))
     keys.reverse()
     assert [k.hex() for k in keys] == a["eukeys"]
-    bundle = cbor2.dumps({1: tk, 2: keys, 3: epoch}, canonical=True)
+    bundle = cbor2.dumps({1: tk_t, 2: keys, 3: epoch, 4: step}, canonical=True)
     assert bundle.hex() == a["key_bundle"]["cbor"]
     sealed = a["bundle_seal"]
     assert sealed["secret"] == i["gateway_eukey"]
@@ -301,11 +309,11 @@ def test_assignment_003() -> None:
     check_seal(sealed)
     assert body(a["response"]) == {1: 0, 2: pne, 3: x(sealed["blob"])}
     note = a["notification_seal"]
-    assert note["secret"] == tk.hex()
+    assert note["secret"] == tk_t.hex()
     assert note["plaintext"] == keys[0].hex()
-    assert parts(note["context"]) == [gw, pne, txid, 1, epoch]
+    assert parts(note["context"]) == [gw, pne, txid, 1, epoch, step]
     check_seal(note)
-    assert body(a["notification"]) == {1: 0, 2: 1, 3: x(note["blob"]), 4: epoch}
+    assert body(a["notification"]) == {1: 0, 2: 1, 3: x(note["blob"]), 4: epoch, 5: step}
     proof = m(keys[0], "cpns/v1/003/ack", gw, pne, txid, 1, epoch)
     assert proof.hex() == a["ack_proof"]["tag"]
     assert body(a["ack"]) == {1: 0, 2: 1, 3: proof}

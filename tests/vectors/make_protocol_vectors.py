@@ -70,7 +70,7 @@ from cpns.messages.model import (
     UserKeyAssignmentResponse,
 )
 from cpns.protocol import key_assignment as ka
-from cpns.protocol import pne_auth
+from cpns.protocol import pne_auth, tk_auth
 from cpns.protocol import user_key_assignment as uka
 from cpns.protocol.digest import (
     NONCE_LABEL,
@@ -268,7 +268,11 @@ def _typed(code: str) -> str:
     return plain[:8] + " " + plain[8:]
 
 
-def _assignment() -> dict[str, Any]:
+def _assignment(tk_step: int = 0, epoch: int = EPOCH) -> dict[str, Any]:
+    """003 with the server's TK at ``tk_step`` (0: first assignment; > 0: a re-assignment
+    after TK-based authentications ratcheted it, 000). The PNE holds the manufacturer TK
+    and computes TK_t forward."""
+    tk_t = tk_auth.ratchet(TK, tk_step)
     pk = password_key(PASSWORD, realm=REALM, user_id=USER_ID)
     code = ka.claim_code(TK, PNE_ID)
     ckey = ka.claim_key(code)
@@ -283,7 +287,7 @@ def _assignment() -> dict[str, Any]:
     assert isinstance(request, EUKeyAssignmentRequest)
     seed = ka.seed_pne(RAND_SVR, RAND_PNGW)
     chain = build_chain(seed, CHAIN_LEN)
-    bundle = KeyBundle(tk=TK, eukeys=tuple(chain), epoch=EPOCH)
+    bundle = KeyBundle(tk=tk_t, eukeys=tuple(chain), epoch=epoch, tk_step=tk_step)
     bundle_cbor = encode_record(bundle)
     bundle_seal = seal_json(
         GATEWAY_EUKEY,
@@ -303,9 +307,9 @@ def _assignment() -> dict[str, Any]:
     gateway.receive(response)
     (notification,) = gateway.messages_to_send()
     assert isinstance(notification, EUKeyAssignmentNotification)
-    notification_context = ka._notification_context(GATEWAY_ID, PNE_ID, TXID_003, 1, EPOCH)
+    notification_context = ka._notification_context(GATEWAY_ID, PNE_ID, TXID_003, 1, epoch, tk_step)
     notification_seal = seal_json(
-        TK,
+        tk_t,
         chain[0],
         purpose=ka.NOTIFICATION_PURPOSE,
         context=notification_context,
@@ -319,7 +323,7 @@ def _assignment() -> dict[str, Any]:
     assert ack.proof is not None
     events = gateway.receive(ack)
     assert [type(e).__name__ for e in events] == ["EUKeyDelivered"], events
-    ack_parts: tuple[Part, ...] = (GATEWAY_ID, PNE_ID, TXID_003, 1, EPOCH)
+    ack_parts: tuple[Part, ...] = (GATEWAY_ID, PNE_ID, TXID_003, 1, epoch)
     return {
         "inputs": {
             "realm": REALM,
@@ -335,8 +339,10 @@ def _assignment() -> dict[str, Any]:
             "rand_pngw": RAND_PNGW.hex(),
             "rand_svr": RAND_SVR.hex(),
             "chain_length": CHAIN_LEN,
-            "epoch": EPOCH,
+            "epoch": epoch,
+            "tk_step": tk_step,
         },
+        "tk_t": tk_t.hex(),
         "claim_code": code,
         # How a user may type it: lower case, no dashes, spaces, O/I/B read as 0/1/8.
         "claim_code_typed": _typed(code),
@@ -346,7 +352,7 @@ def _assignment() -> dict[str, Any]:
         "claim_proof": request.claim_proof.hex(),
         "seed_pne": seed.hex(),
         "eukeys": [k.hex() for k in chain],
-        "key_bundle": {"cbor": bundle_cbor.hex(), "epoch": EPOCH},
+        "key_bundle": {"cbor": bundle_cbor.hex(), "epoch": epoch, "tk_step": tk_step},
         "bundle_seal": bundle_seal,
         "notification_seal": notification_seal,
         "ack_proof": {
@@ -1132,6 +1138,8 @@ def build() -> dict[str, Any]:
         "primitives": _primitives(),
         "enrolment_004": enrolment,
         "assignment_003": assignment,
+        # A re-assignment after three TK-based authentications (000 ratchet, TK_3).
+        "reassignment_003": _assignment(tk_step=3, epoch=2),
         "establishment_002": establishment,
         "digest": _digest(),
     }

@@ -174,6 +174,7 @@ def _entity_view(entity: EntityRecord, show_secrets: bool) -> dict[str, object]:
         "assigned_via": entity.assigned_via,
         "assigned_at": entity.assigned_at,
         "revoked": entity.revoked,
+        "epoch": entity.epoch,
     }
     if show_secrets:
         view["eukeys"] = [k.hex() for k in entity.eukeys]
@@ -221,10 +222,14 @@ def _entity_show(args: argparse.Namespace) -> int:
         else {"entity_id": args.entity_id, "assigned": False}
     )
     view["tk_record"] = tk is not None
+    if tk is not None:
+        view["tk_step"] = tk.tk_step  # the TK ratchet step (000); 0: the manufacturer's TK
     if tk is not None and args.show_secrets:
         view["tk"] = tk.tk.hex()
-        # D-003-10: what the manufacturer prints on the PNE's label.
-        view["claim_code"] = claim_code(tk.tk, args.entity_id)
+        # D-003-10: what the manufacturer prints on the PNE's label. It derives from the
+        # manufacturer's TK, which a ratcheted record no longer holds (D-003-13).
+        if tk.tk_step == 0:
+            view["claim_code"] = claim_code(tk.tk, args.entity_id)
     print(json.dumps(view, indent=2))
     return 0
 

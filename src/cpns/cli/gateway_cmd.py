@@ -124,6 +124,12 @@ def _run(args: argparse.Namespace) -> int:
     return _EXIT_OK
 
 
+#: What an empty claim code stands for: a well-formed code that proves no label. Enough
+#: to re-assign the user's own PNE once TK-based authentications ratcheted its TK (the
+#: server can no longer check a label then, deviations D-003-13); refused otherwise.
+NO_LABEL_CODE: Final = "AAAA-AAAA-AAAA-AAAA"
+
+
 def _read_claim_code(args: argparse.Namespace) -> str:
     """The claim code from --claim-code, else the next stdin line (with --password-stdin),
     else a prompt (D-003-10: the claim proves the user holds the PNE's label)."""
@@ -131,7 +137,15 @@ def _read_claim_code(args: argparse.Namespace) -> str:
         return str(args.claim_code)
     if args.password_stdin:
         return sys.stdin.readline().strip()
-    return input("Claim code (from the PNE's label): ")
+    return input("Claim code (from the PNE's label; empty to re-assign a PNE you hold): ")
+
+
+def claim_key_of(code: str) -> bytes:
+    """The claim key of a typed code; an empty code stands for :data:`NO_LABEL_CODE`.
+
+    Raises: ValueError: not a claim code.
+    """
+    return claim_key(code if code.strip() else NO_LABEL_CODE)
 
 
 def _assign(args: argparse.Namespace) -> int:
@@ -140,7 +154,7 @@ def _assign(args: argparse.Namespace) -> int:
         return _EXIT_USAGE
     key = _password_key(args)
     try:
-        claim = claim_key(_read_claim_code(args))
+        claim = claim_key_of(_read_claim_code(args))
     except ValueError as exc:
         print(f"cpns gateway assign: {exc}", file=sys.stderr)
         return _EXIT_USAGE
@@ -329,7 +343,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=(
             "the claim code printed on the PNE's label (XXXX-XXXX-XXXX-XXXX); without it "
             "the code is read from the line after the password with --password-stdin, or "
-            "asked for. It proves you hold the device: the Entity ID alone claims nothing"
+            "asked for. It proves you hold the device: the Entity ID alone claims nothing. "
+            "Empty: no label, which only re-assigns a PNE of yours whose TK the TK-based "
+            "authentications have ratcheted (its label code can no longer be checked)"
         ),
     )
     _add_password(p)

@@ -9,9 +9,11 @@ A PNE without UI leaves the factory holding its Entity ID and its Temporary Key 
 1. connects to the PN GW's PAN port and announces itself with :class:`PNEHello`
    (``dst="pan"``: whichever gateway answers the link; ``key_index`` of the key it holds);
 2. feeds each EUKey Assignment Notification to a fresh :class:`EUKeyAssignmentDevice`
-   built from the store (the key it holds, with its txid and assignment epoch), which
-   opens the EUKey with the TK (003 §7.4.2.1.1.3, PNE step 1);
-3. on :class:`EUKeyInstalled` **persists** the EUKey, its index, the txid and the epoch
+   built from the store (the key it holds, with its txid and assignment epoch, and its
+   TK-flow state), which opens the EUKey with the TK at the Notification's ratchet step,
+   computed forward from the PNE's own (003 §7.4.2.1.1.3, PNE step 1; 000);
+3. on :class:`EUKeyInstalled` **persists** the EUKey, its index, the txid, the epoch and
+   the new TK-flow state (:mod:`cpns.device.tk_state`)
    **before** sending the Ack (DESIGN §6), so a crash after the Ack can never leave the
    gateway believing in a key the PNE lost;
 4. reconnects with capped exponential backoff when the gateway goes away.
@@ -45,8 +47,8 @@ from cpns.device.establishment import (
     AgentControl,
     PNEParticipant,
     pns_view,
-    tk_state_of,
 )
+from cpns.device.tk_state import encode_tk_state, tk_state_of
 from cpns.errors import ConfigurationError, DecodeError, ErrorCode, StoreError
 from cpns.flow import log_hop, message_scope, new_flow, stamp
 from cpns.logs import flow_scope
@@ -429,7 +431,11 @@ class DeviceAgent:
                 epoch=int(data.get("epoch", 0)),
             )
         return EUKeyAssignmentDevice(
-            entity_id=data["entity_id"], tk=data["tk"], rng=self._rng, current=current
+            entity_id=data["entity_id"],
+            tk=data["tk"],
+            rng=self._rng,
+            current=current,
+            tk_state=tk_state_of(data),
         )
 
     async def _on_notification(
@@ -494,6 +500,11 @@ class DeviceAgent:
             epoch=event.epoch,
             installed_at=wall_time(),
         )
+        # The TK flow restarts from the Notification's TK step (000 ratchet).
+        if event.tk_state is not None:
+            data["tk_auth"] = encode_tk_state(event.tk_state, event.txid)
+        else:
+            data.pop("tk_auth", None)
         self._store.save(data)
         self._data = data
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from cpns.device.tk_state import encode_tk_state, tk_state_of
 from cpns.errors import ConfigurationError, ErrorCode
 from cpns.flow import new_flow
 from cpns.logs import flow_scope
@@ -114,48 +115,6 @@ class Holder(Protocol):
 
 
 # -- the TK-flow state and memberships in the device store -----------------------------------
-
-
-def tk_state_of(data: dict[str, Any]) -> tk_auth.PNETKState | None:
-    """The PNE's TK-flow state: the stored one if it belongs to the 003 assignment held
-    (same txid), else the assignment's start (its TK at step 0, EUKey_i). None for a PNE
-    without a 003 chain (credential ``ui``, or no key yet)."""
-    if data.get("credential") == "ui":
-        return None
-    eukey, tk, txid = data.get("eukey"), data.get("tk"), data.get("txid")
-    if not isinstance(eukey, bytes) or not isinstance(tk, bytes):
-        return None
-    stored = data.get("tk_auth")
-    if isinstance(stored, dict) and stored.get("txid") == txid:
-        pending = stored.get("pending")
-        return tk_auth.PNETKState(
-            tk=stored["tk"],
-            tk_step=int(stored["tk_step"]),
-            eukey=stored["eukey"],
-            key_index=int(stored["key_index"]),
-            pending=None
-            if not isinstance(pending, dict)
-            else tk_auth.PNETKPending(
-                tk_step=int(pending["tk_step"]),
-                key_index=int(pending["key_index"]),
-                eukey=pending.get("eukey"),
-            ),
-        )
-    return tk_auth.PNETKState(tk=tk, tk_step=0, eukey=eukey, key_index=int(data["key_index"]))
-
-
-def _encode_tk_state(state: tk_auth.PNETKState, txid: object) -> dict[str, Any]:
-    pending = state.pending
-    return {
-        "txid": txid,
-        "tk": state.tk,
-        "tk_step": state.tk_step,
-        "eukey": state.eukey,
-        "key_index": state.key_index,
-        "pending": None
-        if pending is None
-        else {"tk_step": pending.tk_step, "key_index": pending.key_index, "eukey": pending.eukey},
-    }
 
 
 def pns_view(data: dict[str, Any]) -> list[dict[str, object]]:
@@ -416,7 +375,7 @@ class PNEParticipant:
         pns: dict[str, Any] = dict(data.get("pns") or {})
         for event in events:
             if isinstance(event, PNETKUpdated):
-                data = dict(data, tk_auth=_encode_tk_state(event.state, data.get("txid")))
+                data = dict(data, tk_auth=encode_tk_state(event.state, data.get("txid")))
                 changed = True
             elif isinstance(event, LocalEUKeyStored):
                 entry = dict(pns.get(event.pn_id) or {})

@@ -116,7 +116,8 @@ class KeySet:
     txid: bytes
     #: The owner.
     user_id: str
-    #: The PNE's TK (seals the Notification).
+    #: The PNE's TK as the server held it, TK_t at step :attr:`tk_step` (seals the
+    #: Notification; the TK flow of 000 starts again from it).
     tk: bytes = dataclasses.field(repr=False)
     #: [EUKey_1..EUKey_n].
     eukeys: tuple[bytes, ...] = dataclasses.field(repr=False)
@@ -132,9 +133,13 @@ class KeySet:
     delivered_at: int | None = None
     #: Flow ID (8 bytes) of the assignment; a later delivery carries it.
     flow: bytes | None = None
+    #: t, the TK ratchet step of :attr:`tk` (a re-assignment after TK-based
+    #: authentications); 0 in records written before steps were kept.
+    tk_step: int = 0
 
     def encode(self) -> dict[str, Any]:
-        """The key store's map (``delivered_at`` only once delivered, as before)."""
+        """The key store's map (``delivered_at`` only once delivered, as before;
+        ``tk_step`` only when not 0)."""
         data: dict[str, Any] = {
             "txid": self.txid,
             "user_id": self.user_id,
@@ -148,6 +153,8 @@ class KeySet:
         }
         if self.delivered_at is not None:
             data["delivered_at"] = self.delivered_at
+        if self.tk_step:  # absent at step 0: the map earlier releases wrote and read
+            data["tk_step"] = self.tk_step
         return data
 
     @classmethod
@@ -162,6 +169,9 @@ class KeySet:
         ):
             raise MalformedRecord(f"{where}: 'eukeys' must be a non-empty list of bytes")
         epoch = _optional(m, "epoch", int, where)
+        tk_step = _optional(m, "tk_step", int, where)
+        if tk_step is not None and tk_step < 0:
+            raise MalformedRecord(f"{where}: 'tk_step' must not be negative")
         return cls(
             txid=_get(m, "txid", bytes, where),
             user_id=_get(m, "user_id", str, where),
@@ -173,13 +183,14 @@ class KeySet:
             stored_at=_optional(m, "stored_at", int, where),
             delivered_at=_optional(m, "delivered_at", int, where),
             flow=_optional(m, "flow", bytes, where),
+            tk_step=0 if tk_step is None else tk_step,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class TKHolding:
     """The PN GW's TK state for a TK-flow PNE (000 §7.5.2): TK_g at step g, for the key set
-    of assignment ``set_txid`` (a new 003 set starts again from its TK at step 0)."""
+    of assignment ``set_txid`` (a new 003 set starts again from its TK at the set's ``tk_step``)."""
 
     #: TK_g.
     tk: bytes = dataclasses.field(repr=False)
@@ -269,7 +280,7 @@ class PNERecord:
     key_set: KeySet | None = None
     #: ErrorCode name of the server's last answer ("OK" or the refusal), if any.
     last_status: str | None = None
-    #: The TK-flow state for the current key set (None: its TK at step 0).
+    #: The TK-flow state for the current key set (None: the set's TK at its ``tk_step``).
     tk_state: TKHolding | None = None
     #: PN memberships, one per PN ID (the latest establishment of each).
     pns: tuple[Membership, ...] = ()
@@ -291,7 +302,8 @@ class PNERecord:
             return None
         state = self.tk_state
         if state is None or state.set_txid != self.key_set.txid:
-            return self.key_set.tk, 0
+            # A new 003 set restarts the TK flow at its TK's step (re-assignment, rule 7).
+            return self.key_set.tk, self.key_set.tk_step
         return state.tk, state.tk_step
 
     @property

@@ -365,6 +365,10 @@ class EUKeyAssignmentResponse(Message):
     sealed_bundle: bytes | None = f_bytes(3, hi=_MAX_SEALED_BUNDLE, optional=True, secret=True)
 
 
+#: Largest TK ratchet step on the wire (000: the step travels in the messages).
+_MAX_TK_STEP: Final = 2**32 - 1
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyBundle(Record):
     """Plaintext of ``EUKeyAssignmentResponse.sealed_bundle``: [EUKeyPNE] and TKPNE."""
@@ -376,6 +380,9 @@ class KeyBundle(Record):
     #: The PNE's assignment epoch: 1 for its first assignment, +1 for each later one, so a
     #: PNE can tell a superseded Notification from a newer one (deviations D-003-11).
     epoch: int = f_int(3, lo=1, hi=2**32 - 1)
+    #: The TK ratchet step t of :attr:`tk` (the server's TK_t, 000): a re-assignment after
+    #: TK-based authentications carries the ratcheted TK; absent (old servers) means 0.
+    tk_step: int | None = f_int(4, lo=0, hi=_MAX_TK_STEP, optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -395,6 +402,9 @@ class EUKeyAssignmentNotification(Message):
     sealed_eukey: bytes | None = f_bytes(3, lo=1, hi=256, optional=True, secret=True)
     #: The assignment epoch chosen by the server (present on OK; bound into the seal).
     epoch: int | None = f_int(4, lo=1, hi=2**32 - 1, optional=True)
+    #: The TK step t whose TK_t seals the EUKey (bound into the seal); absent means 0. The
+    #: PNE computes TK_t forward from its own TK (a re-assignment after 000 ratchets).
+    tk_step: int | None = f_int(5, lo=0, hi=_MAX_TK_STEP, optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -425,8 +435,6 @@ class PNEHello(Message):
 
 # -- 002 §7.5.4 and 000 §7.5: PN Establishment with mutual authentication -------------------
 
-#: Largest TK ratchet step on the wire (000: the step travels in the messages).
-_MAX_TK_STEP: Final = 2**32 - 1
 #: Largest EUKey chain index (the chain of 003 has at most 1024 keys).
 _MAX_KEY_INDEX: Final = 1024
 #: Largest sealed key (a 32-byte key sealed is 61 bytes; room for longer keys).

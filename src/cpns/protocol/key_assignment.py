@@ -39,7 +39,7 @@ from types import MappingProxyType
 from typing import ClassVar, Final
 
 from cpns.crypto.hashchain import build_chain
-from cpns.crypto.hashing import Part, hash_values, mac, verify_mac
+from cpns.crypto.hashing import KEY_LEN, Part, hash_values, mac, verify_mac
 from cpns.crypto.keywrap import NONCE_LEN, open_sealed, seal
 from cpns.errors import AuthenticationFailed, ErrorCode, LocalProtocolError, RemoteProtocolError
 from cpns.messages.codec import decode_record, encode, encode_record
@@ -52,6 +52,7 @@ from cpns.messages.model import (
     KeyBundle,
     Message,
 )
+from cpns.protocol import tk_auth
 from cpns.protocol._checks import check_addressed, check_fresh, check_reply_to
 from cpns.protocol._machine import Event, Machine, NonceConsumed
 from cpns.records import EntityRecord, TKRecord, UserRecord
@@ -180,9 +181,9 @@ def _bundle_context(server_id: str, gateway_id: str, pne_id: str, txid: bytes) -
 
 
 def _notification_context(
-    gateway_id: str, pne_id: str, txid: bytes, index: int, epoch: int
+    gateway_id: str, pne_id: str, txid: bytes, index: int, epoch: int, tk_step: int
 ) -> tuple[Part, ...]:
-    return (gateway_id, pne_id, txid, index, epoch)
+    return (gateway_id, pne_id, txid, index, epoch, tk_step)
 
 
 def _ack_proof(
@@ -222,7 +223,7 @@ class EUKeySetReceived(Event):
     pne_id: str
     #: Owner.
     user_id: str
-    #: The PNE's Temporary Key.
+    #: The PNE's Temporary Key, TK_t: the server's TK at its ratchet step ``tk_step``.
     tk: bytes = field(repr=False)
     #: [EUKey_1..EUKey_n].
     eukeys: tuple[bytes, ...] = field(repr=False)
@@ -230,6 +231,9 @@ class EUKeySetReceived(Event):
     key_index: int
     #: The assignment epoch the server sealed into the bundle (D-003-11).
     epoch: int
+    #: t, the TK ratchet step of ``tk`` (0 before any TK-based authentication); the PN GW
+    #: restarts its TK-flow state at ``GatewayTKState(tk, tk_step)``.
+    tk_step: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,6 +260,10 @@ class EUKeyInstalled(Event):
     txid: bytes
     #: The assignment epoch: a Notification of a lower one is refused (D-003-11).
     epoch: int
+    #: The PNE's TK-flow state from now on (:func:`cpns.protocol.tk_auth.pne_reassigned`):
+    #: the TK at the Notification's step, the new EUKey at its index, nothing pending.
+    #: None when the TK cannot serve the TK flow (a manufacturer TK not of 32 bytes).
+    tk_state: tk_auth.PNETKState | None = None
 
 
 # -- server -----------------------------------------------------------------------------------
@@ -415,7 +423,12 @@ class EUKeyAssignmentServer(Machine[ServerState]):
         # derived from that TK (D-003-10): an Entity ID alone releases nothing. An unknown
         # PNE is checked against a stand-in TK, so both cost the same and read alike.
         tk = look.get_tk(message.pne_id)
-        code = claim_code(tk.tk if tk is not None else _NO_TK, message.pne_id)
+        # The label's code derives from the manufacturer's TK (step 0). Once TK-based
+        # authentications ratcheted the record (tk_step > 0) that TK is gone: the claim
+        # cannot be checked, and only a re-assignment of a PNE this user already holds is
+        # accepted (deviations D-003-13). Same work either way.
+        ratcheted = tk is not None and tk.tk_step > 0
+        code = claim_code(tk.tk if tk is not None and not ratcheted else _NO_TK, message.pne_id)
         try:
             verify_mac(
                 claim_key(code),
@@ -427,15 +440,27 @@ class EUKeyAssignmentServer(Machine[ServerState]):
                 message.pne_id,
                 message.src,
             )
+            proven = True
         except AuthenticationFailed:
-            raise RemoteProtocolError(
-                "claim code not proven", code=ErrorCode.CLAIM_NOT_PROVEN
-            ) from None
+            proven = False
+        if not proven and not ratcheted:
+            raise RemoteProtocolError("claim code not proven", code=ErrorCode.CLAIM_NOT_PROVEN)
         if tk is None:
             raise RemoteProtocolError(
                 "claim code not proven (no TK record)", code=ErrorCode.CLAIM_NOT_PROVEN
             )
         existing = look.get_entity(message.pne_id)
+        if ratcheted and (
+            existing is None
+            or existing.owner != user.user_id
+            or existing.kind is not EntityKind.PNE
+            or existing.assigned_via is None
+        ):
+            # Opaque like a wrong code: the answer tells nothing about the owner.
+            raise RemoteProtocolError(
+                "claim not checkable (TK ratcheted) and the PNE is not this user's",
+                code=ErrorCode.CLAIM_NOT_PROVEN,
+            )
         if existing is not None:
             if existing.kind is not EntityKind.PNE:
                 raise RemoteProtocolError("entity is not a PNE", code=ErrorCode.WRONG_ENTITY_KIND)
@@ -450,7 +475,9 @@ class EUKeyAssignmentServer(Machine[ServerState]):
         eukeys = tuple(build_chain(seed_pne(rand_svr, message.rand_pngw), policy.chain_length))
         expected_epoch = existing.epoch if existing is not None else 0
         epoch = expected_epoch + 1
-        bundle = encode_record(KeyBundle(tk=tk.tk, eukeys=eukeys, epoch=epoch))
+        # The TK as held now, TK_s at step s (000 ratchets it): the server's step does not
+        # change by a re-assignment; the new chain starts at index 1 (docs/procedures).
+        bundle = encode_record(KeyBundle(tk=tk.tk, eukeys=eukeys, epoch=epoch, tk_step=tk.tk_step))
         sealed = seal(
             gateway.eukey,
             bundle,
@@ -597,6 +624,7 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
                 status=ErrorCode.OK,
                 key_index=pending.key_index,
                 epoch=pending.epoch,
+                tk_step=pending.tk_step,
                 sealed_eukey=seal(
                     pending.tk,
                     eukey,
@@ -607,6 +635,7 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
                         self._txid,
                         pending.key_index,
                         pending.epoch,
+                        pending.tk_step,
                     ),
                     nonce=self._rng.token_bytes(NONCE_LEN),
                 ),
@@ -649,6 +678,7 @@ class EUKeyAssignmentGateway(Machine[GatewayState]):
             eukeys=bundle.eukeys,
             key_index=1,
             epoch=bundle.epoch,
+            tk_step=bundle.tk_step or 0,
         )
         self._notify()
         return [self._pending]
@@ -727,6 +757,16 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
     * the same epoch, transaction and key: acknowledge again (the Ack was lost);
     * anything else (a lower epoch, or the same epoch with other content): refuse, so a
       recorded Notification of a superseded assignment cannot roll the PNE back.
+
+    The Notification names the TK step t of the TK that seals it (the server's, after
+    TK-based authentications ratcheted it, 000). ``tk_state`` is the PNE's TK-flow state
+    (:class:`~cpns.protocol.tk_auth.PNETKState`), None before its first assignment, when
+    ``tk`` (the manufacturer TK, step 0) is used. TK_t is computed forward with
+    :func:`~cpns.protocol.tk_auth.pne_tk_at` (window ``REASSIGN_WINDOW``); a step behind
+    the PNE's or beyond the window is refused with STALE_CREDENTIAL, except the delivery
+    the PNE holds (same epoch, txid and index) whose Ack was lost before TK-based
+    authentications moved past its step: acknowledged again with the key held. The
+    installed key comes with the new state (:func:`~cpns.protocol.tk_auth.pne_reassigned`).
     """
 
     HOP: ClassVar[str] = "device"
@@ -738,6 +778,7 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
         tk: bytes,
         rng: Random,
         current: HeldKey | None = None,
+        tk_state: tk_auth.PNETKState | None = None,
     ) -> None:
         super().__init__(
             DeviceState.EXPECT_NOTIFICATION, done=DeviceState.DONE, failed=DeviceState.FAILED
@@ -746,6 +787,13 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
         self._tk = tk
         self._rng = rng
         self._current = current
+        self._tk_state = tk_state
+
+    def _tk_at(self, step: int) -> bytes:
+        """TK_step, computed forward from what the PNE holds (STALE_CREDENTIAL outside)."""
+        if self._tk_state is not None:
+            return tk_auth.pne_tk_at(self._tk_state, step)
+        return tk_auth.tk_forward(self._tk, 0, step, window=tk_auth.REASSIGN_WINDOW)
 
     def _failure_reply(self, incoming: Message | None, code: ErrorCode) -> Message | None:
         if not isinstance(incoming, EUKeyAssignmentNotification):
@@ -768,16 +816,35 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
             )
         if message.sealed_eukey is None or message.epoch is None:
             raise RemoteProtocolError("OK notification without a key or an epoch")
+        tk_step = message.tk_step or 0
+        held = self._current
+        if (
+            held is not None
+            and self._tk_state is not None
+            and tk_step < self._tk_state.tk_step
+            and (message.epoch, message.txid, message.key_index)
+            == (held.epoch, held.txid, held.key_index)
+        ):
+            # This delivery is installed, its Ack was lost, and TK-based authentications
+            # have since ratcheted past its step: the TK that seals it is gone. Acknowledge
+            # again with the key held (the same Ack as before); nothing is installed.
+            self._send(self._ack(message, held.eukey))
+            return []
+        tk = self._tk_at(tk_step)
         eukey = open_sealed(
-            self._tk,
+            tk,
             message.sealed_eukey,
             purpose=NOTIFICATION_PURPOSE,
             context=_notification_context(
-                message.src, self._entity_id, message.txid, message.key_index, message.epoch
+                message.src,
+                self._entity_id,
+                message.txid,
+                message.key_index,
+                message.epoch,
+                tk_step,
             ),
         )
         events: list[Event] = []
-        held = self._current
         if held is not None and message.epoch <= held.epoch:
             same = (
                 message.epoch == held.epoch
@@ -797,26 +864,38 @@ class EUKeyAssignmentDevice(Machine[DeviceState]):
                     eukey=eukey,
                     txid=message.txid,
                     epoch=message.epoch,
+                    tk_state=tk_auth.pne_reassigned(
+                        self._tk_state,
+                        tk=tk,
+                        tk_step=tk_step,
+                        eukey=eukey,
+                        key_index=message.key_index,
+                    )
+                    if len(tk) == KEY_LEN
+                    else None,
                 )
             )
-        self._send(
-            EUKeyAssignmentAck(
-                txid=message.txid,
-                src=self._entity_id,
-                dst=message.src,
-                status=ErrorCode.OK,
-                key_index=message.key_index,
-                proof=_ack_proof(
-                    eukey,
-                    gateway_id=message.src,
-                    pne_id=self._entity_id,
-                    txid=message.txid,
-                    index=message.key_index,
-                    epoch=message.epoch,
-                ),
-            )
-        )
+        self._send(self._ack(message, eukey))
         return events
+
+    def _ack(self, message: EUKeyAssignmentNotification, eukey: bytes) -> EUKeyAssignmentAck:
+        """The OK Ack proving ``eukey`` for this delivery (D-003-4)."""
+        assert message.epoch is not None
+        return EUKeyAssignmentAck(
+            txid=message.txid,
+            src=self._entity_id,
+            dst=message.src,
+            status=ErrorCode.OK,
+            key_index=message.key_index,
+            proof=_ack_proof(
+                eukey,
+                gateway_id=message.src,
+                pne_id=self._entity_id,
+                txid=message.txid,
+                index=message.key_index,
+                epoch=message.epoch,
+            ),
+        )
 
     TRANSITIONS = MappingProxyType(
         {

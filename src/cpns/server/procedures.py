@@ -186,7 +186,9 @@ def _tk_machine(ctx: MachineContext) -> Machine[Any]:
 
 def _tk_persist(tx: WriteTx, event: Event, now: int) -> None:
     if isinstance(event, EUKeyChainAssigned):
-        # Compare and set: the checks and this write are one atomic step.
+        # Compare and set: the checks and this write are one atomic step. A re-assignment
+        # after TK-based authentications leaves the TK record (TK_s, s) as it is: the new
+        # chain starts at index 1 under the server's current TK step (D-003-13).
         tx.assign_entity(
             EntityRecord(
                 entity_id=event.pne_id,
@@ -210,14 +212,28 @@ def _from_gateway(message: Message) -> Party:
 
 
 def _establishment_lookups(ctx: MachineContext) -> EstablishmentLookups:
+    """The store's reads for one run of a machine, each at most once per ID: the setup
+    half asks for a PNE's entity and TK state when it checks the PNE and again when it
+    builds its challenge (each read is a query and an unseal of the whole chain). A rerun
+    after a lost compare and set builds a new machine, so it reads afresh."""
     get_tk = ctx.lookups.get_tk
+    get_entity = ctx.lookups.get_entity
+    entities: dict[str, EntityRecord | None] = {}
+    tks: dict[str, tuple[bytes, int] | None] = {}
+
+    def entity(entity_id: str) -> EntityRecord | None:
+        if entity_id not in entities:
+            entities[entity_id] = get_entity(entity_id)
+        return entities[entity_id]
 
     def tk_state(pne_id: str) -> tuple[bytes, int] | None:
-        record = get_tk(pne_id)
-        return None if record is None else (record.tk, record.tk_step)
+        if pne_id not in tks:
+            record = get_tk(pne_id)
+            tks[pne_id] = None if record is None else (record.tk, record.tk_step)
+        return tks[pne_id]
 
     return EstablishmentLookups(
-        get_entity=ctx.lookups.get_entity, get_tk_state=tk_state, get_pn_owner=ctx.get_pn_owner
+        get_entity=entity, get_tk_state=tk_state, get_pn_owner=ctx.get_pn_owner
     )
 
 

@@ -30,6 +30,7 @@ from cpns.device.agent import (
     device_status,
     init_device,
 )
+from cpns.device.tk_state import encode_tk_state, tk_state_of
 from cpns.errors import ConfigurationError, ErrorCode, StoreError
 from cpns.messages.codec import encode
 from cpns.messages.model import (
@@ -43,6 +44,7 @@ from cpns.protocol.key_assignment import (
     EUKeyDelivered,
     EUKeySetReceived,
 )
+from cpns.protocol.tk_auth import PNETKState, ratchet
 from cpns.store.keystore import LocalKeyStore
 from cpns.transport.stream import read_message, write_message
 
@@ -54,7 +56,9 @@ def run[T](coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 3 * WAIT))
 
 
-def key_set(seed: int, *, tk: bytes = TKS[PNE], epoch: int = 1) -> EUKeySetReceived:
+def key_set(
+    seed: int, *, tk: bytes = TKS[PNE], epoch: int = 1, tk_step: int = 0
+) -> EUKeySetReceived:
     """A stored set as the PN GW holds it after the server's response (assignment
     ``epoch`` as the server numbered it)."""
     return EUKeySetReceived(
@@ -64,6 +68,7 @@ def key_set(seed: int, *, tk: bytes = TKS[PNE], epoch: int = 1) -> EUKeySetRecei
         eukeys=tuple(build_chain(bytes([seed]) * 32, 4)),
         key_index=1,
         epoch=epoch,
+        tk_step=tk_step,
     )
 
 
@@ -304,6 +309,98 @@ def test_notification_under_another_tk_is_refused(device_dir: Path) -> None:
     assert gateway.acks[0].status is ErrorCode.AUTHENTICATION_FAILED
     assert gateway.acks[0].proof is None
     assert stored(device_dir)["eukey"] is None
+
+
+def _run_sessions(device_dir: Path, gateway: FakeGateway, count: int) -> list[int]:
+    async def scenario() -> list[int]:
+        async with serving(gateway) as port:
+            codes = []
+            for _ in range(count):
+                agent = DeviceAgent(device_dir, "127.0.0.1", port)
+                codes.append(await agent.run(once=True, timeout=WAIT))
+            return codes
+
+    return run(scenario())
+
+
+def test_reassignment_at_a_tk_step_installs_the_key_with_its_tk_flow_state(
+    device_dir: Path,
+) -> None:
+    """Rule 7 (docs/procedures/eukey-assignment.md, re-assignment after TK-based
+    authentications): the PNE's stored TK-flow state is at step 3 (000 ratcheted it); the
+    re-assignment at the server's step 5 opens with TK_5 computed forward from it, and
+    the PNE stores EUKey_1 with the state (TK_5, 5, EUKey_1, 1) before its Ack; the
+    manufacturer TK stays as it was."""
+    first = (key_set(1, epoch=1), b"\x01" * 16)
+    gateway = FakeGateway([Session(deliver=first)], device_dir=device_dir)
+    assert _run_sessions(device_dir, gateway, 1) == [EXIT_OK]
+    store = LocalKeyStore.open_or_create(device_dir, "device")
+    data = store.load()
+    ratcheted = PNETKState(
+        tk=ratchet(TKS[PNE], 3), tk_step=3, eukey=first[0].eukeys[1], key_index=2
+    )
+    store.save(dict(data, tk_auth=encode_tk_state(ratcheted, first[1])))
+    assert tk_state_of(stored(device_dir)) == ratcheted
+
+    second = (key_set(2, tk=ratchet(TKS[PNE], 5), epoch=2, tk_step=5), b"\x02" * 16)
+    gateway = FakeGateway([Session(deliver=second)], device_dir=device_dir)
+    assert _run_sessions(device_dir, gateway, 1) == [EXIT_OK]
+    assert delivered(gateway) == [EUKeyDelivered(pne_id=PNE, key_index=1)]
+    after = stored(device_dir)
+    assert tk_state_of(after) == PNETKState(
+        tk=ratchet(TKS[PNE], 5), tk_step=5, eukey=second[0].eukeys[0], key_index=1
+    )
+    assert after["tk"] == TKS[PNE]
+    assert gateway.stores_at_ack[0]["tk_auth"]["tk_step"] == 5  # stored before the Ack
+
+
+def test_reassignment_behind_the_pnes_step_is_refused_and_changes_nothing(
+    device_dir: Path,
+) -> None:
+    """Rule 7: a Notification at a step behind the PNE's stored step is refused with
+    STALE_CREDENTIAL in the Ack; the key and the TK-flow state stay."""
+    first = (key_set(1, epoch=1), b"\x01" * 16)
+    gateway = FakeGateway([Session(deliver=first)], device_dir=device_dir)
+    assert _run_sessions(device_dir, gateway, 1) == [EXIT_OK]
+    store = LocalKeyStore.open_or_create(device_dir, "device")
+    ahead = PNETKState(tk=ratchet(TKS[PNE], 6), tk_step=6, eukey=first[0].eukeys[1], key_index=2)
+    store.save(dict(store.load(), tk_auth=encode_tk_state(ahead, first[1])))
+    before = stored(device_dir)
+
+    async def scenario() -> int:
+        behind = (key_set(2, tk=ratchet(TKS[PNE], 4), epoch=2, tk_step=4), b"\x02" * 16)
+        refusing = FakeGateway([Session(deliver=behind)])
+        async with serving(refusing) as port:
+            code = await DeviceAgent(device_dir, "127.0.0.1", port).run(once=True, timeout=0.5)
+        assert refusing.acks[0].status is ErrorCode.STALE_CREDENTIAL
+        return code
+
+    assert run(scenario()) == EXIT_REFUSED
+    assert stored(device_dir) == before
+
+
+def test_a_store_without_tk_flow_state_reads_as_the_manufacturer_tk_at_step_zero(
+    device_dir: Path,
+) -> None:
+    """Stores written before steps were kept: no "tk_auth" (or one of another assignment)
+    reads as the manufacturer TK at step 0 with the key held; a re-assignment at step 2
+    then opens from it."""
+    first = (key_set(1, epoch=1), b"\x01" * 16)
+    gateway = FakeGateway([Session(deliver=first)], device_dir=device_dir)
+    assert _run_sessions(device_dir, gateway, 1) == [EXIT_OK]
+    store = LocalKeyStore.open_or_create(device_dir, "device")
+    data = store.load()
+    data.pop("tk_auth")
+    store.save(data)
+    assert tk_state_of(stored(device_dir)) == PNETKState(
+        tk=TKS[PNE], tk_step=0, eukey=first[0].eukeys[0], key_index=1
+    )
+    second = (key_set(2, tk=ratchet(TKS[PNE], 2), epoch=2, tk_step=2), b"\x02" * 16)
+    gateway = FakeGateway([Session(deliver=second)])
+    assert _run_sessions(device_dir, gateway, 1) == [EXIT_OK]
+    state = tk_state_of(stored(device_dir))
+    assert state is not None
+    assert (state.tk_step, state.key_index) == (2, 1)
 
 
 # -- the link ----------------------------------------------------------------------------

@@ -56,8 +56,9 @@ def _set_map(**changes: Any) -> dict[str, Any]:
         {"set": _set_map(delivered=True, delivered_at=1_700_000_002), "last_status": "OK"},
         {"request": _request_map(), "set": _set_map(), "last_status": "CLAIM_CONFLICT"},
         {"last_status": "WRONG_PASSWORD"},
+        {"set": _set_map(tk_step=7), "last_status": "OK"},
     ],
-    ids=["empty", "requested", "stored", "delivered", "re-requested", "refused"],
+    ids=["empty", "requested", "stored", "delivered", "re-requested", "refused", "at-step"],
 )
 def test_stored_maps_round_trip_unchanged(stored: dict[str, Any]) -> None:
     """Compatibility both ways: a map the earlier daemon wrote decodes, and encodes back
@@ -83,6 +84,20 @@ def test_records_from_before_epochs_and_flows_get_defaults() -> None:
         del old[key]
     key_set = KeySet.decode(old)
     assert (key_set.epoch, key_set.stored_at, key_set.flow) == (1, None, None)
+
+
+def test_a_key_set_at_a_tk_step_round_trips_and_old_sets_are_step_zero() -> None:
+    """Rule 7 (re-assignment after TK-based authentications): the PN GW keeps the TK step
+    of the set's TK; a set stored before steps were kept (no "tk_step") reads as step 0,
+    the manufacturer TK, and a step-0 set is written without the key as before."""
+    at_step = KeySet(
+        txid=TXID, user_id="bob", tk=b"t" * 32, eukeys=(b"k" * 32,), key_index=1, tk_step=12
+    )
+    assert KeySet.decode(at_step.encode()) == at_step
+    assert at_step.encode()["tk_step"] == 12
+    old = KeySet.decode(_set_map())
+    assert old.tk_step == 0
+    assert "tk_step" not in old.encode()
 
 
 def test_stage_follows_the_procedure() -> None:
@@ -121,6 +136,8 @@ def test_records_are_frozen_and_keep_keys_out_of_repr() -> None:
         ({"set": _set_map(key_index="1")}, "'key_index' must be int"),
         ({"set": _set_map(delivered=1)}, "'delivered' must be bool"),
         ({"set": _set_map(flow="ff")}, "'flow' must be bytes"),
+        ({"set": _set_map(tk_step="3")}, "'tk_step' must be int"),
+        ({"set": _set_map(tk_step=-1)}, "'tk_step' must not be negative"),
         ({"last_status": 0}, "'last_status' must be str"),
     ],
 )

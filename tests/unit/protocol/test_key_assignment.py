@@ -70,6 +70,7 @@ from cpns.protocol.key_assignment import (
     request_digest,
     seed_pne,
 )
+from cpns.protocol.tk_auth import PNETKState
 from cpns.types import EntityKind
 
 GW, PNE, USER = "gw-alice", "pne-1", "alice"
@@ -165,6 +166,27 @@ def new_device(
     current: HeldKey | None = None,
 ) -> EUKeyAssignmentDevice:
     return EUKeyAssignmentDevice(entity_id=PNE, tk=tk, rng=FixedRandom(3), current=current)
+
+
+def installed(
+    *,
+    gateway_id: str,
+    key_index: int,
+    eukey: bytes,
+    txid: bytes,
+    epoch: int,
+    tk: bytes = TKS[PNE],
+    tk_step: int = 0,
+) -> EUKeyInstalled:
+    """The EUKeyInstalled a PNE reports, with its new TK-flow state (tk_auth.pne_reassigned)."""
+    return EUKeyInstalled(
+        gateway_id=gateway_id,
+        key_index=key_index,
+        eukey=eukey,
+        txid=txid,
+        epoch=epoch,
+        tk_state=PNETKState(tk=tk, tk_step=tk_step, eukey=eukey, key_index=key_index),
+    )
 
 
 def expected_chain(server_seed: int, rand_pngw: bytes, n: int = 16) -> tuple[bytes, ...]:
@@ -287,7 +309,7 @@ def test_full_assignment(world: Directory, password_key: KeyOf) -> None:
         ),
         (
             PNE,
-            EUKeyInstalled(gateway_id=GW, key_index=1, eukey=eukeys[0], txid=request.txid, epoch=1),
+            installed(gateway_id=GW, key_index=1, eukey=eukeys[0], txid=request.txid, epoch=1),
         ),
         (GW, EUKeyDelivered(pne_id=PNE, key_index=1)),
     ]
@@ -1024,7 +1046,7 @@ def test_renotify_sends_a_fresh_seal_the_device_accepts(
     device = new_device()
     eukey = expected_chain(2, gateway.request.rand_pngw)[0]  # type: ignore[union-attr]
     assert device.receive(second) == [
-        EUKeyInstalled(gateway_id=GW, key_index=1, eukey=eukey, txid=first.txid, epoch=1)
+        installed(gateway_id=GW, key_index=1, eukey=eukey, txid=first.txid, epoch=1)
     ]
 
 
@@ -1046,7 +1068,7 @@ def test_resume_after_restart(world: Directory, password_key: KeyOf) -> None:
     assert exchange.run() == [
         (
             PNE,
-            EUKeyInstalled(gateway_id=GW, key_index=1, eukey=stored.eukeys[0], txid=txid, epoch=1),
+            installed(gateway_id=GW, key_index=1, eukey=stored.eukeys[0], txid=txid, epoch=1),
         ),
         (GW, EUKeyDelivered(pne_id=PNE, key_index=1)),
     ]
@@ -1066,9 +1088,7 @@ def test_resume_with_a_later_key(world: Directory, password_key: KeyOf, index: i
     assert exchange.run() == [
         (
             PNE,
-            EUKeyInstalled(
-                gateway_id=GW, key_index=index, eukey=eukeys[index - 1], txid=TXID, epoch=1
-            ),
+            installed(gateway_id=GW, key_index=index, eukey=eukeys[index - 1], txid=TXID, epoch=1),
         ),
         (GW, EUKeyDelivered(pne_id=PNE, key_index=index)),
     ]
@@ -1100,6 +1120,7 @@ def notification(
     eukey: bytes | None = None,
     tk: bytes = TKS[PNE],
     epoch: int = 1,
+    tk_step: int = 0,
     **changes: Any,
 ) -> EUKeyAssignmentNotification:
     """A Notification sealed as the PN GW would (independently of the gateway machine)."""
@@ -1108,7 +1129,7 @@ def notification(
         tk,
         key,
         purpose="003/notification",
-        context=(GW, PNE, txid, index, epoch),
+        context=(GW, PNE, txid, index, epoch, tk_step),
         nonce=bytes(12),
     )
     fields: dict[str, Any] = {
@@ -1119,6 +1140,7 @@ def notification(
         "key_index": index,
         "sealed_eukey": sealed,
         "epoch": epoch,
+        "tk_step": tk_step,
     }
     fields.update(changes)
     return EUKeyAssignmentNotification(**fields)
@@ -1129,7 +1151,7 @@ def test_device_installs_and_acknowledges() -> None:
     to store, and acknowledges with HMAC(EUKey, PN GW, PNE, txid, index)."""
     device = new_device()
     assert device.receive(notification()) == [
-        EUKeyInstalled(gateway_id=GW, key_index=1, eukey=EUKEYS[0], txid=TXID, epoch=1)
+        installed(gateway_id=GW, key_index=1, eukey=EUKEYS[0], txid=TXID, epoch=1)
     ]
     assert device.state is DeviceState.DONE
     assert device.messages_to_send() == [
@@ -1278,7 +1300,7 @@ def test_newer_assignment_installs_its_key(held_epoch: int) -> None:
     one (epoch 0: a key stored before epochs existed)."""
     device = new_device(current=held(txid=OLD_TXID, epoch=held_epoch))
     assert device.receive(notification(index=2, epoch=held_epoch + 1)) == [
-        EUKeyInstalled(gateway_id=GW, key_index=2, eukey=EUKEYS[1], txid=TXID, epoch=held_epoch + 1)
+        installed(gateway_id=GW, key_index=2, eukey=EUKEYS[1], txid=TXID, epoch=held_epoch + 1)
     ]
 
 

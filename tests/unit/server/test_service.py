@@ -25,18 +25,25 @@ from tests.helpers import (
 )
 from tests.metrics import sample
 
+from cpns.crypto.keywrap import open_sealed
 from cpns.errors import ErrorCode, StoreError
 from cpns.logs import ContextFilter
-from cpns.messages.codec import decode, encode
+from cpns.messages.codec import decode, decode_record, encode
 from cpns.messages.model import (
     ErrorMessage,
     EUKeyAssignmentAck,
     EUKeyAssignmentRequest,
     EUKeyAssignmentResponse,
+    KeyBundle,
     UserKeyAssignmentRequest,
     UserKeyAssignmentResponse,
 )
-from cpns.protocol.key_assignment import AssignmentPolicy, EUKeyAssignmentGateway
+from cpns.protocol.key_assignment import (
+    RESPONSE_PURPOSE,
+    AssignmentPolicy,
+    EUKeyAssignmentGateway,
+)
+from cpns.protocol.tk_auth import ratchet
 from cpns.protocol.user_key_assignment import UserKeyAssignmentClient
 from cpns.records import EntityRecord, TKRecord, UserRecord
 from cpns.server.guard import AttemptGuard, GuardLimits
@@ -560,3 +567,42 @@ def test_a_refused_unauthenticated_request_writes_no_info_line(
     assert status_of(ok) == ErrorCode.OK
     hops = [r.dir for r in caplog.records if getattr(r, "event", None) == "message"]  # type: ignore[attr-defined]
     assert hops == ["received", "sent"]
+
+
+def test_a_reassignment_after_tk_ratchets_keeps_the_servers_tk_step(store: MemoryStore) -> None:
+    """003 after 000 (docs/procedures/eukey-assignment.md, re-assignment after TK-based
+    authentications; D-003-13): with the TK record ratcheted to step 3 and the chain at
+    index 2, a re-assignment commits a new chain at index 1 and the next epoch, leaves the
+    TK record (TK_3, step 3) as it was, and seals TK_3 with step 3 for the PN GW."""
+    assert status_of(handle(service(store), request(seed=1))) == ErrorCode.OK
+    tk_3 = ratchet(TKS["pne-1"], 3)
+
+    def ratchet_as_000_would(tx: WriteTx) -> None:
+        tx.set_tk_state("pne-1", tk_3, 3, expected_step=0)
+        tx.set_key_index("pne-1", 2, expected_index=1)
+
+    store.write(ratchet_as_000_would)
+    before = store.get_entity("pne-1")
+    assert before is not None
+    reply = handle(service(store, seed=8), request(seed=2))
+    message = decode(reply.body)
+    assert isinstance(message, EUKeyAssignmentResponse)
+    assert message.status is ErrorCode.OK
+    assert message.sealed_bundle is not None
+    after = store.get_entity("pne-1")
+    assert after is not None
+    assert (after.key_index, after.epoch) == (1, before.epoch + 1)
+    assert after.eukeys != before.eukeys
+    record = store.get_tk("pne-1")
+    assert record is not None
+    assert (record.tk, record.tk_step) == (tk_3, 3)
+    bundle = decode_record(
+        KeyBundle,
+        open_sealed(
+            GATEWAY_KEYS[GW],
+            message.sealed_bundle,
+            purpose=RESPONSE_PURPOSE,
+            context=(SERVER_ID, GW, "pne-1", message.txid),
+        ),
+    )
+    assert (bundle.tk, bundle.tk_step, bundle.eukeys) == (tk_3, 3, after.eukeys)

@@ -11,8 +11,10 @@ what depends on it:
    stored (:class:`~cpns.gateway.records.PendingRequest`) **before** it is sent, so a
    restart resends the same bytes and the server, which keeps the reply of every
    transaction, answers with the same response.
-2. The response is fed to the machine. On :class:`EUKeySetReceived` the TK, the set, the
-   selected index and the txid are stored (:class:`~cpns.gateway.records.KeySet`,
+2. The response is fed to the machine. On :class:`EUKeySetReceived` the TK with its
+   ratchet step (a re-assignment after TK-based authentications carries the server's
+   TK_t; the PNE's TK flow starts again from ``(TK_t, t)``), the set, the selected index
+   and the txid are stored (:class:`~cpns.gateway.records.KeySet`,
    ``delivered=False``) **before** the Notification goes to the PNE (003 §7.4.2.1.1.3
    step 1 "SHALL store", then step 3).
 3. The Notification is sent if the PNE is attached, else when it attaches; after a
@@ -423,6 +425,7 @@ class EUKeyAssignmentCoordinator:
                     eukeys=tuple(event.eukeys),
                     key_index=event.key_index,
                     epoch=event.epoch,
+                    tk_step=event.tk_step,
                     delivered=False,
                     stored_at=self._clock(),
                     flow=flow_bytes(current_flow()),
@@ -509,6 +512,7 @@ class EUKeyAssignmentCoordinator:
                 eukeys=key_set.eukeys,
                 key_index=key_set.key_index,
                 epoch=key_set.epoch,
+                tk_step=key_set.tk_step,
             ),
             txid=key_set.txid,
         )
