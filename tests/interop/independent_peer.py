@@ -585,6 +585,8 @@ class KeyBundle:
     tk: bytes
     eukeys: list[bytes]
     epoch: int
+    #: the step of ``tk`` (key 4, absent = 0): the server's TK step at a re-assignment
+    tk_step: int = 0
 
 
 def assign_003(
@@ -597,14 +599,17 @@ def assign_003(
     user_id: str,
     password: str,
     pne: str,
-    code: str,
+    code: str | None = None,
+    proof: bytes | None = None,
 ) -> KeyBundle:
     """wire.md 3.3 and 8.8: the PN GW's 003 request with the label's claim code."""
     pk = password_key(password, realm, user_id)
     txid, rand_pngw, now = os.urandom(16), os.urandom(32), int(time.time())
     auth_data = MAC(pk, "cpns/v1/003/auth-data", rand_pngw, now, user_id, pne, gw)
-    claim_key = H("cpns/v1/003/claim-key", normalise_code(code))
-    proof = MAC(claim_key, "cpns/v1/003/claim-proof", rand_pngw, now, user_id, pne, gw)
+    if proof is None:  # the label's claim code (wire.md 8.8)
+        assert code is not None
+        claim_key = H("cpns/v1/003/claim-key", normalise_code(code))
+        proof = MAC(claim_key, "cpns/v1/003/claim-proof", rand_pngw, now, user_id, pne, gw)
     body = {1: pne, 2: user_id, 3: now, 4: rand_pngw, 5: auth_data, 6: proof}
     reply = decode(link.post(encode(EUKEY_ASSIGNMENT_REQUEST, txid, gw, server, body)))
     if reply[1] != EUKEY_ASSIGNMENT_RESPONSE or reply[6][1] != OK:
@@ -613,7 +618,7 @@ def assign_003(
     if cbor2.dumps(cbor2.loads(plain), canonical=True) != plain:
         raise Malformed("bundle not deterministic")
     b = cbor2.loads(plain)
-    return KeyBundle(tk=b[1], eukeys=list(b[2]), epoch=b[3])
+    return KeyBundle(tk=b[1], eukeys=list(b[2]), epoch=b[3], tk_step=b.get(4, 0))
 
 
 @dataclass

@@ -238,6 +238,18 @@ def test_enrolment_and_assignment_derivations_match_the_vectors() -> None:
     )
     assert plain.hex() == a3["key_bundle"]["cbor"]
     assert [k.hex() for k in cbor2.loads(plain)[2]] == a3["eukeys"]
+    for name in ("assignment_003", "reassignment_003"):  # the Notification names s
+        v = PROTOCOL[name]["notification_seal"]
+        step = PROTOCOL[name]["inputs"].get("tk_step", 0)
+        tk_s = peer.tk_at(_b(PROTOCOL[name]["inputs"]["tk"]), 0, step, window=step)
+        assert tk_s.hex() == v["secret"]
+        txid = _b(PROTOCOL[name]["inputs"]["txid"])
+        context = ["gw-alice", "pne-0001", txid, 1, PROTOCOL[name]["inputs"].get("epoch", 1), step]
+        assert list(context) == _parts(v["context"])
+        blob = peer.seal(
+            tk_s, _b(v["plaintext"]), "003/notification", *context, nonce=_b(v["nonce"])
+        )
+        assert blob.hex() == v["blob"]
 
 
 # -- against a real ``cpns server`` -----------------------------------------------------
@@ -382,22 +394,16 @@ def _enrolled(net: LocalDeployment, url: str) -> tuple[peer.ServerLink, bytes, b
 
 @pytest.mark.interop
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the claim code is recomputed from the ratcheted TK record (TK_s), "
-    "so after one TK-flow establishment the label's code is CLAIM_NOT_PROVEN",
-)
-def test_reassignment_after_a_tk_establishment_accepts_the_label_claim_code(
+def test_reassignment_after_a_tk_establishment_carries_the_servers_step(
     server: tuple[LocalDeployment, str, dict[str, bytes]],
 ) -> None:
-    """wire.md 8.8 and D-003-10: the claim code is the one "printed on the PNE's label by
-    its manufacturer", derived from the TK it ships with; tk-authentication.md rule 7: a
-    PNE whose server asked for it (`reassign`) is re-assigned by 003, which needs that
-    code. After a TK-flow establishment (server TK at step 1) the label's code must still
-    claim the PNE, the new bundle's `tk` is the TK at the server's step s, and the next
-    establishment runs at (TK_s, s) with EUKey_1 of the new chain."""
+    """wire.md 3.2/3.3/8.8 and tk-authentication.md rule 7 (D-003-13): after a TK-flow
+    establishment (server TK at step 1) the user's PN GW re-assigns its own PNE; the claim
+    proof of a ratcheted record is not checked (the label's proof and any 32 bytes both
+    do); the bundle carries TK_1 with `tk_step` 1 and a new chain; the next establishment
+    is challenged at (1, 1) and runs with the new EUKey_1."""
     net, url, tks = server
-    link, gw_key, _ui_key = _enrolled(net, url)
+    link, gw_key, _ = _enrolled(net, url)
     tk = tks["pne-tk"]
     label = peer.claim_code(tk, "pne-tk")
     common = {
@@ -410,20 +416,23 @@ def test_reassignment_after_a_tk_establishment_accepts_the_label_claim_code(
         "pne": "pne-tk",
     }
     bundle = peer.assign_003(link, code=label, **common)  # type: ignore[arg-type]
+    assert bundle.tk_step == 0
     gateway = peer.IndependentGateway("gw-peer", gw_key, "cpns-server", link)
-    gateway.tk_pnes["pne-tk"] = peer.GatewayTK(bundle.tk, 0, bundle.eukeys)
+    gateway.tk_pnes["pne-tk"] = peer.GatewayTK(bundle.tk, bundle.tk_step, bundle.eukeys)
     tkp = peer.TKPNE("pne-tk", tk, 0, bundle.eukeys[0], 1)
     assert gateway.establish("pn-peer", [tkp])[6][1] == peer.OK
     assert tkp.joined
 
     again = peer.assign_003(link, code=label, **common)  # type: ignore[arg-type]
-    assert again.epoch == 2
+    assert (again.epoch, again.tk_step) == (2, 1)
     assert again.tk == peer.tk_ratchet(tk)
-    gateway.tk_pnes["pne-tk"] = peer.GatewayTK(again.tk, 1, again.eukeys)
-    fresh = peer.TKPNE("pne-tk", tkp.tk, tkp.step, again.eukeys[0], 1)
+    third = peer.assign_003(link, proof=bytes(32), **common)  # type: ignore[arg-type]
+    assert (third.epoch, third.tk_step) == (3, 1)
+    gateway.tk_pnes["pne-tk"] = peer.GatewayTK(third.tk, third.tk_step, third.eukeys)
+    fresh = peer.TKPNE("pne-tk", tkp.tk, tkp.step, third.eukeys[0], 1)
     assert gateway.establish("pn-peer", [fresh])[6][1] == peer.OK
     assert fresh.joined
-    link.close()
+    assert (fresh.step, fresh.index) == (2, 2)
 
 
 @pytest.mark.interop
@@ -504,72 +513,3 @@ def test_server_answers_of_the_second_half_follow_the_docs(
     )
     assert peer.decode(link.post(forged))[6] == {1: 205, 4: []}
     link.close()
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[LocalDeployment, bytes]]:
-    """The real parties: server, alice's ``cpns gateway`` and a ``cpns device`` agent for
-    the TK PNE pne-t1, assigned by 003 with its label's claim code, attached."""
-    tk = secrets.token_bytes(32)
-    net = LocalDeployment(tmp_path / "net")
-    net.init_server(users=[("alice", PASSWORD)], tk_records=[("pne-t1", tk)])
-    with net.running():
-        url = net.start_server()
-        net.enroll_gateway(entity_id="gw-alice", user_id="alice", password=PASSWORD, server_url=url)
-        pan = net.start_gateway()
-        net.init_device("pne-t1", entity_id="pne-t1", tk=tk)
-        net.start_device(
-            "pne-t1", pan_port=pan, once=False, timeout=600, extra=["--gateway-id", "gw-alice"]
-        )
-        assigned = net.assign(pne_id="pne-t1", user_id="alice", password=PASSWORD, wait=30)
-        assert assigned.returncode == 0, assigned.stdout + assigned.stderr
-        net.wait_attached(["pne-t1"])
-        result, reply = net.establish("pne-t1", pn_id="pn-home")
-        assert result.returncode == 0, reply
-        yield net, tk
-
-
-@pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the label's claim code is CLAIM_NOT_PROVEN once the TK has ratcheted",
-)
-def test_reassignment_through_the_real_gateway_after_a_tk_establishment(
-    stack: tuple[LocalDeployment, bytes],
-) -> None:
-    """tk-authentication.md rule 7 and pn-establishment.md "The PN GW daemon" step 5: a
-    queued re-assignment is run by the operator with `cpns gateway assign --pne PNE`,
-    which takes the claim code printed on the label (wire.md 8.8). After one TK-flow
-    establishment that must still work, and the PNE must then join with its new chain."""
-    net, _ = stack
-    again = net.assign(pne_id="pne-t1", user_id="alice", password=PASSWORD, wait=30)
-    assert again.returncode == 0, again.stdout + again.stderr
-    result, reply = net.establish("pne-t1", pn_id="pn-home")
-    assert result.returncode == 0, reply
-
-
-@pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway and device bugs: a chain re-assigned at TK step s > 0 is not usable: "
-    "the gateway seals the Notification under TK_s but keeps the new set at tk_step 0, so "
-    "its AN check fails (PNSetupResponse AUTHENTICATION_FAILED before any challenge), and "
-    "the device agent does not open a Notification sealed under TK_s (it answers "
-    "AUTHENTICATION_FAILED)",
-)
-def test_a_set_reassigned_at_a_later_tk_step_is_usable(
-    stack: tuple[LocalDeployment, bytes],
-) -> None:
-    """tk-authentication.md rule 7: the new chain's EUKey_1 is sealed under TK_s, the PN GW
-    stores (TK_s, s), the PNE computes TK_s forward and starts at index 1; the next
-    establishment then succeeds. The re-assignment is made here with the claim code the
-    server accepts today (derived from TK_1, see the test above), so that this checks the
-    gateway and the device alone."""
-    net, tk = stack
-    code = peer.claim_code(peer.tk_ratchet(tk), "pne-t1")
-    again = net.assign(
-        pne_id="pne-t1", user_id="alice", password=PASSWORD, wait=20, claim_code=code
-    )
-    assert again.returncode == 0, again.stdout + again.stderr
-    result, reply = net.establish("pne-t1", pn_id="pn-home")
-    assert result.returncode == 0, reply
