@@ -761,6 +761,7 @@ class IndependentGateway:
         assert areq[1] == AUTHENTICATE_REQUEST, areq
         assert areq[2] == txid1
         assert areq[3] == self.server_id
+        assert areq.get(5) == pn_id  # wire.md 3.2: the server sets the header pn_id
         assert areq[4] == self.gw_id
         body = areq[6]
         assert body[1] == OK, body
@@ -834,6 +835,7 @@ class IndependentGateway:
         assert eres[1] == PN_ESTABLISH_RESPONSE, eres
         assert eres[2] == txid2
         assert eres[6][2] == est
+        assert eres.get(5) == pn_id
         # 4. Hand each PNE its result (PNSetupResponse / PNEstablishmentNotify) and
         # adopt TK_{t+1} for each TK PNE the server said OK for.
         for r in eres[6][3]:

@@ -445,8 +445,9 @@ def test_server_answers_of_the_second_half_follow_the_docs(
     for byte; the same txid with other content is REPLAY; another txid for the finished
     est_id is UNKNOWN_ESTABLISHMENT with no entries; a challenged PNE the PN GW leaves out
     of its AuthenticateResponse fails AUTHENTICATION_FAILED and an entry for a PNE the
-    server did not challenge is ignored; a message whose src is not the Digest user is
-    NOT_AUTHORIZED."""
+    server did not challenge is ignored; the PN of an AuthenticateResponse is the pending
+    establishment's, whatever its header says; a message whose src is not the Digest user
+    is NOT_AUTHORIZED."""
     net, url, _ = server
     link, gw_key, ui_key = _enrolled(net, url)
     gateway = peer.IndependentGateway("gw-peer", gw_key, "cpns-server", link)
@@ -502,6 +503,42 @@ def test_server_answers_of_the_second_half_follow_the_docs(
     )
     assert res[6][1] == peer.AUTHENTICATION_FAILED
     assert [(r[1], r[2]) for r in res[6][3]] == [("pne-ui", 200), ("pne-nobody", 301)]
+
+    # The PN comes from the pending establishment, not from the header (wire.md 3.2).
+    ui3 = peer.UIPNE("pne-ui", ui_key)
+    req = peer.encode(
+        43,
+        secrets.token_bytes(16),
+        "gw-peer",
+        "cpns-server",
+        {1: [{1: "pne-ui", 2: ui3.rand_pne, 3: False}]},
+        pn_id="pn-third",
+    )
+    areq = peer.decode(link.post(req))
+    est, rand_server = areq[6][2], areq[6][3]
+    preq = peer.encode(
+        45,
+        secrets.token_bytes(16),
+        "gw-peer",
+        "pne-ui",
+        {1: est, 2: 1, 3: rand_server},
+        pn_id="pn-third",
+    )
+    pres = peer.decode(ui3.answer(peer.decode(preq), gw="gw-peer", server="cpns-server"))
+    proof = {1: "pne-ui", 2: peer.OK, 3: pres[6][3]}
+    ares = peer.encode(
+        47,
+        secrets.token_bytes(16),
+        "gw-peer",
+        "cpns-server",
+        {1: est, 2: [proof]},
+        pn_id="pn-elsewhere",
+    )
+    done = peer.decode(link.post(ares))
+    assert done[6][1] == peer.OK
+    assert done[5] == "pn-third"
+    ui3.result(done[6][3][0][4])
+    assert ui3.joined
 
     forged = peer.encode(
         43,
