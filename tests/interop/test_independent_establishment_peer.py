@@ -504,7 +504,8 @@ def test_server_answers_of_the_second_half_follow_the_docs(
     assert res[6][1] == peer.AUTHENTICATION_FAILED
     assert [(r[1], r[2]) for r in res[6][3]] == [("pne-ui", 200), ("pne-nobody", 301)]
 
-    # The PN comes from the pending establishment, not from the header (wire.md 3.2).
+    # The PN comes from the pending establishment; a header naming another PN is refused
+    # and changes nothing, and a header-less answer completes it (wire.md 3.2).
     ui3 = peer.UIPNE("pne-ui", ui_key)
     req = peer.encode(
         43,
@@ -534,6 +535,8 @@ def test_server_answers_of_the_second_half_follow_the_docs(
         {1: est, 2: [proof]},
         pn_id="pn-elsewhere",
     )
+    assert peer.decode(link.post(ares))[6][1] == 310  # UNKNOWN_ESTABLISHMENT
+    ares = peer.encode(47, secrets.token_bytes(16), "gw-peer", "cpns-server", {1: est, 2: [proof]})
     done = peer.decode(link.post(ares))
     assert done[6][1] == peer.OK
     assert done[5] == "pn-third"

@@ -515,6 +515,7 @@ def _response(est_id: bytes = b"\x01" * 16, src: str = GW_ID) -> AuthenticateRes
         ("expired", ErrorCode.UNKNOWN_ESTABLISHMENT),
         ("other-est-id", ErrorCode.UNKNOWN_ESTABLISHMENT),
         ("other-gateway", ErrorCode.UNKNOWN_ESTABLISHMENT),
+        ("other-pn", ErrorCode.UNKNOWN_ESTABLISHMENT),
         ("wrong-src", ErrorCode.NOT_AUTHORIZED),
     ],
 )
@@ -522,7 +523,8 @@ def test_the_second_half_refuses_what_it_has_no_pending_state_for(
     case: str, code: ErrorCode
 ) -> None:
     """Our rules (docs/wire.md 3.4): an AUTHENTICATE Response for an unknown, expired or
-    finished establishment, or one of another PN GW, is UNKNOWN_ESTABLISHMENT (no entries);
+    finished establishment, one of another PN GW, or one whose header names another PN
+    than the establishment's, is UNKNOWN_ESTABLISHMENT (no entries);
     a message from another PN GW than the authenticated one is NOT_AUTHORIZED."""
     world = World(15)
     world.add_rand_hash_pne("pne-1")
@@ -538,6 +540,8 @@ def test_the_second_half_refuses_what_it_has_no_pending_state_for(
     elif case == "other-gateway":
         assert pending is not None
         pending = dataclasses.replace(pending, gw_id="gw-bob")
+    elif case == "other-pn":
+        message = dataclasses.replace(message, pn_id="pn-elsewhere")
     else:
         message = _response(src="gw-bob")
     machine = ServerCompletion(

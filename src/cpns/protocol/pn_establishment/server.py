@@ -373,6 +373,9 @@ class ServerCompletion(Machine[ServerCompletionState]):
             or p.est_id != message.est_id
             or p.gw_id != self._requester
             or self._now > p.expires_at
+            # A header PN ID, when present, must be the establishment's: a response that
+            # names another PN is not an answer to this establishment.
+            or (message.pn_id is not None and message.pn_id != p.pn_id)
         ):
             raise RemoteProtocolError(
                 "no pending establishment with this ID", code=ErrorCode.UNKNOWN_ESTABLISHMENT
