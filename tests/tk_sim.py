@@ -117,7 +117,13 @@ class World:
     def challenge(self, run: TKRun) -> TKChallenge:
         """The server's challenge at its stored state."""
         s = self.server
-        return server_challenge(tk=s.tk, tk_step=s.tk_step, key_index=s.key_index, run=run)
+        return server_challenge(
+            tk=s.tk,
+            tk_step=s.tk_step,
+            key_index=s.key_index,
+            chain_length=len(s.eukeys),
+            run=run,
+        )
 
     def run(self, cut: Hop | None = None, *, duplicate: Hop | None = None) -> Outcome:
         """One establishment for the PNE, cut after ``cut`` (that message is lost).

@@ -206,7 +206,7 @@ class TKRun:
     rand_server: bytes
 
 
-def tk_an(tk_t: bytes, run: TKRun, t: int, i: int) -> bytes:
+def tk_an(tk_t: bytes, run: TKRun, t: int, i: int, nxt: int) -> bytes:
     return MAC(
         tk_t,
         "cpns/v1/an",
@@ -219,6 +219,7 @@ def tk_an(tk_t: bytes, run: TKRun, t: int, i: int) -> bytes:
         run.rand_server,
         t,
         i,
+        nxt,
     )
 
 
@@ -685,7 +686,8 @@ class TKPNE:
         est, rand_server, an, t, i = body[1], body[3], body[5], body[6], body[7]
         run = TKRun(pn_id, gw, server, self.pne_id, est, self.rand_pne, rand_server)
         tk_t = tk_at(self.tk, self.step, t)
-        if not hmac.compare_digest(tk_an(tk_t, run, t, i), an):
+        nxt = i + 1 if body.get(8) is not None else 0  # a next EUKey came with it
+        if not hmac.compare_digest(tk_an(tk_t, run, t, i, nxt), an):
             return encode(
                 PNE_AUTHENTICATE_RESPONSE,
                 req[2],
@@ -795,7 +797,8 @@ class IndependentGateway:
                     pn_id, self.gw_id, self.server_id, pne.pne_id, est, pne.rand_pne, rand_server
                 )
                 tk_t = tk_at(state.tk, state.step, t)
-                if not hmac.compare_digest(tk_an(tk_t, run, t, i), ch[6]):
+                nxt = i + 1 if 1 <= i < len(state.eukeys) else 0
+                if not hmac.compare_digest(tk_an(tk_t, run, t, i, nxt), ch[6]):
                     raise AssertionError("AN does not verify at the PN GW")
                 state.tk, state.step = tk_t, t  # store TK_t (TK_{t+1} pending)
                 pbody.update({5: ch[6], 6: t, 7: i})

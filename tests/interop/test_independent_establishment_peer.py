@@ -187,7 +187,9 @@ def test_tk_derivations_match_the_vectors() -> None:
     tk_t = peer.tk_at(_b(v["tk"]), 0, t)
     assert tk_t.hex() == v["tk_t"]
     assert peer.tk_ratchet(tk_t).hex() == v["tk_next"]
-    assert peer.tk_an(tk_t, run, t, i).hex() == v["an"]
+    nxt = i + 1 if i < len(eukeys) else 0  # wire.md 8.11: a next key follows EUKey_i
+    assert nxt == v["next_index"]
+    assert peer.tk_an(tk_t, run, t, i, nxt).hex() == v["an"]
     nonce = _b(v["nonce"])
     sealed_next = peer.tk_seal_next(tk_t, eukeys[i], run, t, i, nonce=nonce)  # EUKey_{i+1}
     assert sealed_next.hex() == v["sealed_next"]

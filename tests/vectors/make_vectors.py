@@ -209,7 +209,10 @@ def tk_vectors() -> dict[str, Any]:
         "nonce": nonce.hex(),
         "tk_t": tk_t.hex(),
         "tk_next": tk_auth.ratchet(tk_t).hex(),
-        "an": tk_auth.compute_an(tk_t, run, step, index).hex(),
+        "next_index": tk_auth.next_index_of(index, len(eukeys)),
+        "an": tk_auth.compute_an(
+            tk_t, run, step, index, tk_auth.next_index_of(index, len(eukeys))
+        ).hex(),
         "sealed_next": tk_auth.seal_next_eukey(
             tk_t, eukeys[index], run, step, index + 1, nonce=nonce
         ).hex(),

@@ -361,8 +361,16 @@ def tk_forward(tk: bytes, step: int, target: int, *, window: int = TK_WINDOW) ->
 # -- derivations -------------------------------------------------------------------------
 
 
-def compute_an(tk_t: bytes, run: TKRun, tk_step: int, key_index: int) -> bytes:
-    """AN of 000 §7.5.3 step 2: MAC under TK_t over the run, t and i."""
+def next_index_of(key_index: int, chain_length: int) -> int:
+    """The ``next_index`` bound into AN: i + 1 when the chain holds a key after EUKey_i
+    (the PN GW must then deliver it sealed), 0 when EUKey_i is the last one."""
+    return key_index + 1 if 1 <= key_index < chain_length else 0
+
+
+def compute_an(tk_t: bytes, run: TKRun, tk_step: int, key_index: int, next_index: int) -> bytes:
+    """AN of 000 §7.5.3 step 2: MAC under TK_t over the run, t, i and ``next_index``
+    (:func:`next_index_of`), so nobody on the way can strip the next EUKey from a
+    challenge and leave the PNE behind the server's index."""
     return mac(
         tk_t,
         AN_LABEL,
@@ -375,12 +383,15 @@ def compute_an(tk_t: bytes, run: TKRun, tk_step: int, key_index: int) -> bytes:
         run.rand_server,
         tk_step,
         key_index,
+        next_index,
     )
 
 
-def verify_an(tk_t: bytes, run: TKRun, tk_step: int, key_index: int, an: bytes) -> None:
+def verify_an(
+    tk_t: bytes, run: TKRun, tk_step: int, key_index: int, next_index: int, an: bytes
+) -> None:
     """Check AN (000 §7.5.1 step 1) in constant time; opaque failure."""
-    if not hmac.compare_digest(compute_an(tk_t, run, tk_step, key_index), an):
+    if not hmac.compare_digest(compute_an(tk_t, run, tk_step, key_index, next_index), an):
         raise AuthenticationFailed("AN mismatch")
 
 
@@ -466,11 +477,18 @@ def verify_confirm(sk: bytes, run: TKRun, tk_step: int, key_index: int, tag: byt
 # -- server (000 §7.5.3) -----------------------------------------------------------------
 
 
-def server_challenge(*, tk: bytes, tk_step: int, key_index: int, run: TKRun) -> TKChallenge:
-    """The challenge at the stored ``(TK_s, s, i_s)``: steps 1-2 of 000 §7.5.3."""
+def server_challenge(
+    *, tk: bytes, tk_step: int, key_index: int, chain_length: int, run: TKRun
+) -> TKChallenge:
+    """The challenge at the stored ``(TK_s, s, i_s)``: steps 1-2 of 000 §7.5.3.
+
+    ``chain_length`` is n of the PNE's chain: AN says whether a next EUKey follows."""
     _check_key(tk, "TK")
+    next_index = next_index_of(key_index, chain_length)
     return TKChallenge(
-        tk_step=tk_step, key_index=key_index, an=compute_an(tk, run, tk_step, key_index)
+        tk_step=tk_step,
+        key_index=key_index,
+        an=compute_an(tk, run, tk_step, key_index, next_index),
     )
 
 
@@ -554,8 +572,8 @@ def gateway_prepare(
         # The server never goes back: this is an old challenge delivered late.
         raise StaleCredential("challenge older than the held TK step", reassign=False)
     tk_t = tk_forward(state.tk, state.tk_step, challenge.tk_step)
-    verify_an(tk_t, run, challenge.tk_step, challenge.key_index, challenge.an)
     i = challenge.key_index
+    verify_an(tk_t, run, challenge.tk_step, i, next_index_of(i, len(eukeys)), challenge.an)
     if not 1 <= i <= len(eukeys):
         raise AuthenticationFailed("key index outside the held set")
     sealed_next = None
@@ -610,7 +628,9 @@ def pne_answer(
     """
     t, i = challenge.tk_step, challenge.key_index
     tk_t = tk_forward(state.tk, state.tk_step, t)
-    verify_an(tk_t, run, t, i, challenge.an)
+    # AN says whether a next EUKey must come with the challenge: one that was stripped
+    # on the way fails here, before the PNE answers (and before the server moves on).
+    verify_an(tk_t, run, t, i, i + 1 if sealed_next is not None else 0, challenge.an)
     eukey, j = state.eukey, state.key_index
     pending = state.pending
     if i == j + 1 and pending is not None and pending.eukey is not None:

@@ -128,7 +128,10 @@ def test_vectors_match_an_independent_computation() -> None:
         tk_t = sha("cpns/v1/tk-ratchet", tk_t)
     assert tk_t.hex() == v["tk_t"]
     assert sha("cpns/v1/tk-ratchet", tk_t).hex() == v["tk_next"]
-    an = hm(tk_t, "cpns/v1/an", srv, gw, pn, pne, est_id, rand_pne, rand_server, t, i)
+    # next = i + 1 while the chain holds a key after EUKey_i, else 0 (D-000-1).
+    nxt = i + 1 if i < len(chain) else 0
+    assert v["next_index"] == nxt
+    an = hm(tk_t, "cpns/v1/an", srv, gw, pn, pne, est_id, rand_pne, rand_server, t, i, nxt)
     assert an.hex() == v["an"]
     nonce = bytes.fromhex(v["nonce"])
 
@@ -307,11 +310,19 @@ def test_old_key_replayed_is_refused() -> None:
     opaque AUTHENTICATION_FAILED in a new run."""
     world = World.new()
     old_run = world.new_run()
+    old_challenge = world.challenge(old_run)
+    relayed = gateway_prepare(
+        world.gateway,
+        eukeys=world.gateway_eukeys,
+        run=old_run,
+        challenge=old_challenge,
+        nonce=bytes(12),
+    )
     old_answer = pne_answer(
         world.pne,
         run=old_run,
-        challenge=world.challenge(old_run),
-        sealed_next=None,
+        challenge=old_challenge,
+        sealed_next=relayed.sealed_next,
         nonce=bytes(12),
     )
     ok(world)
@@ -490,11 +501,41 @@ def test_tampered_or_wrong_next_eukey_fails_opaquely_at_the_pne() -> None:
         assert info.value.code is ErrorCode.AUTHENTICATION_FAILED
 
 
+def _next_key(world: World, run: TKRun, challenge: TKChallenge) -> bytes | None:
+    """The sealed next EUKey the PN GW relays with ``challenge`` (000 §7.5.2 step 2)."""
+    return gateway_prepare(
+        world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=challenge, nonce=bytes(12)
+    ).sealed_next
+
+
+def test_a_stripped_next_eukey_fails_an_and_moves_nobody() -> None:
+    """D-000-1 / N1: AN says whether the next EUKey comes with the challenge, so a next key
+    stripped on the way (by the PAN or a faulty relay) fails AN at the PNE: the PNE does
+    not answer, the server cannot move to EUKey_{i+1} without it, and the next clean run
+    succeeds (without this, the server moved on while the PNE stayed at EUKey_i, and only
+    a re-assignment could bring it back)."""
+    world, run, challenge = _setup()
+    assert _next_key(world, run, challenge) is not None
+    before = world.pne
+    with pytest.raises(AuthenticationFailed):
+        pne_answer(world.pne, run=run, challenge=challenge, sealed_next=None, nonce=bytes(12))
+    assert world.pne == before
+    ok(world)
+    in_sync(world)
+    assert world.server.key_index == 2
+
+
 def test_tampered_proof_or_index_fails_opaquely_at_the_server() -> None:
     """000 §7.5.3 step 1: an altered sealed EUKey, a wrong index, or a proof sealed under
     another run is one AUTHENTICATION_FAILED; the stored state is untouched."""
     world, run, challenge = _setup()
-    ans = pne_answer(world.pne, run=run, challenge=challenge, sealed_next=None, nonce=bytes(12))
+    ans = pne_answer(
+        world.pne,
+        run=run,
+        challenge=challenge,
+        sealed_next=_next_key(world, run, challenge),
+        nonce=bytes(12),
+    )
     s = world.server
     other = world.new_run()
     cases = [
@@ -514,7 +555,13 @@ def test_tampered_proof_or_index_fails_opaquely_at_the_server() -> None:
 def test_tampered_confirmation_fails_opaquely_at_the_pne() -> None:
     """D-000-4: the PNE adopts the new key only on a valid confirmation under SK."""
     world, run, challenge = _setup()
-    ans = pne_answer(world.pne, run=run, challenge=challenge, sealed_next=None, nonce=bytes(12))
+    ans = pne_answer(
+        world.pne,
+        run=run,
+        challenge=challenge,
+        sealed_next=_next_key(world, run, challenge),
+        nonce=bytes(12),
+    )
     with pytest.raises(AuthenticationFailed):
         pne_confirmed(ans.state, run=run, answer=ans, confirm=bytes(32))
 
@@ -558,7 +605,11 @@ def test_state_records_refuse_bad_values() -> None:
     with pytest.raises(LocalProtocolError):
         TKRun(**IDS, est_id=bytes(15), rand_pne=bytes(32), rand_server=bytes(32))
     assert compute_an(
-        bytes(32), TKRun(**IDS, est_id=bytes(16), rand_pne=bytes(32), rand_server=bytes(32)), 0, 1
+        bytes(32),
+        TKRun(**IDS, est_id=bytes(16), rand_pne=bytes(32), rand_server=bytes(32)),
+        0,
+        1,
+        2,
     )
 
 
@@ -613,9 +664,14 @@ def test_pne_asked_for_an_older_key_than_its_own_needs_reassignment() -> None:
     s = world.server
     world.server = dataclasses.replace(s, key_index=1)  # the server asks for EUKey_1 again
     run = world.new_run()
+    challenge = world.challenge(run)
     with pytest.raises(StaleCredential) as info:
         pne_answer(
-            world.pne, run=run, challenge=world.challenge(run), sealed_next=None, nonce=bytes(12)
+            world.pne,
+            run=run,
+            challenge=challenge,
+            sealed_next=_next_key(world, run, challenge),
+            nonce=bytes(12),
         )
     assert info.value.reassign
 
@@ -626,12 +682,12 @@ def test_gateway_refuses_an_index_outside_its_set() -> None:
     world = World.new(chain_len=3)
     run = world.new_run()
     s = world.server
-    far = tk_auth.server_challenge(tk=s.tk, tk_step=0, key_index=4, run=run)
+    far = tk_auth.server_challenge(tk=s.tk, tk_step=0, key_index=4, chain_length=5, run=run)
     with pytest.raises(AuthenticationFailed):
         gateway_prepare(
             world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=far, nonce=bytes(12)
         )
-    last = tk_auth.server_challenge(tk=s.tk, tk_step=0, key_index=3, run=run)
+    last = tk_auth.server_challenge(tk=s.tk, tk_step=0, key_index=3, chain_length=3, run=run)
     prepared = gateway_prepare(
         world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=last, nonce=bytes(12)
     )
@@ -643,7 +699,9 @@ def test_gateway_refuses_index_zero() -> None:
     """000 §7.5.2 step 1: index 0 names no key of [EUKeyPNE] (keys are numbered from 1)."""
     world = World.new()
     run = world.new_run()
-    zero = tk_auth.server_challenge(tk=world.server.tk, tk_step=0, key_index=0, run=run)
+    zero = tk_auth.server_challenge(
+        tk=world.server.tk, tk_step=0, key_index=0, chain_length=3, run=run
+    )
     with pytest.raises(AuthenticationFailed):
         gateway_prepare(
             world.gateway, eukeys=world.gateway_eukeys, run=run, challenge=zero, nonce=bytes(12)

@@ -279,7 +279,13 @@ class ServerSetup(Machine[ServerSetupState]):
                 entry.rand_pne,
                 rand_server,
             )
-            ch = tk_auth.server_challenge(tk=tk, tk_step=step, key_index=entity.key_index, run=run)
+            ch = tk_auth.server_challenge(
+                tk=tk,
+                tk_step=step,
+                key_index=entity.key_index,
+                chain_length=len(entity.eukeys),
+                run=run,
+            )
             an, tk_step, key_index = ch.an, ch.tk_step, ch.key_index
         return (
             AuthChallenge(
