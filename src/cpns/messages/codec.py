@@ -103,12 +103,19 @@ def _wire_value(spec: FieldSpec, value: object) -> object:
     return value
 
 
+#: Field kinds whose Python value is also their CBOR value.
+_PLAIN_KINDS = frozenset({"bytes", "id", "int", "bool"})
+
+
 def _body_map(record: Record) -> dict[int, object]:
-    return {
-        spec.key: _wire_value(spec, getattr(record, name))
-        for name, spec in specs(type(record))
-        if getattr(record, name) is not None
-    }
+    # One read of each field; the plain kinds skip _wire_value (a 32-entry message has
+    # a few hundred fields).
+    out: dict[int, object] = {}
+    for name, spec in specs(type(record)):
+        value = getattr(record, name)
+        if value is not None:
+            out[spec.key] = value if spec.kind in _PLAIN_KINDS else _wire_value(spec, value)
+    return out
 
 
 def _dumps(obj: object) -> bytes:

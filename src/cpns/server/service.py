@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -371,10 +372,11 @@ class CPNSService:
             self.guard.forget(cleared)
         procedure = procedure_for(message)
         assert procedure is not None  # only a procedure's request gets this far
-        for outcome in procedure.pne_outcomes(reply):
-            metrics.SERVER_PNE_OUTCOMES.labels(
-                procedure.name, outcome.flow or "none", _status_name(outcome.status)
-            ).inc()
+        # One increment per (flow, status) rather than one per PNE: the same counts.
+        outcomes = procedure.pne_outcomes(reply)
+        tally = Counter((o.flow or "none", _status_name(o.status)) for o in outcomes)
+        for (flow, status_name), count in tally.items():
+            metrics.SERVER_PNE_OUTCOMES.labels(procedure.name, flow, status_name).inc(count)
         status = _reply_status(reply)
         log.info(
             "%s %s for %s",
@@ -494,13 +496,30 @@ class CPNSService:
         if user_id is not None:
             cleared = self.guard.succeeded(tx, procedure.name, user_id, source)
         tx.audit(_audit_event(message, requester, _reply_status(reply), now, ""))
-        for outcome in procedure.pne_outcomes(reply):
-            tx.audit(
-                dataclasses.replace(
-                    _audit_event(message, requester, outcome.status, now, ""),
-                    entity_id=outcome.pne_id,
-                    detail=f"flow {outcome.flow}" if outcome.flow else "",
-                )
+        outcomes = procedure.pne_outcomes(reply)
+        if outcomes:
+            # One row per PNE, in one batched statement; the fields shared by every row
+            # are worked out once.
+            name = _name(message)
+            user_id = getattr(message, "user_id", None)
+            correlation_id = message.txid.hex()
+            flow_id = flow_hex(message.flow)
+            tx.audit_many(
+                [
+                    AuditEvent(
+                        at=now,
+                        actor=requester,
+                        procedure=name,
+                        outcome=_outcome_name(outcome.status),
+                        entity_id=outcome.pne_id,
+                        user_id=user_id,
+                        hop="server",
+                        correlation_id=correlation_id,
+                        flow_id=flow_id,
+                        detail=f"flow {outcome.flow}" if outcome.flow else "",
+                    )
+                    for outcome in outcomes
+                ]
             )
         return cleared
 
@@ -573,6 +592,11 @@ def _status_name(code: ErrorCode | int) -> str:
     return code.name if isinstance(code, ErrorCode) else "UNKNOWN"
 
 
+def _outcome_name(code: ErrorCode | int) -> str:
+    """An outcome as the audit trail names it: the ErrorCode name, else the number."""
+    return code.name if isinstance(code, ErrorCode) else str(code)
+
+
 def _audit_event(
     message: Message, requester: str, code: ErrorCode | int, now: int, detail: str
 ) -> AuditEvent:
@@ -581,7 +605,7 @@ def _audit_event(
         at=now,
         actor=requester,
         procedure=_name(message),
-        outcome=code.name if isinstance(code, ErrorCode) else str(code),
+        outcome=_outcome_name(code),
         entity_id=subject,
         user_id=getattr(message, "user_id", None),
         hop="server",

@@ -102,6 +102,11 @@ class WriteTx(Protocol):
         """Append an audit event."""
         ...
 
+    def audit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Append audit events, in order (one batched statement: the per-PNE rows of an
+        establishment)."""
+        ...
+
     def set_revoked(self, entity_id: str, revoked: bool) -> None:
         """Revoke or restore an entity; StoreError if it does not exist."""
         ...
@@ -197,6 +202,16 @@ class ServerStore(Protocol):
 
     def get_tk(self, entity_id: str) -> TKRecord | None:
         """The TK record of a PNE, or None."""
+        ...
+
+    def get_entities(self, entity_ids: Sequence[str]) -> dict[str, EntityRecord]:
+        """The entities of ``entity_ids`` that exist, by Entity ID, in one read (the PNEs
+        of one establishment); the same records as :meth:`get_entity` of each."""
+        ...
+
+    def get_tks(self, entity_ids: Sequence[str]) -> dict[str, TKRecord]:
+        """The TK records of ``entity_ids`` that exist, by Entity ID, in one read; the
+        same records as :meth:`get_tk` of each."""
         ...
 
     def get_reply(self, requester: str, txid: bytes) -> StoredReply | None:

@@ -250,6 +250,11 @@ class _MemoryWriteTx:
         t.audit.append(event)
         self._undo.append(lambda: t.audit.__delitem__(-1))
 
+    def audit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Append audit events, in order."""
+        for event in events:
+            self.audit(event)
+
     def set_revoked(self, entity_id: str, revoked: bool) -> None:
         """Revoke or restore an entity; StoreError if it does not exist."""
         t = self._tables()
@@ -364,6 +369,18 @@ class MemoryStore:
         """The TK record of a PNE, or None."""
         with self._lock:
             return self._open_tables().tks.get(entity_id)
+
+    def get_entities(self, entity_ids: Sequence[str]) -> dict[str, EntityRecord]:
+        """The entities of ``entity_ids`` that exist, by Entity ID."""
+        with self._lock:
+            entities = self._open_tables().entities
+            return {i: entities[i] for i in entity_ids if i in entities}
+
+    def get_tks(self, entity_ids: Sequence[str]) -> dict[str, TKRecord]:
+        """The TK records of ``entity_ids`` that exist, by Entity ID."""
+        with self._lock:
+            tks = self._open_tables().tks
+            return {i: tks[i] for i in entity_ids if i in tks}
 
     def get_reply(self, requester: str, txid: bytes) -> StoredReply | None:
         """The stored reply of a transaction, or None."""
