@@ -211,13 +211,9 @@ class CPNSService:
                 now=now,
                 authenticated=authenticated,
                 loaded=loaded,
-                get_pn_owner=self._pn_owner,
+                get_pn_owner=self._store.get_pn_owner,
             )
         )
-
-    def _pn_owner(self, pn_id: str) -> str | None:
-        pn = self._store.get_pn(pn_id)
-        return None if pn is None else pn.owner
 
     async def handle(
         self, message: Message, *, authenticated: str | None, source: str | None = None

@@ -249,6 +249,11 @@ class ServerStore(Protocol):
         """The PN with its members and failures, or None."""
         ...
 
+    def get_pn_owner(self, pn_id: str) -> str | None:
+        """The CPNS User owning the PN, or None if there is no such PN (the owner alone:
+        both halves of PN Establishment check it)."""
+        ...
+
     def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:
         """All PNs (optionally of one owner and/or one PN GW), ordered by PN ID."""
         ...

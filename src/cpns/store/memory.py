@@ -429,6 +429,11 @@ class MemoryStore:
         with self._lock:
             return self._open_tables().pns.get(pn_id)
 
+    def get_pn_owner(self, pn_id: str) -> str | None:
+        """The CPNS User owning the PN, or None if there is no such PN."""
+        pn = self.get_pn(pn_id)
+        return None if pn is None else pn.owner
+
     def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:
         """All PNs (optionally of one owner and/or one PN GW), ordered by PN ID."""
         with self._lock:

@@ -402,6 +402,7 @@ class _Q:
         "LEFT JOIN pn_members m ON m.pn_id = p.pn_id"
     )
     PN_GET: Final = _PN_SELECT + " WHERE p.pn_id = ? ORDER BY m.pne_id"
+    PN_OWNER: Final = "SELECT owner FROM pns WHERE pn_id = ?"
     PN_LIST: Final = _PN_SELECT + " ORDER BY p.pn_id, m.pne_id"
     PN_LIST_OWNER: Final = _PN_SELECT + " WHERE p.owner = ? ORDER BY p.pn_id, m.pne_id"
     PN_LIST_GATEWAY: Final = _PN_SELECT + " WHERE p.gateway_id = ? ORDER BY p.pn_id, m.pne_id"
@@ -1531,6 +1532,12 @@ class SQLStore:
         """The PN with its members and failures, or None."""
         found = _pn_records(self._query(_Q.PN_GET, (pn_id,)))
         return found[0] if found else None
+
+    def get_pn_owner(self, pn_id: str) -> str | None:
+        """The CPNS User owning the PN, or None if there is no such PN (one row read, not
+        its members)."""
+        rows = self._query(_Q.PN_OWNER, (pn_id,))
+        return str(rows[0][0]) if rows else None
 
     def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:
         """All PNs (optionally of one owner and/or one PN GW), ordered by PN ID."""

@@ -362,6 +362,16 @@ def test_batched_reads_return_what_single_reads_return(store: ServerStore) -> No
     assert list(store.get_entities(many)) == ["pne-1"]
 
 
+def test_get_pn_owner_reads_the_owner_alone(store: ServerStore) -> None:
+    """Issue 6 item 6 (a PN ID is one user's): the owner check of both halves reads the
+    PN's owner, the one get_pn returns, or None for a PN ID not in the inventory."""
+    assert store.get_pn_owner("pn-home") is None
+    record(store, result("pne-1"))
+    pn = store.get_pn("pn-home")
+    assert pn is not None
+    assert store.get_pn_owner("pn-home") == pn.owner == "alice"
+
+
 def test_audit_many_appends_in_order(store: ServerStore) -> None:
     """DESIGN §7 audit trail: the per-PNE rows of an establishment are appended in one
     batch, in order, each as audit() would append it; an empty batch appends nothing."""
