@@ -36,7 +36,7 @@ from cpns import metrics
 from cpns.errors import DecodeError, ErrorCode
 from cpns.flow import flow_hex, log_hop, message_scope, stamp
 from cpns.logs import peer_text
-from cpns.messages.codec import decode, encode, peek_header
+from cpns.messages.codec import decode, encode, encode_without_flow, peek_header
 from cpns.messages.constants import TXID_LEN
 from cpns.messages.model import ErrorMessage, Message
 from cpns.protocol._machine import Event, Machine, NonceConsumed, ProcedureFailed
@@ -216,13 +216,22 @@ class CPNSService:
         )
 
     async def handle(
-        self, message: Message, *, authenticated: str | None, source: str | None = None
+        self,
+        message: Message,
+        *,
+        authenticated: str | None,
+        source: str | None = None,
+        encoded: bytes | None = None,
     ) -> Reply:
         """Run one request through its procedure and return the reply to send.
 
         ``source`` is the client's network address (the HTTP layer's peer address): the
         guessing guard counts unauthenticated failures per source (D-SRV-1). An
         authenticated request's source is its Entity ID.
+
+        ``encoded``: the bytes ``message`` was decoded from (:meth:`parse`), if the caller
+        has them; the request's digest (retry or replay) is then taken from them instead
+        of encoding the message again.
 
         The request is handled in its flow (docs/logging.md): every log line carries the
         request's flow ID, the reply echoes it, and one line each logs the request
@@ -240,7 +249,9 @@ class CPNSService:
             if authenticated is not None:
                 log_hop(log, "received", message, peer)
             try:
-                reply = await self._handle(message, authenticated=authenticated, source=source)
+                reply = await self._handle(
+                    message, authenticated=authenticated, source=source, encoded=encoded
+                )
             finally:
                 metrics.SERVER_PENDING.dec()
                 metrics.SERVER_REQUEST_DURATION.labels(procedure).observe(
@@ -259,7 +270,12 @@ class CPNSService:
             return reply
 
     async def _handle(
-        self, message: Message, *, authenticated: str | None, source: str | None
+        self,
+        message: Message,
+        *,
+        authenticated: str | None,
+        source: str | None,
+        encoded: bytes | None = None,
     ) -> Reply:
         now = self._clock()
         if authenticated is not None:
@@ -267,7 +283,7 @@ class CPNSService:
         requester = authenticated or message.src
         # The flow ID is not a security input (docs/wire.md 2.3): a retry is told from a
         # reused txid by the request without it.
-        digest = hashlib.sha256(encode(dataclasses.replace(message, flow=None))).digest()
+        digest = hashlib.sha256(encode_without_flow(message, encoded)).digest()
         procedure = procedure_for(message)
         reruns = _MAX_RERUNS if procedure is not None and procedure.rerun_on_conflict else 0
         while True:

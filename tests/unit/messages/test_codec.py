@@ -17,6 +17,7 @@ from cpns.messages.codec import (
     decode_record,
     encode,
     encode_record,
+    encode_without_flow,
     record_json,
     to_json,
 )
@@ -1351,3 +1352,19 @@ def test_field_keys_are_non_negative_integers() -> None:
     for bad in (-1, "1", True):
         with pytest.raises(TypeError, match="non-negative"):
             FieldSpec(bad, "int")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("message", [m for _, m, _, _ in GOLDEN], ids=[g[0] for g in GOLDEN])
+def test_encoding_without_flow_cuts_the_flow_entry(message: Message) -> None:
+    """docs/wire.md 2.3 (the flow ID is no security input): the encoding without the flow
+    ID, cut from the received bytes, is exactly the encoding of the message without it;
+    without the received bytes, or with bytes of another flow, it is encoded again."""
+    bare = encode(dataclasses.replace(message, flow=None))
+    flowed = dataclasses.replace(message, flow=b"\x02" * 8)
+    assert encode_without_flow(flowed, encode(flowed)) == bare
+    assert encode_without_flow(flowed) == bare
+    other = dataclasses.replace(message, flow=b"\x03" * 8)
+    assert encode_without_flow(flowed, encode(other)) == bare
+    plain = dataclasses.replace(message, flow=None)
+    assert encode_without_flow(plain, bare) == bare
+    assert encode_without_flow(plain) == bare
