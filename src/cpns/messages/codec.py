@@ -242,14 +242,31 @@ def _field_value(spec: FieldSpec, name: str, raw: object) -> object:
 def _fields_from(cls: type[Record], body: object) -> dict[str, Any]:
     if type(body) is not dict:
         raise DecodeError("body is not a map")
-    known = specs(cls)
-    keys = {spec.key for _, spec in known}
-    extra = [k for k in body if k not in keys]
-    if extra:
+    known, keys = _plan(cls)
+    if not keys.issuperset(body):
+        extra = [k for k in body if k not in keys]
         raise DecodeError(f"unknown field key(s) {', '.join(_show(k) for k in extra[:4])}")
-    return {
-        name: _field_value(spec, name, body[spec.key]) for name, spec in known if spec.key in body
-    }
+    out: dict[str, Any] = {}
+    for name, spec in known:
+        key = spec.key
+        if key in body:
+            raw = body[key]
+            # The plain kinds' values are taken as they are (their types are checked when
+            # the record is built), as _field_value would.
+            out[name] = raw if spec.kind in _PLAIN_KINDS else _field_value(spec, name, raw)
+    return out
+
+
+def _plan(cls: type[Record]) -> tuple[tuple[tuple[str, FieldSpec], ...], frozenset[int]]:
+    """A record class's (name, spec) pairs and the set of its field keys (cached)."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        known = specs(cls)
+        plan = _PLANS[cls] = (known, frozenset(spec.key for _, spec in known))
+    return plan
+
+
+_PLANS: dict[type[Record], tuple[tuple[tuple[str, FieldSpec], ...], frozenset[int]]] = {}
 
 
 def _build[R: Record](cls: type[R], kwargs: Mapping[str, Any]) -> R:
