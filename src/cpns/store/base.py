@@ -162,8 +162,10 @@ class WriteTx(Protocol):
         owner: str,
         now: int,
         results: Sequence[PNMember],
-    ) -> PNRecord:
-        """Upsert the PN ``pn_id`` with the per-PNE results of one establishment; return it.
+    ) -> None:
+        """Upsert the PN ``pn_id`` with the per-PNE results of one establishment (read it
+        back with :meth:`ServerStore.get_pn`: the write does not, it runs on every
+        establishment).
 
         A new PN is created at ``now``; a known one gets ``updated_at = now`` and
         ``gateway_id`` (the PN GW that established it last). Each result replaces that

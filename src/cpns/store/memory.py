@@ -294,7 +294,7 @@ class _MemoryWriteTx:
         owner: str,
         now: int,
         results: Sequence[PNMember],
-    ) -> PNRecord:
+    ) -> None:
         """Upsert a PN and its per-PNE results (see :class:`~cpns.store.base.WriteTx`)."""
         t = self._tables()
         check_pn_results(pn_id, results)
@@ -312,7 +312,6 @@ class _MemoryWriteTx:
             members=tuple(members[k] for k in sorted(members)),
         )
         self._put(t.pns, pn_id, record)
-        return record
 
     def set_tk_state(self, entity_id: str, tk: bytes, tk_step: int, *, expected_step: int) -> None:
         """Compare and set of the TK ratchet (see :class:`~cpns.store.base.WriteTx`)."""

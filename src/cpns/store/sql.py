@@ -1037,7 +1037,7 @@ class _SQLWriteTx:
         owner: str,
         now: int,
         results: Sequence[PNMember],
-    ) -> PNRecord:
+    ) -> None:
         """Upsert a PN and its per-PNE results (see :class:`~cpns.store.base.WriteTx`)."""
         check_pn_results(pn_id, results)
         try:
@@ -1045,16 +1045,12 @@ class _SQLWriteTx:
                 cur = self._exec(_Q.PN_UPSERT, (pn_id, gateway_id, owner, now, now))
                 if cur.rowcount != 1:
                     raise ConflictError(f"PN {pn_id!r} belongs to another user")
-                conn = self._live()
-                conn.executemany(
+                self._live().executemany(
                     self._dialect.sql(_Q.PN_MEMBER_UPSERT),
                     [(pn_id, r.pne_id, r.flow, r.status, r.at) for r in results],
                 )
-                rows = conn.execute(self._dialect.sql(_Q.PN_GET), (pn_id,)).fetchall()
         except self._dialect.error as exc:
             raise StoreError(f"cannot record PN {pn_id!r}: {exc}") from None
-        [record] = _pn_records(rows)
-        return record
 
     def set_tk_state(self, entity_id: str, tk: bytes, tk_step: int, *, expected_step: int) -> None:
         """Compare and set of the TK ratchet (see :class:`~cpns.store.base.WriteTx`)."""

@@ -110,7 +110,10 @@ def record(
     owner: str = "alice",
     now: int = 1010,
 ) -> PNRecord:
-    return store.write(lambda tx: tx.record_pn(pn_id, gateway_id, owner, now, list(results)))
+    store.write(lambda tx: tx.record_pn(pn_id, gateway_id, owner, now, list(results)))
+    pn = store.get_pn(pn_id)
+    assert pn is not None
+    return pn
 
 
 # -- pending establishments ---------------------------------------------------------------
