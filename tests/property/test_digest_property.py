@@ -147,3 +147,44 @@ def test_client_server_round_trip(username: str, uri: str, method: str, requests
         )
         assert result.username == username
         client.verify_response(result.authentication_info)
+
+
+def _general_parse(header: str) -> dict[str, str] | None:
+    """What the general parser makes of a single Digest challenge or credentials (None:
+    refused)."""
+    try:
+        challenges = parse_challenges(header)
+    except AuthenticationFailed:
+        return None
+    if len(challenges) != 1 or challenges[0].scheme != "digest" or challenges[0].token68:
+        return None
+    return dict(challenges[0].params)
+
+
+simple_values = st.text(alphabet=TOKEN_CHARS, min_size=1, max_size=12) | st.text(
+    alphabet=PRINTABLE, max_size=20
+).filter(lambda v: '"' not in v and "\\" not in v).map(lambda v: f'"{v}"')
+
+
+@given(
+    st.sampled_from(["Digest", "digest", "DIGEST", "DiGeSt"]),
+    st.lists(st.tuples(names | names.map(str.upper), simple_values), min_size=1, max_size=9),
+    st.sampled_from([", ", ",", " , ", ",, "]),
+)
+@settings(max_examples=400)
+def test_parse_digest_fast_path_answers_as_the_general_parser(
+    scheme: str, pairs: list[tuple[str, str]], separator: str
+) -> None:
+    """RFC 9110 §11.2 / RFC 7616 §3.4: the fast path of parse_digest for the usual header
+    shape ("Digest " and name=value pairs separated by ", ") gives exactly what the general
+    parser gives, and refuses what it refuses (a repeated name in any case); other
+    separators take the general parser."""
+    header = scheme + " " + separator.join(f"{n}={v}" for n, v in pairs)
+    expected = _general_parse(header)
+    if expected is None:
+        try:
+            parse_digest(header)
+        except AuthenticationFailed:
+            return
+        raise AssertionError(f"accepted: {header!r}")
+    assert parse_digest(header) == expected

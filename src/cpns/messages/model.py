@@ -88,6 +88,12 @@ class FieldSpec:
     #: The nested record class of a ``records`` field.
     record: type[Record] | None = None
 
+    def __post_init__(self) -> None:
+        # The codec writes maps in ascending key order as deterministic CBOR, which holds
+        # only for non-negative integer keys (cpns.messages.codec).
+        if type(self.key) is not int or self.key < 0:
+            raise TypeError(f"field keys are non-negative integers, not {self.key!r}")
+
 
 def _f(spec: FieldSpec) -> Any:
     """Declare a dataclass field carrying ``spec``; optional fields default to None."""

@@ -119,6 +119,21 @@ _SEP_RE: Final = re.compile(r"[ \t,]*")
 _EQUALS_RE: Final = re.compile(r"=")
 _COMMA_RE: Final = re.compile(r",")
 _PRINTABLE_RE: Final = re.compile(r"[\t\x20-\x7e]*")
+# The usual shape of a Digest header (ours, curl's, httpx's): "Digest " then name=value
+# pairs separated by ", ", each value a token or a quoted-string without quoted-pairs.
+# parse_digest reads such a header with two regular expressions; anything else, and any
+# repeated name, takes the general parser (which gives the same answer for this shape).
+_SIMPLE_PARAM: Final = (
+    r"[!#$%&'*+.^_`|~0-9A-Za-z-]+="
+    r'(?:[!#$%&\'*+.^_`|~0-9A-Za-z-]+|"[\t \x21\x23-\x5b\x5d-\x7e]*")'
+)
+_SIMPLE_DIGEST_RE: Final = re.compile(
+    rf"[Dd][Ii][Gg][Ee][Ss][Tt] {_SIMPLE_PARAM}(?:, {_SIMPLE_PARAM})*"
+)
+_SIMPLE_PARAM_RE: Final = re.compile(
+    r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)="
+    r'(?:([!#$%&\'*+.^_`|~0-9A-Za-z-]+)|"([\t \x21\x23-\x5b\x5d-\x7e]*)")'
+)
 _NONCE_RE: Final = re.compile(r"[A-Za-z0-9_-]{64}")
 _NC_RE: Final = re.compile(r"[0-9a-fA-F]{8}")
 _HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
@@ -338,6 +353,14 @@ def parse_digest(header: str) -> dict[str, str]:
     Returns: the parameters, names lower-cased, values unescaped.
     Raises: AuthenticationFailed: malformed, not exactly one challenge, or not Digest.
     """
+    if len(header) <= MAX_HEADER_LEN and _SIMPLE_DIGEST_RE.fullmatch(header) is not None:
+        simple: dict[str, str] = {}
+        for name, token, quoted in _SIMPLE_PARAM_RE.findall(header, len("Digest ")):
+            if name.lower() in simple:
+                break  # the general parser refuses it, with its reason
+            simple[name.lower()] = token or quoted
+        else:
+            return simple
     challenges = parse_challenges(header)
     if len(challenges) != 1:
         raise _malformed("more than one challenge or credentials")

@@ -283,7 +283,7 @@ class CPNSApp:
             return
         client = scope.get("client")
         reply = await self._service.handle(
-            parsed, authenticated=entity, source=client[0] if client else None
+            parsed, authenticated=entity, source=client[0] if client else None, encoded=body
         )
         await _respond(send, reply.http_status, reply.body, _CBOR, headers)
 

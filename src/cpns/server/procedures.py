@@ -25,10 +25,11 @@ The service layer knows no message type by name: it looks the request's type up 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from cpns.errors import ErrorCode
+from cpns.messages.constants import AuthFlow
 from cpns.messages.model import (
     AuthenticateRequest,
     AuthenticateResponse,
@@ -64,6 +65,7 @@ __all__ = [
     "MachineContext",
     "PNEOutcome",
     "Party",
+    "Prefetched",
     "Procedure",
     "procedure_for",
 ]
@@ -211,15 +213,53 @@ def _from_gateway(message: Message) -> Party:
 # -- PN Establishment (002 §7.5.4, 000 §7.5) ---------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Prefetched:
+    """What a PN Establishment half's ``load`` read: the pending establishment (second
+    half), and the records of every entity and TK state the half will check, each read
+    in ONE query for all the PNEs of the request instead of one query per PNE and table."""
+
+    #: The pending establishment the AUTHENTICATE Response continues (None: unknown,
+    #: finished or purged; always None for the first half).
+    pending: EstablishmentPending | None
+    #: Entities by Entity ID; an ID read and not found maps to None.
+    entities: Mapping[str, EntityRecord | None] = field(default_factory=dict)
+    #: TK states (TK_s, s) by Entity ID; an ID read and not found maps to None.
+    tks: Mapping[str, tuple[bytes, int] | None] = field(default_factory=dict, repr=False)
+
+
+def _prefetch(
+    store: ServerStore,
+    entity_ids: list[str],
+    pending: EstablishmentPending | None = None,
+    tk_ids: list[str] | None = None,
+) -> Prefetched:
+    """Read ``entity_ids`` and the TK states of ``tk_ids`` (by default: of the entities
+    read whose chain was assigned through a PN GW, the TK flow's) in one query each."""
+    found = store.get_entities(entity_ids)
+    entities: dict[str, EntityRecord | None] = {i: found.get(i) for i in entity_ids}
+    if tk_ids is None:
+        tk_ids = [i for i, e in found.items() if e.assigned_via is not None]
+    records = store.get_tks(tk_ids) if tk_ids else {}
+    tks: dict[str, tuple[bytes, int] | None] = {}
+    for i in tk_ids:
+        record = records.get(i)
+        tks[i] = None if record is None else (record.tk, record.tk_step)
+    return Prefetched(pending=pending, entities=entities, tks=tks)
+
+
 def _establishment_lookups(ctx: MachineContext) -> EstablishmentLookups:
-    """The store's reads for one run of a machine, each at most once per ID: the setup
-    half asks for a PNE's entity and TK state when it checks the PNE and again when it
-    builds its challenge (each read is a query and an unseal of the whole chain). A rerun
-    after a lost compare and set builds a new machine, so it reads afresh."""
+    """The store's reads for one run of a machine, each at most once per ID: what the
+    procedure's ``load`` read for all the request's PNEs at once (:class:`Prefetched`),
+    else one read on first use (the setup half asks for a PNE's entity and TK state when
+    it checks the PNE and again when it builds its challenge; each read is a query and an
+    unseal of the whole chain). A rerun after a lost compare and set builds a new machine
+    and loads afresh."""
     get_tk = ctx.lookups.get_tk
     get_entity = ctx.lookups.get_entity
-    entities: dict[str, EntityRecord | None] = {}
-    tks: dict[str, tuple[bytes, int] | None] = {}
+    loaded = ctx.loaded if isinstance(ctx.loaded, Prefetched) else None
+    entities: dict[str, EntityRecord | None] = {} if loaded is None else dict(loaded.entities)
+    tks: dict[str, tuple[bytes, int] | None] = {} if loaded is None else dict(loaded.tks)
 
     def entity(entity_id: str) -> EntityRecord | None:
         if entity_id not in entities:
@@ -235,6 +275,17 @@ def _establishment_lookups(ctx: MachineContext) -> EstablishmentLookups:
     return EstablishmentLookups(
         get_entity=entity, get_tk_state=tk_state, get_pn_owner=ctx.get_pn_owner
     )
+
+
+def _setup_load(store: ServerStore, message: Message, authenticated: str | None) -> Prefetched:
+    """The requesting PN GW and every PNE of the SETUP Request, with the TK states of the
+    TK-flow PNEs, in one query per table."""
+    assert isinstance(message, PNEstablishRequest)
+    ids = [e.pne_id for e in message.entries]
+    if authenticated is not None:
+        ids.insert(0, authenticated)
+    ids = list(dict.fromkeys(ids))
+    return _prefetch(store, ids)
 
 
 def _setup_machine(ctx: MachineContext) -> Machine[Any]:
@@ -253,16 +304,24 @@ def _setup_persist(tx: WriteTx, event: Event, now: int) -> None:
         tx.put_establishment(event.to_record())
 
 
-def _complete_load(
-    store: ServerStore, message: Message, authenticated: str | None
-) -> EstablishmentPending | None:
-    """The pending establishment the AUTHENTICATE Response continues: the authenticated
-    PN GW's, by est_id (None: unknown, finished or purged)."""
+def _complete_load(store: ServerStore, message: Message, authenticated: str | None) -> Prefetched:
+    """The pending establishment the AUTHENTICATE Response continues (the authenticated
+    PN GW's, by est_id; None: unknown, finished or purged), with the PN GW, its PNEs and
+    the TK states of its TK-flow PNEs read in one query per table."""
     assert isinstance(message, AuthenticateResponse)
     if authenticated is None:
-        return None
+        return Prefetched(pending=None)
     record = store.get_establishment(authenticated, message.est_id)
-    return None if record is None else EstablishmentPending.from_record(record)
+    if record is None:
+        return Prefetched(pending=None)
+    pending = EstablishmentPending.from_record(record)
+    checked = [e.pne_id for e in pending.entries if e.status is ErrorCode.OK]
+    return _prefetch(
+        store,
+        list(dict.fromkeys([authenticated, *checked])),
+        pending,
+        tk_ids=[e.pne_id for e in pending.entries if e.flow is AuthFlow.TK],
+    )
 
 
 def _complete_machine(ctx: MachineContext) -> Machine[Any]:
@@ -270,7 +329,7 @@ def _complete_machine(ctx: MachineContext) -> Machine[Any]:
     return ServerCompletion(
         server_id=ctx.policy.server_id,
         requester=ctx.authenticated,
-        pending=ctx.loaded,
+        pending=ctx.loaded.pending if isinstance(ctx.loaded, Prefetched) else None,
         lookups=_establishment_lookups(ctx),
         now=ctx.now,
     )
@@ -326,6 +385,7 @@ PROCEDURES: Final[tuple[Procedure, ...]] = (
         machine=_setup_machine,
         persist=_setup_persist,
         party=_from_gateway,
+        load=_setup_load,
         pne_outcomes=_challenged,
     ),
     Procedure(

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,7 +36,7 @@ from cpns import metrics
 from cpns.errors import DecodeError, ErrorCode
 from cpns.flow import flow_hex, log_hop, message_scope, stamp
 from cpns.logs import peer_text
-from cpns.messages.codec import decode, encode, peek_header
+from cpns.messages.codec import decode, encode, encode_without_flow, peek_header
 from cpns.messages.constants import TXID_LEN
 from cpns.messages.model import ErrorMessage, Message
 from cpns.protocol._machine import Event, Machine, NonceConsumed, ProcedureFailed
@@ -210,22 +211,27 @@ class CPNSService:
                 now=now,
                 authenticated=authenticated,
                 loaded=loaded,
-                get_pn_owner=self._pn_owner,
+                get_pn_owner=self._store.get_pn_owner,
             )
         )
 
-    def _pn_owner(self, pn_id: str) -> str | None:
-        pn = self._store.get_pn(pn_id)
-        return None if pn is None else pn.owner
-
     async def handle(
-        self, message: Message, *, authenticated: str | None, source: str | None = None
+        self,
+        message: Message,
+        *,
+        authenticated: str | None,
+        source: str | None = None,
+        encoded: bytes | None = None,
     ) -> Reply:
         """Run one request through its procedure and return the reply to send.
 
         ``source`` is the client's network address (the HTTP layer's peer address): the
         guessing guard counts unauthenticated failures per source (D-SRV-1). An
         authenticated request's source is its Entity ID.
+
+        ``encoded``: the bytes ``message`` was decoded from (:meth:`parse`), if the caller
+        has them; the request's digest (retry or replay) is then taken from them instead
+        of encoding the message again.
 
         The request is handled in its flow (docs/logging.md): every log line carries the
         request's flow ID, the reply echoes it, and one line each logs the request
@@ -243,7 +249,9 @@ class CPNSService:
             if authenticated is not None:
                 log_hop(log, "received", message, peer)
             try:
-                reply = await self._handle(message, authenticated=authenticated, source=source)
+                reply = await self._handle(
+                    message, authenticated=authenticated, source=source, encoded=encoded
+                )
             finally:
                 metrics.SERVER_PENDING.dec()
                 metrics.SERVER_REQUEST_DURATION.labels(procedure).observe(
@@ -262,7 +270,12 @@ class CPNSService:
             return reply
 
     async def _handle(
-        self, message: Message, *, authenticated: str | None, source: str | None
+        self,
+        message: Message,
+        *,
+        authenticated: str | None,
+        source: str | None,
+        encoded: bytes | None = None,
     ) -> Reply:
         now = self._clock()
         if authenticated is not None:
@@ -270,7 +283,7 @@ class CPNSService:
         requester = authenticated or message.src
         # The flow ID is not a security input (docs/wire.md 2.3): a retry is told from a
         # reused txid by the request without it.
-        digest = hashlib.sha256(encode(dataclasses.replace(message, flow=None))).digest()
+        digest = hashlib.sha256(encode_without_flow(message, encoded)).digest()
         procedure = procedure_for(message)
         reruns = _MAX_RERUNS if procedure is not None and procedure.rerun_on_conflict else 0
         while True:
@@ -371,10 +384,11 @@ class CPNSService:
             self.guard.forget(cleared)
         procedure = procedure_for(message)
         assert procedure is not None  # only a procedure's request gets this far
-        for outcome in procedure.pne_outcomes(reply):
-            metrics.SERVER_PNE_OUTCOMES.labels(
-                procedure.name, outcome.flow or "none", _status_name(outcome.status)
-            ).inc()
+        # One increment per (flow, status) rather than one per PNE: the same counts.
+        outcomes = procedure.pne_outcomes(reply)
+        tally = Counter((o.flow or "none", _status_name(o.status)) for o in outcomes)
+        for (flow, status_name), count in tally.items():
+            metrics.SERVER_PNE_OUTCOMES.labels(procedure.name, flow, status_name).inc(count)
         status = _reply_status(reply)
         log.info(
             "%s %s for %s",
@@ -494,13 +508,30 @@ class CPNSService:
         if user_id is not None:
             cleared = self.guard.succeeded(tx, procedure.name, user_id, source)
         tx.audit(_audit_event(message, requester, _reply_status(reply), now, ""))
-        for outcome in procedure.pne_outcomes(reply):
-            tx.audit(
-                dataclasses.replace(
-                    _audit_event(message, requester, outcome.status, now, ""),
-                    entity_id=outcome.pne_id,
-                    detail=f"flow {outcome.flow}" if outcome.flow else "",
-                )
+        outcomes = procedure.pne_outcomes(reply)
+        if outcomes:
+            # One row per PNE, in one batched statement; the fields shared by every row
+            # are worked out once.
+            name = _name(message)
+            user_id = getattr(message, "user_id", None)
+            correlation_id = message.txid.hex()
+            flow_id = flow_hex(message.flow)
+            tx.audit_many(
+                [
+                    AuditEvent(
+                        at=now,
+                        actor=requester,
+                        procedure=name,
+                        outcome=_outcome_name(outcome.status),
+                        entity_id=outcome.pne_id,
+                        user_id=user_id,
+                        hop="server",
+                        correlation_id=correlation_id,
+                        flow_id=flow_id,
+                        detail=f"flow {outcome.flow}" if outcome.flow else "",
+                    )
+                    for outcome in outcomes
+                ]
             )
         return cleared
 
@@ -573,6 +604,11 @@ def _status_name(code: ErrorCode | int) -> str:
     return code.name if isinstance(code, ErrorCode) else "UNKNOWN"
 
 
+def _outcome_name(code: ErrorCode | int) -> str:
+    """An outcome as the audit trail names it: the ErrorCode name, else the number."""
+    return code.name if isinstance(code, ErrorCode) else str(code)
+
+
 def _audit_event(
     message: Message, requester: str, code: ErrorCode | int, now: int, detail: str
 ) -> AuditEvent:
@@ -581,7 +617,7 @@ def _audit_event(
         at=now,
         actor=requester,
         procedure=_name(message),
-        outcome=code.name if isinstance(code, ErrorCode) else str(code),
+        outcome=_outcome_name(code),
         entity_id=subject,
         user_id=getattr(message, "user_id", None),
         hop="server",

@@ -102,6 +102,11 @@ class WriteTx(Protocol):
         """Append an audit event."""
         ...
 
+    def audit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Append audit events, in order (one batched statement: the per-PNE rows of an
+        establishment)."""
+        ...
+
     def set_revoked(self, entity_id: str, revoked: bool) -> None:
         """Revoke or restore an entity; StoreError if it does not exist."""
         ...
@@ -157,8 +162,10 @@ class WriteTx(Protocol):
         owner: str,
         now: int,
         results: Sequence[PNMember],
-    ) -> PNRecord:
-        """Upsert the PN ``pn_id`` with the per-PNE results of one establishment; return it.
+    ) -> None:
+        """Upsert the PN ``pn_id`` with the per-PNE results of one establishment (read it
+        back with :meth:`ServerStore.get_pn`: the write does not, it runs on every
+        establishment).
 
         A new PN is created at ``now``; a known one gets ``updated_at = now`` and
         ``gateway_id`` (the PN GW that established it last). Each result replaces that
@@ -199,6 +206,16 @@ class ServerStore(Protocol):
         """The TK record of a PNE, or None."""
         ...
 
+    def get_entities(self, entity_ids: Sequence[str]) -> dict[str, EntityRecord]:
+        """The entities of ``entity_ids`` that exist, by Entity ID, in one read (the PNEs
+        of one establishment); the same records as :meth:`get_entity` of each."""
+        ...
+
+    def get_tks(self, entity_ids: Sequence[str]) -> dict[str, TKRecord]:
+        """The TK records of ``entity_ids`` that exist, by Entity ID, in one read; the
+        same records as :meth:`get_tk` of each."""
+        ...
+
     def get_reply(self, requester: str, txid: bytes) -> StoredReply | None:
         """The stored reply of a transaction, or None."""
         ...
@@ -232,6 +249,11 @@ class ServerStore(Protocol):
 
     def get_pn(self, pn_id: str) -> PNRecord | None:
         """The PN with its members and failures, or None."""
+        ...
+
+    def get_pn_owner(self, pn_id: str) -> str | None:
+        """The CPNS User owning the PN, or None if there is no such PN (the owner alone:
+        both halves of PN Establishment check it)."""
         ...
 
     def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:

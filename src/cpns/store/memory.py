@@ -250,6 +250,11 @@ class _MemoryWriteTx:
         t.audit.append(event)
         self._undo.append(lambda: t.audit.__delitem__(-1))
 
+    def audit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Append audit events, in order."""
+        for event in events:
+            self.audit(event)
+
     def set_revoked(self, entity_id: str, revoked: bool) -> None:
         """Revoke or restore an entity; StoreError if it does not exist."""
         t = self._tables()
@@ -289,7 +294,7 @@ class _MemoryWriteTx:
         owner: str,
         now: int,
         results: Sequence[PNMember],
-    ) -> PNRecord:
+    ) -> None:
         """Upsert a PN and its per-PNE results (see :class:`~cpns.store.base.WriteTx`)."""
         t = self._tables()
         check_pn_results(pn_id, results)
@@ -307,7 +312,6 @@ class _MemoryWriteTx:
             members=tuple(members[k] for k in sorted(members)),
         )
         self._put(t.pns, pn_id, record)
-        return record
 
     def set_tk_state(self, entity_id: str, tk: bytes, tk_step: int, *, expected_step: int) -> None:
         """Compare and set of the TK ratchet (see :class:`~cpns.store.base.WriteTx`)."""
@@ -365,6 +369,18 @@ class MemoryStore:
         with self._lock:
             return self._open_tables().tks.get(entity_id)
 
+    def get_entities(self, entity_ids: Sequence[str]) -> dict[str, EntityRecord]:
+        """The entities of ``entity_ids`` that exist, by Entity ID."""
+        with self._lock:
+            entities = self._open_tables().entities
+            return {i: entities[i] for i in entity_ids if i in entities}
+
+    def get_tks(self, entity_ids: Sequence[str]) -> dict[str, TKRecord]:
+        """The TK records of ``entity_ids`` that exist, by Entity ID."""
+        with self._lock:
+            tks = self._open_tables().tks
+            return {i: tks[i] for i in entity_ids if i in tks}
+
     def get_reply(self, requester: str, txid: bytes) -> StoredReply | None:
         """The stored reply of a transaction, or None."""
         with self._lock:
@@ -411,6 +427,11 @@ class MemoryStore:
         """The PN with its members and failures, or None."""
         with self._lock:
             return self._open_tables().pns.get(pn_id)
+
+    def get_pn_owner(self, pn_id: str) -> str | None:
+        """The CPNS User owning the PN, or None if there is no such PN."""
+        pn = self.get_pn(pn_id)
+        return None if pn is None else pn.owner
 
     def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:
         """All PNs (optionally of one owner and/or one PN GW), ordered by PN ID."""

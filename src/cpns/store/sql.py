@@ -120,6 +120,9 @@ _log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH: Final = 512
 #: Default most read connections of a PostgreSQL store (one process).
 DEFAULT_MAX_READERS: Final = 16
+#: IDs per query of a batched read (:meth:`SQLStore.get_entities`): an establishment has
+#: at most 64 PNEs, far under SQLite's and PostgreSQL's parameter limits.
+MAX_BATCH_READ: Final = 128
 #: Label of the nonce digest stored in ``nonces.nonce_hash`` (DESIGN §4 labelled hashes).
 NONCE_HASH_LABEL: Final = "cpns/v1/store/nonce"
 _KEY_CHECK_PLAINTEXT: Final = b"cpns store master key check v1"
@@ -342,6 +345,8 @@ class _Q:
         "assigned_at, revoked, epoch FROM entities"
     )
     ENTITY_GET: Final = _ENTITY_COLUMNS + " WHERE entity_id = ?"
+    #: Several entities at once (``{}``: as many ``?`` as IDs).
+    ENTITIES_GET_IN: Final = _ENTITY_COLUMNS + " WHERE entity_id IN ({})"
     ENTITY_LIST: Final = _ENTITY_COLUMNS + " ORDER BY entity_id"
     ENTITY_LIST_OWNER: Final = _ENTITY_COLUMNS + " WHERE owner = ? ORDER BY entity_id"
     ENTITY_SET_REVOKED: Final = "UPDATE entities SET revoked = ? WHERE entity_id = ?"
@@ -352,6 +357,11 @@ class _Q:
     TK_GET: Final = (
         "SELECT entity_id, tk_sealed, source, imported_at, tk_step FROM tk_records "
         "WHERE entity_id = ?"
+    )
+    #: Several TK records at once (``{}``: as many ``?`` as IDs).
+    TKS_GET_IN: Final = (
+        "SELECT entity_id, tk_sealed, source, imported_at, tk_step FROM tk_records "
+        "WHERE entity_id IN ({})"
     )
     #: Compare and set of the TK ratchet: written only if the step is still the one read.
     TK_SET_STATE: Final = (
@@ -392,6 +402,7 @@ class _Q:
         "LEFT JOIN pn_members m ON m.pn_id = p.pn_id"
     )
     PN_GET: Final = _PN_SELECT + " WHERE p.pn_id = ? ORDER BY m.pne_id"
+    PN_OWNER: Final = "SELECT owner FROM pns WHERE pn_id = ?"
     PN_LIST: Final = _PN_SELECT + " ORDER BY p.pn_id, m.pne_id"
     PN_LIST_OWNER: Final = _PN_SELECT + " WHERE p.owner = ? ORDER BY p.pn_id, m.pne_id"
     PN_LIST_GATEWAY: Final = _PN_SELECT + " WHERE p.gateway_id = ? ORDER BY p.pn_id, m.pne_id"
@@ -941,6 +952,17 @@ class _SQLWriteTx:
         except self._dialect.error as exc:
             raise StoreError(f"cannot append an audit event: {exc}") from None
 
+    def audit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Append audit events, in order, in one batched statement."""
+        if not events:
+            return
+        try:
+            self._live().executemany(
+                self._dialect.sql(_Q.AUDIT_INSERT), [audit_row(e) for e in events]
+            )
+        except self._dialect.error as exc:
+            raise StoreError(f"cannot append audit events: {exc}") from None
+
     def set_revoked(self, entity_id: str, revoked: bool) -> None:
         """Revoke or restore an entity; StoreError if it does not exist."""
         try:
@@ -1015,7 +1037,7 @@ class _SQLWriteTx:
         owner: str,
         now: int,
         results: Sequence[PNMember],
-    ) -> PNRecord:
+    ) -> None:
         """Upsert a PN and its per-PNE results (see :class:`~cpns.store.base.WriteTx`)."""
         check_pn_results(pn_id, results)
         try:
@@ -1023,16 +1045,12 @@ class _SQLWriteTx:
                 cur = self._exec(_Q.PN_UPSERT, (pn_id, gateway_id, owner, now, now))
                 if cur.rowcount != 1:
                     raise ConflictError(f"PN {pn_id!r} belongs to another user")
-                conn = self._live()
-                conn.executemany(
+                self._live().executemany(
                     self._dialect.sql(_Q.PN_MEMBER_UPSERT),
                     [(pn_id, r.pne_id, r.flow, r.status, r.at) for r in results],
                 )
-                rows = conn.execute(self._dialect.sql(_Q.PN_GET), (pn_id,)).fetchall()
         except self._dialect.error as exc:
             raise StoreError(f"cannot record PN {pn_id!r}: {exc}") from None
-        [record] = _pn_records(rows)
-        return record
 
     def set_tk_state(self, entity_id: str, tk: bytes, tk_step: int, *, expected_step: int) -> None:
         """Compare and set of the TK ratchet (see :class:`~cpns.store.base.WriteTx`)."""
@@ -1451,7 +1469,10 @@ class SQLStore:
         rows = self._query(_Q.TK_GET, (entity_id,))
         if not rows:
             return None
-        eid, sealed, source, imported_at, tk_step = rows[0]
+        return self._tk(rows[0])
+
+    def _tk(self, row: Any) -> TKRecord:
+        eid, sealed, source, imported_at, tk_step = row
         return TKRecord(
             entity_id=eid,
             tk=self._sealer.open("tk_records.tk", bytes(sealed), (eid,)),
@@ -1459,6 +1480,37 @@ class SQLStore:
             imported_at=imported_at,
             tk_step=tk_step,
         )
+
+    def get_entities(self, entity_ids: Sequence[str]) -> dict[str, EntityRecord]:
+        """The entities of ``entity_ids`` that exist, by Entity ID, in one query (at most
+        :data:`MAX_BATCH_READ` IDs per query); each unknown ID costs the same unseal as in
+        :meth:`get_entity`. :class:`StoreError` if a sealed chain does not open."""
+        found: dict[str, EntityRecord] = {}
+        wanted = list(dict.fromkeys(entity_ids))
+        for rows in self._query_in(_Q.ENTITIES_GET_IN, wanted):
+            for row in rows:
+                record = self._entity(row)
+                found[record.entity_id] = record
+        for _missing in range(len(wanted) - len(found)):
+            self._entity(self._no_entity_row)
+        return found
+
+    def get_tks(self, entity_ids: Sequence[str]) -> dict[str, TKRecord]:
+        """The TK records of ``entity_ids`` that exist, by Entity ID, in one query (at most
+        :data:`MAX_BATCH_READ` IDs per query)."""
+        found: dict[str, TKRecord] = {}
+        for rows in self._query_in(_Q.TKS_GET_IN, list(dict.fromkeys(entity_ids))):
+            for row in rows:
+                record = self._tk(row)
+                found[record.entity_id] = record
+        return found
+
+    def _query_in(self, statement: str, keys: list[str]) -> Iterator[list[Any]]:
+        """The rows of ``statement`` (ending in ``IN ({})``) for ``keys``, a query per
+        :data:`MAX_BATCH_READ` of them."""
+        for start in range(0, len(keys), MAX_BATCH_READ):
+            chunk = keys[start : start + MAX_BATCH_READ]
+            yield self._query(statement.format(", ".join("?" * len(chunk))), chunk)
 
     def get_establishment(self, gateway_id: str, est_id: bytes) -> PendingEstablishment | None:
         """The pending establishment, or None; :class:`StoreError` if it does not open."""
@@ -1476,6 +1528,12 @@ class SQLStore:
         """The PN with its members and failures, or None."""
         found = _pn_records(self._query(_Q.PN_GET, (pn_id,)))
         return found[0] if found else None
+
+    def get_pn_owner(self, pn_id: str) -> str | None:
+        """The CPNS User owning the PN, or None if there is no such PN (one row read, not
+        its members)."""
+        rows = self._query(_Q.PN_OWNER, (pn_id,))
+        return str(rows[0][0]) if rows else None
 
     def list_pns(self, *, owner: str | None = None, gateway: str | None = None) -> list[PNRecord]:
         """All PNs (optionally of one owner and/or one PN GW), ordered by PN ID."""

@@ -17,6 +17,7 @@ from cpns.messages.codec import (
     decode_record,
     encode,
     encode_record,
+    encode_without_flow,
     record_json,
     to_json,
 )
@@ -34,6 +35,7 @@ from cpns.messages.model import (
     EUKeyAssignmentNotification,
     EUKeyAssignmentRequest,
     EUKeyAssignmentResponse,
+    FieldSpec,
     KeyBundle,
     LocalAuthRequest,
     LocalAuthResponse,
@@ -1331,3 +1333,38 @@ def test_nested_records_are_typed() -> None:
 
     with pytest.raises(TypeError, match="scalar"):
         f_records(1, KeyBundle)
+
+
+@pytest.mark.parametrize("message", [m for _, m, _, _ in GOLDEN], ids=[g[0] for g in GOLDEN])
+def test_the_encoding_is_what_canonical_cbor_writes(message: Message) -> None:
+    """RFC 8949 §4.2 core deterministic encoding (docs/wire.md): the codec writes its maps
+    in ascending key order with cbor2's ordinary encoder; for every message type, with and
+    without a flow ID, the bytes are exactly those of cbor2's canonical mode."""
+    for variant in (message, dataclasses.replace(message, flow=b"\x01" * 8)):
+        data = encode(variant)
+        assert data == cbor2.dumps(cbor2.loads(data), canonical=True)
+        assert decode(data) == variant
+
+
+def test_field_keys_are_non_negative_integers() -> None:
+    """Our rule behind the ordered maps of the codec (docs/wire.md, deterministic CBOR):
+    a field declared with a negative or non-integer key is refused at declaration."""
+    for bad in (-1, "1", True):
+        with pytest.raises(TypeError, match="non-negative"):
+            FieldSpec(bad, "int")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("message", [m for _, m, _, _ in GOLDEN], ids=[g[0] for g in GOLDEN])
+def test_encoding_without_flow_cuts_the_flow_entry(message: Message) -> None:
+    """docs/wire.md 2.3 (the flow ID is no security input): the encoding without the flow
+    ID, cut from the received bytes, is exactly the encoding of the message without it;
+    without the received bytes, or with bytes of another flow, it is encoded again."""
+    bare = encode(dataclasses.replace(message, flow=None))
+    flowed = dataclasses.replace(message, flow=b"\x02" * 8)
+    assert encode_without_flow(flowed, encode(flowed)) == bare
+    assert encode_without_flow(flowed) == bare
+    other = dataclasses.replace(message, flow=b"\x03" * 8)
+    assert encode_without_flow(flowed, encode(other)) == bare
+    plain = dataclasses.replace(message, flow=None)
+    assert encode_without_flow(plain, bare) == bare
+    assert encode_without_flow(plain) == bare

@@ -4,6 +4,7 @@ read by the service layer for the machine, openness, persistence and audit name.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import pytest
 from tests.helpers import FIXED_NOW, SERVER_ID, FixedRandom
@@ -23,6 +24,7 @@ from cpns.messages.model import (
     PNEstablishRequest,
     PNEstablishResponse,
     PNSetupRequest,
+    SetupEntry,
     UserKeyAssignmentRequest,
 )
 from cpns.protocol.key_assignment import (
@@ -38,11 +40,12 @@ from cpns.protocol.pn_establishment import (
     ServerSetup,
 )
 from cpns.protocol.user_key_assignment import EUKeyAssigned, UserKeyAssignmentServer
-from cpns.records import UserRecord
+from cpns.records import EntityRecord, TKRecord, UserRecord
 from cpns.server.procedures import (
     PROCEDURES,
     MachineContext,
     PNEOutcome,
+    Prefetched,
     Procedure,
     _index,
     procedure_for,
@@ -171,7 +174,7 @@ def test_pn_establishment_halves_are_authenticated_and_the_second_loads_its_stat
     assert complete is not None
     assert not setup.open
     assert not complete.open
-    assert setup.load is None
+    assert setup.load is not None  # prefetches the PN GW's and the PNEs' records
     assert complete.load is not None
     assert complete.rerun_on_conflict
     assert isinstance(setup.machine(_context("gw-alice")), ServerSetup)
@@ -199,9 +202,9 @@ def test_pn_establishment_halves_are_authenticated_and_the_second_loads_its_stat
         est_id=bytes(16),
         entries=(AuthProof(pne_id="pne-1", status=ErrorCode.TIMEOUT),),
     )
-    assert complete.load(store, response, "gw-alice") == pending
-    assert complete.load(store, response, "gw-bob") is None
-    ctx = dataclasses.replace(_context("gw-alice"), loaded=pending)
+    assert complete.load(store, response, "gw-alice").pending == pending
+    assert complete.load(store, response, "gw-bob").pending is None
+    ctx = dataclasses.replace(_context("gw-alice"), loaded=Prefetched(pending=pending))
     assert isinstance(complete.machine(ctx), ServerCompletion)
 
 
@@ -243,3 +246,127 @@ def test_pne_outcomes_are_read_from_the_reply() -> None:
     )
     assert complete.pne_outcomes(result) == (PNEOutcome("pne-1", ErrorCode.OK, "rand-hash"),)
     assert ui.pne_outcomes(result) == ()
+
+
+class _CountingStore(MemoryStore):
+    """A memory store that counts its single and batched entity and TK reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def get_entity(self, entity_id: str) -> EntityRecord | None:
+        self.reads.append("entity")
+        return super().get_entity(entity_id)
+
+    def get_tk(self, entity_id: str) -> TKRecord | None:
+        self.reads.append("tk")
+        return super().get_tk(entity_id)
+
+    def get_entities(self, entity_ids: Sequence[str]) -> dict[str, EntityRecord]:
+        self.reads.append("entities")
+        return super().get_entities(entity_ids)
+
+    def get_tks(self, entity_ids: Sequence[str]) -> dict[str, TKRecord]:
+        self.reads.append("tks")
+        return super().get_tks(entity_ids)
+
+
+def test_each_half_reads_its_pnes_records_in_one_batch_per_table() -> None:
+    """Our rule (docs/deployment.md, PN Establishment under load): each half's ``load``
+    reads the PN GW's and every PNE's entity in one batched read and the TK-flow PNEs' TK
+    states in another; the machine then checks them without reading again, and an ID
+    that is not stored is known to be absent (no second read)."""
+    store = _CountingStore()
+
+    def setup_facts(tx: WriteTx) -> None:
+        tx.add_user(UserRecord(user_id="alice", password_key=b"P" * 32, created_at=1))
+        tx.put_entity(
+            EntityRecord(
+                entity_id="gw-alice",
+                kind=EntityKind.PN_GW,
+                owner="alice",
+                eukeys=(b"G" * 32,),
+                key_index=1,
+            )
+        )
+        tx.put_entity(
+            EntityRecord(
+                entity_id="rh-1",
+                kind=EntityKind.PNE,
+                owner="alice",
+                eukeys=(b"R" * 32,),
+                key_index=1,
+            )
+        )
+        tx.put_entity(
+            EntityRecord(
+                entity_id="tk-1",
+                kind=EntityKind.PNE,
+                owner="alice",
+                eukeys=(b"1" * 32, b"2" * 32),
+                key_index=1,
+                assigned_via="gw-alice",
+                epoch=1,
+            )
+        )
+        tx.put_tks([TKRecord(entity_id="tk-1", tk=b"T" * 32)])
+
+    store.write(setup_facts)
+    setup = procedure_for(PNEstablishRequest)
+    complete = procedure_for(AuthenticateResponse)
+    assert setup is not None
+    assert setup.load is not None
+    assert complete is not None
+    assert complete.load is not None
+    request = PNEstablishRequest(
+        txid=bytes(16),
+        src="gw-alice",
+        dst=SERVER_ID,
+        pn_id="pn-1",
+        entries=tuple(
+            SetupEntry(pne_id=p, rand_pne=bytes([i]) * 32, local_eukey=False)
+            for i, p in enumerate(("rh-1", "tk-1", "ghost-1"))
+        ),
+    )
+    ctx = dataclasses.replace(
+        _context("gw-alice"),
+        lookups=ServerLookups(
+            get_user=store.get_user,
+            get_entity=store.get_entity,
+            get_tk=store.get_tk,
+            nonce_used=store.nonce_used,
+        ),
+        loaded=setup.load(store, request, "gw-alice"),
+    )
+    machine = setup.machine(ctx)
+    [pending] = machine.receive(request)
+    [challenge] = machine.messages_to_send()
+    assert isinstance(challenge, AuthenticateRequest)
+    assert [e.status for e in challenge.entries] == [
+        ErrorCode.OK,
+        ErrorCode.OK,
+        ErrorCode.UNKNOWN_ENTITY,
+    ]
+    assert store.reads == ["entities", "tks"]
+
+    assert isinstance(pending, EstablishmentPending)
+    store.write(lambda tx: setup.persist(tx, pending, FIXED_NOW))
+    store.reads.clear()
+    response = AuthenticateResponse(
+        txid=bytes([1]) * 16,
+        src="gw-alice",
+        dst=SERVER_ID,
+        est_id=pending.est_id,
+        entries=(
+            AuthProof(pne_id="rh-1", status=ErrorCode.TIMEOUT),
+            AuthProof(pne_id="tk-1", status=ErrorCode.TIMEOUT),
+        ),
+    )
+    loaded = complete.load(store, response, "gw-alice")
+    assert isinstance(loaded, Prefetched)
+    assert set(loaded.entities) == {"gw-alice", "rh-1", "tk-1"}
+    assert set(loaded.tks) == {"tk-1"}
+    machine = complete.machine(dataclasses.replace(ctx, loaded=loaded))
+    machine.receive(response)
+    assert store.reads == ["entities", "tks"]

@@ -18,6 +18,7 @@ from tests.unit.store.test_sql import Backend
 from cpns.errors import StoreError
 from cpns.records import FLOW_NONE, FLOW_RAND_HASH, FLOW_TK, MEMBER
 from cpns.store import (
+    AuditEvent,
     ConflictError,
     EntityRecord,
     MasterKey,
@@ -109,7 +110,10 @@ def record(
     owner: str = "alice",
     now: int = 1010,
 ) -> PNRecord:
-    return store.write(lambda tx: tx.record_pn(pn_id, gateway_id, owner, now, list(results)))
+    store.write(lambda tx: tx.record_pn(pn_id, gateway_id, owner, now, list(results)))
+    pn = store.get_pn(pn_id)
+    assert pn is not None
+    return pn
 
 
 # -- pending establishments ---------------------------------------------------------------
@@ -339,6 +343,48 @@ def test_set_revoked_keeps_the_rest_of_the_entity(store: ServerStore) -> None:
     got = store.get_entity("pne-1")
     assert got is not None
     assert (got.revoked, got.epoch, got.key_index) == (True, 1, 1)
+
+
+def test_batched_reads_return_what_single_reads_return(store: ServerStore) -> None:
+    """Our rule (docs/deployment.md, PN Establishment under load): an establishment's half
+    reads all its PNEs' entities and TK records in one query per table; each record found
+    is the one get_entity / get_tk returns, unknown IDs are absent, an ID listed twice is
+    read once, and an empty list reads nothing."""
+    store.write(
+        lambda tx: tx.put_entity(
+            EntityRecord(entity_id="pne-2", kind=EntityKind.PNE, owner="alice", eukeys=(b"E" * 32,))
+        )
+    )
+    ids = ["pne-2", "pne-none", "pne-1", "pne-2"]
+    entities = store.get_entities(ids)
+    assert entities == {"pne-1": store.get_entity("pne-1"), "pne-2": store.get_entity("pne-2")}
+    assert store.get_tks(ids) == {"pne-1": store.get_tk("pne-1")}
+    assert store.get_entities([]) == {}
+    assert store.get_tks([]) == {}
+    many = [f"pne-x{i}" for i in range(300)] + ["pne-1"]  # more than one query's worth
+    assert list(store.get_entities(many)) == ["pne-1"]
+
+
+def test_get_pn_owner_reads_the_owner_alone(store: ServerStore) -> None:
+    """Issue 6 item 6 (a PN ID is one user's): the owner check of both halves reads the
+    PN's owner, the one get_pn returns, or None for a PN ID not in the inventory."""
+    assert store.get_pn_owner("pn-home") is None
+    record(store, result("pne-1"))
+    pn = store.get_pn("pn-home")
+    assert pn is not None
+    assert store.get_pn_owner("pn-home") == pn.owner == "alice"
+
+
+def test_audit_many_appends_in_order(store: ServerStore) -> None:
+    """DESIGN §7 audit trail: the per-PNE rows of an establishment are appended in one
+    batch, in order, each as audit() would append it; an empty batch appends nothing."""
+    events = [
+        AuditEvent(at=1000 + i, actor="gw-alice", procedure="p", outcome="OK", entity_id=f"e{i}")
+        for i in range(3)
+    ]
+    store.write(lambda tx: tx.audit_many([]))
+    store.write(lambda tx: tx.audit_many(events))
+    assert store.audit_events(limit=10) == events[::-1]
 
 
 def race(n: int, attempt: Callable[[int], None]) -> list[BaseException | None]:
