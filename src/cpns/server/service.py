@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from cpns import metrics
 from cpns.errors import DecodeError, ErrorCode
@@ -52,6 +52,10 @@ __all__ = ["CPNSService", "Reply"]
 #: How many times a request whose compare and set lost a race is run again (its
 #: procedure's ``rerun_on_conflict``) before it is refused as an ordinary lost race.
 _MAX_RERUNS = 3
+#: Refusals a concurrent copy of the same request can cause between the stored-reply check
+#: and the procedure's reads (a nonce it used, the pending establishment it finished): the
+#: stored reply is looked up again before such a refusal is sent.
+_RACED: Final = frozenset({ErrorCode.REPLAY, ErrorCode.UNKNOWN_ESTABLISHMENT})
 
 
 class _Rerun(Exception):
@@ -341,10 +345,11 @@ class CPNSService:
         events = await self._read(machine.receive, message)
         [reply] = machine.messages_to_send()
         failed = next((e for e in events if isinstance(e, ProcedureFailed)), None)
-        if failed is not None and failed.code is ErrorCode.REPLAY:
-            # The nonce was used between our stored-reply check and the procedure's
-            # lookups: by a concurrent copy of this very request (another process, a
-            # retry), which then answered: answer as it did (issue 7 item 2).
+        if failed is not None and failed.code in _RACED:
+            # The nonce was used (or the pending establishment finished) between our
+            # stored-reply check and the procedure's lookups: by a concurrent copy of this
+            # very request (another process, a retry), which then answered: answer as it
+            # did (issue 7 item 2; PN Establishment's second half likewise).
             if (answered := await self._stored_answer(message, digest, requester)) is not None:
                 return answered
         if failed is not None:

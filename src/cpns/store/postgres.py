@@ -140,6 +140,14 @@ class PGConnection:
         writer then opens a new one (issue 7: PostgreSQL restarted under load)."""
         return self._conn.closed or self._conn.broken
 
+    @property
+    def unusable(self) -> bool:
+        """Whether the writer must not run its next batch on this connection: lost, or
+        left in any state but idle after a failed batch and its rollback (a server that
+        ended the session can leave a command in flight before the socket is seen
+        closed: "another command is already in progress")."""
+        return self.broken or self._conn.info.transaction_status != TransactionStatus.IDLE
+
     def close(self) -> None:
         """Close the connection (a transaction still open is rolled back by the server)."""
         self._conn.close()

@@ -1762,7 +1762,7 @@ class SQLStore:
                     assert isinstance(item, _Job)
                     batch.append(item)
                 self._run_batch(conn, batch)
-                if isinstance(conn, PGConnection) and conn.broken:
+                if isinstance(conn, PGConnection) and conn.unusable:
                     conn = self._reconnect_writer(conn)
         finally:
             conn.close()

@@ -310,6 +310,47 @@ def test_racing_copies_of_the_second_half_commit_once(store: MemoryStore, same_t
     ) == (1 if same_txid else 2)
 
 
+class _LateReply:
+    """A store whose first stored-reply lookup answers None: the request's first check ran
+    just before a concurrent copy committed, and its reads just after."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        self._inner = inner
+        self._misses = 1
+
+    def get_reply(self, requester: str, txid: bytes) -> Any:
+        if self._misses:
+            self._misses -= 1
+            return None
+        return self._inner.get_reply(requester, txid)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_copy_that_finds_the_establishment_finished_answers_the_stored_reply(
+    store: MemoryStore,
+) -> None:
+    """Our rule (docs/procedures/pn-establishment.md, server; the racing copies seen with
+    two processes over PostgreSQL): a copy of the AUTHENTICATE Response whose stored-reply
+    check ran before its twin committed, and whose read of the pending state after, gets
+    the twin's stored reply byte for byte, not UNKNOWN_ESTABLISHMENT."""
+    svc = _service(store)
+    late = _service(_LateReply(store), seed=8)  # type: ignore[arg-type]
+    bodies: list[bytes] = []
+
+    async def exchange(message: Message) -> Message:
+        reply = await svc.handle(message, authenticated=GW)
+        if isinstance(message, AuthenticateResponse):
+            bodies.extend([reply.body, (await late.handle(message, authenticated=GW)).body])
+        return decode(reply.body)
+
+    run = _establish(_gateway(exchange))
+    assert run.server_status() == dict.fromkeys(EIGHT, ErrorCode.OK)
+    assert len(bodies) == 2
+    assert bodies[0] == bodies[1]
+
+
 def test_a_replayed_authenticate_response_gets_the_stored_reply_another_is_unknown(
     store: MemoryStore,
 ) -> None:
